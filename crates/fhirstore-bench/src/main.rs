@@ -1,0 +1,308 @@
+//! fhirstore benchmarks. Every scenario prints its throughput beside a baseline measured in the
+//! same run, and the ratio between them.
+//!
+//! `crud`: creates, reads by id and updates through the store, against the same JSON blobs
+//! inserted, read and updated by key in a bare two-column table through the same sqlx driver,
+//! with the same connection settings.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::{Parser, Subcommand, ValueEnum};
+use fhirstore_core::{LogicalId, ResourceStorage, ResourceType, TenantContext, TenantId};
+use fhirstore_sql::{Durability, PostgresStore, SqlConfig, SqliteStore};
+use serde_json::{json, Value};
+
+#[derive(Parser)]
+#[command(about = "fhirstore benchmarks")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Create, read and update throughput against a bare key/blob table.
+    Crud(CrudArgs),
+}
+
+#[derive(Clone, Copy, ValueEnum, PartialEq, Eq, Debug)]
+enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+#[derive(clap::Args)]
+struct CrudArgs {
+    /// Primary backend to measure.
+    #[arg(long, value_enum, default_value = "sqlite")]
+    backend: Backend,
+    /// Resources per phase.
+    #[arg(long, default_value_t = 20_000)]
+    n: usize,
+    /// Concurrent tasks issuing requests.
+    #[arg(long, default_value_t = 1)]
+    concurrency: usize,
+    /// PostgreSQL URL (for `--backend postgres`).
+    #[arg(
+        long,
+        env = "FHIRSTORE_TEST_POSTGRES_URL",
+        default_value = "postgres://postgres@127.0.0.1:5432/test"
+    )]
+    postgres: String,
+    /// SQLite durability: full (fsync per commit, the default) or normal.
+    #[arg(long, default_value = "full")]
+    durability: String,
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+#[tokio::main]
+async fn main() -> Result<(), BoxError> {
+    match Cli::parse().command {
+        Command::Crud(args) => crud(args).await,
+    }
+}
+
+/// A realistic Patient of about 1 KB, deterministic in `i`.
+fn patient(i: usize) -> Value {
+    let families = [
+        "Smith", "Jones", "García", "Nguyen", "Müller", "Okafor", "Rossi", "Kim",
+    ];
+    let given = ["Ana", "Ben", "Chloé", "Dev", "Eun", "Femi", "Gus", "Hana"];
+    json!({
+        "resourceType": "Patient",
+        "identifier": [
+            {"use": "usual", "system": "urn:oid:1.2.36.146.595.217.0.1", "value": format!("MRN{i:08}"),
+             "type": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v2-0203", "code": "MR"}]}},
+            {"system": "http://hl7.org/fhir/sid/us-ssn", "value": format!("{:09}", i * 7919 % 1_000_000_000)}
+        ],
+        "active": true,
+        "name": [{"use": "official", "family": families[i % families.len()],
+                  "given": [given[i % given.len()], given[(i / 8) % given.len()]]}],
+        "telecom": [{"system": "phone", "value": format!("+1 555 {:04} {:04}", i % 10_000, (i / 7) % 10_000), "use": "home"},
+                    {"system": "email", "value": format!("patient{i}@example.org")}],
+        "gender": if i % 2 == 0 { "female" } else { "male" },
+        "birthDate": format!("{:04}-{:02}-{:02}", 1930 + i % 90, 1 + i % 12, 1 + i % 28),
+        "address": [{"use": "home", "line": [format!("{} Main Street", 1 + i % 999)],
+                     "city": "Springfield", "state": "IL", "postalCode": format!("{:05}", 60000 + i % 999),
+                     "country": "US"}],
+        "maritalStatus": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v3-MaritalStatus", "code": "M"}]},
+        "communication": [{"language": {"coding": [{"system": "urn:ietf:bcp:47", "code": "en-US"}]}, "preferred": true}]
+    })
+}
+
+/// Runs `op(i)` for i in 0..n over `concurrency` tasks; returns operations per second.
+async fn timed<F, Fut>(n: usize, concurrency: usize, op: F) -> Result<f64, BoxError>
+where
+    F: Fn(usize) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Result<(), BoxError>> + Send,
+{
+    let op = Arc::new(op);
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for t in 0..concurrency {
+        let op = op.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut i = t;
+            while i < n {
+                op(i).await?;
+                i += concurrency;
+            }
+            Ok::<(), BoxError>(())
+        }));
+    }
+    for t in tasks {
+        t.await??;
+    }
+    Ok(n as f64 / start.elapsed().max(Duration::from_micros(1)).as_secs_f64())
+}
+
+/// The bare key/blob table: the cheapest way to store and fetch the same bytes.
+enum Baseline {
+    Sqlite(sqlx::SqlitePool),
+    Postgres(sqlx::PgPool),
+}
+
+impl Baseline {
+    async fn insert(&self, key: &str, body: &str) -> Result<(), BoxError> {
+        let sql = "INSERT INTO bench_blobs (k, body) VALUES ($1, $2)";
+        match self {
+            Baseline::Sqlite(p) => sqlx::query(sql).bind(key).bind(body).execute(p).await?,
+            Baseline::Postgres(p) => {
+                sqlx::query(sql).bind(key).bind(body).execute(p).await?;
+                return Ok(());
+            }
+        };
+        Ok(())
+    }
+
+    async fn update(&self, key: &str, body: &str) -> Result<(), BoxError> {
+        let sql = "UPDATE bench_blobs SET body = $2 WHERE k = $1";
+        match self {
+            Baseline::Sqlite(p) => {
+                sqlx::query(sql).bind(key).bind(body).execute(p).await?;
+            }
+            Baseline::Postgres(p) => {
+                sqlx::query(sql).bind(key).bind(body).execute(p).await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn read(&self, key: &str) -> Result<String, BoxError> {
+        let sql = "SELECT body FROM bench_blobs WHERE k = $1";
+        Ok(match self {
+            Baseline::Sqlite(p) => sqlx::query_scalar(sql).bind(key).fetch_one(p).await?,
+            Baseline::Postgres(p) => sqlx::query_scalar(sql).bind(key).fetch_one(p).await?,
+        })
+    }
+}
+
+async fn crud(args: CrudArgs) -> Result<(), BoxError> {
+    let durability = match args.durability.as_str() {
+        "full" => Durability::Full,
+        "normal" => Durability::Normal,
+        other => return Err(format!("--durability {other}: expected full or normal").into()),
+    };
+    let config = SqlConfig {
+        durability,
+        max_connections: (args.concurrency as u32).max(4),
+        ..SqlConfig::default()
+    };
+    let dir = tempfile::tempdir()?;
+    let (store, baseline): (Arc<dyn ResourceStorage>, Baseline) = match args.backend {
+        Backend::Sqlite => {
+            let store = SqliteStore::open(dir.path().join("store.sqlite"), config.clone()).await?;
+            let opts = sqlx::sqlite::SqliteConnectOptions::new()
+                .filename(dir.path().join("baseline.sqlite"))
+                .create_if_missing(true)
+                .journal_mode(sqlx::sqlite::SqliteJournalMode::Wal)
+                .synchronous(match durability {
+                    Durability::Full => sqlx::sqlite::SqliteSynchronous::Full,
+                    Durability::Normal => sqlx::sqlite::SqliteSynchronous::Normal,
+                });
+            // One connection, like the store's writer: the baseline gets the same concurrency.
+            let pool = sqlx::sqlite::SqlitePoolOptions::new()
+                .max_connections(1)
+                .connect_with(opts)
+                .await?;
+            sqlx::query("CREATE TABLE bench_blobs (k TEXT PRIMARY KEY, body TEXT NOT NULL)")
+                .execute(&pool)
+                .await?;
+            (Arc::new(store), Baseline::Sqlite(pool))
+        }
+        Backend::Postgres => {
+            let store = PostgresStore::connect(&args.postgres, config.clone()).await?;
+            let pool = sqlx::postgres::PgPoolOptions::new()
+                .max_connections(config.max_connections)
+                .connect(&args.postgres)
+                .await?;
+            sqlx::query("DROP TABLE IF EXISTS bench_blobs")
+                .execute(&pool)
+                .await?;
+            sqlx::query("CREATE TABLE bench_blobs (k TEXT PRIMARY KEY, body TEXT NOT NULL)")
+                .execute(&pool)
+                .await?;
+            (Arc::new(store), Baseline::Postgres(pool))
+        }
+    };
+    let baseline = Arc::new(baseline);
+    let n = args.n;
+    let c = args.concurrency;
+    let bodies: Arc<Vec<Value>> = Arc::new((0..n).map(patient).collect());
+    let texts: Arc<Vec<String>> = Arc::new(bodies.iter().map(|b| b.to_string()).collect());
+    let avg_bytes = texts.iter().map(String::len).sum::<usize>() / n.max(1);
+    let tenant = format!("bench-{}", uuid::Uuid::new_v4().simple());
+    let ctx = Arc::new(TenantContext::full(TenantId::new(&tenant[..30])?));
+    let pt = ResourceType::new("Patient")?;
+
+    println!(
+        "crud: backend={:?} n={n} concurrency={c} durability={} avg body={avg_bytes} B",
+        args.backend, args.durability
+    );
+
+    // Baseline first, then the store; each phase over the same n blobs.
+    let b = baseline.clone();
+    let t = texts.clone();
+    let base_insert = timed(n, c, move |i| {
+        let (b, t) = (b.clone(), t.clone());
+        async move { b.insert(&format!("k{i}"), &t[i]).await }
+    })
+    .await?;
+
+    let ids: Arc<std::sync::Mutex<Vec<Option<LogicalId>>>> =
+        Arc::new(std::sync::Mutex::new(vec![None; n]));
+    let (s, bd, ctx2, ids2) = (store.clone(), bodies.clone(), ctx.clone(), ids.clone());
+    let create = timed(n, c, move |i| {
+        let (s, bd, ctx, ids) = (s.clone(), bd.clone(), ctx2.clone(), ids2.clone());
+        async move {
+            let w = s.create(&ctx, pt, bd[i].clone()).await?;
+            if let Ok(mut g) = ids.lock() {
+                g[i] = Some(w.resource.key.id);
+            }
+            Ok(())
+        }
+    })
+    .await?;
+    let ids: Arc<Vec<LogicalId>> = Arc::new(
+        ids.lock()
+            .map_err(|_| "id list poisoned")?
+            .iter()
+            .flatten()
+            .cloned()
+            .collect(),
+    );
+
+    let b = baseline.clone();
+    let base_read = timed(n, c, move |i| {
+        let b = b.clone();
+        async move { b.read(&format!("k{i}")).await.map(|_| ()) }
+    })
+    .await?;
+    let (s, ctx2, ids2) = (store.clone(), ctx.clone(), ids.clone());
+    let read = timed(n, c, move |i| {
+        let (s, ctx, ids) = (s.clone(), ctx2.clone(), ids2.clone());
+        async move {
+            s.read(&ctx, pt, &ids[i]).await?;
+            Ok(())
+        }
+    })
+    .await?;
+
+    let (b, t) = (baseline.clone(), texts.clone());
+    let base_update = timed(n, c, move |i| {
+        let (b, t) = (b.clone(), t.clone());
+        async move { b.update(&format!("k{i}"), &t[(i + 1) % t.len()]).await }
+    })
+    .await?;
+    let (s, bd, ctx2, ids2) = (store.clone(), bodies.clone(), ctx.clone(), ids.clone());
+    let update = timed(n, c, move |i| {
+        let (s, bd, ctx, ids) = (s.clone(), bd.clone(), ctx2.clone(), ids2.clone());
+        async move {
+            let mut body = bd[(i + 1) % bd.len()].clone();
+            body["id"] = json!(ids[i].as_str());
+            s.update(&ctx, pt, &ids[i], body, None).await?;
+            Ok(())
+        }
+    })
+    .await?;
+
+    println!(
+        "{:<8} {:>14} {:>14} {:>8}",
+        "op", "fhirstore/s", "baseline/s", "ratio"
+    );
+    for (name, ours, base) in [
+        ("create", create, base_insert),
+        ("read", read, base_read),
+        ("update", update, base_update),
+    ] {
+        println!("{name:<8} {ours:>14.0} {base:>14.0} {:>8.2}", ours / base);
+    }
+    if let Baseline::Postgres(p) = &*baseline {
+        sqlx::query("DROP TABLE IF EXISTS bench_blobs")
+            .execute(p)
+            .await?;
+    }
+    Ok(())
+}

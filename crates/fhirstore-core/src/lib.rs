@@ -1,0 +1,33 @@
+//! fhirstore-core: the domain model every fhirstore backend shares.
+//!
+//! - [`TenantId`] and [`TenantContext`]: every call is scoped to one tenant.
+//! - [`ResourceType`], [`LogicalId`], [`VersionId`], [`StoredResource`]: resource identity and
+//!   versions.
+//! - [`ResourceStorage`]: the trait users hold as `Arc<dyn ResourceStorage>`.
+//! - [`Error`]: one error type, with [`Error::is_temporary`] for retry decisions.
+//! - [`search`]: the typed search model; [`index`]: index-value extraction.
+//! - [`digest`]: the element hashes and XOR segment digests used to find drift.
+
+pub mod bundle;
+pub mod date;
+pub mod digest;
+mod error;
+pub mod index;
+mod model;
+pub mod resource;
+mod resource_types;
+pub mod search;
+mod storage;
+mod tenant;
+
+pub use error::{Error, Result};
+pub use model::{
+    format_instant, from_micros, is_valid_id, now_micros, to_micros, LogicalId, ResourceKey,
+    ResourceType, StoredResource, VersionId,
+};
+pub use search::{Handling, SearchQuery};
+pub use storage::{
+    Capabilities, Deleted, HistoryPage, HistoryRequest, HistoryScope, OpOutcome, ResourceStorage,
+    SearchPage, WriteKind, WriteOp, Written,
+};
+pub use tenant::{Permission, Permissions, TenantContext, TenantId};

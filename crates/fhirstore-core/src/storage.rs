@@ -1,0 +1,500 @@
+//! The `ResourceStorage` trait: tenant-scoped FHIR persistence.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use serde_json::Value;
+use time::OffsetDateTime;
+
+use crate::error::{Error, Result};
+use crate::model::{LogicalId, ResourceKey, ResourceType, StoredResource, VersionId};
+use crate::search::SearchQuery;
+use crate::tenant::TenantContext;
+
+/// What a backend can do. A plain struct of public fields, so a router or a test suite can read
+/// it without calling anything.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Capabilities {
+    /// Name of the backend, for logs and results (`sqlite`, `postgres`, `redis`, …).
+    pub name: &'static str,
+    /// Reads by id and version.
+    pub read: bool,
+    /// Keeps every version (vread, history).
+    pub history: bool,
+    /// Writes, including conditional writes.
+    pub write: bool,
+    /// Atomic multi-entry transactions.
+    pub transaction: bool,
+    /// Search parameters answered, by name (`_id`, `_lastUpdated`, `identifier`, …).
+    pub search_params: Vec<&'static str>,
+}
+
+impl Capabilities {
+    /// Whether every criterion of `query` names a parameter this backend answers.
+    pub fn can_search(&self, query: &SearchQuery) -> bool {
+        query
+            .criteria
+            .iter()
+            .all(|c| self.search_params.contains(&c.param.as_str()))
+    }
+}
+
+/// How a write ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WriteKind {
+    /// No live version existed before (absent, or deleted): HTTP 201.
+    Created,
+    /// A new version of a live resource: HTTP 200.
+    Updated,
+    /// A conditional create matched an existing resource: nothing was written.
+    Unchanged,
+}
+
+/// The result of a create or update.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Written {
+    /// What happened.
+    pub kind: WriteKind,
+    /// The version now current (for `Unchanged`, the existing one).
+    pub resource: StoredResource,
+    /// The outbox sequence number of this write: a consistency token for read-your-writes.
+    /// `None` when nothing was written.
+    pub seq: Option<i64>,
+}
+
+/// The result of a delete.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Deleted {
+    /// The resources deleted, with their tombstone versions. Empty when nothing was live: FHIR
+    /// deletes of absent or deleted resources succeed without writing a version.
+    pub deleted: Vec<(ResourceKey, VersionId)>,
+    /// The highest outbox sequence number written, if any.
+    pub seq: Option<i64>,
+}
+
+/// One write in a transaction or batch.
+#[derive(Clone, Debug, PartialEq)]
+pub enum WriteOp {
+    /// Create with a server-assigned id; conditional when `if_none_exist` is set.
+    Create {
+        /// Type to create.
+        resource_type: ResourceType,
+        /// The body; any `id` in it is ignored.
+        resource: Value,
+        /// `If-None-Exist`: create only if nothing matches.
+        if_none_exist: Option<SearchQuery>,
+        /// The entry's `fullUrl`; `urn:uuid:` values are resolved to the assigned id in every
+        /// other entry of the same transaction.
+        full_url: Option<String>,
+    },
+    /// Update (or update-as-create) by id.
+    Update {
+        /// Type to update.
+        resource_type: ResourceType,
+        /// The id; the body must carry the same.
+        id: LogicalId,
+        /// The new body.
+        resource: Value,
+        /// `If-Match`: fail with `VersionConflict` unless this is the current version.
+        if_match: Option<VersionId>,
+    },
+    /// Conditional update: update the single match, or create when nothing matches.
+    ConditionalUpdate {
+        /// Type to update.
+        resource_type: ResourceType,
+        /// The search that finds the resource.
+        criteria: SearchQuery,
+        /// The new body.
+        resource: Value,
+    },
+    /// Delete by id.
+    Delete {
+        /// Type to delete.
+        resource_type: ResourceType,
+        /// The id.
+        id: LogicalId,
+    },
+    /// Conditional delete: delete every match.
+    ConditionalDelete {
+        /// Type to delete.
+        resource_type: ResourceType,
+        /// The search that finds the resources.
+        criteria: SearchQuery,
+    },
+}
+
+impl WriteOp {
+    /// The order FHIR R4 prescribes for processing transaction entries: deletes, then creates,
+    /// then updates (§3.1.0.11.2).
+    pub fn processing_rank(&self) -> u8 {
+        match self {
+            WriteOp::Delete { .. } | WriteOp::ConditionalDelete { .. } => 0,
+            WriteOp::Create { .. } => 1,
+            WriteOp::Update { .. } | WriteOp::ConditionalUpdate { .. } => 2,
+        }
+    }
+}
+
+/// The result of one [`WriteOp`].
+#[derive(Clone, Debug, PartialEq)]
+pub enum OpOutcome {
+    /// From a create or update.
+    Written(Written),
+    /// From a delete.
+    Deleted(Deleted),
+}
+
+/// Which versions a history call covers.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum HistoryScope {
+    /// Every resource of the tenant.
+    System,
+    /// Every resource of one type.
+    Type(ResourceType),
+    /// One resource.
+    Instance(ResourceType, LogicalId),
+}
+
+/// A history request.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HistoryRequest {
+    /// The scope.
+    pub scope: HistoryScope,
+    /// `_since`: only versions written at or after this instant.
+    pub since: Option<OffsetDateTime>,
+    /// `_count`: page size (defaults and caps as for search).
+    pub count: Option<u32>,
+    /// The `next_cursor` of the previous page.
+    pub cursor: Option<String>,
+}
+
+impl HistoryRequest {
+    /// The first page of a scope's history.
+    pub fn new(scope: HistoryScope) -> Self {
+        HistoryRequest {
+            scope,
+            since: None,
+            count: None,
+            cursor: None,
+        }
+    }
+}
+
+/// One page of history, newest first.
+#[derive(Clone, Debug, PartialEq)]
+pub struct HistoryPage {
+    /// Versions, newest first; deletions are included as tombstones.
+    pub entries: Vec<StoredResource>,
+    /// Pass as `cursor` to get the next (older) page; `None` on the last page. Stays valid while
+    /// writes continue: new versions never shift what later pages hold.
+    pub next_cursor: Option<String>,
+}
+
+/// One page of search results.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SearchPage {
+    /// Matches, in the query's order.
+    pub matches: Vec<StoredResource>,
+    /// The total number of matches, when `_total` asked for it.
+    pub total: Option<u64>,
+    /// Pass as the query's `cursor` to get the next page; `None` on the last page.
+    pub next_cursor: Option<String>,
+}
+
+/// Tenant-scoped FHIR resource storage.
+///
+/// Every method takes a [`TenantContext`]; a backend reads and writes only that tenant's data and
+/// checks the context's permissions. Object safe: users hold `Arc<dyn ResourceStorage>`.
+///
+/// The required methods are the primitives; create, update, delete and their conditional forms
+/// are provided on top of [`ResourceStorage::transaction`], so a backend has one write path.
+#[async_trait]
+pub trait ResourceStorage: Send + Sync {
+    /// What this backend can do.
+    fn capabilities(&self) -> Capabilities;
+
+    /// Applies every op atomically: all commit, or none do and the first failure is returned
+    /// (its message names the entry). Outcomes come back in the order of `ops`.
+    async fn transaction(&self, ctx: &TenantContext, ops: Vec<WriteOp>) -> Result<Vec<OpOutcome>>;
+
+    /// Applies each op on its own: one failing does not undo the others. Results come back in
+    /// the order of `ops`.
+    async fn batch(&self, ctx: &TenantContext, ops: Vec<WriteOp>)
+        -> Result<Vec<Result<OpOutcome>>>;
+
+    /// The current version. [`Error::Gone`] if it is deleted, [`Error::NotFound`] if it never
+    /// existed in this tenant.
+    async fn read(
+        &self,
+        ctx: &TenantContext,
+        resource_type: ResourceType,
+        id: &LogicalId,
+    ) -> Result<StoredResource>;
+
+    /// One version, which may be a tombstone (`deleted` set, `content` null).
+    async fn vread(
+        &self,
+        ctx: &TenantContext,
+        resource_type: ResourceType,
+        id: &LogicalId,
+        version: VersionId,
+    ) -> Result<StoredResource>;
+
+    /// A page of history, newest first.
+    async fn history(&self, ctx: &TenantContext, request: &HistoryRequest) -> Result<HistoryPage>;
+
+    /// The number of live (not deleted) resources of one type, or of all types.
+    async fn count(&self, ctx: &TenantContext, resource_type: Option<ResourceType>) -> Result<u64>;
+
+    /// A page of search results.
+    async fn search(&self, ctx: &TenantContext, query: &SearchQuery) -> Result<SearchPage>;
+
+    /// Creates a resource with a server-assigned id.
+    async fn create(
+        &self,
+        ctx: &TenantContext,
+        resource_type: ResourceType,
+        resource: Value,
+    ) -> Result<Written> {
+        let op = WriteOp::Create {
+            resource_type,
+            resource,
+            if_none_exist: None,
+            full_url: None,
+        };
+        written(self.transaction(ctx, vec![op]).await?)
+    }
+
+    /// Updates by id, creating the resource when it does not exist (update-as-create). With
+    /// `if_match`, fails with [`Error::VersionConflict`] unless that is the current version.
+    async fn update(
+        &self,
+        ctx: &TenantContext,
+        resource_type: ResourceType,
+        id: &LogicalId,
+        resource: Value,
+        if_match: Option<VersionId>,
+    ) -> Result<Written> {
+        let op = WriteOp::Update {
+            resource_type,
+            id: id.clone(),
+            resource,
+            if_match,
+        };
+        written(self.transaction(ctx, vec![op]).await?)
+    }
+
+    /// Deletes by id, writing a tombstone version. Deleting an absent or deleted resource
+    /// succeeds and writes nothing.
+    async fn delete(
+        &self,
+        ctx: &TenantContext,
+        resource_type: ResourceType,
+        id: &LogicalId,
+    ) -> Result<Deleted> {
+        let op = WriteOp::Delete {
+            resource_type,
+            id: id.clone(),
+        };
+        deleted(self.transaction(ctx, vec![op]).await?)
+    }
+
+    /// Creates unless `criteria` match: one match returns it unchanged
+    /// ([`WriteKind::Unchanged`]), several fail with [`Error::PreconditionFailed`].
+    async fn conditional_create(
+        &self,
+        ctx: &TenantContext,
+        resource_type: ResourceType,
+        criteria: &SearchQuery,
+        resource: Value,
+    ) -> Result<Written> {
+        let op = WriteOp::Create {
+            resource_type,
+            resource,
+            if_none_exist: Some(criteria.clone()),
+            full_url: None,
+        };
+        written(self.transaction(ctx, vec![op]).await?)
+    }
+
+    /// Updates the one resource `criteria` match; creates when none match; fails with
+    /// [`Error::PreconditionFailed`] when several do.
+    async fn conditional_update(
+        &self,
+        ctx: &TenantContext,
+        resource_type: ResourceType,
+        criteria: &SearchQuery,
+        resource: Value,
+    ) -> Result<Written> {
+        let op = WriteOp::ConditionalUpdate {
+            resource_type,
+            criteria: criteria.clone(),
+            resource,
+        };
+        written(self.transaction(ctx, vec![op]).await?)
+    }
+
+    /// Deletes every resource `criteria` match.
+    async fn conditional_delete(
+        &self,
+        ctx: &TenantContext,
+        resource_type: ResourceType,
+        criteria: &SearchQuery,
+    ) -> Result<Deleted> {
+        let op = WriteOp::ConditionalDelete {
+            resource_type,
+            criteria: criteria.clone(),
+        };
+        deleted(self.transaction(ctx, vec![op]).await?)
+    }
+}
+
+fn single(mut outcomes: Vec<OpOutcome>) -> Result<OpOutcome> {
+    match (outcomes.pop(), outcomes.is_empty()) {
+        (Some(o), true) => Ok(o),
+        _ => Err(Error::Backend {
+            message: "a single-entry transaction returned a different number of outcomes".into(),
+            temporary: false,
+            source: None,
+        }),
+    }
+}
+
+fn written(outcomes: Vec<OpOutcome>) -> Result<Written> {
+    match single(outcomes)? {
+        OpOutcome::Written(w) => Ok(w),
+        OpOutcome::Deleted(_) => Err(Error::Backend {
+            message: "a write returned a delete outcome".into(),
+            temporary: false,
+            source: None,
+        }),
+    }
+}
+
+fn deleted(outcomes: Vec<OpOutcome>) -> Result<Deleted> {
+    match single(outcomes)? {
+        OpOutcome::Deleted(d) => Ok(d),
+        OpOutcome::Written(_) => Err(Error::Backend {
+            message: "a delete returned a write outcome".into(),
+            temporary: false,
+            source: None,
+        }),
+    }
+}
+
+/// Forwards every method, provided ones included, so a wrapper's overrides are never bypassed
+/// when it is held behind a smart pointer.
+macro_rules! forward_storage {
+    ($ptr:ident) => {
+        #[async_trait]
+        impl<T: ResourceStorage + ?Sized> ResourceStorage for $ptr<T> {
+            fn capabilities(&self) -> Capabilities {
+                (**self).capabilities()
+            }
+            async fn transaction(
+                &self,
+                ctx: &TenantContext,
+                ops: Vec<WriteOp>,
+            ) -> Result<Vec<OpOutcome>> {
+                (**self).transaction(ctx, ops).await
+            }
+            async fn batch(
+                &self,
+                ctx: &TenantContext,
+                ops: Vec<WriteOp>,
+            ) -> Result<Vec<Result<OpOutcome>>> {
+                (**self).batch(ctx, ops).await
+            }
+            async fn read(
+                &self,
+                ctx: &TenantContext,
+                rt: ResourceType,
+                id: &LogicalId,
+            ) -> Result<StoredResource> {
+                (**self).read(ctx, rt, id).await
+            }
+            async fn vread(
+                &self,
+                ctx: &TenantContext,
+                rt: ResourceType,
+                id: &LogicalId,
+                v: VersionId,
+            ) -> Result<StoredResource> {
+                (**self).vread(ctx, rt, id, v).await
+            }
+            async fn history(
+                &self,
+                ctx: &TenantContext,
+                request: &HistoryRequest,
+            ) -> Result<HistoryPage> {
+                (**self).history(ctx, request).await
+            }
+            async fn count(&self, ctx: &TenantContext, rt: Option<ResourceType>) -> Result<u64> {
+                (**self).count(ctx, rt).await
+            }
+            async fn search(&self, ctx: &TenantContext, query: &SearchQuery) -> Result<SearchPage> {
+                (**self).search(ctx, query).await
+            }
+            async fn create(
+                &self,
+                ctx: &TenantContext,
+                rt: ResourceType,
+                resource: Value,
+            ) -> Result<Written> {
+                (**self).create(ctx, rt, resource).await
+            }
+            async fn update(
+                &self,
+                ctx: &TenantContext,
+                rt: ResourceType,
+                id: &LogicalId,
+                resource: Value,
+                if_match: Option<VersionId>,
+            ) -> Result<Written> {
+                (**self).update(ctx, rt, id, resource, if_match).await
+            }
+            async fn delete(
+                &self,
+                ctx: &TenantContext,
+                rt: ResourceType,
+                id: &LogicalId,
+            ) -> Result<Deleted> {
+                (**self).delete(ctx, rt, id).await
+            }
+            async fn conditional_create(
+                &self,
+                ctx: &TenantContext,
+                rt: ResourceType,
+                criteria: &SearchQuery,
+                resource: Value,
+            ) -> Result<Written> {
+                (**self)
+                    .conditional_create(ctx, rt, criteria, resource)
+                    .await
+            }
+            async fn conditional_update(
+                &self,
+                ctx: &TenantContext,
+                rt: ResourceType,
+                criteria: &SearchQuery,
+                resource: Value,
+            ) -> Result<Written> {
+                (**self)
+                    .conditional_update(ctx, rt, criteria, resource)
+                    .await
+            }
+            async fn conditional_delete(
+                &self,
+                ctx: &TenantContext,
+                rt: ResourceType,
+                criteria: &SearchQuery,
+            ) -> Result<Deleted> {
+                (**self).conditional_delete(ctx, rt, criteria).await
+            }
+        }
+    };
+}
+
+forward_storage!(Arc);
+forward_storage!(Box);

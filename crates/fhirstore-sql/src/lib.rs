@@ -1,0 +1,284 @@
+//! fhirstore-sql: the primary store, on sqlx.
+//!
+//! Two dialects share one implementation: [`SqliteStore`] (embedded, the default) and
+//! [`PostgresStore`]. Each write is one SQL transaction that updates the current-resource row,
+//! appends the version, rewrites the resource's search-index rows, appends an outbox entry and
+//! XORs the digest segment — all or nothing.
+//!
+//! The dialect-independent code lives in `store_body.rs` and is compiled into each dialect module
+//! with that dialect's concrete sqlx types. Generic code over `sqlx::Database` needs
+//! higher-ranked bounds on every function and defeats `Send` inference in async-trait futures;
+//! concrete types avoid both while keeping one copy of the logic.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use fhirstore_core::digest::split_u128;
+use fhirstore_core::{Error, LogicalId, ResourceType};
+
+#[cfg(feature = "postgres")]
+pub mod postgres;
+#[cfg(feature = "sqlite")]
+pub mod sqlite;
+
+#[cfg(feature = "postgres")]
+pub use postgres::PostgresStore;
+#[cfg(feature = "sqlite")]
+pub use sqlite::SqliteStore;
+
+/// How hard SQLite works to make a commit survive power loss.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Durability {
+    /// `synchronous=FULL`: a commit is on disk when it returns. The default: a store must not
+    /// lose acknowledged writes.
+    #[default]
+    Full,
+    /// `synchronous=NORMAL`: with WAL, a power loss may roll back the last commits (never
+    /// corrupts). Faster; for data that can be re-imported.
+    Normal,
+}
+
+/// Settings shared by both dialects.
+#[derive(Clone, Debug)]
+pub struct SqlConfig {
+    /// Resources larger than this (canonical JSON bytes) are rejected as invalid.
+    pub max_resource_bytes: usize,
+    /// Connections for reads (SQLite) or for everything (PostgreSQL).
+    pub max_connections: u32,
+    /// How long SQLite waits on a lock before failing with a temporary error.
+    pub busy_timeout: Duration,
+    /// SQLite commit durability.
+    pub durability: Durability,
+    /// How often a transaction that failed with a temporary error (deadlock, serialization
+    /// failure, busy database) is retried before the error is returned.
+    pub max_retries: u32,
+}
+
+impl Default for SqlConfig {
+    fn default() -> Self {
+        SqlConfig {
+            max_resource_bytes: fhirstore_core::resource::DEFAULT_MAX_RESOURCE_BYTES,
+            max_connections: 8,
+            busy_timeout: Duration::from_secs(10),
+            durability: Durability::Full,
+            max_retries: 8,
+        }
+    }
+}
+
+/// One outbox entry: a version that secondaries must learn about.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OutboxEntry {
+    /// Position in the outbox; increases with every write.
+    pub seq: i64,
+    /// The tenant.
+    pub tenant: String,
+    /// The resource type.
+    pub resource_type: String,
+    /// The resource id.
+    pub id: String,
+    /// The version written.
+    pub version: i64,
+    /// `create`, `update` or `delete`.
+    pub op: String,
+}
+
+/// One digest segment as stored.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SegmentDigest {
+    /// Segment number, 0..65535.
+    pub segment: u16,
+    /// XOR and count of the segment's element hashes.
+    pub digest: fhirstore_core::digest::Digest,
+}
+
+/// The SQL dialect a store speaks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Dialect {
+    /// SQLite through sqlx's embedded driver.
+    Sqlite,
+    /// PostgreSQL.
+    Postgres,
+}
+
+/// Everything one version write stores, handed to the dialect's single-round-trip writer.
+pub(crate) struct VersionRow<'a> {
+    pub tenant: &'a str,
+    pub resource_type: &'static str,
+    pub id: &'a str,
+    pub version: i64,
+    pub now: i64,
+    pub deleted: bool,
+    pub segment: i32,
+    pub e_hi: i64,
+    pub e_lo: i64,
+    /// `create`, `update` or `delete`, for the outbox.
+    pub op: &'static str,
+    /// Canonical JSON; `None` for a tombstone.
+    pub body: Option<String>,
+    /// The new version's token index entries.
+    pub tokens: &'a [fhirstore_core::index::TokenEntry],
+    /// No current row exists: insert one (else update it).
+    pub is_new: bool,
+    /// The previous version was live, so its index rows must go.
+    pub was_live: bool,
+    /// This write's digest change (high, low) and count change, for dialects that apply it
+    /// inline.
+    pub digest_delta: (i64, i64),
+    pub digest_count: i64,
+}
+
+/// Binds the parameters both dialects' version writers share, `$1` to `$12`, in order.
+macro_rules! bind_version_row {
+    ($query:expr, $row:expr) => {
+        $query
+            .bind($row.tenant)
+            .bind($row.resource_type)
+            .bind($row.id)
+            .bind($row.version)
+            .bind($row.now)
+            .bind($row.deleted)
+            .bind($row.segment)
+            .bind($row.e_hi)
+            .bind($row.e_lo)
+            .bind($row.op)
+            .bind($row.body.as_deref())
+            .bind($row.was_live)
+    };
+}
+pub(crate) use bind_version_row;
+
+/// Classifies a database error at the backend edge: temporary when a retry may help.
+pub(crate) fn classify(err: sqlx::Error, dialect: Dialect) -> Error {
+    let temporary = match &err {
+        sqlx::Error::Database(db) => {
+            let code = db.code().map(|c| c.into_owned()).unwrap_or_default();
+            is_temporary_code(dialect, &code)
+        }
+        sqlx::Error::Io(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::WorkerCrashed
+        | sqlx::Error::Protocol(_) => true,
+        _ => false,
+    };
+    Error::backend(format!("database: {err}"), temporary, err)
+}
+
+/// SQLSTATE (PostgreSQL) or result code (SQLite) values worth retrying.
+fn is_temporary_code(dialect: Dialect, code: &str) -> bool {
+    match dialect {
+        // Serialization failure, deadlock, lock not available, shutdown, too many connections,
+        // and the whole connection-exception class.
+        Dialect::Postgres => {
+            matches!(
+                code,
+                "40001" | "40P01" | "55P03" | "57P01" | "57P02" | "57P03" | "53300"
+            ) || code.starts_with("08")
+        }
+        // BUSY and LOCKED, with their extended codes (primary code in the low byte).
+        Dialect::Sqlite => code.parse::<i32>().is_ok_and(|c| matches!(c & 0xff, 5 | 6)),
+    }
+}
+
+/// A corrupt row: permanent, since re-reading returns the same bytes.
+pub(crate) fn corrupt(what: impl std::fmt::Display) -> Error {
+    Error::Backend {
+        message: format!("stored data is corrupt: {what}"),
+        temporary: false,
+        source: None,
+    }
+}
+
+/// Digest changes made by one transaction, flushed once at its end in (type, segment) order.
+/// Sorted flushing means concurrent PostgreSQL transactions lock digest rows in one global order
+/// and cannot deadlock on them.
+#[derive(Default)]
+pub(crate) struct DigestDeltas(BTreeMap<(ResourceType, u16), (u128, i64)>);
+
+impl DigestDeltas {
+    pub(crate) fn apply(&mut self, rt: ResourceType, segment: u16, xor: u128, count: i64) {
+        let e = self.0.entry((rt, segment)).or_default();
+        e.0 ^= xor;
+        e.1 += count;
+    }
+
+    /// Non-empty deltas as (type, segment, hi, lo, count).
+    pub(crate) fn rows(&self) -> Vec<(&'static str, i32, i64, i64, i64)> {
+        self.0
+            .iter()
+            .filter(|(_, (x, c))| *x != 0 || *c != 0)
+            .map(|((rt, seg), (x, c))| {
+                let (hi, lo) = split_u128(*x);
+                (rt.as_str(), i32::from(*seg), hi, lo, *c)
+            })
+            .collect()
+    }
+}
+
+/// Encodes a keyset cursor for search paging: the last (type, id) returned.
+pub(crate) fn search_cursor(rt: &str, id: &str) -> String {
+    format!("{rt}/{id}")
+}
+
+/// Decodes a search cursor; a tampered cursor is a search error, never a query fragment.
+pub(crate) fn parse_search_cursor(c: &str) -> Result<(ResourceType, LogicalId), Error> {
+    let bad = || Error::InvalidSearch(format!("invalid paging cursor {c:?}"));
+    let (rt, id) = c.split_once('/').ok_or_else(bad)?;
+    Ok((
+        ResourceType::new(rt).map_err(|_| bad())?,
+        LogicalId::new(id).map_err(|_| bad())?,
+    ))
+}
+
+/// Decodes a history cursor: the seq of the last version returned.
+pub(crate) fn parse_history_cursor(c: &str) -> Result<i64, Error> {
+    c.parse::<i64>()
+        .ok()
+        .filter(|n| *n > 0)
+        .ok_or_else(|| Error::InvalidSearch(format!("invalid history cursor {c:?}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn temporary_codes() {
+        for c in ["40001", "40P01", "08006"] {
+            assert!(is_temporary_code(Dialect::Postgres, c), "{c}");
+        }
+        for c in ["23505", "42P01", "42501", ""] {
+            assert!(!is_temporary_code(Dialect::Postgres, c), "{c}");
+        }
+        for c in ["5", "517", "6", "262"] {
+            assert!(is_temporary_code(Dialect::Sqlite, c), "{c}");
+        }
+        for c in ["19", "1", "2067", "", "40P01"] {
+            assert!(!is_temporary_code(Dialect::Sqlite, c), "{c}");
+        }
+    }
+
+    #[test]
+    fn cursors_reject_tampering() {
+        assert!(parse_search_cursor("Patient/a-1").is_ok());
+        assert!(parse_search_cursor("Patient/a' OR 1=1").is_err());
+        assert!(parse_search_cursor("Nope/a").is_err());
+        assert!(parse_search_cursor("x").is_err());
+        assert!(parse_history_cursor("12").is_ok());
+        assert!(parse_history_cursor("-1").is_err());
+        assert!(parse_history_cursor("1;drop").is_err());
+    }
+
+    #[test]
+    fn digest_deltas_cancel_and_sort() {
+        let pt = ResourceType::new("Patient").expect("known");
+        let ob = ResourceType::new("Observation").expect("known");
+        let mut d = DigestDeltas::default();
+        d.apply(pt, 9, 0xff, 1);
+        d.apply(ob, 3, 0x0f, 1);
+        d.apply(pt, 9, 0xff, -1);
+        let rows = d.rows();
+        assert_eq!(rows.len(), 1);
+        assert_eq!(rows[0].0, "Observation");
+    }
+}

@@ -1,0 +1,184 @@
+//! The PostgreSQL dialect.
+//!
+//! Writers run concurrently under READ COMMITTED. Each locks the current row of the resource it
+//! writes (`FOR UPDATE`), so versions of one resource are strictly sequential; update-as-create
+//! races are settled by `ON CONFLICT DO NOTHING` and a retry as an update; conditional writes
+//! take a transaction-scoped advisory lock on their criteria.
+
+// Error, Result, SearchQuery and TenantId come from store_body.rs's imports.
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use sqlx::postgres::PgPoolOptions;
+use sqlx::{PgConnection, PgPool, Postgres};
+
+use crate::{Dialect, SqlConfig};
+
+type Db = Postgres;
+type DbConn = PgConnection;
+const DIALECT: Dialect = Dialect::Postgres;
+const BACKEND_NAME: &str = "postgres";
+const SELECT_CURRENT_FOR_WRITE: &str = "SELECT version, deleted, e_hi, e_lo FROM resources \
+     WHERE tenant = $1 AND resource_type = $2 AND id = $3 FOR UPDATE";
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../../migrations/postgres");
+
+/// Digest deltas are applied once per transaction, in (type, segment) order, so concurrent
+/// transactions lock digest rows in one global order and cannot deadlock on them.
+const INLINE_DIGEST: bool = false;
+
+/// Parameters: $1 tenant, $2 type, $3 id, $4 version, $5 now, $6 deleted, $7 segment, $8 e_hi,
+/// $9 e_lo, $10 op, $11 body, $12 was_live, $13-$15 token params, systems and codes.
+/// Every later step reads from `o`, so when the current-row insert loses a race (`ON CONFLICT
+/// DO NOTHING` returns nothing) the statement writes nothing at all and returns no row.
+const WRITE_TAIL: &str = "
+o AS (INSERT INTO outbox (tenant, resource_type, id, version, op, created_at)
+      SELECT $1, $2, $3, $4, $10, $5 FROM r RETURNING seq),
+v AS (INSERT INTO resource_versions (tenant, resource_type, id, version, seq, last_updated, deleted, body)
+      SELECT $1, $2, $3, $4, o.seq, $5, $6, $11 FROM o),
+d AS (DELETE FROM search_token WHERE $12 AND tenant = $1 AND resource_type = $2 AND id = $3
+      AND EXISTS (SELECT 1 FROM o)),
+t AS (INSERT INTO search_token (tenant, resource_type, param, system, code, id)
+      SELECT $1, $2, x.p, x.s, x.c, $3 FROM o, unnest($13::text[], $14::text[], $15::text[]) AS x(p, s, c))
+SELECT seq FROM o";
+
+fn write_sql(is_new: bool) -> &'static str {
+    use std::sync::OnceLock;
+    static NEW: OnceLock<String> = OnceLock::new();
+    static EXISTING: OnceLock<String> = OnceLock::new();
+    if is_new {
+        NEW.get_or_init(|| {
+            format!(
+                "WITH r AS (INSERT INTO resources (tenant, resource_type, id, version, last_updated, \
+                 deleted, segment, e_hi, e_lo) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) \
+                 ON CONFLICT (tenant, resource_type, id) DO NOTHING RETURNING 1),{WRITE_TAIL}"
+            )
+        })
+    } else {
+        EXISTING.get_or_init(|| {
+            format!(
+                "WITH r AS (UPDATE resources SET version = $4, last_updated = $5, deleted = $6, \
+                 segment = $7, e_hi = $8, e_lo = $9 WHERE tenant = $1 AND resource_type = $2 \
+                 AND id = $3 RETURNING 1),{WRITE_TAIL}"
+            )
+        })
+    }
+}
+
+/// Writes a version with its current row, outbox entry and index rows in one statement.
+/// `None` when a concurrent writer created the resource first.
+async fn write_version(conn: &mut DbConn, row: &VersionRow<'_>) -> Result<Option<i64>> {
+    let params: Vec<&str> = row.tokens.iter().map(|t| t.param).collect();
+    let systems: Vec<&str> = row.tokens.iter().map(|t| t.system.as_str()).collect();
+    let codes: Vec<&str> = row.tokens.iter().map(|t| t.code.as_str()).collect();
+    crate::bind_version_row!(sqlx::query_scalar(write_sql(row.is_new)), row)
+        .bind(params)
+        .bind(systems)
+        .bind(codes)
+        .fetch_optional(&mut *conn)
+        .await
+        .map_err(db_err)
+}
+
+/// Serialises conditional writes with the same tenant and criteria, so two concurrent
+/// conditional creates cannot both find nothing and both create.
+async fn lock_criteria(conn: &mut DbConn, tenant: &TenantId, q: &SearchQuery) -> Result<()> {
+    let key = xxhash_rust::xxh3::xxh3_64_with_seed(tenant.as_str().as_bytes(), q.fingerprint());
+    sqlx::query("SELECT pg_advisory_xact_lock($1)")
+        .bind(key as i64)
+        .execute(&mut *conn)
+        .await
+        .map_err(db_err)?;
+    Ok(())
+}
+
+/// The PostgreSQL primary store.
+#[derive(Clone, Debug)]
+pub struct Store {
+    reader: PgPool,
+    writer: PgPool,
+    config: SqlConfig,
+    stats: Arc<StatsUpkeep>,
+}
+
+/// Keeps planner statistics in step with bulk growth.
+///
+/// Autovacuum analyzes a table at most once per naptime (a minute by default). Right after a
+/// bulk load into a fresh table the planner has no statistics, estimates one row for any
+/// `(tenant, type)` prefix, and may answer a primary-key lookup by scanning a
+/// `(tenant, type, …)` index instead: measured at 8.6 ms instead of 0.05 ms at 20k rows. So the
+/// store runs ANALYZE itself each time the number of versions it has written grows fourfold.
+#[derive(Debug)]
+struct StatsUpkeep {
+    written: AtomicU64,
+    next_analyze: AtomicU64,
+}
+
+impl StatsUpkeep {
+    const FIRST: u64 = 2_000;
+}
+
+/// The PostgreSQL store under its public name.
+pub type PostgresStore = Store;
+
+impl Store {
+    /// Connects to `url` and brings the schema up to date (migrations take an advisory lock, so
+    /// several processes may start at once).
+    pub async fn connect(url: &str, config: SqlConfig) -> Result<Self> {
+        let pool = PgPoolOptions::new()
+            .max_connections(config.max_connections.max(2))
+            .connect(url)
+            .await
+            .map_err(db_err)?;
+        MIGRATOR
+            .run(&pool)
+            .await
+            .map_err(|e| Error::backend("running PostgreSQL migrations", false, e))?;
+        Ok(Store {
+            reader: pool.clone(),
+            writer: pool,
+            config,
+            stats: Arc::new(StatsUpkeep {
+                written: AtomicU64::new(0),
+                next_analyze: AtomicU64::new(StatsUpkeep::FIRST),
+            }),
+        })
+    }
+
+    /// Counts committed versions and starts a background ANALYZE when a threshold is crossed.
+    fn note_writes(&self, n: u64) {
+        let total = self.stats.written.fetch_add(n, Ordering::Relaxed) + n;
+        let next = self.stats.next_analyze.load(Ordering::Relaxed);
+        if total < next
+            || self
+                .stats
+                .next_analyze
+                .compare_exchange(
+                    next,
+                    next.saturating_mul(4),
+                    Ordering::Relaxed,
+                    Ordering::Relaxed,
+                )
+                .is_err()
+        {
+            return;
+        }
+        let pool = self.writer.clone();
+        tokio::spawn(async move {
+            let r = sqlx::query("ANALYZE resources, resource_versions, search_token")
+                .execute(&pool)
+                .await;
+            match r {
+                Ok(_) => tracing::debug!(versions = total, "analyzed fhirstore tables"),
+                Err(e) => tracing::warn!(error = %e, "ANALYZE failed; autovacuum will catch up"),
+            }
+        });
+    }
+
+    /// Closes the pool.
+    pub async fn close(&self) {
+        self.writer.close().await;
+    }
+}
+
+include!("store_body.rs");

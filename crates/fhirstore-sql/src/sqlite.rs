@@ -1,0 +1,161 @@
+//! The embedded SQLite dialect: one file, WAL, one writer connection.
+//!
+//! All writes go through a pool of exactly one connection, so concurrent writers queue in the
+//! pool instead of failing with "database is locked"; reads use their own pool and, under WAL,
+//! never wait for the writer.
+
+use std::path::Path;
+
+// Error, Result, SearchQuery and TenantId come from store_body.rs's imports.
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::{Sqlite, SqliteConnection, SqlitePool};
+
+use crate::{Dialect, Durability, SqlConfig};
+
+type Db = Sqlite;
+type DbConn = SqliteConnection;
+const DIALECT: Dialect = Dialect::Sqlite;
+const BACKEND_NAME: &str = "sqlite";
+/// The single writer connection already serialises writers, so no row lock is needed.
+const SELECT_CURRENT_FOR_WRITE: &str = "SELECT version, deleted, e_hi, e_lo FROM resources \
+     WHERE tenant = $1 AND resource_type = $2 AND id = $3";
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../../migrations/sqlite");
+
+/// The one writer connection serialises writers, so the digest delta can be applied in the same
+/// round trip as the rest of the write without deadlock risk.
+const INLINE_DIGEST: bool = true;
+
+/// Parameters: $1 tenant, $2 type, $3 id, $4 version, $5 now, $6 deleted, $7 segment, $8 e_hi,
+/// $9 e_lo, $10 op, $11 body, $12 was_live, $13 tokens as a JSON array of [param, system, code],
+/// $14 digest delta high, $15 digest delta low, $16 count delta.
+const WRITE_TAIL: &str = "
+INSERT INTO outbox (tenant, resource_type, id, version, op, created_at)
+    VALUES ($1, $2, $3, $4, $10, $5);
+INSERT INTO resource_versions (tenant, resource_type, id, version, seq, last_updated, deleted, body)
+    VALUES ($1, $2, $3, $4, last_insert_rowid(), $5, $6, $11) RETURNING seq;
+DELETE FROM search_token WHERE $12 AND tenant = $1 AND resource_type = $2 AND id = $3;
+INSERT INTO search_token (tenant, resource_type, param, system, code, id)
+    SELECT $1, $2, j.value ->> 0, j.value ->> 1, j.value ->> 2, $3 FROM json_each($13) AS j;
+INSERT INTO digests (tenant, resource_type, segment, h_hi, h_lo, count)
+    VALUES ($1, $2, $7, $14, $15, $16)
+    ON CONFLICT (tenant, resource_type, segment) DO UPDATE SET
+    h_hi = (digests.h_hi | excluded.h_hi) - (digests.h_hi & excluded.h_hi),
+    h_lo = (digests.h_lo | excluded.h_lo) - (digests.h_lo & excluded.h_lo),
+    count = digests.count + excluded.count;";
+
+fn write_sql(is_new: bool) -> &'static str {
+    use std::sync::OnceLock;
+    static NEW: OnceLock<String> = OnceLock::new();
+    static EXISTING: OnceLock<String> = OnceLock::new();
+    if is_new {
+        NEW.get_or_init(|| {
+            format!(
+                "INSERT INTO resources (tenant, resource_type, id, version, last_updated, deleted, \
+                 segment, e_hi, e_lo) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9);{WRITE_TAIL}"
+            )
+        })
+    } else {
+        EXISTING.get_or_init(|| {
+            format!(
+                "UPDATE resources SET version = $4, last_updated = $5, deleted = $6, segment = $7, \
+                 e_hi = $8, e_lo = $9 WHERE tenant = $1 AND resource_type = $2 AND id = $3;{WRITE_TAIL}"
+            )
+        })
+    }
+}
+
+/// Writes a version, its outbox entry, index rows and digest change in one round trip: sqlx
+/// runs a multi-statement query on its worker thread in one go, binding `$N` by number in every
+/// statement. Statement overhead, not row count, bounds SQLite write throughput.
+async fn write_version(conn: &mut DbConn, row: &VersionRow<'_>) -> Result<Option<i64>> {
+    let tokens: Vec<[&str; 3]> = row
+        .tokens
+        .iter()
+        .map(|t| [t.param, t.system.as_str(), t.code.as_str()])
+        .collect();
+    let tokens = serde_json::to_string(&tokens)
+        .map_err(|e| crate::corrupt(format!("index entries: {e}")))?;
+    // fetch_all, not fetch_one: the stream must be driven to its end, or the statements after
+    // the one returning `seq` never run.
+    let seqs: Vec<i64> = crate::bind_version_row!(sqlx::query_scalar(write_sql(row.is_new)), row)
+        .bind(tokens)
+        .bind(row.digest_delta.0)
+        .bind(row.digest_delta.1)
+        .bind(row.digest_count)
+        .fetch_all(&mut *conn)
+        .await
+        .map_err(db_err)?;
+    match seqs.as_slice() {
+        [seq] => Ok(Some(*seq)),
+        _ => Err(crate::corrupt(format!(
+            "version write returned {} sequence numbers",
+            seqs.len()
+        ))),
+    }
+}
+
+/// Conditional writes need no extra lock: the one writer connection serialises them.
+async fn lock_criteria(_conn: &mut DbConn, _tenant: &TenantId, _q: &SearchQuery) -> Result<()> {
+    Ok(())
+}
+
+/// The SQLite primary store.
+#[derive(Clone, Debug)]
+pub struct Store {
+    reader: SqlitePool,
+    writer: SqlitePool,
+    config: SqlConfig,
+}
+
+/// The SQLite store under its public name.
+pub type SqliteStore = Store;
+
+impl Store {
+    /// Opens (creating if needed) the database file at `path` and brings its schema up to date.
+    pub async fn open(path: impl AsRef<Path>, config: SqlConfig) -> Result<Self> {
+        let options = SqliteConnectOptions::new()
+            .filename(path.as_ref())
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(match config.durability {
+                Durability::Full => SqliteSynchronous::Full,
+                Durability::Normal => SqliteSynchronous::Normal,
+            })
+            .busy_timeout(config.busy_timeout)
+            .pragma("cache_size", "-65536")
+            .pragma("temp_store", "memory");
+        let writer = SqlitePoolOptions::new()
+            .max_connections(1)
+            .min_connections(1)
+            .connect_with(options.clone())
+            .await
+            .map_err(db_err)?;
+        MIGRATOR
+            .run(&writer)
+            .await
+            .map_err(|e| Error::backend("running SQLite migrations", false, e))?;
+        let reader = SqlitePoolOptions::new()
+            .max_connections(config.max_connections.max(1))
+            .connect_with(options.read_only(true))
+            .await
+            .map_err(db_err)?;
+        Ok(Store {
+            reader,
+            writer,
+            config,
+        })
+    }
+
+    /// SQLite's planner ranks indexes by the equality terms they match, so it needs no
+    /// statistics upkeep (see the PostgreSQL store).
+    fn note_writes(&self, _n: u64) {}
+
+    /// Closes both pools, waiting for connections in use to be returned.
+    pub async fn close(&self) {
+        self.writer.close().await;
+        self.reader.close().await;
+    }
+}
+
+include!("store_body.rs");

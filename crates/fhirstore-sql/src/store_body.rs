@@ -1,0 +1,1112 @@
+// The dialect-independent store, compiled into `sqlite.rs` and `postgres.rs` (see lib.rs).
+//
+// The including module provides: `Db` (the sqlx database type), `DbConn` (its connection type),
+// `DIALECT`, `SELECT_CURRENT_FOR_WRITE` (the current-row query, locking the row where the
+// dialect needs it), `lock_criteria` (serialises conditional writes that search the same
+// criteria), and `Store { reader, writer, config }`.
+
+use std::collections::{HashMap, HashSet};
+
+use async_trait::async_trait;
+use fhirstore_core::bundle::rewrite_references;
+use fhirstore_core::date::InstantPredicate;
+use fhirstore_core::digest::{
+    element_hash, join_u128, segment, split_u128, Digest, SEGMENTS, TOMBSTONE_CONTENT_HASH,
+};
+use fhirstore_core::index;
+use fhirstore_core::resource::{check_body, prepare_body, IdRule};
+use fhirstore_core::search::{CriterionValues, TotalMode};
+use fhirstore_core::{
+    from_micros, now_micros, Capabilities, Deleted, Error, HistoryPage, HistoryRequest,
+    HistoryScope, LogicalId, OpOutcome, Permission, ResourceKey, ResourceStorage, ResourceType,
+    Result, SearchPage, SearchQuery, StoredResource, TenantContext, TenantId, VersionId, WriteKind,
+    WriteOp, Written,
+};
+use serde_json::Value;
+use sqlx::{Acquire, QueryBuilder, Row};
+use tracing::instrument;
+
+use crate::{
+    corrupt, parse_history_cursor, parse_search_cursor, search_cursor, DigestDeltas, OutboxEntry,
+    SegmentDigest, VersionRow,
+};
+
+/// The search parameters this backend indexes.
+const SEARCH_PARAMS: [&str; 3] = ["_id", "_lastUpdated", "identifier"];
+/// A conditional delete matching more than this fails rather than deleting without bound.
+const MAX_CONDITIONAL_DELETE: usize = 1_000;
+/// Rows per multi-row INSERT; well under SQLite's bound-parameter limit.
+const ROWS_PER_INSERT: usize = 500;
+
+fn db_err(e: sqlx::Error) -> Error {
+    crate::classify(e, DIALECT)
+}
+
+/// What the write path needs to know about a resource's current row.
+#[derive(Clone, Copy)]
+struct Current {
+    version: i64,
+    deleted: bool,
+    e: u128,
+}
+
+/// State shared by the writes of one transaction.
+struct WriteScope<'a> {
+    tenant: &'a TenantId,
+    now: i64,
+    max_bytes: usize,
+    deltas: DigestDeltas,
+    last_seq: Option<i64>,
+}
+
+/// One version written by `put_version`.
+struct Put {
+    resource: StoredResource,
+    kind: WriteKind,
+    seq: i64,
+}
+
+fn version_of(n: i64) -> Result<VersionId> {
+    u64::try_from(n)
+        .ok()
+        .and_then(VersionId::new)
+        .ok_or_else(|| corrupt(format!("version {n}")))
+}
+
+fn as_i64(v: VersionId) -> i64 {
+    i64::try_from(v.get()).unwrap_or(i64::MAX)
+}
+
+/// Builds a resource from a `resource_versions` row's columns.
+fn stored(
+    tenant: &TenantId,
+    key: ResourceKey,
+    version: i64,
+    last_updated: i64,
+    deleted: bool,
+    body: Option<String>,
+) -> Result<StoredResource> {
+    let content = match (deleted, body) {
+        (true, _) => Value::Null,
+        (false, Some(text)) => {
+            serde_json::from_str(&text).map_err(|e| corrupt(format!("body of {key}: {e}")))?
+        }
+        (false, None) => return Err(corrupt(format!("live version of {key} has no body"))),
+    };
+    Ok(StoredResource {
+        tenant: tenant.clone(),
+        key,
+        version: version_of(version)?,
+        last_updated: from_micros(last_updated),
+        deleted,
+        content,
+    })
+}
+
+fn key_from_row(rt: &str, id: String) -> Result<ResourceKey> {
+    Ok(ResourceKey::new(
+        ResourceType::new(rt).map_err(|_| corrupt(format!("resource type {rt:?}")))?,
+        LogicalId::new(id).map_err(|e| corrupt(e.to_string()))?,
+    ))
+}
+
+/// Appends `AND (...)` for every criterion of `query` to a statement over `resources r`.
+fn push_criteria(qb: &mut QueryBuilder<'_, Db>, query: &SearchQuery, now: i64) -> Result<()> {
+    for c in &query.criteria {
+        match (c.param.as_str(), &c.values) {
+            ("_id", CriterionValues::Token(tokens)) => {
+                qb.push(" AND r.id IN (");
+                let mut sep = qb.separated(", ");
+                for t in tokens {
+                    sep.push_bind(t.code.clone().unwrap_or_default());
+                }
+                qb.push(")");
+            }
+            ("_lastUpdated", CriterionValues::Date(dates)) => {
+                qb.push(" AND (");
+                for (i, d) in dates.iter().enumerate() {
+                    if i > 0 {
+                        qb.push(" OR ");
+                    }
+                    push_instant_predicate(qb, "r.last_updated", d.instant_predicate(now));
+                }
+                qb.push(")");
+            }
+            (param, CriterionValues::Token(tokens)) if SEARCH_PARAMS.contains(&param) => {
+                qb.push(
+                    " AND EXISTS (SELECT 1 FROM search_token t WHERE t.tenant = r.tenant \
+                     AND t.resource_type = r.resource_type AND t.id = r.id AND t.param = ",
+                );
+                qb.push_bind(param.to_owned());
+                qb.push(" AND (");
+                for (i, t) in tokens.iter().enumerate() {
+                    if i > 0 {
+                        qb.push(" OR ");
+                    }
+                    qb.push("(1 = 1");
+                    if let Some(code) = &t.code {
+                        qb.push(" AND t.code = ");
+                        qb.push_bind(code.clone());
+                    }
+                    if let Some(system) = &t.system {
+                        qb.push(" AND t.system = ");
+                        qb.push_bind(system.clone());
+                    }
+                    qb.push(")");
+                }
+                qb.push("))");
+            }
+            (param, _) => {
+                return Err(Error::Unsupported(format!(
+                    "search parameter {param} is not supported by the {DIALECT:?} store"
+                )))
+            }
+        }
+    }
+    Ok(())
+}
+
+fn push_instant_predicate(qb: &mut QueryBuilder<'_, Db>, column: &str, p: InstantPredicate) {
+    qb.push(if p.negated { "NOT (" } else { "(" });
+    qb.push("1 = 1");
+    if let Some(ge) = p.ge {
+        qb.push(format_args!(" AND {column} >= "));
+        qb.push_bind(ge);
+    }
+    if let Some(lt) = p.lt {
+        qb.push(format_args!(" AND {column} < "));
+        qb.push_bind(lt);
+    }
+    qb.push(")");
+}
+
+/// `FROM resources r [JOIN resource_versions v] WHERE` the tenant, type, liveness and criteria
+/// hold. With `with_body`, `v.body` is the current version's body.
+fn push_search_from(
+    qb: &mut QueryBuilder<'_, Db>,
+    tenant: &TenantId,
+    query: &SearchQuery,
+    now: i64,
+    with_body: bool,
+) -> Result<()> {
+    qb.push(" FROM resources r");
+    if with_body {
+        qb.push(
+            " JOIN resource_versions v ON v.tenant = r.tenant AND v.resource_type = r.resource_type \
+             AND v.id = r.id AND v.version = r.version",
+        );
+    }
+    qb.push(" WHERE r.tenant = ");
+    qb.push_bind(tenant.as_str().to_owned());
+    if let Some(rt) = query.resource_type {
+        qb.push(" AND r.resource_type = ");
+        qb.push_bind(rt.as_str());
+    }
+    // A literal, not a bind: the planner can then use indexes restricted to live rows.
+    qb.push(" AND NOT r.deleted");
+    push_criteria(qb, query, now)
+}
+
+/// Keys of live resources matching `query`, at most `limit`, in key order.
+async fn find_keys(
+    conn: &mut DbConn,
+    tenant: &TenantId,
+    query: &SearchQuery,
+    limit: usize,
+) -> Result<Vec<ResourceKey>> {
+    let mut qb = QueryBuilder::<Db>::new("SELECT r.resource_type, r.id");
+    push_search_from(&mut qb, tenant, query, now_micros(), false)?;
+    qb.push(" ORDER BY r.resource_type, r.id LIMIT ");
+    qb.push_bind(i64::try_from(limit).unwrap_or(i64::MAX));
+    let rows = qb.build().fetch_all(&mut *conn).await.map_err(db_err)?;
+    rows.into_iter()
+        .map(|row| {
+            let rt: String = row.try_get(0).map_err(db_err)?;
+            key_from_row(&rt, row.try_get(1).map_err(db_err)?)
+        })
+        .collect()
+}
+
+async fn select_current(
+    conn: &mut DbConn,
+    tenant: &TenantId,
+    rt: ResourceType,
+    id: &LogicalId,
+) -> Result<Option<Current>> {
+    let row = sqlx::query(SELECT_CURRENT_FOR_WRITE)
+        .bind(tenant.as_str())
+        .bind(rt.as_str())
+        .bind(id.as_str())
+        .fetch_optional(&mut *conn)
+        .await
+        .map_err(db_err)?;
+    row.map(|r| -> Result<Current> {
+        Ok(Current {
+            version: r.try_get(0).map_err(db_err)?,
+            deleted: r.try_get(1).map_err(db_err)?,
+            e: join_u128(r.try_get(2).map_err(db_err)?, r.try_get(3).map_err(db_err)?),
+        })
+    })
+    .transpose()
+}
+
+/// Writes one new version of `rt/id` (a tombstone when `body` is `None`) and everything that
+/// goes with it. Returns `None` for a delete of something not live, which writes nothing.
+///
+/// `known_new` skips the current-row lookup for server-assigned ids.
+async fn put_version(
+    conn: &mut DbConn,
+    w: &mut WriteScope<'_>,
+    rt: ResourceType,
+    id: &LogicalId,
+    mut body: Option<Value>,
+    if_match: Option<VersionId>,
+    known_new: bool,
+) -> Result<Option<Put>> {
+    let tenant = w.tenant;
+    let mut current = if known_new {
+        None
+    } else {
+        select_current(conn, tenant, rt, id).await?
+    };
+    let seg = segment(tenant, rt, id.as_str());
+    loop {
+        if body.is_none() && current.is_none_or(|c| c.deleted) {
+            return Ok(None);
+        }
+        if let Some(expected) = if_match {
+            let have = current.map_or(0, |c| c.version);
+            if have != as_i64(expected) {
+                return Err(Error::VersionConflict {
+                    key: format!("{rt}/{id}"),
+                    expected: expected.get(),
+                    current: u64::try_from(have).unwrap_or(0),
+                });
+            }
+        }
+        let version = match current {
+            Some(c) => version_of(c.version)?.next(),
+            None => VersionId::FIRST,
+        };
+        let prepared = match body.take() {
+            Some(b) => Some(prepare_body(
+                b,
+                id,
+                version,
+                from_micros(w.now),
+                w.max_bytes,
+            )?),
+            None => None,
+        };
+        let hash = prepared.as_ref().map_or(TOMBSTONE_CONTENT_HASH, |p| p.hash);
+        let e = element_hash(tenant, rt, id.as_str(), version, &hash);
+        let (e_hi, e_lo) = split_u128(e);
+        let deleted = prepared.is_none();
+        let was_live = current.is_some_and(|c| !c.deleted);
+        let (content, body_text) = match prepared {
+            Some(p) => {
+                let text = String::from_utf8(p.canonical)
+                    .map_err(|e| corrupt(format!("canonical JSON is not UTF-8: {e}")))?;
+                (p.content, Some(text))
+            }
+            None => (Value::Null, None),
+        };
+        let tokens = if deleted {
+            Vec::new()
+        } else {
+            index::extract(&content).tokens
+        };
+        let old_e = current.map_or(0, |c| c.e);
+        let delta = (old_e ^ e, i64::from(current.is_none()));
+        let row = VersionRow {
+            tenant: tenant.as_str(),
+            resource_type: rt.as_str(),
+            id: id.as_str(),
+            version: as_i64(version),
+            now: w.now,
+            deleted,
+            segment: i32::from(seg),
+            e_hi,
+            e_lo,
+            op: match (deleted, was_live) {
+                (true, _) => "delete",
+                (false, true) => "update",
+                (false, false) => "create",
+            },
+            body: body_text,
+            tokens: &tokens,
+            is_new: current.is_none(),
+            was_live,
+            digest_delta: split_u128(delta.0),
+            digest_count: delta.1,
+        };
+        let Some(seq) = write_version(conn, &row).await? else {
+            // A concurrent writer created it first: redo as an update of its version.
+            if known_new {
+                return Err(Error::AlreadyExists(format!("{rt}/{id}")));
+            }
+            body = (!deleted).then_some(content);
+            current = select_current(conn, tenant, rt, id).await?;
+            continue;
+        };
+
+        if !INLINE_DIGEST {
+            w.deltas.apply(rt, seg, delta.0, delta.1);
+        }
+        w.last_seq = Some(w.last_seq.map_or(seq, |s| s.max(seq)));
+        let resource = StoredResource {
+            tenant: tenant.clone(),
+            key: ResourceKey::new(rt, id.clone()),
+            version,
+            last_updated: from_micros(w.now),
+            deleted,
+            content,
+        };
+        let kind = if was_live {
+            WriteKind::Updated
+        } else {
+            WriteKind::Created
+        };
+        return Ok(Some(Put {
+            resource,
+            kind,
+            seq,
+        }));
+    }
+}
+
+/// Applies a transaction's digest deltas in (type, segment) order.
+async fn flush_digests(conn: &mut DbConn, tenant: &TenantId, deltas: &DigestDeltas) -> Result<()> {
+    let rows = deltas.rows();
+    for chunk in rows.chunks(ROWS_PER_INSERT) {
+        let mut qb = QueryBuilder::<Db>::new(
+            "INSERT INTO digests (tenant, resource_type, segment, h_hi, h_lo, count) ",
+        );
+        qb.push_values(chunk, |mut b, (rt, seg, hi, lo, count)| {
+            b.push_bind(tenant.as_str())
+                .push_bind(*rt)
+                .push_bind(*seg)
+                .push_bind(*hi)
+                .push_bind(*lo)
+                .push_bind(*count);
+        });
+        // XOR spelled portably: (a | b) - (a & b). The exact result always fits in 64 bits,
+        // so neither dialect overflows.
+        qb.push(
+            " ON CONFLICT (tenant, resource_type, segment) DO UPDATE SET \
+             h_hi = (digests.h_hi | excluded.h_hi) - (digests.h_hi & excluded.h_hi), \
+             h_lo = (digests.h_lo | excluded.h_lo) - (digests.h_lo & excluded.h_lo), \
+             count = digests.count + excluded.count",
+        );
+        qb.build().execute(&mut *conn).await.map_err(db_err)?;
+    }
+    Ok(())
+}
+
+fn required_permission(op: &WriteOp) -> Permission {
+    match op {
+        WriteOp::Delete { .. } | WriteOp::ConditionalDelete { .. } => Permission::Delete,
+        _ => Permission::Write,
+    }
+}
+
+/// Checks that can fail before the database is touched: permissions, bodies, and (for
+/// multi-entry transactions) that no resource is named twice.
+fn precheck(ctx: &TenantContext, ops: &[WriteOp], atomic: bool) -> Result<()> {
+    let mut seen = HashSet::new();
+    for (i, op) in ops.iter().enumerate() {
+        let at = |e: Error| if ops.len() > 1 { e.in_entry(i) } else { e };
+        ctx.require(required_permission(op)).map_err(at)?;
+        let checked = match op {
+            WriteOp::Create {
+                resource_type,
+                resource,
+                ..
+            } => check_body(*resource_type, resource, IdRule::Ignore),
+            WriteOp::Update {
+                resource_type,
+                id,
+                resource,
+                ..
+            } => check_body(*resource_type, resource, IdRule::MustEqual(id)),
+            WriteOp::ConditionalUpdate {
+                resource_type,
+                resource,
+                ..
+            } => check_body(*resource_type, resource, IdRule::Optional),
+            WriteOp::Delete { .. } | WriteOp::ConditionalDelete { .. } => Ok(()),
+        };
+        checked.map_err(at)?;
+        if atomic {
+            if let WriteOp::Update {
+                resource_type, id, ..
+            }
+            | WriteOp::Delete {
+                resource_type, id, ..
+            } = op
+            {
+                if !seen.insert((*resource_type, id.clone())) {
+                    return Err(at(Error::InvalidResource(format!(
+                        "{resource_type}/{id} appears more than once in the transaction"
+                    ))));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn body_id(resource: &Value) -> Result<Option<LogicalId>> {
+    resource
+        .get("id")
+        .and_then(Value::as_str)
+        .map(LogicalId::new)
+        .transpose()
+}
+
+/// Runs `ops` inside the caller's transaction. The caller commits.
+async fn apply_ops(
+    conn: &mut DbConn,
+    ctx: &TenantContext,
+    ops: &[WriteOp],
+    max_bytes: usize,
+) -> Result<Vec<OpOutcome>> {
+    let tenant = ctx.tenant();
+    let mut w = WriteScope {
+        tenant,
+        now: now_micros(),
+        max_bytes,
+        deltas: DigestDeltas::default(),
+        last_seq: None,
+    };
+    let at = |i: usize| move |e: Error| if ops.len() > 1 { e.in_entry(i) } else { e };
+
+    // Creates first get their ids, so `urn:uuid:` references anywhere in the transaction can be
+    // resolved before any body is written. A conditional create that matches resolves to the
+    // match.
+    let mut create_ids: HashMap<usize, (LogicalId, Option<StoredResource>)> = HashMap::new();
+    let mut urls: HashMap<String, String> = HashMap::new();
+    for (i, op) in ops.iter().enumerate() {
+        if let WriteOp::Create {
+            resource_type,
+            if_none_exist,
+            full_url,
+            ..
+        } = op
+        {
+            let resolved = match if_none_exist {
+                None => (LogicalId::generate(), None),
+                Some(criteria) => {
+                    let q = scoped(criteria, *resource_type);
+                    lock_criteria(conn, tenant, &q).await.map_err(at(i))?;
+                    let found = find_keys(conn, tenant, &q, 2).await.map_err(at(i))?;
+                    match found.as_slice() {
+                        [] => (LogicalId::generate(), None),
+                        [key] => {
+                            let existing = read_current(conn, tenant, key.resource_type, &key.id)
+                                .await
+                                .map_err(at(i))?;
+                            (key.id.clone(), Some(existing))
+                        }
+                        _ => {
+                            return Err(at(i)(Error::PreconditionFailed(format!(
+                                "If-None-Exist criteria match more than one {resource_type}"
+                            ))))
+                        }
+                    }
+                }
+            };
+            if let Some(url) = full_url {
+                urls.insert(url.clone(), format!("{resource_type}/{}", resolved.0));
+            }
+            create_ids.insert(i, resolved);
+        }
+    }
+
+    let mut order: Vec<usize> = (0..ops.len()).collect();
+    order.sort_by_key(|i| ops[*i].processing_rank());
+    let mut outcomes: Vec<Option<OpOutcome>> = vec![None; ops.len()];
+    let body = |resource: &Value| {
+        let mut b = resource.clone();
+        rewrite_references(&mut b, &urls);
+        b
+    };
+    for i in order {
+        let outcome = match &ops[i] {
+            WriteOp::Create {
+                resource_type,
+                resource,
+                ..
+            } => {
+                let Some((id, existing)) = create_ids.remove(&i) else {
+                    return Err(corrupt("create without an assigned id"));
+                };
+                match existing {
+                    Some(resource) => OpOutcome::Written(Written {
+                        kind: WriteKind::Unchanged,
+                        resource,
+                        seq: None,
+                    }),
+                    None => put_written(
+                        conn,
+                        &mut w,
+                        *resource_type,
+                        &id,
+                        body(resource),
+                        None,
+                        true,
+                    )
+                    .await
+                    .map_err(at(i))?,
+                }
+            }
+            WriteOp::Update {
+                resource_type,
+                id,
+                resource,
+                if_match,
+            } => put_written(
+                conn,
+                &mut w,
+                *resource_type,
+                id,
+                body(resource),
+                *if_match,
+                false,
+            )
+            .await
+            .map_err(at(i))?,
+            WriteOp::ConditionalUpdate {
+                resource_type,
+                criteria,
+                resource,
+            } => {
+                let q = scoped(criteria, *resource_type);
+                lock_criteria(conn, tenant, &q).await.map_err(at(i))?;
+                let found = find_keys(conn, tenant, &q, 2).await.map_err(at(i))?;
+                let claimed = body_id(resource).map_err(at(i))?;
+                let (id, known_new) = match (found.as_slice(), claimed) {
+                    ([], Some(id)) => (id, false),
+                    ([], None) => (LogicalId::generate(), true),
+                    ([key], Some(id)) if id != key.id => {
+                        return Err(at(i)(Error::InvalidResource(format!(
+                            "the body's id {id} differs from the matched resource {key}"
+                        ))))
+                    }
+                    ([key], _) => (key.id.clone(), false),
+                    _ => {
+                        return Err(at(i)(Error::PreconditionFailed(format!(
+                            "conditional update criteria match more than one {resource_type}"
+                        ))))
+                    }
+                };
+                put_written(
+                    conn,
+                    &mut w,
+                    *resource_type,
+                    &id,
+                    body(resource),
+                    None,
+                    known_new,
+                )
+                .await
+                .map_err(at(i))?
+            }
+            WriteOp::Delete { resource_type, id } => {
+                let put = put_version(conn, &mut w, *resource_type, id, None, None, false)
+                    .await
+                    .map_err(at(i))?;
+                OpOutcome::Deleted(deleted(put.into_iter().collect()))
+            }
+            WriteOp::ConditionalDelete {
+                resource_type,
+                criteria,
+            } => {
+                let q = scoped(criteria, *resource_type);
+                let found = find_keys(conn, tenant, &q, MAX_CONDITIONAL_DELETE + 1)
+                    .await
+                    .map_err(at(i))?;
+                if found.len() > MAX_CONDITIONAL_DELETE {
+                    return Err(at(i)(Error::PreconditionFailed(format!(
+                        "conditional delete matches more than {MAX_CONDITIONAL_DELETE} resources"
+                    ))));
+                }
+                let mut puts = Vec::with_capacity(found.len());
+                for key in found {
+                    let put =
+                        put_version(conn, &mut w, key.resource_type, &key.id, None, None, false)
+                            .await
+                            .map_err(at(i))?;
+                    puts.extend(put);
+                }
+                OpOutcome::Deleted(deleted(puts))
+            }
+        };
+        outcomes[i] = Some(outcome);
+    }
+    if !INLINE_DIGEST {
+        flush_digests(conn, tenant, &w.deltas).await?;
+    }
+    outcomes
+        .into_iter()
+        .map(|o| o.ok_or_else(|| corrupt("a transaction entry produced no outcome")))
+        .collect()
+}
+
+/// A create or update: writes the version and wraps it as the op's outcome.
+async fn put_written(
+    conn: &mut DbConn,
+    w: &mut WriteScope<'_>,
+    rt: ResourceType,
+    id: &LogicalId,
+    body: Value,
+    if_match: Option<VersionId>,
+    known_new: bool,
+) -> Result<OpOutcome> {
+    let put = put_version(conn, w, rt, id, Some(body), if_match, known_new).await?;
+    written(put, rt, id)
+}
+
+/// A conditional op's criteria, restricted to the op's type whatever the caller set.
+fn scoped(criteria: &SearchQuery, rt: ResourceType) -> SearchQuery {
+    let mut q = criteria.clone();
+    q.resource_type = Some(rt);
+    q
+}
+
+fn written(put: Option<Put>, rt: ResourceType, id: &LogicalId) -> Result<OpOutcome> {
+    let put = put.ok_or_else(|| corrupt(format!("write of {rt}/{id} wrote nothing")))?;
+    Ok(OpOutcome::Written(Written {
+        kind: put.kind,
+        resource: put.resource,
+        seq: Some(put.seq),
+    }))
+}
+
+fn deleted(puts: Vec<Put>) -> Deleted {
+    Deleted {
+        seq: puts.iter().map(|p| p.seq).max(),
+        deleted: puts
+            .into_iter()
+            .map(|p| (p.resource.key, p.resource.version))
+            .collect(),
+    }
+}
+
+async fn read_current(
+    conn: &mut DbConn,
+    tenant: &TenantId,
+    rt: ResourceType,
+    id: &LogicalId,
+) -> Result<StoredResource> {
+    let row = sqlx::query(
+        "SELECT version, last_updated, deleted, body FROM resource_versions \
+         WHERE tenant = $1 AND resource_type = $2 AND id = $3 ORDER BY version DESC LIMIT 1",
+    )
+    .bind(tenant.as_str())
+    .bind(rt.as_str())
+    .bind(id.as_str())
+    .fetch_optional(&mut *conn)
+    .await
+    .map_err(db_err)?
+    .ok_or_else(|| Error::NotFound(format!("{rt}/{id}")))?;
+    let r = stored(
+        tenant,
+        ResourceKey::new(rt, id.clone()),
+        row.try_get(0).map_err(db_err)?,
+        row.try_get(1).map_err(db_err)?,
+        row.try_get(2).map_err(db_err)?,
+        row.try_get(3).map_err(db_err)?,
+    )?;
+    if r.deleted {
+        return Err(Error::Gone(format!(
+            "{rt}/{id} was deleted in version {}",
+            r.version
+        )));
+    }
+    Ok(r)
+}
+
+impl Store {
+    fn span_tenant(ctx: &TenantContext) -> &str {
+        ctx.tenant().as_str()
+    }
+
+    /// Runs `ops` in one transaction, retrying the whole transaction on temporary failures
+    /// (deadlocks, serialization failures, a busy database).
+    async fn run_atomic(&self, ctx: &TenantContext, ops: &[WriteOp]) -> Result<Vec<OpOutcome>> {
+        let mut attempt = 0u32;
+        loop {
+            let result: Result<Vec<OpOutcome>> = async {
+                let mut tx = self.writer.begin().await.map_err(db_err)?;
+                let out = apply_ops(&mut tx, ctx, ops, self.config.max_resource_bytes).await?;
+                tx.commit().await.map_err(db_err)?;
+                self.note_writes(out.len() as u64);
+                Ok(out)
+            }
+            .await;
+            match result {
+                Err(e) if e.is_temporary() && attempt < self.config.max_retries => {
+                    attempt += 1;
+                    tracing::debug!(attempt, error = %e, "retrying transaction");
+                    tokio::time::sleep(backoff(attempt)).await;
+                }
+                Err(e) if e.is_temporary() => return Err(e.set_persistent()),
+                other => return other,
+            }
+        }
+    }
+
+    /// Runs each op in its own savepoint within one transaction, so a batch shares one commit
+    /// while its entries succeed or fail alone.
+    async fn run_batch(
+        &self,
+        ctx: &TenantContext,
+        ops: &[WriteOp],
+    ) -> Result<Vec<Result<OpOutcome>>> {
+        let mut tx = self.writer.begin().await.map_err(db_err)?;
+        let mut results = Vec::with_capacity(ops.len());
+        for (i, op) in ops.iter().enumerate() {
+            let single = std::slice::from_ref(op);
+            let mut attempt = 0u32;
+            let result = loop {
+                let r = match precheck(ctx, single, false) {
+                    Err(e) => Err(e),
+                    Ok(()) => {
+                        let mut sp = tx.begin().await.map_err(db_err)?;
+                        match apply_ops(&mut sp, ctx, single, self.config.max_resource_bytes).await
+                        {
+                            Ok(mut out) => {
+                                sp.commit().await.map_err(db_err)?;
+                                out.pop()
+                                    .ok_or_else(|| corrupt("batch entry without outcome"))
+                            }
+                            Err(e) => {
+                                sp.rollback().await.map_err(db_err)?;
+                                Err(e)
+                            }
+                        }
+                    }
+                };
+                match r {
+                    Err(e) if e.is_temporary() && attempt < self.config.max_retries => {
+                        attempt += 1;
+                        tokio::time::sleep(backoff(attempt)).await;
+                    }
+                    other => break other.map_err(|e| e.in_entry(i)),
+                }
+            };
+            results.push(result);
+        }
+        tx.commit().await.map_err(db_err)?;
+        self.note_writes(results.iter().filter(|r| r.is_ok()).count() as u64);
+        Ok(results)
+    }
+
+    /// Outbox entries after `after_seq`, oldest first: what secondaries consume.
+    pub async fn outbox_after(&self, after_seq: i64, limit: u32) -> Result<Vec<OutboxEntry>> {
+        let rows = sqlx::query(
+            "SELECT seq, tenant, resource_type, id, version, op FROM outbox \
+             WHERE seq > $1 ORDER BY seq LIMIT $2",
+        )
+        .bind(after_seq)
+        .bind(i64::from(limit))
+        .fetch_all(&self.reader)
+        .await
+        .map_err(db_err)?;
+        rows.into_iter()
+            .map(|r| {
+                Ok(OutboxEntry {
+                    seq: r.try_get(0).map_err(db_err)?,
+                    tenant: r.try_get(1).map_err(db_err)?,
+                    resource_type: r.try_get(2).map_err(db_err)?,
+                    id: r.try_get(3).map_err(db_err)?,
+                    version: r.try_get(4).map_err(db_err)?,
+                    op: r.try_get(5).map_err(db_err)?,
+                })
+            })
+            .collect()
+    }
+
+    /// The stored digest segments of one (tenant, type), non-empty ones only, by segment.
+    pub async fn digest_segments(
+        &self,
+        ctx: &TenantContext,
+        rt: ResourceType,
+    ) -> Result<Vec<SegmentDigest>> {
+        ctx.require(Permission::Read)?;
+        let rows = sqlx::query(
+            "SELECT segment, h_hi, h_lo, count FROM digests \
+             WHERE tenant = $1 AND resource_type = $2 AND count <> 0 ORDER BY segment",
+        )
+        .bind(ctx.tenant().as_str())
+        .bind(rt.as_str())
+        .fetch_all(&self.reader)
+        .await
+        .map_err(db_err)?;
+        rows.into_iter().map(segment_row).collect()
+    }
+
+    /// The digest segments of one (tenant, type) recomputed from the current rows' element
+    /// hashes, for checking the maintained digest table.
+    pub async fn recompute_digest_segments(
+        &self,
+        ctx: &TenantContext,
+        rt: ResourceType,
+    ) -> Result<Vec<SegmentDigest>> {
+        ctx.require(Permission::Read)?;
+        let rows = sqlx::query(
+            "SELECT segment, e_hi, e_lo FROM resources WHERE tenant = $1 AND resource_type = $2",
+        )
+        .bind(ctx.tenant().as_str())
+        .bind(rt.as_str())
+        .fetch_all(&self.reader)
+        .await
+        .map_err(db_err)?;
+        let mut segs: std::collections::BTreeMap<u16, Digest> = Default::default();
+        for r in rows {
+            let seg: i32 = r.try_get(0).map_err(db_err)?;
+            let seg = u16::try_from(seg).map_err(|_| corrupt(format!("segment {seg}")))?;
+            let e = join_u128(r.try_get(1).map_err(db_err)?, r.try_get(2).map_err(db_err)?);
+            segs.entry(seg).or_default().add(e);
+        }
+        debug_assert!(segs.len() <= SEGMENTS as usize);
+        Ok(segs
+            .into_iter()
+            .map(|(segment, digest)| SegmentDigest { segment, digest })
+            .collect())
+    }
+}
+
+fn segment_row(r: <Db as sqlx::Database>::Row) -> Result<SegmentDigest> {
+    let seg: i32 = r.try_get(0).map_err(db_err)?;
+    Ok(SegmentDigest {
+        segment: u16::try_from(seg).map_err(|_| corrupt(format!("segment {seg}")))?,
+        digest: Digest {
+            hash: join_u128(r.try_get(1).map_err(db_err)?, r.try_get(2).map_err(db_err)?),
+            count: r.try_get(3).map_err(db_err)?,
+        },
+    })
+}
+
+fn backoff(attempt: u32) -> std::time::Duration {
+    // Exponential from 2 ms, capped, with jitter so retrying writers do not collide again.
+    let base = 2u64 << attempt.min(7);
+    let jitter = u64::from(uuid::Uuid::new_v4().as_bytes()[0]) % base.max(1);
+    std::time::Duration::from_millis(base + jitter)
+}
+
+#[async_trait]
+impl ResourceStorage for Store {
+    fn capabilities(&self) -> Capabilities {
+        let mut caps = Capabilities::default();
+        caps.name = BACKEND_NAME;
+        caps.read = true;
+        caps.history = true;
+        caps.write = true;
+        caps.transaction = true;
+        caps.search_params = SEARCH_PARAMS.to_vec();
+        caps
+    }
+
+    #[instrument(name = "storage.sql.transaction", skip_all,
+        fields(backend = BACKEND_NAME, tenant = %Self::span_tenant(ctx), entries = ops.len()))]
+    async fn transaction(&self, ctx: &TenantContext, ops: Vec<WriteOp>) -> Result<Vec<OpOutcome>> {
+        precheck(ctx, &ops, true)?;
+        self.run_atomic(ctx, &ops).await
+    }
+
+    #[instrument(name = "storage.sql.batch", skip_all,
+        fields(backend = BACKEND_NAME, tenant = %Self::span_tenant(ctx), entries = ops.len()))]
+    async fn batch(
+        &self,
+        ctx: &TenantContext,
+        ops: Vec<WriteOp>,
+    ) -> Result<Vec<Result<OpOutcome>>> {
+        self.run_batch(ctx, &ops).await
+    }
+
+    #[instrument(name = "storage.sql.read", skip_all,
+        fields(backend = BACKEND_NAME, tenant = %Self::span_tenant(ctx), resource_type = %rt))]
+    async fn read(
+        &self,
+        ctx: &TenantContext,
+        rt: ResourceType,
+        id: &LogicalId,
+    ) -> Result<StoredResource> {
+        ctx.require(Permission::Read)?;
+        let mut conn = self.reader.acquire().await.map_err(db_err)?;
+        read_current(&mut conn, ctx.tenant(), rt, id).await
+    }
+
+    #[instrument(name = "storage.sql.vread", skip_all,
+        fields(backend = BACKEND_NAME, tenant = %Self::span_tenant(ctx), resource_type = %rt))]
+    async fn vread(
+        &self,
+        ctx: &TenantContext,
+        rt: ResourceType,
+        id: &LogicalId,
+        version: VersionId,
+    ) -> Result<StoredResource> {
+        ctx.require(Permission::Read)?;
+        let row = sqlx::query(
+            "SELECT last_updated, deleted, body FROM resource_versions \
+             WHERE tenant = $1 AND resource_type = $2 AND id = $3 AND version = $4",
+        )
+        .bind(ctx.tenant().as_str())
+        .bind(rt.as_str())
+        .bind(id.as_str())
+        .bind(as_i64(version))
+        .fetch_optional(&self.reader)
+        .await
+        .map_err(db_err)?
+        .ok_or_else(|| Error::NotFound(format!("{rt}/{id}/_history/{version}")))?;
+        stored(
+            ctx.tenant(),
+            ResourceKey::new(rt, id.clone()),
+            as_i64(version),
+            row.try_get(0).map_err(db_err)?,
+            row.try_get(1).map_err(db_err)?,
+            row.try_get(2).map_err(db_err)?,
+        )
+    }
+
+    #[instrument(name = "storage.sql.history", skip_all,
+        fields(backend = BACKEND_NAME, tenant = %Self::span_tenant(ctx)))]
+    async fn history(&self, ctx: &TenantContext, request: &HistoryRequest) -> Result<HistoryPage> {
+        ctx.require(Permission::Read)?;
+        let tenant = ctx.tenant();
+        let page = request
+            .count
+            .unwrap_or(fhirstore_core::search::DEFAULT_PAGE_SIZE)
+            .min(fhirstore_core::search::MAX_PAGE_SIZE);
+        let mut qb = QueryBuilder::<Db>::new(
+            "SELECT resource_type, id, version, seq, last_updated, deleted, body \
+             FROM resource_versions WHERE tenant = ",
+        );
+        qb.push_bind(tenant.as_str().to_owned());
+        match &request.scope {
+            HistoryScope::System => {}
+            HistoryScope::Type(rt) => {
+                qb.push(" AND resource_type = ");
+                qb.push_bind(rt.as_str());
+            }
+            HistoryScope::Instance(rt, id) => {
+                qb.push(" AND resource_type = ");
+                qb.push_bind(rt.as_str());
+                qb.push(" AND id = ");
+                qb.push_bind(id.as_str().to_owned());
+            }
+        }
+        if let Some(since) = request.since {
+            qb.push(" AND last_updated >= ");
+            qb.push_bind(fhirstore_core::to_micros(since));
+        }
+        if let Some(c) = &request.cursor {
+            qb.push(" AND seq < ");
+            qb.push_bind(parse_history_cursor(c)?);
+        }
+        qb.push(" ORDER BY seq DESC LIMIT ");
+        qb.push_bind(i64::from(page) + 1);
+        let rows = qb.build().fetch_all(&self.reader).await.map_err(db_err)?;
+        let more = rows.len() > page as usize;
+        let mut entries = Vec::with_capacity(rows.len().min(page as usize));
+        let mut last_seq = 0i64;
+        for row in rows.into_iter().take(page as usize) {
+            let rt: String = row.try_get(0).map_err(db_err)?;
+            let key = key_from_row(&rt, row.try_get(1).map_err(db_err)?)?;
+            last_seq = row.try_get(3).map_err(db_err)?;
+            entries.push(stored(
+                tenant,
+                key,
+                row.try_get(2).map_err(db_err)?,
+                row.try_get(4).map_err(db_err)?,
+                row.try_get(5).map_err(db_err)?,
+                row.try_get(6).map_err(db_err)?,
+            )?);
+        }
+        Ok(HistoryPage {
+            entries,
+            next_cursor: more.then(|| last_seq.to_string()),
+        })
+    }
+
+    #[instrument(name = "storage.sql.count", skip_all,
+        fields(backend = BACKEND_NAME, tenant = %Self::span_tenant(ctx)))]
+    async fn count(&self, ctx: &TenantContext, rt: Option<ResourceType>) -> Result<u64> {
+        ctx.require(Permission::Read)?;
+        let query = SearchQuery::all(rt);
+        let mut qb = QueryBuilder::<Db>::new("SELECT COUNT(*)");
+        push_search_from(&mut qb, ctx.tenant(), &query, now_micros(), false)?;
+        let n: i64 = qb
+            .build_query_scalar()
+            .fetch_one(&self.reader)
+            .await
+            .map_err(db_err)?;
+        Ok(u64::try_from(n).unwrap_or(0))
+    }
+
+    #[instrument(name = "storage.sql.search", skip_all,
+        fields(backend = BACKEND_NAME, tenant = %Self::span_tenant(ctx),
+               resource_type = ?query.resource_type.map(|t| t.as_str())))]
+    async fn search(&self, ctx: &TenantContext, query: &SearchQuery) -> Result<SearchPage> {
+        ctx.require(Permission::Read)?;
+        let tenant = ctx.tenant();
+        let now = now_micros();
+        let page = query.page_size();
+        let mut qb = QueryBuilder::<Db>::new(
+            "SELECT r.resource_type, r.id, r.version, r.last_updated, v.body",
+        );
+        push_search_from(&mut qb, tenant, query, now, true)?;
+        if let Some(c) = &query.cursor {
+            let (rt, id) = parse_search_cursor(c)?;
+            qb.push(" AND (r.resource_type, r.id) > (");
+            qb.push_bind(rt.as_str());
+            qb.push(", ");
+            qb.push_bind(id.as_str().to_owned());
+            qb.push(")");
+        }
+        qb.push(" ORDER BY r.resource_type, r.id LIMIT ");
+        qb.push_bind(i64::from(page) + 1);
+        let rows = qb.build().fetch_all(&self.reader).await.map_err(db_err)?;
+        let more = rows.len() > page as usize;
+        let mut matches = Vec::with_capacity(rows.len().min(page as usize));
+        for row in rows.into_iter().take(page as usize) {
+            let rt: String = row.try_get(0).map_err(db_err)?;
+            let key = key_from_row(&rt, row.try_get(1).map_err(db_err)?)?;
+            matches.push(stored(
+                tenant,
+                key,
+                row.try_get(2).map_err(db_err)?,
+                row.try_get(3).map_err(db_err)?,
+                false,
+                row.try_get(4).map_err(db_err)?,
+            )?);
+        }
+        let next_cursor = match (more, matches.last()) {
+            (true, Some(last)) => Some(search_cursor(
+                last.key.resource_type.as_str(),
+                last.key.id.as_str(),
+            )),
+            _ => None,
+        };
+        let total = match query.total {
+            TotalMode::None => None,
+            TotalMode::Estimate | TotalMode::Accurate => {
+                let mut cq = QueryBuilder::<Db>::new("SELECT COUNT(*)");
+                push_search_from(&mut cq, tenant, query, now, false)?;
+                let n: i64 = cq
+                    .build_query_scalar()
+                    .fetch_one(&self.reader)
+                    .await
+                    .map_err(db_err)?;
+                Some(u64::try_from(n).unwrap_or(0))
+            }
+        };
+        Ok(SearchPage {
+            matches,
+            total,
+            next_cursor,
+        })
+    }
+}

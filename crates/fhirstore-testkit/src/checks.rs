@@ -1,0 +1,1598 @@
+//! The conformance checks. Each builds its own data in a fresh tenant and asserts behaviour the
+//! FHIR R4 spec or the fhirstore contract requires.
+
+use std::collections::HashSet;
+
+use fhirstore_core::search::{Criterion, CriterionValues, TokenValue};
+use fhirstore_core::{
+    format_instant, Error, Handling, HistoryRequest, HistoryScope, LogicalId, OpOutcome,
+    Permissions, ResourceStorage, ResourceType, SearchQuery, StoredResource, TenantContext,
+    VersionId, WriteKind, WriteOp,
+};
+use serde_json::{json, Value};
+
+use crate::random_tenant;
+
+fn rt(name: &str) -> ResourceType {
+    ResourceType::new(name).expect("known resource type")
+}
+
+fn patient() -> ResourceType {
+    rt("Patient")
+}
+
+fn id(s: &str) -> LogicalId {
+    LogicalId::new(s).expect("valid id")
+}
+
+fn patient_body(id: Option<&str>, family: &str) -> Value {
+    let mut v = json!({"resourceType": "Patient", "name": [{"family": family}]});
+    if let Some(id) = id {
+        v["id"] = json!(id);
+    }
+    v
+}
+
+fn with_identifier(mut body: Value, system: &str, value: &str) -> Value {
+    body["identifier"] = json!([{"system": system, "value": value}]);
+    body
+}
+
+fn family(r: &StoredResource) -> &str {
+    r.content["name"][0]["family"].as_str().unwrap_or("")
+}
+
+fn query(rt: Option<ResourceType>, qs: &str) -> SearchQuery {
+    SearchQuery::parse(rt, qs, Handling::Strict).expect("valid query")
+}
+
+fn identifier_query(system: &str, value: &str) -> SearchQuery {
+    SearchQuery::all(Some(patient())).with(Criterion {
+        param: "identifier".into(),
+        values: CriterionValues::Token(vec![TokenValue {
+            system: Some(system.into()),
+            code: Some(value.into()),
+        }]),
+    })
+}
+
+async fn all_history(
+    store: &dyn ResourceStorage,
+    ctx: &TenantContext,
+    scope: HistoryScope,
+    page: u32,
+) -> Vec<StoredResource> {
+    let mut req = HistoryRequest::new(scope);
+    req.count = Some(page);
+    let mut out = Vec::new();
+    loop {
+        let p = store.history(ctx, &req).await.expect("history page");
+        assert!(p.entries.len() <= page as usize, "page larger than _count");
+        out.extend(p.entries);
+        match p.next_cursor {
+            Some(c) => req.cursor = Some(c),
+            None => return out,
+        }
+    }
+}
+
+async fn all_matches(
+    store: &dyn ResourceStorage,
+    ctx: &TenantContext,
+    mut q: SearchQuery,
+) -> Vec<StoredResource> {
+    let mut out = Vec::new();
+    loop {
+        let p = store.search(ctx, &q).await.expect("search page");
+        out.extend(p.matches);
+        match p.next_cursor {
+            Some(c) => q.cursor = Some(c),
+            None => return out,
+        }
+    }
+}
+
+/// create assigns a fresh id and version 1, and stamps `meta`; the caller's id and meta values
+/// are not trusted. read returns exactly what create returned.
+pub async fn create_assigns_id_and_meta(store: &dyn ResourceStorage) {
+    let ctx = random_tenant();
+    let mut body = patient_body(Some("caller-chosen"), "Chalmers");
+    body["meta"] = json!({"versionId": "42", "lastUpdated": "1999-01-01T00:00:00Z",
+        "tag": [{"system": "urn:t", "code": "keep"}]});
+    let w = store
+        .create(&ctx, patient(), body)
+        .await
+        .expect("create succeeds");
+    assert_eq!(w.kind, WriteKind::Created);
+    assert_ne!(w.resource.key.id.as_str(), "caller-chosen");
+    assert_eq!(w.resource.version, VersionId::FIRST);
+    assert_eq!(&w.resource.tenant, ctx.tenant());
+    assert!(w.seq.is_some(), "a write returns its outbox position");
+    let c = &w.resource.content;
+    assert_eq!(c["id"], json!(w.resource.key.id.as_str()));
+    assert_eq!(c["meta"]["versionId"], "1");
+    assert_eq!(
+        c["meta"]["lastUpdated"],
+        json!(format_instant(w.resource.last_updated))
+    );
+    assert_eq!(c["meta"]["tag"][0]["code"], "keep", "other meta is kept");
+    let second = store
+        .create(&ctx, patient(), patient_body(None, "Other"))
+        .await
+        .expect("second create");
+    assert_ne!(second.resource.key.id, w.resource.key.id);
+    assert!(second.seq > w.seq, "outbox positions increase");
+
+    let r = store
+        .read(&ctx, patient(), &w.resource.key.id)
+        .await
+        .expect("read back");
+    assert_eq!(r, w.resource);
+}
+
+/// Reading or vreading what was never written is NotFound.
+pub async fn read_absent_is_not_found(store: &dyn ResourceStorage) {
+    let ctx = random_tenant();
+    let e = store.read(&ctx, patient(), &id("nope")).await;
+    assert!(matches!(e, Err(Error::NotFound(_))), "{e:?}");
+    let w = store
+        .create(&ctx, patient(), patient_body(None, "A"))
+        .await
+        .expect("create");
+    let e = store
+        .vread(&ctx, patient(), &w.resource.key.id, VersionId::FIRST.next())
+        .await;
+    assert!(matches!(e, Err(Error::NotFound(_))), "{e:?}");
+    let e = store
+        .read(&ctx, rt("Observation"), &w.resource.key.id)
+        .await;
+    assert!(
+        matches!(e, Err(Error::NotFound(_))),
+        "same id, other type: {e:?}"
+    );
+}
+
+/// update writes version n+1 and keeps version n readable by vread.
+pub async fn update_writes_new_version(store: &dyn ResourceStorage) {
+    let ctx = random_tenant();
+    let w = store
+        .create(&ctx, patient(), patient_body(None, "One"))
+        .await
+        .expect("create");
+    let pid = w.resource.key.id.clone();
+    let u = store
+        .update(
+            &ctx,
+            patient(),
+            &pid,
+            patient_body(Some(pid.as_str()), "Two"),
+            None,
+        )
+        .await
+        .expect("update");
+    assert_eq!(u.kind, WriteKind::Updated);
+    assert_eq!(u.resource.version.get(), 2);
+    assert_eq!(u.resource.content["meta"]["versionId"], "2");
+    assert!(u.resource.last_updated >= w.resource.last_updated);
+    let v1 = store
+        .vread(&ctx, patient(), &pid, VersionId::FIRST)
+        .await
+        .expect("vread 1");
+    assert_eq!(family(&v1), "One");
+    assert_eq!(v1, w.resource);
+    let cur = store.read(&ctx, patient(), &pid).await.expect("read");
+    assert_eq!(family(&cur), "Two");
+    assert_eq!(cur.version.get(), 2);
+}
+
+/// update of an absent id creates it with that id at version 1.
+pub async fn update_as_create(store: &dyn ResourceStorage) {
+    let ctx = random_tenant();
+    let pid = id("chosen-by-client");
+    let w = store
+        .update(
+            &ctx,
+            patient(),
+            &pid,
+            patient_body(Some("chosen-by-client"), "X"),
+            None,
+        )
+        .await
+        .expect("update-as-create");
+    assert_eq!(w.kind, WriteKind::Created);
+    assert_eq!(w.resource.version, VersionId::FIRST);
+    assert_eq!(w.resource.key.id, pid);
+    let r = store.read(&ctx, patient(), &pid).await.expect("read");
+    assert_eq!(family(&r), "X");
+}
+
+/// A stale If-Match fails with VersionConflict and changes nothing; the current one succeeds.
+pub async fn if_match_guards_updates(store: &dyn ResourceStorage) {
+    let ctx = random_tenant();
+    let w = store
+        .create(&ctx, patient(), patient_body(None, "A"))
+        .await
+        .expect("create");
+    let pid = w.resource.key.id.clone();
+    store
+        .update(
+            &ctx,
+            patient(),
+            &pid,
+            patient_body(Some(pid.as_str()), "B"),
+            None,
+        )
+        .await
+        .expect("update to v2");
+    let stale = store
+        .update(
+            &ctx,
+            patient(),
+            &pid,
+            patient_body(Some(pid.as_str()), "C"),
+            Some(VersionId::FIRST),
+        )
+        .await;
+    match stale {
+        Err(Error::VersionConflict {
+            expected, current, ..
+        }) => assert_eq!((expected, current), (1, 2)),
+        other => panic!("expected a version conflict, got {other:?}"),
+    }
+    let r = store.read(&ctx, patient(), &pid).await.expect("read");
+    assert_eq!((family(&r), r.version.get()), ("B", 2));
+    let ok = store
+        .update(
+            &ctx,
+            patient(),
+            &pid,
+            patient_body(Some(pid.as_str()), "C"),
+            VersionId::new(2),
+        )
+        .await
+        .expect("matching If-Match");
+    assert_eq!(ok.resource.version.get(), 3);
+    let absent = store
+        .update(
+            &ctx,
+            patient(),
+            &id("absent"),
+            patient_body(Some("absent"), "Z"),
+            Some(VersionId::FIRST),
+        )
+        .await;
+    assert!(
+        matches!(absent, Err(Error::VersionConflict { current: 0, .. })),
+        "If-Match on an absent resource: {absent:?}"
+    );
+    assert!(matches!(
+        store.read(&ctx, patient(), &id("absent")).await,
+        Err(Error::NotFound(_))
+    ));
+}
+
+/// delete writes a tombstone version; read is then Gone; deleting again, or deleting what never
+/// existed, succeeds without writing a version.
+pub async fn delete_writes_tombstone(store: &dyn ResourceStorage) {
+    let ctx = random_tenant();
+    let w = store
+        .create(&ctx, patient(), patient_body(None, "A"))
+        .await
+        .expect("create");
+    let pid = w.resource.key.id.clone();
+    let d = store.delete(&ctx, patient(), &pid).await.expect("delete");
+    assert_eq!(d.deleted.len(), 1);
+    assert_eq!(d.deleted[0].1.get(), 2);
+    assert!(d.seq > w.seq);
+    assert!(matches!(
+        store.read(&ctx, patient(), &pid).await,
+        Err(Error::Gone(_))
+    ));
+    let tomb = store
+        .vread(&ctx, patient(), &pid, VersionId::new(2).expect("2"))
+        .await
+        .expect("vread tombstone");
+    assert!(tomb.deleted);
+    assert_eq!(tomb.content, Value::Null);
+    let v1 = store
+        .vread(&ctx, patient(), &pid, VersionId::FIRST)
+        .await
+        .expect("old version stays");
+    assert_eq!(family(&v1), "A");
+
+    let again = store
+        .delete(&ctx, patient(), &pid)
+        .await
+        .expect("delete again");
+    assert!(again.deleted.is_empty() && again.seq.is_none());
+    let never = store
+        .delete(&ctx, patient(), &id("never-was"))
+        .await
+        .expect("delete absent");
+    assert!(never.deleted.is_empty());
+    let h = all_history(
+        store,
+        &ctx,
+        HistoryScope::Instance(patient(), pid.clone()),
+        10,
+    )
+    .await;
+    assert_eq!(h.len(), 2, "no version for repeated delete");
+    assert_eq!(store.count(&ctx, Some(patient())).await.expect("count"), 0);
+}
+
+/// Updating a deleted resource brings it back as a new version.
+pub async fn update_after_delete_recreates(store: &dyn ResourceStorage) {
+    let ctx = random_tenant();
+    let pid = id("phoenix");
+    store
+        .update(
+            &ctx,
+            patient(),
+            &pid,
+            patient_body(Some("phoenix"), "A"),
+            None,
+        )
+        .await
+        .expect("create");
+    store.delete(&ctx, patient(), &pid).await.expect("delete");
+    let w = store
+        .update(
+            &ctx,
+            patient(),
+            &pid,
+            patient_body(Some("phoenix"), "B"),
+            None,
+        )
+        .await
+        .expect("recreate");
+    assert_eq!(w.kind, WriteKind::Created, "no live version existed");
+    assert_eq!(w.resource.version.get(), 3);
+    let r = store.read(&ctx, patient(), &pid).await.expect("read");
+    assert_eq!(family(&r), "B");
+}
+
+/// Malformed bodies are rejected with InvalidResource naming the problem, and nothing stored
+/// changes.
+pub async fn bad_input_changes_nothing(store: &dyn ResourceStorage) {
+    let ctx = random_tenant();
+    let pid = id("p1");
+    store
+        .update(
+            &ctx,
+            patient(),
+            &pid,
+            patient_body(Some("p1"), "Original"),
+            None,
+        )
+        .await
+        .expect("seed");
+    let huge = json!({"resourceType": "Patient", "id": "p1",
+        "text": {"status": "generated", "div": "x".repeat(9 * 1024 * 1024)}});
+    let cases: Vec<(Value, &str)> = vec![
+        (
+            json!({"resourceType": "Observation", "id": "p1"}),
+            "does not match the type",
+        ),
+        (
+            json!({"resourceType": "Patient", "id": "p2"}),
+            "does not match the id",
+        ),
+        (json!("just a string"), "JSON object"),
+        (json!([{"resourceType": "Patient"}]), "JSON object"),
+        (json!({"id": "p1"}), "resourceType"),
+        (
+            json!({"resourceType": "Patient", "id": "p1", "meta": []}),
+            "meta",
+        ),
+        (huge, "limit"),
+    ];
+    for (body, want) in cases {
+        let e = store.update(&ctx, patient(), &pid, body, None).await;
+        match e {
+            Err(Error::InvalidResource(m)) => assert!(m.contains(want), "{m:?} lacks {want:?}"),
+            other => panic!("expected InvalidResource({want}), got {other:?}"),
+        }
+    }
+    let e = store
+        .create(
+            &ctx,
+            patient(),
+            json!({"resourceType": "Patient", "meta": "x"}),
+        )
+        .await;
+    assert!(matches!(e, Err(Error::InvalidResource(_))), "{e:?}");
+    let bad_cond = store
+        .conditional_update(
+            &ctx,
+            patient(),
+            &identifier_query("urn:x", "1"),
+            json!({"resourceType": "Patient", "id": "bad id!"}),
+        )
+        .await;
+    assert!(
+        matches!(bad_cond, Err(Error::InvalidResource(_))),
+        "{bad_cond:?}"
+    );
+
+    let r = store
+        .read(&ctx, patient(), &pid)
+        .await
+        .expect("still there");
+    assert_eq!((family(&r), r.version.get()), ("Original", 1));
+    let h = all_history(store, &ctx, HistoryScope::System, 50).await;
+    assert_eq!(h.len(), 1, "no failed write left a version");
+    assert_eq!(store.count(&ctx, None).await.expect("count"), 1);
+}
+
+/// History at instance, type and system scope: newest first, tombstones included, `_since`
+/// honoured, and paging returns every version exactly once.
+pub async fn history_all_scopes(store: &dyn ResourceStorage) {
+    let ctx = random_tenant();
+    let a = id("a");
+    store
+        .update(&ctx, patient(), &a, patient_body(Some("a"), "A1"), None)
+        .await
+        .expect("a1");
+    let obs = store
+        .create(
+            &ctx,
+            rt("Observation"),
+            json!({"resourceType": "Observation", "status": "final",
+                   "code": {"text": "x"}}),
+        )
+        .await
+        .expect("obs");
+    let a2 = store
+        .update(&ctx, patient(), &a, patient_body(Some("a"), "A2"), None)
+        .await
+        .expect("a2");
+    store.delete(&ctx, patient(), &a).await.expect("delete a");
+    store
+        .update(
+            &ctx,
+            patient(),
+            &id("b"),
+            patient_body(Some("b"), "B1"),
+            None,
+        )
+        .await
+        .expect("b1");
+
+    let inst = all_history(store, &ctx, HistoryScope::Instance(patient(), a.clone()), 2).await;
+    let versions: Vec<u64> = inst.iter().map(|r| r.version.get()).collect();
+    assert_eq!(versions, vec![3, 2, 1]);
+    assert!(inst[0].deleted && !inst[1].deleted);
+    assert_eq!(family(&inst[1]), "A2");
+
+    let ty = all_history(store, &ctx, HistoryScope::Type(patient()), 2).await;
+    let keys: Vec<(String, u64)> = ty
+        .iter()
+        .map(|r| (r.key.id.to_string(), r.version.get()))
+        .collect();
+    let want: Vec<(String, u64)> = [("b", 1), ("a", 3), ("a", 2), ("a", 1)]
+        .iter()
+        .map(|(i, v)| (i.to_string(), *v))
+        .collect();
+    assert_eq!(keys, want);
+
+    let sys = all_history(store, &ctx, HistoryScope::System, 3).await;
+    assert_eq!(sys.len(), 5);
+    assert_eq!(
+        sys[3].key, obs.resource.key,
+        "system history interleaves types by time"
+    );
+
+    let mut since = HistoryRequest::new(HistoryScope::System);
+    since.since = Some(a2.resource.last_updated);
+    let recent = store.history(&ctx, &since).await.expect("since");
+    assert!(
+        recent.entries.len() >= 3,
+        "a2, the delete and b1 are at or after a2"
+    );
+    assert!(recent
+        .entries
+        .iter()
+        .all(|r| r.last_updated >= a2.resource.last_updated));
+    assert!(!recent
+        .entries
+        .iter()
+        .any(|r| r.key == obs.resource.key && r.last_updated < a2.resource.last_updated));
+}
+
+/// Writes made while paging through history never shift later pages: every version that existed
+/// when paging began is returned exactly once.
+pub async fn history_paging_is_stable_under_writes(store: &dyn ResourceStorage) {
+    let ctx = random_tenant();
+    for i in 0..12 {
+        store
+            .create(&ctx, patient(), patient_body(None, &format!("P{i}")))
+            .await
+            .expect("seed");
+    }
+    let before: HashSet<(String, u64)> =
+        all_history(store, &ctx, HistoryScope::Type(patient()), 100)
+            .await
+            .into_iter()
+            .map(|r| (r.key.id.to_string(), r.version.get()))
+            .collect();
+    let mut req = HistoryRequest::new(HistoryScope::Type(patient()));
+    req.count = Some(5);
+    let mut seen = Vec::new();
+    let mut page_no = 0;
+    loop {
+        let p = store.history(&ctx, &req).await.expect("page");
+        seen.extend(
+            p.entries
+                .iter()
+                .map(|r| (r.key.id.to_string(), r.version.get())),
+        );
+        // Interleave writes with paging.
+        store
+            .create(
+                &ctx,
+                patient(),
+                patient_body(None, &format!("new{page_no}")),
+            )
+            .await
+            .expect("concurrent write");
+        page_no += 1;
+        match p.next_cursor {
+            Some(c) => req.cursor = Some(c),
+            None => break,
+        }
+    }
+    let unique: HashSet<_> = seen.iter().cloned().collect();
+    assert_eq!(unique.len(), seen.len(), "no version returned twice");
+    assert_eq!(
+        unique, before,
+        "exactly the versions that existed when paging began"
+    );
+}
+
+/// count counts live resources per type and across types; deleted ones are not counted.
+pub async fn count_counts_live_resources(store: &dyn ResourceStorage) {
+    let ctx = random_tenant();
+    let mut ids = Vec::new();
+    for i in 0..5 {
+        let w = store
+            .create(&ctx, patient(), patient_body(None, &format!("P{i}")))
+            .await
+            .expect("create");
+        ids.push(w.resource.key.id);
+    }
+    store
+        .create(
+            &ctx,
+            rt("Observation"),
+            json!({"resourceType": "Observation", "status": "final", "code": {"text": "x"}}),
+        )
+        .await
+        .expect("obs");
+    store
+        .delete(&ctx, patient(), &ids[0])
+        .await
+        .expect("delete");
+    assert_eq!(store.count(&ctx, Some(patient())).await.expect("count"), 4);
+    assert_eq!(
+        store
+            .count(&ctx, Some(rt("Observation")))
+            .await
+            .expect("count"),
+        1
+    );
+    assert_eq!(store.count(&ctx, None).await.expect("count"), 5);
+    assert_eq!(
+        store
+            .count(&ctx, Some(rt("Encounter")))
+            .await
+            .expect("count"),
+        0
+    );
+}
+
+/// `_id` (with OR) and `_lastUpdated` (with prefixes) select the right live resources;
+/// `_total=accurate` counts them.
+pub async fn search_by_id_and_last_updated(store: &dyn ResourceStorage) {
+    let ctx = random_tenant();
+    let mut written = Vec::new();
+    for name in ["a", "b", "c", "d"] {
+        let w = store
+            .update(
+                &ctx,
+                patient(),
+                &id(name),
+                patient_body(Some(name), name),
+                None,
+            )
+            .await
+            .expect("seed");
+        written.push(w.resource);
+    }
+    store
+        .delete(&ctx, patient(), &id("d"))
+        .await
+        .expect("delete d");
+
+    let page = store
+        .search(
+            &ctx,
+            &query(Some(patient()), "_id=a,c,d,zz&_total=accurate"),
+        )
+        .await
+        .expect("search _id");
+    let got: Vec<&str> = page.matches.iter().map(|r| r.key.id.as_str()).collect();
+    assert_eq!(got, vec!["a", "c"], "deleted and absent ids do not match");
+    assert_eq!(page.total, Some(2));
+    assert_eq!(
+        page.matches[0], written[0],
+        "search returns the stored resource"
+    );
+
+    let first = written[0].last_updated;
+    let last = written[2].last_updated;
+    let ge = format_instant(last);
+    let page = store
+        .search(
+            &ctx,
+            &query(Some(patient()), &format!("_lastUpdated=ge{ge}")),
+        )
+        .await
+        .expect("ge");
+    assert!(page.matches.iter().all(|r| r.last_updated >= last));
+    assert!(page.matches.iter().any(|r| r.key.id.as_str() == "c"));
+    let lt = format_instant(first);
+    let page = store
+        .search(
+            &ctx,
+            &query(Some(patient()), &format!("_lastUpdated=lt{lt}")),
+        )
+        .await
+        .expect("lt");
+    assert!(
+        page.matches.is_empty(),
+        "nothing was written before the first write"
+    );
+    let page = store
+        .search(
+            &ctx,
+            &query(
+                Some(patient()),
+                "_lastUpdated=lt2000-01-01,ge2000-01-01&_total=accurate",
+            ),
+        )
+        .await
+        .expect("or of dates");
+    assert_eq!(
+        page.total,
+        Some(3),
+        "an OR covering all time matches every live patient"
+    );
+    let page = store
+        .search(&ctx, &query(Some(patient()), "_lastUpdated=2001"))
+        .await
+        .expect("eq year");
+    assert!(page.matches.is_empty());
+
+    let sys = store
+        .search(&ctx, &query(None, "_id=a"))
+        .await
+        .expect("system search");
+    assert_eq!(sys.matches.len(), 1);
+}
+
+/// `identifier` matches system|value, |value-less system forms and bare values.
+pub async fn search_by_identifier(store: &dyn ResourceStorage) {
+    let ctx = random_tenant();
+    let one = store
+        .create(
+            &ctx,
+            patient(),
+            with_identifier(patient_body(None, "One"), "urn:mrn", "123"),
+        )
+        .await
+        .expect("one");
+    store
+        .create(
+            &ctx,
+            patient(),
+            with_identifier(patient_body(None, "Two"), "urn:other", "123"),
+        )
+        .await
+        .expect("two");
+    let mut no_system = patient_body(None, "Three");
+    no_system["identifier"] = json!([{"value": "123"}]);
+    store
+        .create(&ctx, patient(), no_system)
+        .await
+        .expect("three");
+
+    let names = |page: &fhirstore_core::SearchPage| -> Vec<String> {
+        let mut v: Vec<String> = page.matches.iter().map(|r| family(r).to_owned()).collect();
+        v.sort();
+        v
+    };
+    let p = store
+        .search(&ctx, &query(Some(patient()), "identifier=urn:mrn|123"))
+        .await
+        .expect("system|code");
+    assert_eq!(names(&p), vec!["One"]);
+    assert_eq!(p.matches[0].key, one.resource.key);
+    let p = store
+        .search(&ctx, &query(Some(patient()), "identifier=123"))
+        .await
+        .expect("code");
+    assert_eq!(names(&p), vec!["One", "Three", "Two"]);
+    let p = store
+        .search(&ctx, &query(Some(patient()), "identifier=|123"))
+        .await
+        .expect("|code");
+    assert_eq!(names(&p), vec!["Three"]);
+    let p = store
+        .search(&ctx, &query(Some(patient()), "identifier=urn:other|"))
+        .await
+        .expect("system|");
+    assert_eq!(names(&p), vec!["Two"]);
+    let p = store
+        .search(
+            &ctx,
+            &query(Some(patient()), "identifier=urn:mrn|999,urn:other|123"),
+        )
+        .await
+        .expect("or");
+    assert_eq!(names(&p), vec!["Two"]);
+
+    // An update replaces the index entries of the old version.
+    let pid = one.resource.key.id.clone();
+    store
+        .update(
+            &ctx,
+            patient(),
+            &pid,
+            with_identifier(patient_body(Some(pid.as_str()), "One"), "urn:mrn", "456"),
+            None,
+        )
+        .await
+        .expect("update");
+    let p = store
+        .search(&ctx, &query(Some(patient()), "identifier=urn:mrn|123"))
+        .await
+        .expect("old value");
+    assert!(p.matches.is_empty(), "old identifier no longer matches");
+    let p = store
+        .search(&ctx, &query(Some(patient()), "identifier=urn:mrn|456"))
+        .await
+        .expect("new value");
+    assert_eq!(names(&p), vec!["One"]);
+    // A delete removes them.
+    store.delete(&ctx, patient(), &pid).await.expect("delete");
+    let p = store
+        .search(&ctx, &query(Some(patient()), "identifier=urn:mrn|456"))
+        .await
+        .expect("after delete");
+    assert!(p.matches.is_empty());
+    // Hostile values are data, never SQL.
+    let p = store
+        .search(
+            &ctx,
+            &query(Some(patient()), "identifier=x'%20OR%20'1'%3D'1"),
+        )
+        .await
+        .expect("injection attempt is a plain value");
+    assert!(p.matches.is_empty());
+}
+
+/// Paging by cursor returns every match exactly once, even with writes between pages.
+pub async fn search_paging_covers_every_match_once(store: &dyn ResourceStorage) {
+    let ctx = random_tenant();
+    let mut want = HashSet::new();
+    for i in 0..23 {
+        let w = store
+            .create(&ctx, patient(), patient_body(None, &format!("P{i}")))
+            .await
+            .expect("seed");
+        want.insert(w.resource.key.id.to_string());
+    }
+    let mut q = query(Some(patient()), "_count=5&_total=accurate");
+    let mut seen = Vec::new();
+    loop {
+        let p = store.search(&ctx, &q).await.expect("page");
+        assert_eq!(p.total, Some(want.len() as u64 + seen.len() as u64 / 5));
+        assert!(p.matches.len() <= 5);
+        seen.extend(p.matches.iter().map(|r| r.key.id.to_string()));
+        // A write between pages: its resource may or may not appear, but nothing repeats.
+        let extra = store
+            .create(&ctx, patient(), patient_body(None, "late"))
+            .await
+            .expect("write between pages");
+        let _ = extra;
+        match p.next_cursor {
+            Some(c) => q.cursor = Some(c),
+            None => break,
+        }
+    }
+    let unique: HashSet<String> = seen.iter().cloned().collect();
+    assert_eq!(unique.len(), seen.len(), "no match returned twice");
+    assert!(
+        want.is_subset(&unique),
+        "every match that existed is returned"
+    );
+    let tampered = query(Some(patient()), "_cursor=Patient%2Fx'%3B%20DROP");
+    assert!(matches!(
+        store.search(&ctx, &tampered).await,
+        Err(Error::InvalidSearch(_))
+    ));
+}
+
+/// Conditional create: no match creates, one match returns it unchanged, several fail 412.
+pub async fn conditional_create(store: &dyn ResourceStorage) {
+    let ctx = random_tenant();
+    let crit = identifier_query("urn:mrn", "42");
+    let body = with_identifier(patient_body(None, "First"), "urn:mrn", "42");
+    let first = store
+        .conditional_create(&ctx, patient(), &crit, body.clone())
+        .await
+        .expect("creates");
+    assert_eq!(first.kind, WriteKind::Created);
+    let again = store
+        .conditional_create(
+            &ctx,
+            patient(),
+            &crit,
+            with_identifier(patient_body(None, "Second"), "urn:mrn", "42"),
+        )
+        .await
+        .expect("matches");
+    assert_eq!(again.kind, WriteKind::Unchanged);
+    assert_eq!(again.resource, first.resource);
+    assert!(again.seq.is_none());
+    assert_eq!(store.count(&ctx, Some(patient())).await.expect("count"), 1);
+
+    store
+        .create(&ctx, patient(), body)
+        .await
+        .expect("a duplicate, unconditionally");
+    let multi = store
+        .conditional_create(&ctx, patient(), &crit, patient_body(None, "Third"))
+        .await;
+    assert!(
+        matches!(multi, Err(Error::PreconditionFailed(_))),
+        "{multi:?}"
+    );
+    assert_eq!(store.count(&ctx, Some(patient())).await.expect("count"), 2);
+
+    let by_id = query(Some(patient()), &format!("_id={}", first.resource.key.id));
+    let w = store
+        .conditional_create(&ctx, patient(), &by_id, patient_body(None, "X"))
+        .await
+        .expect("by _id");
+    assert_eq!(w.kind, WriteKind::Unchanged);
+}
+
+/// Conditional update: no match creates (with the body's id if it has one), one match is
+/// updated, several fail 412, and a body id that contradicts the match is rejected.
+pub async fn conditional_update(store: &dyn ResourceStorage) {
+    let ctx = random_tenant();
+    let crit = identifier_query("urn:mrn", "7");
+    let created = store
+        .conditional_update(
+            &ctx,
+            patient(),
+            &crit,
+            with_identifier(patient_body(None, "A"), "urn:mrn", "7"),
+        )
+        .await
+        .expect("no match creates");
+    assert_eq!(created.kind, WriteKind::Created);
+    let pid = created.resource.key.id.clone();
+    let updated = store
+        .conditional_update(
+            &ctx,
+            patient(),
+            &crit,
+            with_identifier(patient_body(None, "B"), "urn:mrn", "7"),
+        )
+        .await
+        .expect("one match updates");
+    assert_eq!(updated.kind, WriteKind::Updated);
+    assert_eq!(updated.resource.key.id, pid);
+    assert_eq!(updated.resource.version.get(), 2);
+
+    let wrong = store
+        .conditional_update(
+            &ctx,
+            patient(),
+            &crit,
+            with_identifier(patient_body(Some("someone-else"), "C"), "urn:mrn", "7"),
+        )
+        .await;
+    assert!(matches!(wrong, Err(Error::InvalidResource(_))), "{wrong:?}");
+
+    let named = store
+        .conditional_update(
+            &ctx,
+            patient(),
+            &identifier_query("urn:mrn", "8"),
+            with_identifier(patient_body(Some("given-id"), "D"), "urn:mrn", "8"),
+        )
+        .await
+        .expect("no match with id: update-as-create");
+    assert_eq!(named.resource.key.id.as_str(), "given-id");
+
+    store
+        .create(
+            &ctx,
+            patient(),
+            with_identifier(patient_body(None, "E"), "urn:mrn", "7"),
+        )
+        .await
+        .expect("second match");
+    let multi = store
+        .conditional_update(&ctx, patient(), &crit, patient_body(None, "F"))
+        .await;
+    assert!(
+        matches!(multi, Err(Error::PreconditionFailed(_))),
+        "{multi:?}"
+    );
+    let r = store.read(&ctx, patient(), &pid).await.expect("read");
+    assert_eq!(family(&r), "B", "failed conditional update changed nothing");
+}
+
+/// Conditional delete removes every match and nothing else.
+pub async fn conditional_delete(store: &dyn ResourceStorage) {
+    let ctx = random_tenant();
+    for i in 0..3 {
+        store
+            .create(
+                &ctx,
+                patient(),
+                with_identifier(patient_body(None, &format!("X{i}")), "urn:grp", "x"),
+            )
+            .await
+            .expect("seed");
+    }
+    let keep = store
+        .create(
+            &ctx,
+            patient(),
+            with_identifier(patient_body(None, "Keep"), "urn:grp", "y"),
+        )
+        .await
+        .expect("keep");
+    let d = store
+        .conditional_delete(&ctx, patient(), &identifier_query("urn:grp", "x"))
+        .await
+        .expect("conditional delete");
+    assert_eq!(d.deleted.len(), 3);
+    assert!(d.deleted.iter().all(|(_, v)| v.get() == 2));
+    assert_eq!(store.count(&ctx, Some(patient())).await.expect("count"), 1);
+    store
+        .read(&ctx, patient(), &keep.resource.key.id)
+        .await
+        .expect("the non-match survives");
+    let none = store
+        .conditional_delete(&ctx, patient(), &identifier_query("urn:grp", "x"))
+        .await
+        .expect("no matches is fine");
+    assert!(none.deleted.is_empty());
+}
+
+/// A transaction with one failing entry commits nothing; outcomes come back in entry order.
+pub async fn transaction_is_atomic(store: &dyn ResourceStorage) {
+    let ctx = random_tenant();
+    let existing = store
+        .update(
+            &ctx,
+            patient(),
+            &id("e"),
+            patient_body(Some("e"), "E1"),
+            None,
+        )
+        .await
+        .expect("seed");
+    let ops = vec![
+        WriteOp::Create {
+            resource_type: patient(),
+            resource: patient_body(None, "New"),
+            if_none_exist: None,
+            full_url: None,
+        },
+        WriteOp::Update {
+            resource_type: patient(),
+            id: id("e"),
+            resource: patient_body(Some("e"), "E2"),
+            if_match: Some(VersionId::new(9).expect("9")),
+        },
+    ];
+    let e = store.transaction(&ctx, ops).await;
+    match e {
+        Err(Error::VersionConflict {
+            expected: 9,
+            current: 1,
+            ..
+        }) => {}
+        other => panic!("expected the stale entry's conflict, got {other:?}"),
+    }
+    assert_eq!(store.count(&ctx, Some(patient())).await.expect("count"), 1);
+    let r = store.read(&ctx, patient(), &id("e")).await.expect("read");
+    assert_eq!(r, existing.resource);
+    assert_eq!(
+        all_history(store, &ctx, HistoryScope::System, 50)
+            .await
+            .len(),
+        1
+    );
+
+    let invalid = vec![
+        WriteOp::Delete {
+            resource_type: patient(),
+            id: id("e"),
+        },
+        WriteOp::Create {
+            resource_type: patient(),
+            resource: json!({"resourceType": "Observation"}),
+            if_none_exist: None,
+            full_url: None,
+        },
+    ];
+    match store.transaction(&ctx, invalid).await {
+        Err(Error::InvalidResource(m)) => assert!(m.starts_with("entry 1:"), "{m}"),
+        other => panic!("expected an invalid entry 1, got {other:?}"),
+    }
+    store
+        .read(&ctx, patient(), &id("e"))
+        .await
+        .expect("delete was not committed");
+
+    let dup = vec![
+        WriteOp::Delete {
+            resource_type: patient(),
+            id: id("e"),
+        },
+        WriteOp::Update {
+            resource_type: patient(),
+            id: id("e"),
+            resource: patient_body(Some("e"), "E3"),
+            if_match: None,
+        },
+    ];
+    assert!(matches!(
+        store.transaction(&ctx, dup).await,
+        Err(Error::InvalidResource(_))
+    ));
+
+    let ok = vec![
+        WriteOp::Update {
+            resource_type: patient(),
+            id: id("e"),
+            resource: patient_body(Some("e"), "E2"),
+            if_match: Some(VersionId::FIRST),
+        },
+        WriteOp::Delete {
+            resource_type: patient(),
+            id: id("gone-before"),
+        },
+        WriteOp::Create {
+            resource_type: patient(),
+            resource: patient_body(None, "New"),
+            if_none_exist: None,
+            full_url: None,
+        },
+    ];
+    let out = store.transaction(&ctx, ok).await.expect("commits");
+    assert_eq!(out.len(), 3);
+    assert!(matches!(&out[0], OpOutcome::Written(w) if w.resource.version.get() == 2));
+    assert!(matches!(&out[1], OpOutcome::Deleted(d) if d.deleted.is_empty()));
+    assert!(matches!(&out[2], OpOutcome::Written(w) if w.kind == WriteKind::Created));
+    assert_eq!(store.count(&ctx, Some(patient())).await.expect("count"), 2);
+}
+
+/// `urn:uuid:` fullUrls resolve to the ids assigned in the same transaction, including a
+/// conditional create that matched an existing resource.
+pub async fn transaction_resolves_urn_uuid_references(store: &dyn ResourceStorage) {
+    let ctx = random_tenant();
+    let existing = store
+        .create(
+            &ctx,
+            rt("Practitioner"),
+            json!({"resourceType": "Practitioner",
+            "identifier": [{"system": "urn:npi", "value": "1"}]}),
+        )
+        .await
+        .expect("seed practitioner");
+    let ops = vec![
+        WriteOp::Create {
+            resource_type: rt("Observation"),
+            resource: json!({"resourceType": "Observation", "status": "final",
+                "code": {"text": "bp"},
+                "subject": {"reference": "urn:uuid:11111111-1111-1111-1111-111111111111"},
+                "performer": [{"reference": "urn:uuid:22222222-2222-2222-2222-222222222222"}]}),
+            if_none_exist: None,
+            full_url: None,
+        },
+        WriteOp::Create {
+            resource_type: patient(),
+            resource: patient_body(None, "Referenced"),
+            if_none_exist: None,
+            full_url: Some("urn:uuid:11111111-1111-1111-1111-111111111111".into()),
+        },
+        WriteOp::Create {
+            resource_type: rt("Practitioner"),
+            resource: json!({"resourceType": "Practitioner",
+                "identifier": [{"system": "urn:npi", "value": "1"}]}),
+            if_none_exist: Some(
+                SearchQuery::parse(
+                    Some(rt("Practitioner")),
+                    "identifier=urn:npi|1",
+                    Handling::Strict,
+                )
+                .expect("criteria"),
+            ),
+            full_url: Some("urn:uuid:22222222-2222-2222-2222-222222222222".into()),
+        },
+    ];
+    let out = store.transaction(&ctx, ops).await.expect("commits");
+    let (OpOutcome::Written(obs), OpOutcome::Written(pat), OpOutcome::Written(pr)) =
+        (&out[0], &out[1], &out[2])
+    else {
+        panic!("unexpected outcomes {out:?}");
+    };
+    assert_eq!(pr.kind, WriteKind::Unchanged);
+    assert_eq!(pr.resource.key, existing.resource.key);
+    let stored = store
+        .read(&ctx, rt("Observation"), &obs.resource.key.id)
+        .await
+        .expect("read obs");
+    assert_eq!(
+        stored.content["subject"]["reference"],
+        json!(format!("Patient/{}", pat.resource.key.id))
+    );
+    assert_eq!(
+        stored.content["performer"][0]["reference"],
+        json!(format!("Practitioner/{}", existing.resource.key.id))
+    );
+}
+
+/// Batch entries succeed or fail each on their own.
+pub async fn batch_entries_stand_alone(store: &dyn ResourceStorage) {
+    let ctx = random_tenant();
+    let ops = vec![
+        WriteOp::Create {
+            resource_type: patient(),
+            resource: patient_body(None, "Good1"),
+            if_none_exist: None,
+            full_url: None,
+        },
+        WriteOp::Update {
+            resource_type: patient(),
+            id: id("x"),
+            resource: patient_body(Some("y"), "Bad"),
+            if_match: None,
+        },
+        WriteOp::Update {
+            resource_type: patient(),
+            id: id("z"),
+            resource: patient_body(Some("z"), "Stale"),
+            if_match: Some(VersionId::new(4).expect("4")),
+        },
+        WriteOp::Update {
+            resource_type: patient(),
+            id: id("w"),
+            resource: patient_body(Some("w"), "Good2"),
+            if_match: None,
+        },
+    ];
+    let out = store.batch(&ctx, ops).await.expect("batch runs");
+    assert_eq!(out.len(), 4);
+    assert!(out[0].is_ok());
+    assert!(matches!(&out[1], Err(Error::InvalidResource(m)) if m.starts_with("entry 1:")));
+    assert!(matches!(&out[2], Err(Error::VersionConflict { .. })));
+    assert!(out[3].is_ok());
+    assert_eq!(store.count(&ctx, Some(patient())).await.expect("count"), 2);
+    let r = store.read(&ctx, patient(), &id("w")).await.expect("w");
+    assert_eq!(family(&r), "Good2");
+}
+
+/// A context without a permission cannot use it, and a denied call changes nothing.
+pub async fn permissions_are_enforced(store: &dyn ResourceStorage) {
+    let full = random_tenant();
+    let w = store
+        .create(&full, patient(), patient_body(None, "A"))
+        .await
+        .expect("seed");
+    let pid = w.resource.key.id.clone();
+    let ro = TenantContext::new(full.tenant().clone(), Permissions::READ_ONLY);
+    store
+        .read(&ro, patient(), &pid)
+        .await
+        .expect("read allowed");
+    let denied = [
+        store
+            .create(&ro, patient(), patient_body(None, "B"))
+            .await
+            .err(),
+        store
+            .update(
+                &ro,
+                patient(),
+                &pid,
+                patient_body(Some(pid.as_str()), "B"),
+                None,
+            )
+            .await
+            .err(),
+        store.delete(&ro, patient(), &pid).await.err(),
+    ];
+    for e in denied {
+        assert!(matches!(e, Some(Error::TenantDenied(_))), "{e:?}");
+    }
+    let mut no_delete = Permissions::ALL;
+    no_delete.delete = false;
+    let nd = TenantContext::new(full.tenant().clone(), no_delete);
+    assert!(matches!(
+        store.delete(&nd, patient(), &pid).await,
+        Err(Error::TenantDenied(_))
+    ));
+    let batch = store
+        .batch(
+            &ro,
+            vec![WriteOp::Delete {
+                resource_type: patient(),
+                id: pid.clone(),
+            }],
+        )
+        .await
+        .expect("batch runs");
+    assert!(matches!(&batch[0], Err(Error::TenantDenied(_))));
+    let no_read = TenantContext::new(
+        full.tenant().clone(),
+        Permissions {
+            read: false,
+            write: true,
+            delete: true,
+            admin: false,
+        },
+    );
+    assert!(matches!(
+        store.read(&no_read, patient(), &pid).await,
+        Err(Error::TenantDenied(_))
+    ));
+    assert!(matches!(
+        store
+            .search(&no_read, &SearchQuery::all(Some(patient())))
+            .await,
+        Err(Error::TenantDenied(_))
+    ));
+    let r = store.read(&full, patient(), &pid).await.expect("unchanged");
+    assert_eq!(r, w.resource);
+}
+
+/// Two tenants holding the same ids: every read path of one sees only its own data.
+pub async fn tenant_isolation_reads(store: &dyn ResourceStorage) {
+    let a = random_tenant();
+    let b = random_tenant();
+    let shared = id("shared");
+    for (ctx, who) in [(&a, "A"), (&b, "B")] {
+        store
+            .update(
+                ctx,
+                patient(),
+                &shared,
+                with_identifier(patient_body(Some("shared"), who), "urn:mrn", "same"),
+                None,
+            )
+            .await
+            .expect("seed");
+    }
+    store
+        .update(
+            &b,
+            patient(),
+            &shared,
+            with_identifier(patient_body(Some("shared"), "B2"), "urn:mrn", "same"),
+            None,
+        )
+        .await
+        .expect("b v2");
+    store
+        .update(
+            &b,
+            patient(),
+            &id("only-b"),
+            patient_body(Some("only-b"), "B"),
+            None,
+        )
+        .await
+        .expect("b only");
+
+    let ra = store.read(&a, patient(), &shared).await.expect("a read");
+    assert_eq!((family(&ra), ra.version.get()), ("A", 1));
+    assert_eq!(&ra.tenant, a.tenant());
+    assert!(matches!(
+        store.read(&a, patient(), &id("only-b")).await,
+        Err(Error::NotFound(_))
+    ));
+    assert!(matches!(
+        store
+            .vread(&a, patient(), &shared, VersionId::new(2).expect("2"))
+            .await,
+        Err(Error::NotFound(_))
+    ));
+    for scope in [
+        HistoryScope::System,
+        HistoryScope::Type(patient()),
+        HistoryScope::Instance(patient(), shared.clone()),
+    ] {
+        let h = all_history(store, &a, scope.clone(), 1).await;
+        assert_eq!(h.len(), 1, "{scope:?}");
+        assert!(h
+            .iter()
+            .all(|r| &r.tenant == a.tenant() && family(r) == "A"));
+    }
+    // B's history cursor used in A still yields only A's data.
+    let mut req = HistoryRequest::new(HistoryScope::System);
+    req.count = Some(1);
+    let b_page = store.history(&b, &req).await.expect("b page");
+    req.cursor = b_page.next_cursor;
+    let a_with_b_cursor = store.history(&a, &req).await.expect("a page");
+    assert!(a_with_b_cursor.entries.iter().all(|r| family(r) == "A"));
+
+    for qs in [
+        "_id=shared",
+        "identifier=urn:mrn|same",
+        "identifier=same",
+        "_id=only-b",
+        "",
+    ] {
+        let hits = all_matches(store, &a, query(Some(patient()), qs)).await;
+        assert!(
+            hits.iter()
+                .all(|r| &r.tenant == a.tenant() && family(r) == "A"),
+            "{qs}: {hits:?}"
+        );
+        let sys = all_matches(store, &a, query(None, qs)).await;
+        assert!(sys.iter().all(|r| family(r) == "A"), "system {qs}");
+    }
+    let total = store
+        .search(&a, &query(Some(patient()), "_total=accurate"))
+        .await
+        .expect("total");
+    assert_eq!(total.total, Some(1));
+    assert_eq!(store.count(&a, None).await.expect("count a"), 1);
+    assert_eq!(store.count(&b, None).await.expect("count b"), 2);
+}
+
+/// Two tenants holding the same ids: no write path of one changes the other's data.
+pub async fn tenant_isolation_writes(store: &dyn ResourceStorage) {
+    let a = random_tenant();
+    let b = random_tenant();
+    let shared = id("shared");
+    let mut b_state = None;
+    for (ctx, who) in [(&a, "A"), (&b, "B")] {
+        let w = store
+            .update(
+                ctx,
+                patient(),
+                &shared,
+                with_identifier(patient_body(Some("shared"), who), "urn:mrn", "same"),
+                None,
+            )
+            .await
+            .expect("seed");
+        b_state = Some(w.resource);
+    }
+    let b_state = b_state.expect("b seeded");
+
+    // If-Match is checked against the caller's tenant's version only.
+    store
+        .update(
+            &a,
+            patient(),
+            &shared,
+            patient_body(Some("shared"), "A2"),
+            None,
+        )
+        .await
+        .expect("a v2");
+    store
+        .update(
+            &a,
+            patient(),
+            &shared,
+            patient_body(Some("shared"), "A3"),
+            VersionId::new(2),
+        )
+        .await
+        .expect("a's own version");
+    let crit = identifier_query("urn:mrn", "same");
+    store
+        .conditional_update(
+            &b,
+            patient(),
+            &crit,
+            with_identifier(patient_body(None, "B-cond"), "urn:mrn", "same"),
+        )
+        .await
+        .expect("b conditional update finds only b's");
+    store
+        .delete(&a, patient(), &shared)
+        .await
+        .expect("a delete");
+    let a_created = store
+        .conditional_create(
+            &a,
+            patient(),
+            &crit,
+            with_identifier(patient_body(None, "A-new"), "urn:mrn", "same"),
+        )
+        .await
+        .expect("a conditional create");
+    assert_eq!(
+        a_created.kind,
+        WriteKind::Created,
+        "b's match is invisible to a"
+    );
+    let d = store
+        .conditional_delete(&a, patient(), &crit)
+        .await
+        .expect("a conditional delete");
+    assert_eq!(d.deleted.len(), 1);
+
+    let rb = store.read(&b, patient(), &shared).await.expect("b intact");
+    assert_eq!(family(&rb), "B-cond");
+    assert_eq!(
+        rb.version.get(),
+        2,
+        "only b's own conditional update touched it"
+    );
+    let v1 = store
+        .vread(&b, patient(), &shared, VersionId::FIRST)
+        .await
+        .expect("b v1");
+    assert_eq!(v1, b_state);
+    assert_eq!(store.count(&b, Some(patient())).await.expect("count"), 1);
+    assert_eq!(
+        all_history(store, &b, HistoryScope::System, 10).await.len(),
+        2
+    );
+}
+
+/// Transactions and batches of one tenant never read or change the other's data.
+pub async fn tenant_isolation_transactions(store: &dyn ResourceStorage) {
+    let a = random_tenant();
+    let b = random_tenant();
+    let shared = id("shared");
+    store
+        .update(
+            &b,
+            patient(),
+            &shared,
+            with_identifier(patient_body(Some("shared"), "B"), "urn:mrn", "t"),
+            None,
+        )
+        .await
+        .expect("seed b");
+    let ops = vec![
+        WriteOp::Delete {
+            resource_type: patient(),
+            id: shared.clone(),
+        },
+        WriteOp::Create {
+            resource_type: patient(),
+            resource: with_identifier(patient_body(None, "A"), "urn:mrn", "t"),
+            if_none_exist: Some(identifier_query("urn:mrn", "t")),
+            full_url: None,
+        },
+        WriteOp::ConditionalDelete {
+            resource_type: patient(),
+            criteria: query(Some(patient()), "_id=shared"),
+        },
+    ];
+    let out = store.transaction(&a, ops).await.expect("a transaction");
+    assert!(matches!(&out[0], OpOutcome::Deleted(d) if d.deleted.is_empty()));
+    assert!(matches!(&out[1], OpOutcome::Written(w) if w.kind == WriteKind::Created));
+    let batch = store
+        .batch(
+            &a,
+            vec![WriteOp::Update {
+                resource_type: patient(),
+                id: shared.clone(),
+                resource: patient_body(Some("shared"), "A"),
+                if_match: Some(VersionId::FIRST),
+            }],
+        )
+        .await
+        .expect("batch");
+    assert!(
+        matches!(&batch[0], Err(Error::VersionConflict { current: 0, .. })),
+        "b's version 1 is not a's: {batch:?}"
+    );
+    let rb = store.read(&b, patient(), &shared).await.expect("b intact");
+    assert_eq!((family(&rb), rb.version.get()), ("B", 1));
+    assert_eq!(store.count(&b, None).await.expect("count"), 1);
+}
+
+/// 32 concurrent writers × 50 updates to one resource, no If-Match: every update lands, as
+/// versions 2..=1601 with no gaps and no duplicates.
+pub async fn concurrent_updates_have_no_gaps(store: &dyn ResourceStorage) {
+    let ctx = random_tenant();
+    let pid = id("hot");
+    store
+        .update(&ctx, patient(), &pid, patient_body(Some("hot"), "w0"), None)
+        .await
+        .expect("seed");
+    let writers = (0..32).map(|w| {
+        let ctx = &ctx;
+        let pid = &pid;
+        async move {
+            for i in 0..50 {
+                store
+                    .update(
+                        ctx,
+                        patient(),
+                        pid,
+                        patient_body(Some("hot"), &format!("w{w}-{i}")),
+                        None,
+                    )
+                    .await
+                    .expect("concurrent update");
+            }
+        }
+    });
+    futures::future::join_all(writers).await;
+    let r = store.read(&ctx, patient(), &pid).await.expect("read");
+    assert_eq!(r.version.get(), 1601);
+    let h = all_history(
+        store,
+        &ctx,
+        HistoryScope::Instance(patient(), pid.clone()),
+        1000,
+    )
+    .await;
+    let versions: Vec<u64> = h.iter().map(|r| r.version.get()).collect();
+    let want: Vec<u64> = (1..=1601).rev().collect();
+    assert_eq!(
+        versions, want,
+        "history is every version, newest first, no gaps"
+    );
+}
+
+/// 32 concurrent writers with the same If-Match: exactly one wins, the rest conflict.
+pub async fn concurrent_if_match_has_one_winner(store: &dyn ResourceStorage) {
+    let ctx = random_tenant();
+    let pid = id("contested");
+    store
+        .update(
+            &ctx,
+            patient(),
+            &pid,
+            patient_body(Some("contested"), "start"),
+            None,
+        )
+        .await
+        .expect("seed");
+    let racers = (0..32).map(|w| {
+        let ctx = &ctx;
+        let pid = &pid;
+        async move {
+            store
+                .update(
+                    ctx,
+                    patient(),
+                    pid,
+                    patient_body(Some("contested"), &format!("racer{w}")),
+                    Some(VersionId::FIRST),
+                )
+                .await
+        }
+    });
+    let results = futures::future::join_all(racers).await;
+    let wins = results.iter().filter(|r| r.is_ok()).count();
+    let conflicts = results
+        .iter()
+        .filter(|r| matches!(r, Err(Error::VersionConflict { .. })))
+        .count();
+    assert_eq!((wins, conflicts), (1, 31), "{results:?}");
+    let r = store.read(&ctx, patient(), &pid).await.expect("read");
+    assert_eq!(r.version.get(), 2);
+}

@@ -1,0 +1,68 @@
+//! fhirstore-testkit: the conformance suite every `ResourceStorage` backend runs.
+//!
+//! Each check in [`checks`] is a `pub async fn` taking `&dyn ResourceStorage`; it makes its own
+//! random tenant, so checks run in parallel against one shared database without seeing each
+//! other. [`conformance_tests!`] stamps one `#[tokio::test]` per check into a backend's test
+//! crate. Run it again with the store behind `Arc<dyn ResourceStorage>` to test the forwarding
+//! impls as well.
+
+pub mod checks;
+mod services;
+
+pub use services::{require_services, service_unavailable};
+
+use fhirstore_core::{TenantContext, TenantId};
+
+/// A context with every permission for a fresh random tenant.
+pub fn random_tenant() -> TenantContext {
+    let id = format!("t-{}", uuid::Uuid::new_v4().simple());
+    TenantContext::full(TenantId::new(&id[..34]).expect("generated tenant ids are valid"))
+}
+
+/// Stamps one `#[tokio::test]` per conformance check.
+///
+/// `$factory` is an expression evaluating to a future of `Option<S>` where `S: ResourceStorage`;
+/// `None` means the backend's service is unavailable and the test is skipped (the factory
+/// decides, via [`service_unavailable`], whether that is allowed).
+#[macro_export]
+macro_rules! conformance_tests {
+    ($factory:expr) => {
+        $crate::conformance_tests!(@each $factory;
+            create_assigns_id_and_meta,
+            read_absent_is_not_found,
+            update_writes_new_version,
+            update_as_create,
+            if_match_guards_updates,
+            delete_writes_tombstone,
+            update_after_delete_recreates,
+            bad_input_changes_nothing,
+            history_all_scopes,
+            history_paging_is_stable_under_writes,
+            count_counts_live_resources,
+            search_by_id_and_last_updated,
+            search_by_identifier,
+            search_paging_covers_every_match_once,
+            conditional_create,
+            conditional_update,
+            conditional_delete,
+            transaction_is_atomic,
+            transaction_resolves_urn_uuid_references,
+            batch_entries_stand_alone,
+            permissions_are_enforced,
+            tenant_isolation_reads,
+            tenant_isolation_writes,
+            tenant_isolation_transactions,
+            concurrent_updates_have_no_gaps,
+            concurrent_if_match_has_one_winner,
+        );
+    };
+    (@each $factory:expr; $($check:ident),* $(,)?) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $check() {
+                let Some(store) = $factory.await else { return };
+                $crate::checks::$check(&store).await;
+            }
+        )*
+    };
+}

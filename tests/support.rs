@@ -1,0 +1,188 @@
+//! Store factories and SQL-specific checks for the integration tests.
+//!
+//! The conformance suite itself lives in `fhirstore-testkit`; these tests stamp it into each
+//! backend and add what only the SQL primary has: the outbox and the digest table.
+
+use std::collections::BTreeMap;
+
+use fhirstore_core::digest::{
+    canonical_json, content_hash, element_hash, segment, Digest, TOMBSTONE_CONTENT_HASH,
+};
+use fhirstore_core::{
+    HistoryRequest, HistoryScope, LogicalId, ResourceStorage, ResourceType, TenantContext,
+};
+use fhirstore_sql::{PostgresStore, SegmentDigest, SqlConfig, SqliteStore};
+
+/// The PostgreSQL server the tests use.
+pub fn postgres_url() -> String {
+    std::env::var("FHIRSTORE_TEST_POSTGRES_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
+}
+
+/// A fresh SQLite database file under `tmp` (tests pass cargo's `CARGO_TARGET_TMPDIR`, so the
+/// files live under `target/` and go with `cargo clean`).
+pub async fn sqlite_store(tmp: &str) -> Option<SqliteStore> {
+    let dir = std::path::Path::new(tmp).join("fhirstore-sqlite");
+    std::fs::create_dir_all(&dir).expect("create test dir");
+    let path = dir.join(format!("{}.sqlite", uuid_like()));
+    Some(
+        SqliteStore::open(&path, SqlConfig::default())
+            .await
+            .expect("open SQLite store"),
+    )
+}
+
+/// A store on the test PostgreSQL server, or `None` (skip) when it is down and not required.
+pub async fn postgres_store() -> Option<PostgresStore> {
+    match PostgresStore::connect(&postgres_url(), SqlConfig::default()).await {
+        Ok(s) => Some(s),
+        Err(e) => fhirstore_testkit::service_unavailable("PostgreSQL", e),
+    }
+}
+
+fn uuid_like() -> String {
+    fhirstore_testkit::random_tenant()
+        .tenant()
+        .as_str()
+        .to_owned()
+}
+
+/// Recomputes a (tenant, type) digest from scratch, from the resources' stored versions, using
+/// only the core digest functions: the model the maintained digest table must equal.
+pub async fn model_digest(
+    store: &dyn ResourceStorage,
+    ctx: &TenantContext,
+    rt: ResourceType,
+) -> Vec<SegmentDigest> {
+    // The newest entry per id in type history is the current version.
+    let mut current: BTreeMap<LogicalId, (u64, serde_json::Value, bool)> = BTreeMap::new();
+    let mut req = HistoryRequest::new(HistoryScope::Type(rt));
+    req.count = Some(1000);
+    loop {
+        let page = store.history(ctx, &req).await.expect("history");
+        for r in page.entries {
+            current
+                .entry(r.key.id.clone())
+                .or_insert((r.version.get(), r.content, r.deleted));
+        }
+        match page.next_cursor {
+            Some(c) => req.cursor = Some(c),
+            None => break,
+        }
+    }
+    let mut segs: BTreeMap<u16, Digest> = BTreeMap::new();
+    for (id, (version, content, deleted)) in current {
+        let hash = if deleted {
+            TOMBSTONE_CONTENT_HASH
+        } else {
+            content_hash(&canonical_json(&content))
+        };
+        let v = fhirstore_core::VersionId::new(version).expect("stored versions are >= 1");
+        let e = element_hash(ctx.tenant(), rt, id.as_str(), v, &hash);
+        segs.entry(segment(ctx.tenant(), rt, id.as_str()))
+            .or_default()
+            .add(e);
+    }
+    segs.into_iter()
+        .map(|(segment, digest)| SegmentDigest { segment, digest })
+        .collect()
+}
+
+/// Stamps the SQL-only checks (outbox and digests) for a store factory.
+#[macro_export]
+macro_rules! sql_primary_tests {
+    ($factory:expr) => {
+        use fhirstore_core::{OpOutcome, ResourceStorage as _, WriteOp};
+
+        fn rt(n: &str) -> fhirstore_core::ResourceType {
+            fhirstore_core::ResourceType::new(n).expect("known type")
+        }
+
+        /// After a mix of creates, updates, deletes, a transaction and a failed transaction, the
+        /// maintained digest equals the digest recomputed from current rows, which equals the
+        /// model computed from the stored bodies.
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn digest_table_matches_model() {
+            let Some(store) = $factory.await else { return };
+            let ctx = fhirstore_testkit::random_tenant();
+            let pt = rt("Patient");
+            let mut ids = Vec::new();
+            for i in 0..40 {
+                let w = store
+                    .create(&ctx, pt, serde_json::json!({"resourceType": "Patient", "gender": if i % 2 == 0 {"male"} else {"female"}}))
+                    .await
+                    .expect("create");
+                ids.push(w.resource.key.id);
+            }
+            for id in ids.iter().step_by(3) {
+                store
+                    .update(&ctx, pt, id, serde_json::json!({"resourceType": "Patient", "id": id.as_str(), "active": true}), None)
+                    .await
+                    .expect("update");
+            }
+            for id in ids.iter().step_by(5) {
+                store.delete(&ctx, pt, id).await.expect("delete");
+            }
+            let ops = vec![
+                WriteOp::Delete { resource_type: pt, id: ids[1].clone() },
+                WriteOp::Create { resource_type: rt("Observation"), resource: serde_json::json!({"resourceType": "Observation", "status": "final", "code": {"text": "x"}}), if_none_exist: None, full_url: None },
+            ];
+            store.transaction(&ctx, ops).await.expect("transaction");
+            let failing = vec![
+                WriteOp::Delete { resource_type: pt, id: ids[2].clone() },
+                WriteOp::Update { resource_type: pt, id: ids[4].clone(), resource: serde_json::json!({"resourceType": "Patient", "id": ids[4].as_str()}), if_match: fhirstore_core::VersionId::new(99) },
+            ];
+            assert!(store.transaction(&ctx, failing).await.is_err());
+
+            for t in [pt, rt("Observation")] {
+                let stored = store.digest_segments(&ctx, t).await.expect("digest");
+                let recomputed = store.recompute_digest_segments(&ctx, t).await.expect("recompute");
+                let model = $crate::model_digest(&store, &ctx, t).await;
+                assert!(!model.is_empty());
+                assert_eq!(stored, recomputed, "{t}: maintained vs current rows");
+                assert_eq!(stored, model, "{t}: maintained vs model");
+            }
+            let other = fhirstore_testkit::random_tenant();
+            assert!(store.digest_segments(&other, pt).await.expect("digest").is_empty(), "digests are per tenant");
+        }
+
+        /// Every committed version has exactly one outbox entry, in write order; failed
+        /// transactions leave none.
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn outbox_records_every_version() {
+            let Some(store) = $factory.await else { return };
+            let ctx = fhirstore_testkit::random_tenant();
+            let pt = rt("Patient");
+            let start = store.outbox_after(0, 1).await.expect("outbox").len();
+            let _ = start;
+            let body = |id: &str| serde_json::json!({"resourceType": "Patient", "id": id});
+            let a = fhirstore_core::LogicalId::new("a").expect("id");
+            let mut seqs = Vec::new();
+            seqs.push(store.update(&ctx, pt, &a, body("a"), None).await.expect("v1").seq);
+            seqs.push(store.update(&ctx, pt, &a, body("a"), None).await.expect("v2").seq);
+            assert!(store.update(&ctx, pt, &a, body("a"), fhirstore_core::VersionId::new(1)).await.is_err());
+            seqs.push(store.delete(&ctx, pt, &a).await.expect("delete").seq);
+            let out = store
+                .transaction(&ctx, vec![WriteOp::Update { resource_type: pt, id: a.clone(), resource: body("a"), if_match: None }])
+                .await
+                .expect("recreate");
+            if let OpOutcome::Written(w) = &out[0] { seqs.push(w.seq) }
+            let first = seqs[0].expect("seq") - 1;
+            let entries: Vec<_> = store
+                .outbox_after(first, 10_000)
+                .await
+                .expect("outbox")
+                .into_iter()
+                .filter(|e| e.tenant == ctx.tenant().as_str())
+                .collect();
+            let got: Vec<(i64, &str, i64)> = entries.iter().map(|e| (e.seq, e.op.as_str(), e.version)).collect();
+            let want: Vec<(i64, &str, i64)> = seqs
+                .iter()
+                .map(|s| s.expect("seq"))
+                .zip([("create", 1), ("update", 2), ("delete", 3), ("create", 4)])
+                .map(|(s, (op, v))| (s, op, v))
+                .collect();
+            assert_eq!(got, want);
+        }
+    };
+}
