@@ -59,7 +59,6 @@ CREATE TABLE outbox (
     op            TEXT    NOT NULL, -- 'create' | 'update' | 'delete'
     created_at    INTEGER NOT NULL
 );
-CREATE INDEX outbox_tenant ON outbox (tenant, seq);
 
 -- XOR segment digests of current versions, maintained in every write transaction.
 CREATE TABLE digests (

@@ -122,8 +122,10 @@ pub(crate) struct VersionRow<'a> {
     pub is_new: bool,
     /// The previous version was live, so its index rows must go.
     pub was_live: bool,
-    /// This write's digest change (high, low) and count change, for dialects that apply it
-    /// inline.
+    /// Apply this write's digest change in the same round trip (else the caller applies the
+    /// transaction's changes at its end).
+    pub inline_digest: bool,
+    /// This write's digest change (high, low) and count change.
     pub digest_delta: (i64, i64),
     pub digest_count: i64,
 }

@@ -23,12 +23,14 @@ const SELECT_CURRENT_FOR_WRITE: &str = "SELECT version, deleted, e_hi, e_lo FROM
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../../migrations/postgres");
 
-/// Digest deltas are applied once per transaction, in (type, segment) order, so concurrent
-/// transactions lock digest rows in one global order and cannot deadlock on them.
-const INLINE_DIGEST: bool = false;
+/// A transaction writing several versions applies its digest changes once at its end, in (type,
+/// segment) order, so concurrent transactions lock digest rows in one global order and cannot
+/// deadlock on them. A single write applies its change inline.
+const ALWAYS_INLINE_DIGEST: bool = false;
 
 /// Parameters: $1 tenant, $2 type, $3 id, $4 version, $5 now, $6 deleted, $7 segment, $8 e_hi,
-/// $9 e_lo, $10 op, $11 body, $12 was_live, $13-$15 token params, systems and codes.
+/// $9 e_lo, $10 op, $11 body, $12 was_live, $13-$15 token params, systems and codes, $16-$18
+/// digest delta high, low and count, $19 whether to apply it here.
 /// Every later step reads from `o`, so when the current-row insert loses a race (`ON CONFLICT
 /// DO NOTHING` returns nothing) the statement writes nothing at all and returns no row.
 const WRITE_TAIL: &str = "
@@ -39,7 +41,13 @@ v AS (INSERT INTO resource_versions (tenant, resource_type, id, version, seq, la
 d AS (DELETE FROM search_token WHERE $12 AND tenant = $1 AND resource_type = $2 AND id = $3
       AND EXISTS (SELECT 1 FROM o)),
 t AS (INSERT INTO search_token (tenant, resource_type, param, system, code, id)
-      SELECT $1, $2, x.p, x.s, x.c, $3 FROM o, unnest($13::text[], $14::text[], $15::text[]) AS x(p, s, c))
+      SELECT $1, $2, x.p, x.s, x.c, $3 FROM o, unnest($13::text[], $14::text[], $15::text[]) AS x(p, s, c)),
+g AS (INSERT INTO digests (tenant, resource_type, segment, h_hi, h_lo, count)
+      SELECT $1, $2, $7, $16, $17, $18 FROM o WHERE $19
+      ON CONFLICT (tenant, resource_type, segment) DO UPDATE SET
+      h_hi = (digests.h_hi | excluded.h_hi) - (digests.h_hi & excluded.h_hi),
+      h_lo = (digests.h_lo | excluded.h_lo) - (digests.h_lo & excluded.h_lo),
+      count = digests.count + excluded.count)
 SELECT seq FROM o";
 
 fn write_sql(is_new: bool) -> &'static str {
@@ -75,6 +83,10 @@ async fn write_version(conn: &mut DbConn, row: &VersionRow<'_>) -> Result<Option
         .bind(params)
         .bind(systems)
         .bind(codes)
+        .bind(row.digest_delta.0)
+        .bind(row.digest_delta.1)
+        .bind(row.digest_count)
+        .bind(row.inline_digest)
         .fetch_optional(&mut *conn)
         .await
         .map_err(db_err)

@@ -24,11 +24,11 @@ static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../../migrations/sqli
 
 /// The one writer connection serialises writers, so the digest delta can be applied in the same
 /// round trip as the rest of the write without deadlock risk.
-const INLINE_DIGEST: bool = true;
+const ALWAYS_INLINE_DIGEST: bool = true;
 
 /// Parameters: $1 tenant, $2 type, $3 id, $4 version, $5 now, $6 deleted, $7 segment, $8 e_hi,
 /// $9 e_lo, $10 op, $11 body, $12 was_live, $13 tokens as a JSON array of [param, system, code],
-/// $14 digest delta high, $15 digest delta low, $16 count delta.
+/// $14 digest delta high, $15 digest delta low, $16 count delta, $17 whether to apply it.
 const WRITE_TAIL: &str = "
 INSERT INTO outbox (tenant, resource_type, id, version, op, created_at)
     VALUES ($1, $2, $3, $4, $10, $5);
@@ -38,7 +38,7 @@ DELETE FROM search_token WHERE $12 AND tenant = $1 AND resource_type = $2 AND id
 INSERT INTO search_token (tenant, resource_type, param, system, code, id)
     SELECT $1, $2, j.value ->> 0, j.value ->> 1, j.value ->> 2, $3 FROM json_each($13) AS j;
 INSERT INTO digests (tenant, resource_type, segment, h_hi, h_lo, count)
-    VALUES ($1, $2, $7, $14, $15, $16)
+    SELECT $1, $2, $7, $14, $15, $16 WHERE $17
     ON CONFLICT (tenant, resource_type, segment) DO UPDATE SET
     h_hi = (digests.h_hi | excluded.h_hi) - (digests.h_hi & excluded.h_hi),
     h_lo = (digests.h_lo | excluded.h_lo) - (digests.h_lo & excluded.h_lo),
@@ -83,6 +83,7 @@ async fn write_version(conn: &mut DbConn, row: &VersionRow<'_>) -> Result<Option
         .bind(row.digest_delta.0)
         .bind(row.digest_delta.1)
         .bind(row.digest_count)
+        .bind(row.inline_digest)
         .fetch_all(&mut *conn)
         .await
         .map_err(db_err)?;
@@ -123,7 +124,6 @@ impl Store {
                 Durability::Normal => SqliteSynchronous::Normal,
             })
             .busy_timeout(config.busy_timeout)
-            .pragma("cache_size", "-65536")
             .pragma("temp_store", "memory");
         let writer = SqlitePoolOptions::new()
             .max_connections(1)

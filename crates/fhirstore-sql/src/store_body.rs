@@ -55,8 +55,10 @@ struct WriteScope<'a> {
     tenant: &'a TenantId,
     now: i64,
     max_bytes: usize,
+    /// Whether each write applies its own digest change (see `ALWAYS_INLINE_DIGEST`); otherwise
+    /// `deltas` collects them for one sorted flush at the end.
+    inline_digest: bool,
     deltas: DigestDeltas,
-    last_seq: Option<i64>,
 }
 
 /// One version written by `put_version`.
@@ -337,6 +339,7 @@ async fn put_version(
             tokens: &tokens,
             is_new: current.is_none(),
             was_live,
+            inline_digest: w.inline_digest,
             digest_delta: split_u128(delta.0),
             digest_count: delta.1,
         };
@@ -350,10 +353,9 @@ async fn put_version(
             continue;
         };
 
-        if !INLINE_DIGEST {
+        if !w.inline_digest {
             w.deltas.apply(rt, seg, delta.0, delta.1);
         }
-        w.last_seq = Some(w.last_seq.map_or(seq, |s| s.max(seq)));
         let resource = StoredResource {
             tenant: tenant.clone(),
             key: ResourceKey::new(rt, id.clone()),
@@ -472,12 +474,21 @@ async fn apply_ops(
     max_bytes: usize,
 ) -> Result<Vec<OpOutcome>> {
     let tenant = ctx.tenant();
+    // One digest row alone cannot take part in a lock cycle: transactions writing several
+    // versions lock their digest rows last, in sorted order.
+    let single_write = matches!(
+        ops,
+        [WriteOp::Create { .. }
+            | WriteOp::Update { .. }
+            | WriteOp::ConditionalUpdate { .. }
+            | WriteOp::Delete { .. }]
+    );
     let mut w = WriteScope {
         tenant,
         now: now_micros(),
         max_bytes,
+        inline_digest: ALWAYS_INLINE_DIGEST || single_write,
         deltas: DigestDeltas::default(),
-        last_seq: None,
     };
     let at = |i: usize| move |e: Error| if ops.len() > 1 { e.in_entry(i) } else { e };
 
@@ -644,7 +655,7 @@ async fn apply_ops(
         };
         outcomes[i] = Some(outcome);
     }
-    if !INLINE_DIGEST {
+    if !w.inline_digest {
         flush_digests(conn, tenant, &w.deltas).await?;
     }
     outcomes
