@@ -23,6 +23,9 @@ const SELECT_CURRENT_FOR_WRITE: &str = "SELECT version, deleted, e_hi, e_lo FROM
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../../migrations/postgres");
 
+/// Plain `BEGIN` (READ COMMITTED): row locks taken by the write path order the writers.
+const BEGIN_WRITE: Option<&str> = None;
+
 /// A transaction writing several versions applies its digest changes once at its end, in (type,
 /// segment) order, so concurrent transactions lock digest rows in one global order and cannot
 /// deadlock on them. A single write applies its change inline.

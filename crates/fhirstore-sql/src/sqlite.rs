@@ -22,6 +22,12 @@ const SELECT_CURRENT_FOR_WRITE: &str = "SELECT version, deleted, e_hi, e_lo FROM
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../../migrations/sqlite");
 
+/// Write transactions take SQLite's write lock up front, so a second process's writer waits on
+/// the busy timeout. A deferred transaction that read before another connection committed
+/// would fail with SQLITE_BUSY_SNAPSHOT instead; the retry loop recovers from that, but only
+/// after redoing the work.
+const BEGIN_WRITE: Option<&str> = Some("BEGIN IMMEDIATE");
+
 /// The one writer connection serialises writers, so the digest delta can be applied in the same
 /// round trip as the rest of the write without deadlock risk.
 const ALWAYS_INLINE_DIGEST: bool = true;

@@ -743,13 +743,21 @@ impl Store {
         ctx.tenant().as_str()
     }
 
+    async fn begin_write(&self) -> Result<sqlx::Transaction<'static, Db>> {
+        match BEGIN_WRITE {
+            Some(sql) => self.writer.begin_with(sql).await,
+            None => self.writer.begin().await,
+        }
+        .map_err(db_err)
+    }
+
     /// Runs `ops` in one transaction, retrying the whole transaction on temporary failures
     /// (deadlocks, serialization failures, a busy database).
     async fn run_atomic(&self, ctx: &TenantContext, ops: &[WriteOp]) -> Result<Vec<OpOutcome>> {
         let mut attempt = 0u32;
         loop {
             let result: Result<Vec<OpOutcome>> = async {
-                let mut tx = self.writer.begin().await.map_err(db_err)?;
+                let mut tx = self.begin_write().await?;
                 let out = apply_ops(&mut tx, ctx, ops, self.config.max_resource_bytes).await?;
                 tx.commit().await.map_err(db_err)?;
                 self.note_writes(out.len() as u64);
@@ -775,7 +783,7 @@ impl Store {
         ctx: &TenantContext,
         ops: &[WriteOp],
     ) -> Result<Vec<Result<OpOutcome>>> {
-        let mut tx = self.writer.begin().await.map_err(db_err)?;
+        let mut tx = self.begin_write().await?;
         let mut results = Vec::with_capacity(ops.len());
         for (i, op) in ops.iter().enumerate() {
             let single = std::slice::from_ref(op);
