@@ -18,8 +18,10 @@ async fn two_stores_on_one_file_serialise_writers() {
         "shared-{}.sqlite",
         fhirstore_testkit::random_tenant().tenant()
     ));
-    let mut config = fhirstore_sql::SqlConfig::default();
-    config.busy_timeout = std::time::Duration::from_secs(30);
+    let config = fhirstore_sql::SqlConfig {
+        busy_timeout: std::time::Duration::from_secs(30),
+        ..Default::default()
+    };
     let a = fhirstore_sql::SqliteStore::open(&path, config.clone())
         .await
         .expect("open a");
