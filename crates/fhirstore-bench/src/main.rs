@@ -184,6 +184,7 @@ async fn crud(args: CrudArgs) -> Result<(), BoxError> {
                 });
             // One connection, like the store's writer: the baseline gets the same concurrency.
             let pool = sqlx::sqlite::SqlitePoolOptions::new()
+                .test_before_acquire(false)
                 .max_connections(1)
                 .connect_with(opts)
                 .await?;

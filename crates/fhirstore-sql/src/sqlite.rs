@@ -131,7 +131,10 @@ impl Store {
             })
             .busy_timeout(config.busy_timeout)
             .pragma("temp_store", "memory");
+        // An embedded connection cannot go stale the way a network one can, and the pool's
+        // liveness ping is a round trip to sqlx's worker thread on every checkout.
         let writer = SqlitePoolOptions::new()
+            .test_before_acquire(false)
             .max_connections(1)
             .min_connections(1)
             .connect_with(options.clone())
@@ -142,6 +145,7 @@ impl Store {
             .await
             .map_err(|e| Error::backend("running SQLite migrations", false, e))?;
         let reader = SqlitePoolOptions::new()
+            .test_before_acquire(false)
             .max_connections(config.max_connections.max(1))
             .connect_with(options.read_only(true))
             .await
