@@ -6,14 +6,17 @@
 //! - [`ResourceStorage`]: the trait users hold as `Arc<dyn ResourceStorage>`.
 //! - [`Error`]: one error type, with [`Error::is_temporary`] for retry decisions.
 //! - [`search`]: the typed search model; [`index`]: index-value extraction.
+//! - [`registry`]: the official R4 search parameters, with [`fhirpath`] to evaluate them.
 //! - [`digest`]: the element hashes and XOR segment digests used to find drift.
 
 pub mod bundle;
 pub mod date;
 pub mod digest;
 mod error;
+pub mod fhirpath;
 pub mod index;
 mod model;
+pub mod registry;
 pub mod resource;
 mod resource_types;
 pub mod search;

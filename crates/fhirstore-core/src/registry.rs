@@ -1,0 +1,330 @@
+//! The FHIR R4 search parameter registry, loaded from the official definitions.
+//!
+//! `fhir-profiles/hl7.fhir.r4.examples-4.0.1/Bundle-searchParams.json` (1,375 SearchParameter
+//! resources, unmodified) is embedded at compile time and parsed once, on first use. Each
+//! parameter's FHIRPath expression is compiled then, so evaluation per resource is a tree walk.
+
+use std::collections::HashMap;
+use std::sync::{Arc, OnceLock};
+
+use serde_json::Value;
+
+use crate::fhirpath::{self, Expr};
+use crate::model::ResourceType;
+
+const R4_SEARCH_PARAMETERS: &str =
+    include_str!("../../../fhir-profiles/hl7.fhir.r4.examples-4.0.1/Bundle-searchParams.json");
+
+/// `SearchParameter.type`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum SearchParamType {
+    /// A number.
+    Number,
+    /// A date, dateTime, instant, Period or Timing.
+    Date,
+    /// A string, HumanName or Address.
+    String,
+    /// A code, Coding, CodeableConcept, Identifier, ContactPoint or boolean.
+    Token,
+    /// A Reference or canonical.
+    Reference,
+    /// A combination of other parameters.
+    Composite,
+    /// A Quantity (or Money, Range, Age…).
+    Quantity,
+    /// A uri, url or canonical.
+    Uri,
+    /// Search with special rules (`near`, `_text`…).
+    Special,
+}
+
+impl SearchParamType {
+    fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "number" => Self::Number,
+            "date" => Self::Date,
+            "string" => Self::String,
+            "token" => Self::Token,
+            "reference" => Self::Reference,
+            "composite" => Self::Composite,
+            "quantity" => Self::Quantity,
+            "uri" => Self::Uri,
+            "special" => Self::Special,
+            _ => return None,
+        })
+    }
+}
+
+/// One component of a composite parameter.
+#[derive(Clone, Debug)]
+pub struct Component {
+    /// The canonical URL of the component's own parameter.
+    pub definition: String,
+    /// Its expression, relative to the composite's value.
+    pub expression: Result<Expr, fhirpath::ParseError>,
+}
+
+/// One search parameter definition.
+#[derive(Clone, Debug)]
+pub struct SearchParamDef {
+    /// Canonical URL.
+    pub url: String,
+    /// The name used in queries.
+    pub code: String,
+    /// Resource types it applies to (`Resource` and `DomainResource` mean all).
+    pub base: Vec<String>,
+    /// Its type.
+    pub kind: SearchParamType,
+    /// The FHIRPath expression as written.
+    pub expression_text: Option<String>,
+    /// The compiled expression; an error names what the evaluator does not support.
+    pub expression: Option<Result<Expr, fhirpath::ParseError>>,
+    /// For references: the types it may point to.
+    pub targets: Vec<String>,
+    /// For composites: the components.
+    pub components: Vec<Component>,
+}
+
+impl SearchParamDef {
+    /// Whether values can be extracted for this parameter: it has an expression and every part
+    /// of it compiled.
+    pub fn is_indexable(&self) -> bool {
+        matches!(self.expression, Some(Ok(_)))
+            && self.components.iter().all(|c| c.expression.is_ok())
+    }
+}
+
+/// Search parameters by resource type and code.
+#[derive(Debug, Default)]
+pub struct Registry {
+    params: Vec<Arc<SearchParamDef>>,
+    by_type: HashMap<String, HashMap<String, Arc<SearchParamDef>>>,
+    by_url: HashMap<String, Arc<SearchParamDef>>,
+}
+
+impl Registry {
+    /// The official R4 registry, parsed on first use.
+    pub fn r4() -> &'static Registry {
+        static R4: OnceLock<Registry> = OnceLock::new();
+        R4.get_or_init(|| {
+            // The embedded file is checked by the tests; a failure here is a build defect.
+            serde_json::from_str::<Value>(R4_SEARCH_PARAMETERS)
+                .map_err(|e| e.to_string())
+                .and_then(|v| Registry::from_bundle(&v))
+                .unwrap_or_else(|e| panic!("embedded R4 search parameters are invalid: {e}"))
+        })
+    }
+
+    /// Builds a registry from a Bundle of SearchParameter resources.
+    pub fn from_bundle(bundle: &Value) -> Result<Registry, String> {
+        let mut reg = Registry::default();
+        let entries = bundle
+            .get("entry")
+            .and_then(Value::as_array)
+            .ok_or("not a Bundle with entries")?;
+        for e in entries {
+            let Some(r) = e.get("resource") else { continue };
+            if r.get("resourceType").and_then(Value::as_str) != Some("SearchParameter") {
+                continue;
+            }
+            reg.add(parse_def(r)?);
+        }
+        Ok(reg)
+    }
+
+    /// Adds (or replaces) a definition for every type in its base.
+    pub fn add(&mut self, def: SearchParamDef) {
+        let def = Arc::new(def);
+        for b in &def.base {
+            self.by_type
+                .entry(b.clone())
+                .or_default()
+                .insert(def.code.clone(), def.clone());
+        }
+        self.by_url.insert(def.url.clone(), def.clone());
+        self.params.push(def);
+    }
+
+    /// The parameter `code` on `resource_type`, including those every resource has.
+    pub fn get(&self, resource_type: ResourceType, code: &str) -> Option<&SearchParamDef> {
+        [resource_type.as_str(), "DomainResource", "Resource"]
+            .iter()
+            .find_map(|t| self.by_type.get(*t)?.get(code))
+            .map(Arc::as_ref)
+    }
+
+    /// A parameter by canonical URL (how composites name their components).
+    pub fn by_url(&self, url: &str) -> Option<&SearchParamDef> {
+        self.by_url.get(url).map(Arc::as_ref)
+    }
+
+    /// Every parameter that applies to `resource_type`.
+    pub fn for_type(&self, resource_type: ResourceType) -> Vec<&SearchParamDef> {
+        [resource_type.as_str(), "DomainResource", "Resource"]
+            .iter()
+            .filter_map(|t| self.by_type.get(*t))
+            .flat_map(|m| m.values().map(Arc::as_ref))
+            .collect()
+    }
+
+    /// Every definition, in file order.
+    pub fn all(&self) -> impl Iterator<Item = &SearchParamDef> {
+        self.params.iter().map(Arc::as_ref)
+    }
+}
+
+fn strings(v: Option<&Value>) -> Vec<String> {
+    v.and_then(Value::as_array)
+        .map(|a| {
+            a.iter()
+                .filter_map(Value::as_str)
+                .map(str::to_owned)
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn parse_def(r: &Value) -> Result<SearchParamDef, String> {
+    let field = |k: &str| r.get(k).and_then(Value::as_str);
+    let url = field("url")
+        .ok_or("SearchParameter without url")?
+        .to_owned();
+    let code = field("code")
+        .ok_or_else(|| format!("{url}: no code"))?
+        .to_owned();
+    let kind = field("type")
+        .and_then(SearchParamType::parse)
+        .ok_or_else(|| format!("{url}: missing or unknown type"))?;
+    let expression_text = field("expression").map(str::to_owned);
+    let components = r
+        .get("component")
+        .and_then(Value::as_array)
+        .map(|cs| {
+            cs.iter()
+                .map(|c| Component {
+                    definition: c
+                        .get("definition")
+                        .and_then(Value::as_str)
+                        .unwrap_or_default()
+                        .to_owned(),
+                    expression: fhirpath::parse(
+                        c.get("expression")
+                            .and_then(Value::as_str)
+                            .unwrap_or_default(),
+                    ),
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    Ok(SearchParamDef {
+        expression: expression_text.as_deref().map(fhirpath::parse),
+        url,
+        code,
+        base: strings(r.get("base")),
+        kind,
+        expression_text,
+        targets: strings(r.get("target")),
+        components,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn rt(n: &str) -> ResourceType {
+        ResourceType::new(n).expect("known type")
+    }
+
+    #[test]
+    fn every_r4_parameter_with_an_expression_compiles() {
+        let reg = Registry::r4();
+        assert_eq!(reg.all().count(), 1375);
+        let failures: Vec<String> = reg
+            .all()
+            .filter(|d| d.expression.is_some() && !d.is_indexable())
+            .map(|d| format!("{}: {:?}", d.url, d.expression_text))
+            .collect();
+        assert!(failures.is_empty(), "{failures:#?}");
+        let mut without: Vec<&str> = reg
+            .all()
+            .filter(|d| d.expression.is_none())
+            .map(|d| d.code.as_str())
+            .collect();
+        without.sort_unstable();
+        // Full text (`_text`, `_content`) and named queries (`_query`) are not paths.
+        assert_eq!(without, vec!["_content", "_query", "_text"]);
+    }
+
+    #[test]
+    fn lookups_include_the_common_parameters() {
+        let reg = Registry::r4();
+        let fam = reg.get(rt("Patient"), "family").expect("Patient.family");
+        assert_eq!(fam.kind, SearchParamType::String);
+        assert_eq!(
+            reg.get(rt("Observation"), "_lastUpdated").map(|d| d.kind),
+            Some(SearchParamType::Date)
+        );
+        assert_eq!(
+            reg.get(rt("Patient"), "_id").map(|d| d.kind),
+            Some(SearchParamType::Token)
+        );
+        assert!(reg.get(rt("Patient"), "no-such-param").is_none());
+        let subject = reg
+            .get(rt("Observation"), "subject")
+            .expect("Observation.subject");
+        assert!(subject.targets.contains(&"Patient".to_string()));
+        let combo = reg
+            .get(rt("Observation"), "code-value-quantity")
+            .expect("a composite");
+        assert_eq!(combo.components.len(), 2);
+        assert!(reg.by_url(&combo.components[0].definition).is_some());
+        assert!(reg.for_type(rt("Patient")).len() > 20);
+    }
+
+    #[test]
+    fn official_expressions_extract_from_resources() {
+        let reg = Registry::r4();
+        let obs = json!({"resourceType": "Observation", "status": "final",
+            "code": {"coding": [{"system": "http://loinc.org", "code": "29463-7"}]},
+            "subject": {"reference": "Patient/p1"},
+            "effectivePeriod": {"start": "2020-01-01", "end": "2020-01-02"},
+            "valueQuantity": {"value": 70, "unit": "kg"}});
+        let eval = |rt_name: &str, code: &str, r: &Value| -> Vec<Value> {
+            let def = reg.get(rt(rt_name), code).expect("defined");
+            match &def.expression {
+                Some(Ok(e)) => e
+                    .evaluate(r)
+                    .into_iter()
+                    .map(|n| n.value.into_owned())
+                    .collect(),
+                other => panic!("{code}: {other:?}"),
+            }
+        };
+        assert_eq!(eval("Observation", "code", &obs), vec![obs["code"].clone()]);
+        assert_eq!(
+            eval("Observation", "patient", &obs),
+            vec![obs["subject"].clone()]
+        );
+        assert_eq!(
+            eval("Observation", "date", &obs),
+            vec![obs["effectivePeriod"].clone()]
+        );
+        assert_eq!(
+            eval("Observation", "value-quantity", &obs),
+            vec![obs["valueQuantity"].clone()]
+        );
+        let group_subject =
+            json!({"resourceType": "Observation", "subject": {"reference": "Group/g"}});
+        assert!(eval("Observation", "patient", &group_subject).is_empty());
+
+        let pat = json!({"resourceType": "Patient", "name": [{"family": "Chalmers"}],
+            "telecom": [{"system": "email", "value": "p@x.org"}, {"system": "phone", "value": "1"}]});
+        assert_eq!(eval("Patient", "family", &pat), vec![json!("Chalmers")]);
+        assert_eq!(
+            eval("Patient", "email", &pat),
+            vec![pat["telecom"][0].clone()]
+        );
+    }
+}
