@@ -363,7 +363,9 @@ fn number(v: &Value) -> Option<(f64, f64, f64)> {
         .and_then(|(_, e)| e.parse::<i32>().ok())
         .unwrap_or(0);
     let half = 0.5 * 10f64.powi(exponent - i32::try_from(decimals).unwrap_or(0));
-    Some((value, value - half, value + half))
+    let (low, high) = (value - half, value + half);
+    // Bounds that overflow cannot be stored or compared; such a value is not indexed.
+    (low.is_finite() && high.is_finite()).then_some((value, low, high))
 }
 
 fn quantities(param: &'static str, v: &Value, out: &mut Vec<QuantityEntry>) {

@@ -116,8 +116,8 @@ pub(crate) struct VersionRow<'a> {
     pub op: &'static str,
     /// Canonical JSON; `None` for a tombstone.
     pub body: Option<String>,
-    /// The new version's token index entries.
-    pub tokens: &'a [fhirstore_core::index::TokenEntry],
+    /// The new version's index entries.
+    pub index: &'a fhirstore_core::index::IndexEntries,
     /// No current row exists: insert one (else update it).
     pub is_new: bool,
     /// The previous version was live, so its index rows must go.
@@ -128,6 +128,115 @@ pub(crate) struct VersionRow<'a> {
     /// This write's digest change (high, low) and count change.
     pub digest_delta: (i64, i64),
     pub digest_count: i64,
+}
+
+/// A column type of an index table, as the dialects' bulk-insert forms need it.
+#[derive(Clone, Copy)]
+pub(crate) enum Col {
+    Text,
+    Int,
+    Real,
+}
+
+/// The search-index tables after `(tenant, resource_type)` and before the owning `id`: one
+/// description, from which each dialect generates its fixed-text delete and bulk insert.
+pub(crate) const INDEX_TABLES: [(&str, &[(&str, Col)]); 6] = [
+    (
+        "search_token",
+        &[
+            ("param", Col::Text),
+            ("system", Col::Text),
+            ("code", Col::Text),
+        ],
+    ),
+    (
+        "search_string",
+        &[
+            ("param", Col::Text),
+            ("folded", Col::Text),
+            ("exact", Col::Text),
+        ],
+    ),
+    (
+        "search_date",
+        &[("param", Col::Text), ("low", Col::Int), ("high", Col::Int)],
+    ),
+    (
+        "search_quantity",
+        &[
+            ("param", Col::Text),
+            ("value", Col::Real),
+            ("low", Col::Real),
+            ("high", Col::Real),
+            ("system", Col::Text),
+            ("code", Col::Text),
+            ("unit", Col::Text),
+        ],
+    ),
+    (
+        "search_reference",
+        &[
+            ("param", Col::Text),
+            ("target_type", Col::Text),
+            ("target_id", Col::Text),
+            ("url", Col::Text),
+            ("version", Col::Text),
+        ],
+    ),
+    ("search_uri", &[("param", Col::Text), ("uri", Col::Text)]),
+];
+
+/// The rows of each index table, in `INDEX_TABLES` order, as JSON values per column.
+pub(crate) fn index_rows(
+    e: &fhirstore_core::index::IndexEntries,
+) -> [Vec<Vec<serde_json::Value>>; 6] {
+    use serde_json::json;
+    let quantity = |q: &fhirstore_core::index::QuantityEntry| {
+        vec![
+            json!(q.param),
+            json!(q.value),
+            json!(q.low),
+            json!(q.high),
+            json!(q.system),
+            json!(q.code),
+            json!(q.unit),
+        ]
+    };
+    [
+        e.tokens
+            .iter()
+            .map(|t| vec![json!(t.param), json!(t.system), json!(t.code)])
+            .collect(),
+        e.strings
+            .iter()
+            .map(|t| vec![json!(t.param), json!(t.folded), json!(t.exact)])
+            .collect(),
+        e.dates
+            .iter()
+            .map(|t| vec![json!(t.param), json!(t.low), json!(t.high)])
+            .collect(),
+        e.numbers
+            .iter()
+            .chain(&e.quantities)
+            .map(quantity)
+            .collect(),
+        e.references
+            .iter()
+            .map(|r| {
+                vec![
+                    json!(r.param),
+                    json!(r.target_type),
+                    json!(r.target_id),
+                    json!(r.url),
+                    json!(r.version),
+                ]
+            })
+            .collect(),
+        e.uris
+            .iter()
+            .map(|u| vec![json!(u.param), json!(u.uri)])
+            .collect(),
+    ]
 }
 
 /// Binds the parameters both dialects' version writers share, `$1` to `$12`, in order.

@@ -32,45 +32,82 @@ const BEGIN_WRITE: Option<&str> = None;
 const ALWAYS_INLINE_DIGEST: bool = false;
 
 /// Parameters: $1 tenant, $2 type, $3 id, $4 version, $5 now, $6 deleted, $7 segment, $8 e_hi,
-/// $9 e_lo, $10 op, $11 body, $12 was_live, $13-$15 token params, systems and codes, $16-$18
-/// digest delta high, low and count, $19 whether to apply it here.
-/// Every later step reads from `o`, so when the current-row insert loses a race (`ON CONFLICT
-/// DO NOTHING` returns nothing) the statement writes nothing at all and returns no row.
-const WRITE_TAIL: &str = "
+/// $9 e_lo, $10 op, $11 body, $12 was_live, $13-$15 digest delta high, low and count, $16 whether
+/// to apply it here, then one typed array per column of each index table from $17, in
+/// `INDEX_TABLES` order. Every later step reads from `o`, so when the current-row insert loses a
+/// race (`ON CONFLICT DO NOTHING` returns nothing) the statement writes nothing and returns no
+/// row.
+fn write_sql(is_new: bool) -> &'static str {
+    use std::fmt::Write as _;
+    use std::sync::OnceLock;
+    static NEW: OnceLock<String> = OnceLock::new();
+    static EXISTING: OnceLock<String> = OnceLock::new();
+    let build = |head: &str| {
+        let mut sql = format!(
+            "WITH r AS ({head} RETURNING 1),
 o AS (INSERT INTO outbox (tenant, resource_type, id, version, op, created_at)
       SELECT $1, $2, $3, $4, $10, $5 FROM r RETURNING seq),
 v AS (INSERT INTO resource_versions (tenant, resource_type, id, version, seq, last_updated, deleted, body)
       SELECT $1, $2, $3, $4, o.seq, $5, $6, $11 FROM o),
-d AS (DELETE FROM search_token WHERE $12 AND tenant = $1 AND resource_type = $2 AND id = $3
-      AND EXISTS (SELECT 1 FROM o)),
-t AS (INSERT INTO search_token (tenant, resource_type, param, system, code, id)
-      SELECT $1, $2, x.p, x.s, x.c, $3 FROM o, unnest($13::text[], $14::text[], $15::text[]) AS x(p, s, c)),
 g AS (INSERT INTO digests (tenant, resource_type, segment, h_hi, h_lo, count)
-      SELECT $1, $2, $7, $16, $17, $18 FROM o WHERE $19
+      SELECT $1, $2, $7, $13, $14, $15 FROM o WHERE $16
       ON CONFLICT (tenant, resource_type, segment) DO UPDATE SET
       h_hi = (digests.h_hi | excluded.h_hi) - (digests.h_hi & excluded.h_hi),
       h_lo = (digests.h_lo | excluded.h_lo) - (digests.h_lo & excluded.h_lo),
-      count = digests.count + excluded.count)
-SELECT seq FROM o";
-
-fn write_sql(is_new: bool) -> &'static str {
-    use std::sync::OnceLock;
-    static NEW: OnceLock<String> = OnceLock::new();
-    static EXISTING: OnceLock<String> = OnceLock::new();
+      count = digests.count + excluded.count)"
+        );
+        let mut param = 17;
+        for (i, (table, cols)) in crate::INDEX_TABLES.iter().enumerate() {
+            let names: Vec<&str> = cols.iter().map(|c| c.0).collect();
+            let arrays: Vec<String> = cols
+                .iter()
+                .map(|(_, ty)| {
+                    let cast = match ty {
+                        crate::Col::Text => "text[]",
+                        crate::Col::Int => "int8[]",
+                        crate::Col::Real => "float8[]",
+                    };
+                    param += 1;
+                    format!("${}::{cast}", param - 1)
+                })
+                .collect();
+            let aliases: Vec<String> = (0..cols.len()).map(|k| format!("c{k}")).collect();
+            // Writing to a String cannot fail. The DELETE sees the statement's snapshot, so it
+            // never removes the rows inserted beside it.
+            let _ = write!(
+                sql,
+                ",
+d{i} AS (DELETE FROM {table} WHERE $12 AND tenant = $1 AND resource_type = $2 AND id = $3
+      AND EXISTS (SELECT 1 FROM o)),
+i{i} AS (INSERT INTO {table} (tenant, resource_type, {}, id)
+      SELECT $1, $2, {}, $3 FROM o, unnest({}) AS x({}))",
+                names.join(", "),
+                aliases
+                    .iter()
+                    .map(|a| format!("x.{a}"))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                arrays.join(", "),
+                aliases.join(", "),
+            );
+        }
+        sql.push_str("\nSELECT seq FROM o");
+        sql
+    };
     if is_new {
         NEW.get_or_init(|| {
-            format!(
-                "WITH r AS (INSERT INTO resources (tenant, resource_type, id, version, last_updated, \
+            build(
+                "INSERT INTO resources (tenant, resource_type, id, version, last_updated, \
                  deleted, segment, e_hi, e_lo) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) \
-                 ON CONFLICT (tenant, resource_type, id) DO NOTHING RETURNING 1),{WRITE_TAIL}"
+                 ON CONFLICT (tenant, resource_type, id) DO NOTHING",
             )
         })
     } else {
         EXISTING.get_or_init(|| {
-            format!(
-                "WITH r AS (UPDATE resources SET version = $4, last_updated = $5, deleted = $6, \
+            build(
+                "UPDATE resources SET version = $4, last_updated = $5, deleted = $6, \
                  segment = $7, e_hi = $8, e_lo = $9 WHERE tenant = $1 AND resource_type = $2 \
-                 AND id = $3 RETURNING 1),{WRITE_TAIL}"
+                 AND id = $3",
             )
         })
     }
@@ -79,20 +116,34 @@ fn write_sql(is_new: bool) -> &'static str {
 /// Writes a version with its current row, outbox entry and index rows in one statement.
 /// `None` when a concurrent writer created the resource first.
 async fn write_version(conn: &mut DbConn, row: &VersionRow<'_>) -> Result<Option<i64>> {
-    let params: Vec<&str> = row.tokens.iter().map(|t| t.param).collect();
-    let systems: Vec<&str> = row.tokens.iter().map(|t| t.system.as_str()).collect();
-    let codes: Vec<&str> = row.tokens.iter().map(|t| t.code.as_str()).collect();
-    crate::bind_version_row!(sqlx::query_scalar(write_sql(row.is_new)), row)
-        .bind(params)
-        .bind(systems)
-        .bind(codes)
+    let mut query = crate::bind_version_row!(sqlx::query_scalar(write_sql(row.is_new)), row)
         .bind(row.digest_delta.0)
         .bind(row.digest_delta.1)
         .bind(row.digest_count)
-        .bind(row.inline_digest)
-        .fetch_optional(&mut *conn)
-        .await
-        .map_err(db_err)
+        .bind(row.inline_digest);
+    for ((_, cols), rows) in crate::INDEX_TABLES.iter().zip(crate::index_rows(row.index)) {
+        for (k, (_, ty)) in cols.iter().enumerate() {
+            let column = rows.iter().map(|r| &r[k]);
+            query = match ty {
+                crate::Col::Text => query.bind(
+                    column
+                        .map(|v| v.as_str().unwrap_or_default().to_owned())
+                        .collect::<Vec<String>>(),
+                ),
+                crate::Col::Int => query.bind(
+                    column
+                        .map(|v| v.as_i64().unwrap_or_default())
+                        .collect::<Vec<i64>>(),
+                ),
+                crate::Col::Real => query.bind(
+                    column
+                        .map(|v| v.as_f64().unwrap_or_default())
+                        .collect::<Vec<f64>>(),
+                ),
+            };
+        }
+    }
+    query.fetch_optional(&mut *conn).await.map_err(db_err)
 }
 
 /// Serialises conditional writes with the same tenant and criteria, so two concurrent

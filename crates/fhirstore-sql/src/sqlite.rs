@@ -33,39 +33,60 @@ const BEGIN_WRITE: Option<&str> = Some("BEGIN IMMEDIATE");
 const ALWAYS_INLINE_DIGEST: bool = true;
 
 /// Parameters: $1 tenant, $2 type, $3 id, $4 version, $5 now, $6 deleted, $7 segment, $8 e_hi,
-/// $9 e_lo, $10 op, $11 body, $12 was_live, $13 tokens as a JSON array of [param, system, code],
-/// $14 digest delta high, $15 digest delta low, $16 count delta, $17 whether to apply it.
-const WRITE_TAIL: &str = "
+/// $9 e_lo, $10 op, $11 body, $12 was_live, $13 digest delta high, $14 digest delta low,
+/// $15 count delta, $16 whether to apply it, then one JSON array of rows per index table from $17
+/// in `INDEX_TABLES` order.
+fn write_sql(is_new: bool) -> &'static str {
+    use std::fmt::Write as _;
+    use std::sync::OnceLock;
+    static NEW: OnceLock<String> = OnceLock::new();
+    static EXISTING: OnceLock<String> = OnceLock::new();
+    let build = |head: &str| {
+        let mut sql = String::from(head);
+        sql.push_str(
+            "
 INSERT INTO outbox (tenant, resource_type, id, version, op, created_at)
     VALUES ($1, $2, $3, $4, $10, $5);
 INSERT INTO resource_versions (tenant, resource_type, id, version, seq, last_updated, deleted, body)
     VALUES ($1, $2, $3, $4, last_insert_rowid(), $5, $6, $11) RETURNING seq;
-DELETE FROM search_token WHERE $12 AND tenant = $1 AND resource_type = $2 AND id = $3;
-INSERT INTO search_token (tenant, resource_type, param, system, code, id)
-    SELECT $1, $2, j.value ->> 0, j.value ->> 1, j.value ->> 2, $3 FROM json_each($13) AS j;
 INSERT INTO digests (tenant, resource_type, segment, h_hi, h_lo, count)
-    SELECT $1, $2, $7, $14, $15, $16 WHERE $17
+    SELECT $1, $2, $7, $13, $14, $15 WHERE $16
     ON CONFLICT (tenant, resource_type, segment) DO UPDATE SET
     h_hi = (digests.h_hi | excluded.h_hi) - (digests.h_hi & excluded.h_hi),
     h_lo = (digests.h_lo | excluded.h_lo) - (digests.h_lo & excluded.h_lo),
-    count = digests.count + excluded.count;";
-
-fn write_sql(is_new: bool) -> &'static str {
-    use std::sync::OnceLock;
-    static NEW: OnceLock<String> = OnceLock::new();
-    static EXISTING: OnceLock<String> = OnceLock::new();
+    count = digests.count + excluded.count;",
+        );
+        for (i, (table, cols)) in crate::INDEX_TABLES.iter().enumerate() {
+            let names: Vec<&str> = cols.iter().map(|c| c.0).collect();
+            let values: Vec<String> = (0..cols.len())
+                .map(|k| format!("j.value ->> {k}"))
+                .collect();
+            // Writing to a String cannot fail.
+            let _ = write!(
+                sql,
+                "
+DELETE FROM {table} WHERE $12 AND tenant = $1 AND resource_type = $2 AND id = $3;
+INSERT INTO {table} (tenant, resource_type, {}, id)
+    SELECT $1, $2, {}, $3 FROM json_each(${}) AS j;",
+                names.join(", "),
+                values.join(", "),
+                17 + i
+            );
+        }
+        sql
+    };
     if is_new {
         NEW.get_or_init(|| {
-            format!(
+            build(
                 "INSERT INTO resources (tenant, resource_type, id, version, last_updated, deleted, \
-                 segment, e_hi, e_lo) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9);{WRITE_TAIL}"
+                 segment, e_hi, e_lo) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9);",
             )
         })
     } else {
         EXISTING.get_or_init(|| {
-            format!(
+            build(
                 "UPDATE resources SET version = $4, last_updated = $5, deleted = $6, segment = $7, \
-                 e_hi = $8, e_lo = $9 WHERE tenant = $1 AND resource_type = $2 AND id = $3;{WRITE_TAIL}"
+                 e_hi = $8, e_lo = $9 WHERE tenant = $1 AND resource_type = $2 AND id = $3;",
             )
         })
     }
@@ -75,24 +96,24 @@ fn write_sql(is_new: bool) -> &'static str {
 /// runs a multi-statement query on its worker thread in one go, binding `$N` by number in every
 /// statement. Statement overhead, not row count, bounds SQLite write throughput.
 async fn write_version(conn: &mut DbConn, row: &VersionRow<'_>) -> Result<Option<i64>> {
-    let tokens: Vec<[&str; 3]> = row
-        .tokens
-        .iter()
-        .map(|t| [t.param, t.system.as_str(), t.code.as_str()])
-        .collect();
-    let tokens = serde_json::to_string(&tokens)
-        .map_err(|e| crate::corrupt(format!("index entries: {e}")))?;
+    let mut tables = Vec::with_capacity(crate::INDEX_TABLES.len());
+    for rows in crate::index_rows(row.index) {
+        tables.push(
+            serde_json::to_string(&rows)
+                .map_err(|e| crate::corrupt(format!("index entries: {e}")))?,
+        );
+    }
     // fetch_all, not fetch_one: the stream must be driven to its end, or the statements after
     // the one returning `seq` never run.
-    let seqs: Vec<i64> = crate::bind_version_row!(sqlx::query_scalar(write_sql(row.is_new)), row)
-        .bind(tokens)
+    let mut query = crate::bind_version_row!(sqlx::query_scalar(write_sql(row.is_new)), row)
         .bind(row.digest_delta.0)
         .bind(row.digest_delta.1)
         .bind(row.digest_count)
-        .bind(row.inline_digest)
-        .fetch_all(&mut *conn)
-        .await
-        .map_err(db_err)?;
+        .bind(row.inline_digest);
+    for t in tables {
+        query = query.bind(t);
+    }
+    let seqs: Vec<i64> = query.fetch_all(&mut *conn).await.map_err(db_err)?;
     match seqs.as_slice() {
         [seq] => Ok(Some(*seq)),
         _ => Err(crate::corrupt(format!(

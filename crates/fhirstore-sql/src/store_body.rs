@@ -313,10 +313,10 @@ async fn put_version(
             }
             None => (Value::Null, None),
         };
-        let tokens = if deleted {
-            Vec::new()
+        let entries = if deleted {
+            index::IndexEntries::default()
         } else {
-            index::extract(&content).tokens
+            index::extract(&content)
         };
         let old_e = current.map_or(0, |c| c.e);
         let delta = (old_e ^ e, i64::from(current.is_none()));
@@ -336,7 +336,7 @@ async fn put_version(
                 (false, false) => "create",
             },
             body: body_text,
-            tokens: &tokens,
+            index: &entries,
             is_new: current.is_none(),
             was_live,
             inline_digest: w.inline_digest,
