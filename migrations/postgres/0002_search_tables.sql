@@ -5,7 +5,7 @@ CREATE TABLE search_string (
     tenant        TEXT NOT NULL,
     resource_type TEXT NOT NULL,
     param         TEXT NOT NULL,
-    folded        TEXT NOT NULL, -- lower case, accents removed: default and :contains
+    folded        TEXT COLLATE "C" NOT NULL, -- lower case, accents removed; bytewise for prefix ranges
     exact         TEXT NOT NULL, -- as written: :exact
     id            TEXT NOT NULL
 );
@@ -59,7 +59,7 @@ CREATE TABLE search_uri (
     tenant        TEXT NOT NULL,
     resource_type TEXT NOT NULL,
     param         TEXT NOT NULL,
-    uri           TEXT NOT NULL,
+    uri           TEXT COLLATE "C" NOT NULL,
     id            TEXT NOT NULL
 );
 CREATE INDEX search_uri_lookup ON search_uri (tenant, resource_type, param, uri, id);

@@ -153,6 +153,14 @@ impl Registry {
             .map(Arc::as_ref)
     }
 
+    /// A parameter every resource type has (`_id`, `_lastUpdated`, `_tag`…).
+    pub fn get_common(&self, code: &str) -> Option<&SearchParamDef> {
+        ["Resource", "DomainResource"]
+            .iter()
+            .find_map(|t| self.by_type.get(*t)?.get(code))
+            .map(Arc::as_ref)
+    }
+
     /// A parameter by canonical URL (how composites name their components).
     pub fn by_url(&self, url: &str) -> Option<&SearchParamDef> {
         self.by_url.get(url).map(Arc::as_ref)

@@ -4,7 +4,8 @@
 //! ones every resource has (`_id`, `_lastUpdated`) and `identifier`, which conditional operations
 //! need; the full R4 registry plugs in behind the same function.
 
-use crate::date::{parse_fhir_date, DateValue, Prefix};
+pub use crate::date::Prefix;
+use crate::date::{parse_fhir_date, DateValue};
 use crate::error::{Error, Result};
 use crate::model::{is_valid_id, ResourceType};
 
@@ -35,14 +36,7 @@ pub enum TotalMode {
     Accurate,
 }
 
-/// The type of a search parameter, as in R4 `SearchParameter.type`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ParamType {
-    /// `token`: system|code pairs.
-    Token,
-    /// `date`: ranges with prefixes.
-    Date,
-}
+pub use crate::registry::SearchParamType as ParamType;
 
 /// One token value: `[system]|[code]`, `|[code]`, `[code]` or `[system]|`.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -53,6 +47,49 @@ pub struct TokenValue {
     pub code: Option<String>,
 }
 
+/// A number searched with a prefix, with the precision range the written value implies.
+#[derive(Clone, Debug, PartialEq)]
+pub struct NumberValue {
+    /// How the stored value must relate.
+    pub prefix: Prefix,
+    /// The value as written.
+    pub value: f64,
+    /// Lower bound of its implicit precision range (`100` → 99.5).
+    pub low: f64,
+    /// Upper bound (`100` → 100.5).
+    pub high: f64,
+}
+
+/// A quantity searched as `[prefix][number]|[system]|[code]`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct QuantityValue {
+    /// The number part.
+    pub number: NumberValue,
+    /// The unit system, if given.
+    pub system: Option<String>,
+    /// The unit code (or unit text, when no system is given), if given.
+    pub code: Option<String>,
+}
+
+/// A reference value: `[id]`, `[Type]/[id]`, an absolute URL, or a canonical `url|version`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ReferenceValue {
+    /// A logical id, with the type when one was given (`Patient/1` or `:Patient` + `1`).
+    Local {
+        /// The target type, if known.
+        resource_type: Option<ResourceType>,
+        /// The target id.
+        id: String,
+    },
+    /// An absolute or canonical URL, with a version for `url|version`.
+    Url {
+        /// The URL without version.
+        url: String,
+        /// The version, if given.
+        version: Option<String>,
+    },
+}
+
 /// The values of one criterion, OR-ed together.
 #[derive(Clone, Debug, PartialEq)]
 pub enum CriterionValues {
@@ -60,6 +97,35 @@ pub enum CriterionValues {
     Token(Vec<TokenValue>),
     /// Date values.
     Date(Vec<DateValue>),
+    /// String values, as written (matched on their folded form unless `:exact`).
+    String(Vec<String>),
+    /// Number values.
+    Number(Vec<NumberValue>),
+    /// Quantity values.
+    Quantity(Vec<QuantityValue>),
+    /// Reference values.
+    Reference(Vec<ReferenceValue>),
+    /// Uri values.
+    Uri(Vec<String>),
+    /// `:missing=true` (the resource has no value for the parameter) or `false`.
+    Missing(bool),
+}
+
+/// A search modifier the stores understand.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Modifier {
+    /// string: the whole value, case- and accent-sensitive.
+    Exact,
+    /// string: the value anywhere, case- and accent-insensitive.
+    Contains,
+    /// token: resources that do not have the token (including those with no value at all).
+    Not,
+    /// uri: the value and everything under it.
+    Below,
+    /// uri: the value and everything above it.
+    Above,
+    /// reference: the target must be of this type.
+    Type(ResourceType),
 }
 
 /// One search parameter with its values. Criteria in a query are AND-ed.
@@ -84,17 +150,41 @@ pub struct SearchQuery {
     pub cursor: Option<String>,
     /// `_total`.
     pub total: TotalMode,
+    /// The modifier of each criterion, by position in `criteria` (`None` for plain ones).
+    pub modifiers: Vec<Option<Modifier>>,
     /// Parameters that were ignored under [`Handling::Lenient`], as written.
     pub ignored: Vec<String>,
 }
 
-/// The type of a known parameter, or `None` when it is not known for `resource_type`.
-pub fn param_type(_resource_type: Option<ResourceType>, name: &str) -> Option<ParamType> {
-    match name {
-        "_id" | "identifier" => Some(ParamType::Token),
-        "_lastUpdated" => Some(ParamType::Date),
-        _ => None,
-    }
+/// The type of a parameter from the R4 registry, or `None` when it is not defined for
+/// `resource_type` (for a system-level search: not defined for every resource).
+pub fn param_type(resource_type: Option<ResourceType>, name: &str) -> Option<ParamType> {
+    let reg = crate::registry::Registry::r4();
+    let def = match resource_type {
+        Some(rt) => reg.get(rt, name),
+        None => reg.get_common(name),
+    }?;
+    // Full-text and named-query parameters have no index behind them in the SQL stores; the
+    // full-text secondary claims them by name.
+    def.expression.as_ref()?;
+    Some(def.kind)
+}
+
+/// Parses a number as written, with its implicit precision range.
+pub fn parse_number(prefix: Prefix, text: &str) -> Option<NumberValue> {
+    let value: f64 = text.parse().ok().filter(|v: &f64| v.is_finite())?;
+    let (mantissa, exponent) = match text.split_once(['e', 'E']) {
+        Some((m, e)) => (m, e.parse::<i32>().ok()?),
+        None => (text, 0),
+    };
+    let decimals = mantissa.split_once('.').map_or(0, |(_, f)| f.len());
+    let half = 0.5 * 10f64.powi(exponent - i32::try_from(decimals).ok()?);
+    Some(NumberValue {
+        prefix,
+        value,
+        low: value - half,
+        high: value + half,
+    })
 }
 
 impl SearchQuery {
@@ -174,14 +264,37 @@ impl SearchQuery {
         let Some(kind) = param_type(self.resource_type, base) else {
             return self.ignore(name, value, handling, "unknown search parameter");
         };
-        if let Some(m) = modifier {
-            return match handling {
-                Handling::Strict => Err(Error::Unsupported(format!(
+        let bad = |what: &str| Error::InvalidSearch(format!("{name}={value:?}: {what}"));
+        // R4: a server SHALL reject a modifier it does not support, whatever the handling.
+        let modifier = match (modifier, kind) {
+            (None, _) => None,
+            (Some("missing"), _) => {
+                let missing = match value {
+                    "true" => true,
+                    "false" => false,
+                    _ => return Err(bad(":missing takes true or false")),
+                };
+                self.criteria.push(Criterion {
+                    param: base.to_owned(),
+                    values: CriterionValues::Missing(missing),
+                });
+                self.modifiers.push(None);
+                return Ok(());
+            }
+            (Some("exact"), ParamType::String) => Some(Modifier::Exact),
+            (Some("contains"), ParamType::String) => Some(Modifier::Contains),
+            (Some("not"), ParamType::Token) if base != "_id" => Some(Modifier::Not),
+            (Some("below"), ParamType::Uri) => Some(Modifier::Below),
+            (Some("above"), ParamType::Uri) => Some(Modifier::Above),
+            (Some(m), ParamType::Reference) if ResourceType::new(m).is_ok() => {
+                Some(Modifier::Type(ResourceType::new(m)?))
+            }
+            (Some(m), _) => {
+                return Err(Error::Unsupported(format!(
                     "modifier :{m} on {base} is not supported"
-                ))),
-                Handling::Lenient => self.ignore(name, value, handling, "unsupported modifier"),
-            };
-        }
+                )))
+            }
+        };
         let parts = split_unescaped(value, b',');
         let values = match kind {
             ParamType::Token => {
@@ -213,12 +326,60 @@ impl SearchQuery {
                 }
                 CriterionValues::Date(dates)
             }
+            ParamType::String => CriterionValues::String(parts),
+            ParamType::Uri => CriterionValues::Uri(parts),
+            ParamType::Number => {
+                let mut numbers = Vec::with_capacity(parts.len());
+                for p in &parts {
+                    let (prefix, rest) = Prefix::split(p);
+                    numbers.push(parse_number(prefix, rest).ok_or_else(|| bad("not a number"))?);
+                }
+                CriterionValues::Number(numbers)
+            }
+            ParamType::Quantity => {
+                let mut quantities = Vec::with_capacity(parts.len());
+                for p in &parts {
+                    let pieces = split_unescaped(p, b'|');
+                    let (prefix, rest) = Prefix::split(&pieces[0]);
+                    let number = parse_number(prefix, rest).ok_or_else(|| bad("not a quantity"))?;
+                    let non_empty = |i: usize| pieces.get(i).filter(|s| !s.is_empty()).cloned();
+                    quantities.push(QuantityValue {
+                        number,
+                        system: non_empty(1),
+                        code: non_empty(2),
+                    });
+                }
+                CriterionValues::Quantity(quantities)
+            }
+            ParamType::Reference => {
+                let mut refs = Vec::with_capacity(parts.len());
+                for p in &parts {
+                    refs.push(parse_reference(p, modifier).ok_or_else(|| bad("not a reference"))?);
+                }
+                CriterionValues::Reference(refs)
+            }
+            ParamType::Composite | ParamType::Special => {
+                return match handling {
+                    Handling::Strict => Err(Error::Unsupported(format!(
+                        "{base}: {kind:?} parameters are not supported yet"
+                    ))),
+                    Handling::Lenient => {
+                        self.ignore(name, value, handling, "unsupported parameter")
+                    }
+                }
+            }
         };
         self.criteria.push(Criterion {
             param: base.to_owned(),
             values,
         });
+        self.modifiers.push(modifier);
         Ok(())
+    }
+
+    /// The modifier of criterion `i`.
+    pub fn modifier(&self, i: usize) -> Option<Modifier> {
+        self.modifiers.get(i).copied().flatten()
     }
 
     fn ignore(&mut self, name: &str, value: &str, handling: Handling, why: &str) -> Result<()> {
@@ -229,6 +390,39 @@ impl SearchQuery {
                 Ok(())
             }
         }
+    }
+}
+
+fn parse_reference(value: &str, modifier: Option<Modifier>) -> Option<ReferenceValue> {
+    if value.is_empty() {
+        return None;
+    }
+    let typed = match modifier {
+        Some(Modifier::Type(t)) => Some(t),
+        _ => None,
+    };
+    if value.contains("://") || value.starts_with("urn:") {
+        let (url, version) = match value.split_once('|') {
+            Some((u, v)) => (u.to_owned(), Some(v.to_owned())),
+            None => (value.to_owned(), None),
+        };
+        return Some(ReferenceValue::Url { url, version });
+    }
+    match value.split_once('/') {
+        Some((t, id)) => {
+            let t = ResourceType::new(t).ok()?;
+            if typed.is_some_and(|m| m != t) || !is_valid_id(id) {
+                return None;
+            }
+            Some(ReferenceValue::Local {
+                resource_type: Some(t),
+                id: id.to_owned(),
+            })
+        }
+        None => is_valid_id(value).then(|| ReferenceValue::Local {
+            resource_type: typed,
+            id: value.to_owned(),
+        }),
     }
 }
 
@@ -315,12 +509,70 @@ mod tests {
     }
 
     #[test]
+    fn parses_every_type_with_the_registry() {
+        let obs = ResourceType::new("Observation").ok();
+        let q = SearchQuery::parse(
+            obs,
+            "value-quantity=gt5.4|http://unitsofmeasure.org|mg&subject:Patient=p1&date=ge2020&code:not=x|y",
+            Handling::Strict,
+        )
+        .expect("parses");
+        match &q.criteria[0].values {
+            CriterionValues::Quantity(v) => {
+                assert_eq!(v[0].number.prefix, Prefix::Gt);
+                assert!((v[0].number.low - 5.35).abs() < 1e-9);
+                assert_eq!(v[0].code.as_deref(), Some("mg"));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(
+            q.criteria[1].values,
+            CriterionValues::Reference(vec![ReferenceValue::Local {
+                resource_type: ResourceType::new("Patient").ok(),
+                id: "p1".into()
+            }])
+        );
+        assert_eq!(q.modifier(3), Some(Modifier::Not));
+        let p = SearchQuery::parse(
+            pt(),
+            "family:exact=Chalmers&birthdate:missing=true",
+            Handling::Strict,
+        )
+        .expect("parses");
+        assert_eq!(p.modifier(0), Some(Modifier::Exact));
+        assert_eq!(p.criteria[1].values, CriterionValues::Missing(true));
+        for (rt, bad) in [
+            (pt(), "family:below=x"),
+            (pt(), "gender:exact=x"),
+            (pt(), "birthdate:missing=maybe"),
+            (obs, "subject:Nope=1"),
+            (obs, "value-quantity=abc"),
+        ] {
+            assert!(
+                SearchQuery::parse(rt, bad, Handling::Lenient).is_err(),
+                "{bad}"
+            );
+        }
+        assert!(SearchQuery::parse(
+            pt(),
+            "general-practitioner=Observation/x/y",
+            Handling::Lenient
+        )
+        .is_err());
+    }
+
+    #[test]
     fn unknown_parameters_depend_on_handling() {
         let q = SearchQuery::parse(pt(), "foo=bar&_id=x", Handling::Lenient).expect("lenient");
         assert_eq!(q.ignored, vec!["foo".to_string()]);
         assert_eq!(q.criteria.len(), 1);
         let e = SearchQuery::parse(pt(), "foo=bar", Handling::Strict).expect_err("strict");
         assert!(matches!(e, Error::InvalidSearch(m) if m.contains("foo")));
+        let e = SearchQuery::parse(pt(), "family:sounds-like=x", Handling::Lenient);
+        assert!(
+            matches!(e, Err(Error::Unsupported(_))),
+            "modifiers are never ignored: {e:?}"
+        );
     }
 
     #[test]

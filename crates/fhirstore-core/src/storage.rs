@@ -26,17 +26,20 @@ pub struct Capabilities {
     pub write: bool,
     /// Atomic multi-entry transactions.
     pub transaction: bool,
-    /// Search parameters answered, by name (`_id`, `_lastUpdated`, `identifier`, …).
+    /// Search parameters answered by name, whatever their type (`_id`, `_text`, …).
     pub search_params: Vec<&'static str>,
+    /// Parameter types answered for every registered parameter of that type.
+    pub search_types: Vec<crate::search::ParamType>,
 }
 
 impl Capabilities {
-    /// Whether every criterion of `query` names a parameter this backend answers.
+    /// Whether this backend answers every criterion of `query`.
     pub fn can_search(&self, query: &SearchQuery) -> bool {
-        query
-            .criteria
-            .iter()
-            .all(|c| self.search_params.contains(&c.param.as_str()))
+        query.criteria.iter().all(|c| {
+            self.search_params.contains(&c.param.as_str())
+                || crate::search::param_type(query.resource_type, &c.param)
+                    .is_some_and(|t| self.search_types.contains(&t))
+        })
     }
 }
 

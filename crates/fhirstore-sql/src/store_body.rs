@@ -15,7 +15,9 @@ use fhirstore_core::digest::{
 };
 use fhirstore_core::index;
 use fhirstore_core::resource::{check_body, prepare_body, IdRule};
-use fhirstore_core::search::{CriterionValues, TotalMode};
+use fhirstore_core::search::{
+    CriterionValues, Modifier, NumberValue, ParamType, Prefix, ReferenceValue, TotalMode,
+};
 use fhirstore_core::{
     from_micros, now_micros, Capabilities, Deleted, Error, HistoryPage, HistoryRequest,
     HistoryScope, LogicalId, OpOutcome, Permission, ResourceKey, ResourceStorage, ResourceType,
@@ -31,8 +33,18 @@ use crate::{
     SegmentDigest, VersionRow,
 };
 
-/// The search parameters this backend indexes.
-const SEARCH_PARAMS: [&str; 3] = ["_id", "_lastUpdated", "identifier"];
+/// Parameters answered from the resources table's own columns.
+const NATIVE_PARAMS: [&str; 2] = ["_id", "_lastUpdated"];
+/// Parameter types answered from the index tables.
+const SEARCH_TYPES: [ParamType; 7] = [
+    ParamType::Token,
+    ParamType::String,
+    ParamType::Date,
+    ParamType::Number,
+    ParamType::Quantity,
+    ParamType::Reference,
+    ParamType::Uri,
+];
 /// A conditional delete matching more than this fails rather than deleting without bound.
 const MAX_CONDITIONAL_DELETE: usize = 1_000;
 /// Rows per multi-row INSERT; well under SQLite's bound-parameter limit.
@@ -112,10 +124,162 @@ fn key_from_row(rt: &str, id: String) -> Result<ResourceKey> {
     ))
 }
 
+/// The index table holding a parameter type's rows.
+fn index_table(kind: ParamType) -> Option<&'static str> {
+    Some(match kind {
+        ParamType::Token => "search_token",
+        ParamType::String => "search_string",
+        ParamType::Date => "search_date",
+        ParamType::Number | ParamType::Quantity => "search_quantity",
+        ParamType::Reference => "search_reference",
+        ParamType::Uri => "search_uri",
+        ParamType::Composite | ParamType::Special => return None,
+    })
+}
+
+/// Opens ` AND [NOT] EXISTS (SELECT 1 FROM table t WHERE <t belongs to r> AND t.param = ?`; the
+/// caller closes it with `)`.
+fn push_exists(qb: &mut QueryBuilder<'_, Db>, table: &str, param: &str, negate: bool) {
+    qb.push(if negate {
+        " AND NOT EXISTS (SELECT 1 FROM "
+    } else {
+        " AND EXISTS (SELECT 1 FROM "
+    });
+    qb.push(table);
+    qb.push(
+        " t WHERE t.tenant = r.tenant AND t.resource_type = r.resource_type AND t.id = r.id \
+         AND t.param = ",
+    );
+    qb.push_bind(param.to_owned());
+}
+
+/// Pushes `(p1 OR p2 …)`, one alternative per value.
+fn push_any<T>(
+    qb: &mut QueryBuilder<'_, Db>,
+    values: &[T],
+    mut each: impl FnMut(&mut QueryBuilder<'_, Db>, &T),
+) {
+    qb.push(" AND (");
+    for (i, v) in values.iter().enumerate() {
+        if i > 0 {
+            qb.push(" OR ");
+        }
+        qb.push("(");
+        each(qb, v);
+        qb.push(")");
+    }
+    qb.push(")");
+}
+
+/// Escapes `%`, `_` and `\` for a LIKE pattern with `ESCAPE '\'`.
+fn like_escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        if matches!(c, '%' | '_' | '\\') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// A stored range `[t.low, t.high)` against a searched range, by prefix (R4 search §3.1.1.4.3;
+/// the same rules as `DateValue::matches`).
+fn push_range_predicate(
+    qb: &mut QueryBuilder<'_, Db>,
+    d: &fhirstore_core::date::DateValue,
+    now: i64,
+) {
+    use fhirstore_core::date::Prefix;
+    let (ql, qh) = (d.range.low, d.range.high);
+    let within = |qb: &mut QueryBuilder<'_, Db>| {
+        qb.push("(t.low >= ");
+        qb.push_bind(ql);
+        qb.push(" AND t.high <= ");
+        qb.push_bind(qh);
+        qb.push(")");
+    };
+    match d.prefix {
+        Prefix::Eq => within(qb),
+        Prefix::Ne => {
+            qb.push("NOT ");
+            within(qb);
+        }
+        Prefix::Gt => {
+            qb.push("t.high > ");
+            qb.push_bind(qh);
+        }
+        Prefix::Lt => {
+            qb.push("t.low < ");
+            qb.push_bind(ql);
+        }
+        Prefix::Ge => {
+            qb.push("t.high > ");
+            qb.push_bind(qh);
+            qb.push(" OR ");
+            within(qb);
+        }
+        Prefix::Le => {
+            qb.push("t.low < ");
+            qb.push_bind(ql);
+            qb.push(" OR ");
+            within(qb);
+        }
+        Prefix::Sa => {
+            qb.push("t.low >= ");
+            qb.push_bind(qh);
+        }
+        Prefix::Eb => {
+            qb.push("t.high <= ");
+            qb.push_bind(ql);
+        }
+        Prefix::Ap => {
+            let a = d.approximate_bounds(now);
+            qb.push("t.low < ");
+            qb.push_bind(a.high);
+            qb.push(" AND t.high > ");
+            qb.push_bind(a.low);
+        }
+    }
+}
+
+/// A stored number `t.value` against a searched number: `eq` uses the searched value's implicit
+/// precision range, the ordering prefixes its exact value, `ap` ±10%.
+fn push_number_predicate(qb: &mut QueryBuilder<'_, Db>, n: &NumberValue) {
+    let op = match n.prefix {
+        Prefix::Eq | Prefix::Ne => {
+            qb.push(if n.prefix == Prefix::Ne { "NOT " } else { "" });
+            qb.push("(t.value >= ");
+            qb.push_bind(n.low);
+            qb.push(" AND t.value < ");
+            qb.push_bind(n.high);
+            qb.push(")");
+            return;
+        }
+        Prefix::Ap => {
+            let pad = (n.value.abs() * 0.1).max(n.high - n.low);
+            qb.push("t.value >= ");
+            qb.push_bind(n.value - pad);
+            qb.push(" AND t.value <= ");
+            qb.push_bind(n.value + pad);
+            return;
+        }
+        Prefix::Gt | Prefix::Sa => " > ",
+        Prefix::Lt | Prefix::Eb => " < ",
+        Prefix::Ge => " >= ",
+        Prefix::Le => " <= ",
+    };
+    qb.push("t.value");
+    qb.push(op);
+    qb.push_bind(n.value);
+}
+
 /// Appends `AND (...)` for every criterion of `query` to a statement over `resources r`.
 fn push_criteria(qb: &mut QueryBuilder<'_, Db>, query: &SearchQuery, now: i64) -> Result<()> {
-    for c in &query.criteria {
-        match (c.param.as_str(), &c.values) {
+    for (i, c) in query.criteria.iter().enumerate() {
+        let modifier = query.modifier(i);
+        let param = c.param.as_str();
+        match (param, &c.values) {
             ("_id", CriterionValues::Token(tokens)) => {
                 qb.push(" AND r.id IN (");
                 let mut sep = qb.separated(", ");
@@ -134,18 +298,21 @@ fn push_criteria(qb: &mut QueryBuilder<'_, Db>, query: &SearchQuery, now: i64) -
                 }
                 qb.push(")");
             }
-            (param, CriterionValues::Token(tokens)) if SEARCH_PARAMS.contains(&param) => {
-                qb.push(
-                    " AND EXISTS (SELECT 1 FROM search_token t WHERE t.tenant = r.tenant \
-                     AND t.resource_type = r.resource_type AND t.id = r.id AND t.param = ",
-                );
-                qb.push_bind(param.to_owned());
-                qb.push(" AND (");
-                for (i, t) in tokens.iter().enumerate() {
-                    if i > 0 {
-                        qb.push(" OR ");
-                    }
-                    qb.push("(1 = 1");
+            ("_id" | "_lastUpdated", CriterionValues::Missing(missing)) => {
+                // Every resource has both.
+                qb.push(if *missing { " AND 1 = 0" } else { "" });
+            }
+            (_, CriterionValues::Missing(missing)) => {
+                let table = fhirstore_core::search::param_type(query.resource_type, param)
+                    .and_then(index_table)
+                    .ok_or_else(|| Error::Unsupported(format!("{param}:missing")))?;
+                push_exists(qb, table, param, *missing);
+                qb.push(")");
+            }
+            (_, CriterionValues::Token(tokens)) => {
+                push_exists(qb, "search_token", param, modifier == Some(Modifier::Not));
+                push_any(qb, tokens, |qb, t| {
+                    qb.push("1 = 1");
                     if let Some(code) = &t.code {
                         qb.push(" AND t.code = ");
                         qb.push_bind(code.clone());
@@ -154,14 +321,111 @@ fn push_criteria(qb: &mut QueryBuilder<'_, Db>, query: &SearchQuery, now: i64) -
                         qb.push(" AND t.system = ");
                         qb.push_bind(system.clone());
                     }
-                    qb.push(")");
-                }
-                qb.push("))");
+                });
+                qb.push(")");
             }
-            (param, _) => {
-                return Err(Error::Unsupported(format!(
-                    "search parameter {param} is not supported by the {DIALECT:?} store"
-                )))
+            (_, CriterionValues::String(values)) => {
+                push_exists(qb, "search_string", param, false);
+                push_any(qb, values, |qb, v| match modifier {
+                    Some(Modifier::Exact) => {
+                        qb.push("t.exact = ");
+                        qb.push_bind(v.clone());
+                    }
+                    Some(Modifier::Contains) => {
+                        qb.push("t.folded LIKE ");
+                        qb.push_bind(format!("%{}%", like_escape(&index::fold(v))));
+                        qb.push(" ESCAPE '\\'");
+                    }
+                    _ => {
+                        // Starts-with as a range, so the (param, folded) index serves it. The
+                        // columns compare bytewise (SQLite BINARY, PostgreSQL COLLATE "C").
+                        let folded = index::fold(v);
+                        qb.push("t.folded >= ");
+                        qb.push_bind(folded.clone());
+                        qb.push(" AND t.folded < ");
+                        qb.push_bind(format!("{folded}\u{10FFFF}"));
+                    }
+                });
+                qb.push(")");
+            }
+            (_, CriterionValues::Date(dates)) => {
+                push_exists(qb, "search_date", param, false);
+                push_any(qb, dates, |qb, d| push_range_predicate(qb, d, now));
+                qb.push(")");
+            }
+            (_, CriterionValues::Number(numbers)) => {
+                push_exists(qb, "search_quantity", param, false);
+                push_any(qb, numbers, push_number_predicate);
+                qb.push(")");
+            }
+            (_, CriterionValues::Quantity(quantities)) => {
+                push_exists(qb, "search_quantity", param, false);
+                push_any(qb, quantities, |qb, q| {
+                    push_number_predicate(qb, &q.number);
+                    match (&q.system, &q.code) {
+                        (Some(system), Some(code)) => {
+                            qb.push(" AND t.system = ");
+                            qb.push_bind(system.clone());
+                            qb.push(" AND t.code = ");
+                            qb.push_bind(code.clone());
+                        }
+                        (None, Some(code)) => {
+                            qb.push(" AND (t.code = ");
+                            qb.push_bind(code.clone());
+                            qb.push(" OR t.unit = ");
+                            qb.push_bind(code.clone());
+                            qb.push(")");
+                        }
+                        (Some(system), None) => {
+                            qb.push(" AND t.system = ");
+                            qb.push_bind(system.clone());
+                        }
+                        (None, None) => {}
+                    }
+                });
+                qb.push(")");
+            }
+            (_, CriterionValues::Reference(refs)) => {
+                push_exists(qb, "search_reference", param, false);
+                push_any(qb, refs, |qb, r| match r {
+                    ReferenceValue::Local { resource_type, id } => {
+                        qb.push("t.target_id = ");
+                        qb.push_bind(id.clone());
+                        if let Some(t) = resource_type {
+                            qb.push(" AND t.target_type = ");
+                            qb.push_bind(t.as_str());
+                        }
+                    }
+                    ReferenceValue::Url { url, version } => {
+                        qb.push("t.url = ");
+                        qb.push_bind(url.clone());
+                        if let Some(v) = version {
+                            qb.push(" AND t.version = ");
+                            qb.push_bind(v.clone());
+                        }
+                    }
+                });
+                qb.push(")");
+            }
+            (_, CriterionValues::Uri(uris)) => {
+                push_exists(qb, "search_uri", param, false);
+                push_any(qb, uris, |qb, u| match modifier {
+                    Some(Modifier::Below) => {
+                        qb.push("t.uri LIKE ");
+                        qb.push_bind(format!("{}%", like_escape(u)));
+                        qb.push(" ESCAPE '\\'");
+                    }
+                    Some(Modifier::Above) => {
+                        qb.push("substr(");
+                        qb.push_bind(u.clone());
+                        qb.push(", 1, length(t.uri)) = t.uri");
+                    }
+                    _ => {
+                        qb.push("t.uri = ");
+                        qb.push_bind(u.clone());
+                    }
+                });
+                qb.push(")");
             }
         }
     }
@@ -924,7 +1188,8 @@ impl ResourceStorage for Store {
         caps.history = true;
         caps.write = true;
         caps.transaction = true;
-        caps.search_params = SEARCH_PARAMS.to_vec();
+        caps.search_params = NATIVE_PARAMS.to_vec();
+        caps.search_types = SEARCH_TYPES.to_vec();
         caps
     }
 

@@ -42,6 +42,7 @@ macro_rules! conformance_tests {
             search_by_id_and_last_updated,
             search_by_identifier,
             search_paging_covers_every_match_once,
+            search_parameter_types,
             conditional_create,
             conditional_update,
             conditional_delete,
