@@ -36,17 +36,19 @@ CREATE TABLE resource_versions (
 CREATE INDEX resource_versions_type_seq ON resource_versions (tenant, resource_type, seq);
 CREATE INDEX resource_versions_seq ON resource_versions (tenant, seq);
 
--- Token search index (system|code) of current versions.
+-- Token search index (system|code) of current versions. Index tables are clustered by their
+-- owning resource (WITHOUT ROWID, key leading with tenant, type, id): a write replaces its rows
+-- through the key, and each row costs two B-tree entries instead of three.
 CREATE TABLE search_token (
     tenant        TEXT NOT NULL,
     resource_type TEXT NOT NULL,
+    id            TEXT NOT NULL,
     param         TEXT NOT NULL,
     system        TEXT NOT NULL, -- '' when the value has no system
     code          TEXT NOT NULL,
-    id            TEXT NOT NULL
-);
+    PRIMARY KEY (tenant, resource_type, id, param, system, code)
+) WITHOUT ROWID;
 CREATE INDEX search_token_lookup ON search_token (tenant, resource_type, param, code, system, id);
-CREATE INDEX search_token_owner ON search_token (tenant, resource_type, id);
 
 -- The transactional outbox: one row per written version, in commit order. Secondaries learn of
 -- changes only from here.

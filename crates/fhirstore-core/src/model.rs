@@ -66,9 +66,14 @@ impl LogicalId {
         }
     }
 
-    /// A fresh server-assigned id (a random UUID, which is a valid FHIR id).
+    /// A fresh server-assigned id: a UUIDv7, which is a valid FHIR id.
+    ///
+    /// Version 7 UUIDs start with a millisecond timestamp, so ids created one after another sort
+    /// together. Every B-tree keyed by id (current rows, versions, index rows clustered by
+    /// owner) then takes consecutive creates on the same right-edge page instead of a random
+    /// one each; random v4 ids made each create dirty dozens of pages.
     pub fn generate() -> Self {
-        LogicalId(uuid::Uuid::new_v4().to_string())
+        LogicalId(uuid::Uuid::now_v7().to_string())
     }
 
     /// The id as a string.

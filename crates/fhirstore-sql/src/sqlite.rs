@@ -151,7 +151,10 @@ impl Store {
                 Durability::Normal => SqliteSynchronous::Normal,
             })
             .busy_timeout(config.busy_timeout)
-            .pragma("temp_store", "memory");
+            .pragma("temp_store", "memory")
+            // Checkpoint every ~40 MB of WAL instead of 4 MB: hot index pages are rewritten by
+            // many commits, and a longer interval copies each back once (measured +10% creates).
+            .pragma("wal_autocheckpoint", "10000");
         // An embedded connection cannot go stale the way a network one can, and the pool's
         // liveness ping is a round trip to sqlx's worker thread on every checkout.
         let writer = SqlitePoolOptions::new()
