@@ -128,13 +128,50 @@ pub enum Modifier {
     Type(ResourceType),
 }
 
+/// One step from the searched type to the type a chained criterion applies to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ChainLink {
+    /// `param[:Type].` — follow the reference parameter `param` to resources of `target`.
+    Forward {
+        /// A reference parameter of the current type.
+        param: String,
+        /// The type referenced.
+        target: ResourceType,
+    },
+    /// `_has:Source:param:` — resources of `source` whose reference parameter `param` points
+    /// at the current resource.
+    Reverse {
+        /// The type that holds the reference.
+        source: ResourceType,
+        /// Its reference parameter.
+        param: String,
+    },
+}
+
 /// One search parameter with its values. Criteria in a query are AND-ed.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Criterion {
-    /// The parameter name, e.g. `identifier`, `_id`.
+    /// The parameter name, e.g. `identifier`, `_id`; for a chain, the parameter at its end.
     pub param: String,
+    /// The modifier, if any.
+    pub modifier: Option<Modifier>,
+    /// The chain from the searched type to the type `param` belongs to; empty when `param` is
+    /// the searched type's own.
+    pub chain: Vec<ChainLink>,
     /// The values, any of which may match.
     pub values: CriterionValues,
+}
+
+impl Criterion {
+    /// A plain criterion on the searched type's own parameter.
+    pub fn new(param: impl Into<String>, values: CriterionValues) -> Self {
+        Criterion {
+            param: param.into(),
+            modifier: None,
+            chain: Vec::new(),
+            values,
+        }
+    }
 }
 
 /// A parsed search.
@@ -150,8 +187,6 @@ pub struct SearchQuery {
     pub cursor: Option<String>,
     /// `_total`.
     pub total: TotalMode,
-    /// The modifier of each criterion, by position in `criteria` (`None` for plain ones).
-    pub modifiers: Vec<Option<Modifier>>,
     /// Parameters that were ignored under [`Handling::Lenient`], as written.
     pub ignored: Vec<String>,
 }
@@ -261,125 +296,121 @@ impl SearchQuery {
             "_format" | "_pretty" | "_summary" | "_elements" => return Ok(()),
             _ => {}
         }
-        let Some(kind) = param_type(self.resource_type, base) else {
-            return self.ignore(name, value, handling, "unknown search parameter");
-        };
-        let bad = |what: &str| Error::InvalidSearch(format!("{name}={value:?}: {what}"));
-        // R4: a server SHALL reject a modifier it does not support, whatever the handling.
-        let modifier = match (modifier, kind) {
-            (None, _) => None,
-            (Some("missing"), _) => {
-                let missing = match value {
-                    "true" => true,
-                    "false" => false,
-                    _ => return Err(bad(":missing takes true or false")),
-                };
-                self.criteria.push(Criterion {
-                    param: base.to_owned(),
-                    values: CriterionValues::Missing(missing),
-                });
-                self.modifiers.push(None);
-                return Ok(());
+        if name.starts_with("_has:") || name.contains('.') {
+            return self.add_chained(name, value, handling);
+        }
+        match parse_criterion(self.resource_type, base, modifier, value, handling)? {
+            Some(c) => {
+                self.criteria.push(c);
+                Ok(())
             }
-            (Some("exact"), ParamType::String) => Some(Modifier::Exact),
-            (Some("contains"), ParamType::String) => Some(Modifier::Contains),
-            (Some("not"), ParamType::Token) if base != "_id" => Some(Modifier::Not),
-            (Some("below"), ParamType::Uri) => Some(Modifier::Below),
-            (Some("above"), ParamType::Uri) => Some(Modifier::Above),
-            (Some(m), ParamType::Reference) if ResourceType::new(m).is_ok() => {
-                Some(Modifier::Type(ResourceType::new(m)?))
-            }
-            (Some(m), _) => {
-                return Err(Error::Unsupported(format!(
-                    "modifier :{m} on {base} is not supported"
-                )))
-            }
-        };
-        let parts = split_unescaped(value, b',');
-        let values = match kind {
-            ParamType::Token => {
-                let mut tokens = Vec::with_capacity(parts.len());
-                for p in &parts {
-                    let t = parse_token(p);
-                    if base == "_id" {
-                        match &t.code {
-                            Some(c) if t.system.is_none() && is_valid_id(c) => {}
-                            _ => {
-                                return Err(Error::InvalidSearch(format!(
-                                    "_id={p:?} is not a valid resource id"
-                                )))
-                            }
-                        }
-                    }
-                    tokens.push(t);
-                }
-                CriterionValues::Token(tokens)
-            }
-            ParamType::Date => {
-                let mut dates = Vec::with_capacity(parts.len());
-                for p in &parts {
-                    let (prefix, rest) = Prefix::split(p);
-                    let range = parse_fhir_date(rest).ok_or_else(|| {
-                        Error::InvalidSearch(format!("{base}={p:?} is not a FHIR date"))
-                    })?;
-                    dates.push(DateValue { prefix, range });
-                }
-                CriterionValues::Date(dates)
-            }
-            ParamType::String => CriterionValues::String(parts),
-            ParamType::Uri => CriterionValues::Uri(parts),
-            ParamType::Number => {
-                let mut numbers = Vec::with_capacity(parts.len());
-                for p in &parts {
-                    let (prefix, rest) = Prefix::split(p);
-                    numbers.push(parse_number(prefix, rest).ok_or_else(|| bad("not a number"))?);
-                }
-                CriterionValues::Number(numbers)
-            }
-            ParamType::Quantity => {
-                let mut quantities = Vec::with_capacity(parts.len());
-                for p in &parts {
-                    let pieces = split_unescaped(p, b'|');
-                    let (prefix, rest) = Prefix::split(&pieces[0]);
-                    let number = parse_number(prefix, rest).ok_or_else(|| bad("not a quantity"))?;
-                    let non_empty = |i: usize| pieces.get(i).filter(|s| !s.is_empty()).cloned();
-                    quantities.push(QuantityValue {
-                        number,
-                        system: non_empty(1),
-                        code: non_empty(2),
-                    });
-                }
-                CriterionValues::Quantity(quantities)
-            }
-            ParamType::Reference => {
-                let mut refs = Vec::with_capacity(parts.len());
-                for p in &parts {
-                    refs.push(parse_reference(p, modifier).ok_or_else(|| bad("not a reference"))?);
-                }
-                CriterionValues::Reference(refs)
-            }
-            ParamType::Composite | ParamType::Special => {
-                return match handling {
-                    Handling::Strict => Err(Error::Unsupported(format!(
-                        "{base}: {kind:?} parameters are not supported yet"
-                    ))),
-                    Handling::Lenient => {
-                        self.ignore(name, value, handling, "unsupported parameter")
-                    }
-                }
-            }
-        };
-        self.criteria.push(Criterion {
-            param: base.to_owned(),
-            values,
-        });
-        self.modifiers.push(modifier);
-        Ok(())
+            None => self.ignore(
+                name,
+                value,
+                handling,
+                "unknown or unsupported search parameter",
+            ),
+        }
     }
 
-    /// The modifier of criterion `i`.
-    pub fn modifier(&self, i: usize) -> Option<Modifier> {
-        self.modifiers.get(i).copied().flatten()
+    /// `a:Type.b.c=v` and `_has:Type:param:…=v`: resolves each link against the registry and
+    /// parses the final parameter against the type the chain ends at.
+    fn add_chained(&mut self, name: &str, value: &str, handling: Handling) -> Result<()> {
+        let bad = |why: String| Error::InvalidSearch(format!("{name}: {why}"));
+        let reg = crate::registry::Registry::r4();
+        let mut current = self
+            .resource_type
+            .ok_or_else(|| bad("chained parameters need a resource type".into()))?;
+        let mut chain = Vec::new();
+        let mut rest = name;
+        loop {
+            if let Some(after) = rest.strip_prefix("_has:") {
+                let mut parts = after.splitn(3, ':');
+                let (Some(source), Some(param), Some(tail)) =
+                    (parts.next(), parts.next(), parts.next())
+                else {
+                    return Err(bad("expected _has:Type:param:parameter".into()));
+                };
+                let source =
+                    ResourceType::new(source).map_err(|_| bad(format!("unknown type {source}")))?;
+                let def = reg
+                    .get(source, param)
+                    .filter(|d| d.kind == ParamType::Reference)
+                    .ok_or_else(|| bad(format!("{source} has no reference parameter {param}")))?;
+                if !def.targets.is_empty() && !def.targets.iter().any(|t| t == current.as_str()) {
+                    return Err(bad(format!("{source}.{param} cannot point at {current}")));
+                }
+                chain.push(ChainLink::Reverse {
+                    source,
+                    param: param.to_owned(),
+                });
+                current = source;
+                rest = tail;
+                continue;
+            }
+            let Some((link, tail)) = rest.split_once('.') else {
+                break;
+            };
+            let (param, typed) = match link.split_once(':') {
+                Some((p, t)) => (p, Some(t)),
+                None => (link, None),
+            };
+            let def = reg
+                .get(current, param)
+                .filter(|d| d.kind == ParamType::Reference)
+                .ok_or_else(|| bad(format!("{current} has no reference parameter {param}")))?;
+            let target = match typed {
+                Some(t) => ResourceType::new(t).map_err(|_| bad(format!("unknown type {t}")))?,
+                None => {
+                    // Of the declared targets, only those that define the next parameter can
+                    // continue the chain (`patient.family`: Group has no `family`).
+                    let next = tail.split(['.', ':']).next().unwrap_or("");
+                    let fits: Vec<ResourceType> = def
+                        .targets
+                        .iter()
+                        .filter_map(|t| ResourceType::new(t).ok())
+                        .filter(|t| next == "_has" || reg.get(*t, next).is_some())
+                        .collect();
+                    match fits.as_slice() {
+                        [only] => *only,
+                        [] => {
+                            return Err(bad(format!(
+                                "no type {current}.{param} points at has a parameter {next}"
+                            )))
+                        }
+                        _ => {
+                            return Err(bad(format!(
+                                "{current}.{param} can point at several types with {next}; \
+                                 name one, as {param}:Type"
+                            )))
+                        }
+                    }
+                }
+            };
+            chain.push(ChainLink::Forward {
+                param: param.to_owned(),
+                target,
+            });
+            current = target;
+            rest = tail;
+        }
+        let (base, modifier) = match rest.split_once(':') {
+            Some((b, m)) => (b, Some(m)),
+            None => (rest, None),
+        };
+        match parse_criterion(Some(current), base, modifier, value, Handling::Strict)? {
+            Some(mut c) => {
+                c.chain = chain;
+                self.criteria.push(c);
+                Ok(())
+            }
+            None => self.ignore(
+                name,
+                value,
+                handling,
+                "unknown parameter at the end of a chain",
+            ),
+        }
     }
 
     fn ignore(&mut self, name: &str, value: &str, handling: Handling, why: &str) -> Result<()> {
@@ -391,6 +422,128 @@ impl SearchQuery {
             }
         }
     }
+}
+
+/// Parses one parameter's value by its registry type. `Ok(None)`: the parameter is unknown, or
+/// of a type that cannot be searched yet, and may be ignored under lenient handling.
+fn parse_criterion(
+    resource_type: Option<ResourceType>,
+    base: &str,
+    modifier: Option<&str>,
+    value: &str,
+    handling: Handling,
+) -> Result<Option<Criterion>> {
+    let Some(kind) = param_type(resource_type, base) else {
+        return Ok(None);
+    };
+    let name = match modifier {
+        Some(m) => format!("{base}:{m}"),
+        None => base.to_owned(),
+    };
+    let bad = |what: &str| Error::InvalidSearch(format!("{name}={value:?}: {what}"));
+    // R4: a server SHALL reject a modifier it does not support, whatever the handling.
+    let modifier = match (modifier, kind) {
+        (None, _) => None,
+        (Some("missing"), _) => {
+            let missing = match value {
+                "true" => true,
+                "false" => false,
+                _ => return Err(bad(":missing takes true or false")),
+            };
+            return Ok(Some(Criterion::new(
+                base,
+                CriterionValues::Missing(missing),
+            )));
+        }
+        (Some("exact"), ParamType::String) => Some(Modifier::Exact),
+        (Some("contains"), ParamType::String) => Some(Modifier::Contains),
+        (Some("not"), ParamType::Token) if base != "_id" => Some(Modifier::Not),
+        (Some("below"), ParamType::Uri) => Some(Modifier::Below),
+        (Some("above"), ParamType::Uri) => Some(Modifier::Above),
+        (Some(m), ParamType::Reference) if ResourceType::new(m).is_ok() => {
+            Some(Modifier::Type(ResourceType::new(m)?))
+        }
+        (Some(m), _) => {
+            return Err(Error::Unsupported(format!(
+                "modifier :{m} on {base} is not supported"
+            )))
+        }
+    };
+    let parts = split_unescaped(value, b',');
+    let values = match kind {
+        ParamType::Token => {
+            let mut tokens = Vec::with_capacity(parts.len());
+            for p in &parts {
+                let t = parse_token(p);
+                if base == "_id" {
+                    match &t.code {
+                        Some(c) if t.system.is_none() && is_valid_id(c) => {}
+                        _ => {
+                            return Err(Error::InvalidSearch(format!(
+                                "_id={p:?} is not a valid resource id"
+                            )))
+                        }
+                    }
+                }
+                tokens.push(t);
+            }
+            CriterionValues::Token(tokens)
+        }
+        ParamType::Date => {
+            let mut dates = Vec::with_capacity(parts.len());
+            for p in &parts {
+                let (prefix, rest) = Prefix::split(p);
+                let range = parse_fhir_date(rest).ok_or_else(|| {
+                    Error::InvalidSearch(format!("{base}={p:?} is not a FHIR date"))
+                })?;
+                dates.push(DateValue { prefix, range });
+            }
+            CriterionValues::Date(dates)
+        }
+        ParamType::String => CriterionValues::String(parts),
+        ParamType::Uri => CriterionValues::Uri(parts),
+        ParamType::Number => {
+            let mut numbers = Vec::with_capacity(parts.len());
+            for p in &parts {
+                let (prefix, rest) = Prefix::split(p);
+                numbers.push(parse_number(prefix, rest).ok_or_else(|| bad("not a number"))?);
+            }
+            CriterionValues::Number(numbers)
+        }
+        ParamType::Quantity => {
+            let mut quantities = Vec::with_capacity(parts.len());
+            for p in &parts {
+                let pieces = split_unescaped(p, b'|');
+                let (prefix, rest) = Prefix::split(&pieces[0]);
+                let number = parse_number(prefix, rest).ok_or_else(|| bad("not a quantity"))?;
+                let non_empty = |i: usize| pieces.get(i).filter(|s| !s.is_empty()).cloned();
+                quantities.push(QuantityValue {
+                    number,
+                    system: non_empty(1),
+                    code: non_empty(2),
+                });
+            }
+            CriterionValues::Quantity(quantities)
+        }
+        ParamType::Reference => {
+            let mut refs = Vec::with_capacity(parts.len());
+            for p in &parts {
+                refs.push(parse_reference(p, modifier).ok_or_else(|| bad("not a reference"))?);
+            }
+            CriterionValues::Reference(refs)
+        }
+        ParamType::Composite | ParamType::Special => {
+            return match handling {
+                Handling::Strict => Err(Error::Unsupported(format!(
+                    "{base}: {kind:?} parameters are not supported yet"
+                ))),
+                Handling::Lenient => Ok(None),
+            }
+        }
+    };
+    let mut c = Criterion::new(base, values);
+    c.modifier = modifier;
+    Ok(Some(c))
 }
 
 fn parse_reference(value: &str, modifier: Option<Modifier>) -> Option<ReferenceValue> {
@@ -532,14 +685,14 @@ mod tests {
                 id: "p1".into()
             }])
         );
-        assert_eq!(q.modifier(3), Some(Modifier::Not));
+        assert_eq!(q.criteria[3].modifier, Some(Modifier::Not));
         let p = SearchQuery::parse(
             pt(),
             "family:exact=Chalmers&birthdate:missing=true",
             Handling::Strict,
         )
         .expect("parses");
-        assert_eq!(p.modifier(0), Some(Modifier::Exact));
+        assert_eq!(p.criteria[0].modifier, Some(Modifier::Exact));
         assert_eq!(p.criteria[1].values, CriterionValues::Missing(true));
         for (rt, bad) in [
             (pt(), "family:below=x"),

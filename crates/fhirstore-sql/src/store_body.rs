@@ -139,17 +139,17 @@ fn index_table(kind: ParamType) -> Option<&'static str> {
 
 /// Opens ` AND [NOT] EXISTS (SELECT 1 FROM table t WHERE <t belongs to r> AND t.param = ?`; the
 /// caller closes it with `)`.
-fn push_exists(qb: &mut QueryBuilder<'_, Db>, table: &str, param: &str, negate: bool) {
+fn push_exists(qb: &mut QueryBuilder<'_, Db>, r: &str, table: &str, param: &str, negate: bool) {
     qb.push(if negate {
         " AND NOT EXISTS (SELECT 1 FROM "
     } else {
         " AND EXISTS (SELECT 1 FROM "
     });
     qb.push(table);
-    qb.push(
-        " t WHERE t.tenant = r.tenant AND t.resource_type = r.resource_type AND t.id = r.id \
-         AND t.param = ",
-    );
+    qb.push(format_args!(
+        " t WHERE t.tenant = {r}.tenant AND t.resource_type = {r}.resource_type \
+         AND t.id = {r}.id AND t.param = "
+    ));
     qb.push_bind(param.to_owned());
 }
 
@@ -276,12 +276,66 @@ fn push_number_predicate(qb: &mut QueryBuilder<'_, Db>, n: &NumberValue) {
 
 /// Appends `AND (...)` for every criterion of `query` to a statement over `resources r`.
 fn push_criteria(qb: &mut QueryBuilder<'_, Db>, query: &SearchQuery, now: i64) -> Result<()> {
-    for (i, c) in query.criteria.iter().enumerate() {
-        let modifier = query.modifier(i);
+    for c in &query.criteria {
+        push_criterion(qb, query.resource_type, c, &c.chain, "r", now)?;
+    }
+    Ok(())
+}
+
+/// Appends `AND (...)` for one criterion over the resource aliased `r` (of type `rt`), first
+/// walking `chain`: each link nests an `EXISTS` through `search_reference` to the next resource,
+/// forward along a reference parameter or (for `_has`) backward from resources pointing here.
+fn push_criterion(
+    qb: &mut QueryBuilder<'_, Db>,
+    rt: Option<ResourceType>,
+    c: &fhirstore_core::search::Criterion,
+    chain: &[fhirstore_core::search::ChainLink],
+    r: &str,
+    now: i64,
+) -> Result<()> {
+    use fhirstore_core::search::ChainLink;
+    if let Some((link, rest)) = chain.split_first() {
+        // Aliases get deeper with each link, so an inner query never shadows an outer one.
+        let depth = r.len();
+        let (h, next) = (format!("h{depth}"), format!("{r}n"));
+        qb.push(format_args!(
+            " AND EXISTS (SELECT 1 FROM search_reference {h} JOIN resources {next} \
+             ON {next}.tenant = {h}.tenant AND NOT {next}.deleted AND "
+        ));
+        let next_rt = match link {
+            ChainLink::Forward { param, target } => {
+                qb.push(format_args!(
+                    "{next}.resource_type = {h}.target_type AND {next}.id = {h}.target_id \
+                     WHERE {h}.tenant = {r}.tenant AND {h}.resource_type = {r}.resource_type \
+                     AND {h}.id = {r}.id AND {h}.param = "
+                ));
+                qb.push_bind(param.clone());
+                qb.push(format_args!(" AND {h}.target_type = "));
+                qb.push_bind(target.as_str());
+                *target
+            }
+            ChainLink::Reverse { source, param } => {
+                qb.push(format_args!(
+                    "{next}.resource_type = {h}.resource_type AND {next}.id = {h}.id \
+                     WHERE {h}.tenant = {r}.tenant AND {h}.target_type = {r}.resource_type \
+                     AND {h}.target_id = {r}.id AND {h}.resource_type = "
+                ));
+                qb.push_bind(source.as_str());
+                qb.push(format_args!(" AND {h}.param = "));
+                qb.push_bind(param.clone());
+                *source
+            }
+        };
+        push_criterion(qb, Some(next_rt), c, rest, &next, now)?;
+        qb.push(")");
+        return Ok(());
+    }
+    {
+        let modifier = c.modifier;
         let param = c.param.as_str();
         match (param, &c.values) {
             ("_id", CriterionValues::Token(tokens)) => {
-                qb.push(" AND r.id IN (");
+                qb.push(format_args!(" AND {r}.id IN ("));
                 let mut sep = qb.separated(", ");
                 for t in tokens {
                     sep.push_bind(t.code.clone().unwrap_or_default());
@@ -294,7 +348,11 @@ fn push_criteria(qb: &mut QueryBuilder<'_, Db>, query: &SearchQuery, now: i64) -
                     if i > 0 {
                         qb.push(" OR ");
                     }
-                    push_instant_predicate(qb, "r.last_updated", d.instant_predicate(now));
+                    push_instant_predicate(
+                        qb,
+                        &format!("{r}.last_updated"),
+                        d.instant_predicate(now),
+                    );
                 }
                 qb.push(")");
             }
@@ -303,14 +361,20 @@ fn push_criteria(qb: &mut QueryBuilder<'_, Db>, query: &SearchQuery, now: i64) -
                 qb.push(if *missing { " AND 1 = 0" } else { "" });
             }
             (_, CriterionValues::Missing(missing)) => {
-                let table = fhirstore_core::search::param_type(query.resource_type, param)
+                let table = fhirstore_core::search::param_type(rt, param)
                     .and_then(index_table)
                     .ok_or_else(|| Error::Unsupported(format!("{param}:missing")))?;
-                push_exists(qb, table, param, *missing);
+                push_exists(qb, r, table, param, *missing);
                 qb.push(")");
             }
             (_, CriterionValues::Token(tokens)) => {
-                push_exists(qb, "search_token", param, modifier == Some(Modifier::Not));
+                push_exists(
+                    qb,
+                    r,
+                    "search_token",
+                    param,
+                    modifier == Some(Modifier::Not),
+                );
                 push_any(qb, tokens, |qb, t| {
                     qb.push("1 = 1");
                     if let Some(code) = &t.code {
@@ -325,7 +389,7 @@ fn push_criteria(qb: &mut QueryBuilder<'_, Db>, query: &SearchQuery, now: i64) -
                 qb.push(")");
             }
             (_, CriterionValues::String(values)) => {
-                push_exists(qb, "search_string", param, false);
+                push_exists(qb, r, "search_string", param, false);
                 push_any(qb, values, |qb, v| match modifier {
                     Some(Modifier::Exact) => {
                         qb.push("t.exact = ");
@@ -349,17 +413,17 @@ fn push_criteria(qb: &mut QueryBuilder<'_, Db>, query: &SearchQuery, now: i64) -
                 qb.push(")");
             }
             (_, CriterionValues::Date(dates)) => {
-                push_exists(qb, "search_date", param, false);
+                push_exists(qb, r, "search_date", param, false);
                 push_any(qb, dates, |qb, d| push_range_predicate(qb, d, now));
                 qb.push(")");
             }
             (_, CriterionValues::Number(numbers)) => {
-                push_exists(qb, "search_quantity", param, false);
+                push_exists(qb, r, "search_quantity", param, false);
                 push_any(qb, numbers, push_number_predicate);
                 qb.push(")");
             }
             (_, CriterionValues::Quantity(quantities)) => {
-                push_exists(qb, "search_quantity", param, false);
+                push_exists(qb, r, "search_quantity", param, false);
                 push_any(qb, quantities, |qb, q| {
                     push_number_predicate(qb, &q.number);
                     match (&q.system, &q.code) {
@@ -386,7 +450,7 @@ fn push_criteria(qb: &mut QueryBuilder<'_, Db>, query: &SearchQuery, now: i64) -
                 qb.push(")");
             }
             (_, CriterionValues::Reference(refs)) => {
-                push_exists(qb, "search_reference", param, false);
+                push_exists(qb, r, "search_reference", param, false);
                 push_any(qb, refs, |qb, r| match r {
                     ReferenceValue::Local { resource_type, id } => {
                         qb.push("t.target_id = ");
@@ -408,7 +472,7 @@ fn push_criteria(qb: &mut QueryBuilder<'_, Db>, query: &SearchQuery, now: i64) -
                 qb.push(")");
             }
             (_, CriterionValues::Uri(uris)) => {
-                push_exists(qb, "search_uri", param, false);
+                push_exists(qb, r, "search_uri", param, false);
                 push_any(qb, uris, |qb, u| match modifier {
                     Some(Modifier::Below) => {
                         qb.push("t.uri LIKE ");

@@ -47,13 +47,13 @@ fn query(rt: Option<ResourceType>, qs: &str) -> SearchQuery {
 }
 
 fn identifier_query(system: &str, value: &str) -> SearchQuery {
-    SearchQuery::all(Some(patient())).with(Criterion {
-        param: "identifier".into(),
-        values: CriterionValues::Token(vec![TokenValue {
+    SearchQuery::all(Some(patient())).with(Criterion::new(
+        "identifier",
+        CriterionValues::Token(vec![TokenValue {
             system: Some(system.into()),
             code: Some(value.into()),
         }]),
-    })
+    ))
 }
 
 async fn all_history(
@@ -1653,6 +1653,11 @@ pub async fn search_parameter_types(store: &dyn ResourceStorage) {
                    "subject": {"reference": "Patient/p2"}, "prediction": [{"probabilityDecimal": 0.8}]}),
             json!({"resourceType": "ValueSet", "id": "vs", "status": "active",
                    "url": "http://example.org/fhir/ValueSet/a"}),
+            json!({"resourceType": "Organization", "id": "o1", "name": format!("Acme {}", family[0])}),
+            json!({"resourceType": "Observation", "id": "o4", "status": "final",
+                   "code": {"coding": [{"system": "http://loinc.org", "code": "8867-4"}]},
+                   "subject": {"reference": "Patient/p3"}, "effectiveDateTime": "2019-05-05",
+                   "valueQuantity": {"value": 60, "unit": "/min", "system": "http://unitsofmeasure.org", "code": "/min"}}),
         ]
     };
     for (ctx, families) in [
@@ -1685,7 +1690,11 @@ pub async fn search_parameter_types(store: &dyn ResourceStorage) {
             "code=http://loinc.org|29463-7",
             &["o1", "o3"],
         ),
-        ("Observation", "code:not=http://loinc.org|29463-7", &["o2"]),
+        (
+            "Observation",
+            "code:not=http://loinc.org|29463-7",
+            &["o2", "o4"],
+        ),
         // date: precision ranges and every prefix
         ("Patient", "birthdate=1974", &["p1"]),
         ("Patient", "birthdate=1980", &["p2"]),
@@ -1699,7 +1708,7 @@ pub async fn search_parameter_types(store: &dyn ResourceStorage) {
         ("Observation", "date=2020", &["o1", "o2"]),
         ("Observation", "date=2020-06", &["o1"]),
         ("Observation", "date=gt2020-06-01", &["o3"]),
-        ("Observation", "date=le2020-01-15", &["o2"]),
+        ("Observation", "date=le2020-01-15", &["o2", "o4"]),
         // reference: Type/id, id, :Type, absolute forms
         ("Patient", "general-practitioner=Practitioner/gp1", &["p1"]),
         ("Patient", "general-practitioner=gp1", &["p1"]),
@@ -1737,6 +1746,38 @@ pub async fn search_parameter_types(store: &dyn ResourceStorage) {
             &["vs"],
         ),
         ("ValueSet", "url:below=http://other.org", &[]),
+        // chaining: typed, inferred from a single target, multi-level; never across tenants
+        ("Observation", "subject:Patient.family=chalmers", &["o1"]),
+        ("Observation", "patient.family=chal", &["o1", "o2"]),
+        ("Observation", "patient.family=zed", &[]),
+        ("Observation", "patient.organization.name=acme", &["o4"]),
+        (
+            "Observation",
+            "subject:Patient.gender=female&date=2020",
+            &["o2"],
+        ),
+        // reverse chaining, nested
+        (
+            "Patient",
+            "_has:Observation:patient:code=http://loinc.org|8867-4",
+            &["p2", "p3"],
+        ),
+        (
+            "Patient",
+            "_has:Observation:patient:value-quantity=gt65",
+            &["p1", "p2"],
+        ),
+        (
+            "Patient",
+            "_has:RiskAssessment:subject:probability=gt0.5",
+            &["p2"],
+        ),
+        (
+            "Organization",
+            "_has:Patient:organization:_has:Observation:patient:code=http://loinc.org|8867-4",
+            &["o1"],
+        ),
+        ("Organization", "_has:Patient:organization:family=zed", &[]),
         // :missing on every kind of table
         (
             "Patient",
