@@ -174,6 +174,19 @@ impl Criterion {
     }
 }
 
+/// An `_include` or `_revinclude`: `Source:param[:Target]`, or `*`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Include {
+    /// The type holding the reference; `None` for `*`.
+    pub source: Option<ResourceType>,
+    /// The reference parameter; `None` for `*` (every reference parameter).
+    pub param: Option<String>,
+    /// Only references to this type.
+    pub target: Option<ResourceType>,
+    /// `:iterate`: apply to included resources too, not only to matches.
+    pub iterate: bool,
+}
+
 /// A parsed search.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct SearchQuery {
@@ -187,6 +200,10 @@ pub struct SearchQuery {
     pub cursor: Option<String>,
     /// `_total`.
     pub total: TotalMode,
+    /// `_include`: resources the matches reference.
+    pub includes: Vec<Include>,
+    /// `_revinclude`: resources that reference the matches.
+    pub revincludes: Vec<Include>,
     /// Parameters that were ignored under [`Handling::Lenient`], as written.
     pub ignored: Vec<String>,
 }
@@ -290,6 +307,29 @@ impl SearchQuery {
             }
             "_cursor" => {
                 self.cursor = Some(value.to_owned());
+                return Ok(());
+            }
+            "_include" | "_revinclude" => {
+                let iterate = match modifier {
+                    None => false,
+                    // `recurse` is the R3 spelling of `iterate`.
+                    Some("iterate" | "recurse") => true,
+                    Some(m) => {
+                        return Err(Error::InvalidSearch(format!(
+                            "{base}:{m}: the only modifier is :iterate"
+                        )))
+                    }
+                };
+                let inc = parse_include(value, iterate).ok_or_else(|| {
+                    Error::InvalidSearch(format!(
+                        "{name}={value:?}: expected Type:param[:Target] or *"
+                    ))
+                })?;
+                if base == "_include" {
+                    self.includes.push(inc);
+                } else {
+                    self.revincludes.push(inc);
+                }
                 return Ok(());
             }
             // Result-shaping parameters the store does not act on; the HTTP layer reads them.
@@ -577,6 +617,41 @@ fn parse_reference(value: &str, modifier: Option<Modifier>) -> Option<ReferenceV
             id: value.to_owned(),
         }),
     }
+}
+
+fn parse_include(value: &str, iterate: bool) -> Option<Include> {
+    if value == "*" {
+        return Some(Include {
+            source: None,
+            param: None,
+            target: None,
+            iterate,
+        });
+    }
+    let mut parts = value.split(':');
+    let source = ResourceType::new(parts.next()?).ok()?;
+    let param = parts.next()?;
+    let target = match parts.next() {
+        Some(t) => Some(ResourceType::new(t).ok()?),
+        None => None,
+    };
+    if parts.next().is_some() {
+        return None;
+    }
+    let param = if param == "*" {
+        None
+    } else {
+        let def = crate::registry::Registry::r4().get(source, param)?;
+        (def.kind == ParamType::Reference)
+            .then(|| param.to_owned())?
+            .into()
+    };
+    Some(Include {
+        source: Some(source),
+        param,
+        target,
+        iterate,
+    })
 }
 
 /// Parses a token value, honouring `\|` escapes.

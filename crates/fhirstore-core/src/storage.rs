@@ -199,6 +199,9 @@ pub struct HistoryPage {
 pub struct SearchPage {
     /// Matches, in the query's order.
     pub matches: Vec<StoredResource>,
+    /// Resources added by `_include` and `_revinclude` (FHIR search mode `include`), each once,
+    /// none of them also a match.
+    pub included: Vec<StoredResource>,
     /// The total number of matches, when `_total` asked for it.
     pub total: Option<u64>,
     /// Pass as the query's `cursor` to get the next page; `None` on the last page.

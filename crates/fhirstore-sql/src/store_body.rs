@@ -45,6 +45,10 @@ const SEARCH_TYPES: [ParamType; 7] = [
     ParamType::Reference,
     ParamType::Uri,
 ];
+/// `_include`/`_revinclude` rounds, and resources they may add to one page: `:iterate` over a
+/// densely linked graph must not pull in a whole tenant.
+const MAX_INCLUDE_ROUNDS: usize = 4;
+const MAX_INCLUDED: usize = 1_000;
 /// A conditional delete matching more than this fails rather than deleting without bound.
 const MAX_CONDITIONAL_DELETE: usize = 1_000;
 /// Rows per multi-row INSERT; well under SQLite's bound-parameter limit.
@@ -1066,6 +1070,156 @@ async fn read_current(
     Ok(r)
 }
 
+/// Keys of resources linked to `from` by one include (forward) or revinclude (reverse).
+async fn linked_keys(
+    conn: &mut DbConn,
+    tenant: &TenantId,
+    from: &[ResourceKey],
+    inc: &fhirstore_core::search::Include,
+    reverse: bool,
+) -> Result<Vec<ResourceKey>> {
+    let mut out = Vec::new();
+    // One statement per type among `from`, each with its ids in an IN list.
+    let mut by_type: std::collections::BTreeMap<ResourceType, Vec<&str>> = Default::default();
+    for k in from {
+        by_type
+            .entry(k.resource_type)
+            .or_default()
+            .push(k.id.as_str());
+    }
+    for (rt, ids) in by_type {
+        if !reverse && inc.source.is_some_and(|s| s != rt) {
+            continue;
+        }
+        let mut qb = QueryBuilder::<Db>::new(if reverse {
+            "SELECT DISTINCT t.resource_type, t.id FROM search_reference t WHERE t.tenant = "
+        } else {
+            "SELECT DISTINCT t.target_type, t.target_id FROM search_reference t WHERE t.tenant = "
+        });
+        qb.push_bind(tenant.as_str().to_owned());
+        if reverse {
+            if let Some(source) = inc.source {
+                qb.push(" AND t.resource_type = ");
+                qb.push_bind(source.as_str());
+            }
+            qb.push(" AND t.target_type = ");
+            qb.push_bind(rt.as_str());
+            qb.push(" AND t.target_id IN (");
+        } else {
+            qb.push(" AND t.resource_type = ");
+            qb.push_bind(rt.as_str());
+            qb.push(" AND t.target_id <> '' AND t.id IN (");
+        }
+        let mut sep = qb.separated(", ");
+        for id in ids {
+            sep.push_bind(id.to_owned());
+        }
+        qb.push(")");
+        if let Some(param) = &inc.param {
+            qb.push(" AND t.param = ");
+            qb.push_bind(param.clone());
+        }
+        if let (false, Some(target)) = (reverse, inc.target) {
+            qb.push(" AND t.target_type = ");
+            qb.push_bind(target.as_str());
+        }
+        for row in qb.build().fetch_all(&mut *conn).await.map_err(db_err)? {
+            let t: String = row.try_get(0).map_err(db_err)?;
+            let id: String = row.try_get(1).map_err(db_err)?;
+            // A reference to a type or id that is not valid cannot name a stored resource.
+            if let (Ok(t), Ok(id)) = (ResourceType::new(&t), LogicalId::new(id)) {
+                out.push(ResourceKey::new(t, id));
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// The live current versions of `keys`, in key order.
+async fn fetch_current(
+    conn: &mut DbConn,
+    tenant: &TenantId,
+    keys: &[ResourceKey],
+) -> Result<Vec<StoredResource>> {
+    let mut by_type: std::collections::BTreeMap<ResourceType, Vec<&str>> = Default::default();
+    for k in keys {
+        by_type
+            .entry(k.resource_type)
+            .or_default()
+            .push(k.id.as_str());
+    }
+    let mut out = Vec::with_capacity(keys.len());
+    for (rt, ids) in by_type {
+        let mut qb = QueryBuilder::<Db>::new(
+            "SELECT r.id, r.version, r.last_updated, v.body FROM resources r \
+             JOIN resource_versions v ON v.tenant = r.tenant AND v.resource_type = r.resource_type \
+             AND v.id = r.id AND v.version = r.version WHERE r.tenant = ",
+        );
+        qb.push_bind(tenant.as_str().to_owned());
+        qb.push(" AND r.resource_type = ");
+        qb.push_bind(rt.as_str());
+        qb.push(" AND NOT r.deleted AND r.id IN (");
+        let mut sep = qb.separated(", ");
+        for id in ids {
+            sep.push_bind(id.to_owned());
+        }
+        qb.push(") ORDER BY r.id");
+        for row in qb.build().fetch_all(&mut *conn).await.map_err(db_err)? {
+            let key = key_from_row(rt.as_str(), row.try_get(0).map_err(db_err)?)?;
+            out.push(stored(
+                tenant,
+                key,
+                row.try_get(1).map_err(db_err)?,
+                row.try_get(2).map_err(db_err)?,
+                false,
+                row.try_get(3).map_err(db_err)?,
+            )?);
+        }
+    }
+    Ok(out)
+}
+
+/// Resolves `_include` and `_revinclude` for a page of matches: each round follows the links
+/// from the previous round's resources (the matches first; later rounds only for `:iterate`).
+async fn resolve_includes(
+    conn: &mut DbConn,
+    tenant: &TenantId,
+    query: &SearchQuery,
+    matches: &[StoredResource],
+) -> Result<Vec<StoredResource>> {
+    if query.includes.is_empty() && query.revincludes.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut seen: HashSet<ResourceKey> = matches.iter().map(|m| m.key.clone()).collect();
+    let mut frontier: Vec<ResourceKey> = matches.iter().map(|m| m.key.clone()).collect();
+    let mut included = Vec::new();
+    for round in 0..MAX_INCLUDE_ROUNDS {
+        let mut found = Vec::new();
+        let specs = query
+            .includes
+            .iter()
+            .map(|i| (i, false))
+            .chain(query.revincludes.iter().map(|i| (i, true)));
+        for (inc, reverse) in specs {
+            if round == 0 || inc.iterate {
+                found.extend(linked_keys(conn, tenant, &frontier, inc, reverse).await?);
+            }
+        }
+        found.retain(|k| seen.insert(k.clone()));
+        if found.is_empty() {
+            break;
+        }
+        found.truncate(MAX_INCLUDED.saturating_sub(included.len()));
+        let resources = fetch_current(conn, tenant, &found).await?;
+        frontier = resources.iter().map(|r| r.key.clone()).collect();
+        included.extend(resources);
+        if included.len() >= MAX_INCLUDED {
+            break;
+        }
+    }
+    Ok(included)
+}
+
 impl Store {
     fn span_tenant(ctx: &TenantContext) -> &str {
         ctx.tenant().as_str()
@@ -1438,6 +1592,10 @@ impl ResourceStorage for Store {
             )),
             _ => None,
         };
+        let included = {
+            let mut conn = self.reader.acquire().await.map_err(db_err)?;
+            resolve_includes(&mut conn, tenant, query, &matches).await?
+        };
         let total = match query.total {
             TotalMode::None => None,
             TotalMode::Estimate | TotalMode::Accurate => {
@@ -1453,6 +1611,7 @@ impl ResourceStorage for Store {
         };
         Ok(SearchPage {
             matches,
+            included,
             total,
             next_cursor,
         })

@@ -1620,7 +1620,10 @@ async fn matching_ids(
 /// Every parameter type, prefix and modifier the store claims, on a small data set whose
 /// expected matches were worked out by hand. A second tenant holds the same ids with other
 /// values; none of its resources may appear.
-pub async fn search_parameter_types(store: &dyn ResourceStorage) {
+/// The hand-built search data set: Patients p1-p3, Observations o1-o4, RiskAssessments ra1-ra2,
+/// ValueSet vs, Organization o1. Tenant `a` gets the families Chalmers, Chalk, García; tenant
+/// `b` holds the same ids with family Zed everywhere, so any leak shows.
+async fn seed_search_fixture(store: &dyn ResourceStorage) -> (TenantContext, TenantContext) {
     let a = random_tenant();
     let b = random_tenant();
     let data = |family: [&str; 3]| {
@@ -1670,6 +1673,11 @@ pub async fn search_parameter_types(store: &dyn ResourceStorage) {
             store.update(ctx, t, &rid, r, None).await.expect("seed");
         }
     }
+    (a, b)
+}
+
+pub async fn search_parameter_types(store: &dyn ResourceStorage) {
+    let (a, b) = seed_search_fixture(store).await;
     let cases: &[(&str, &str, &[&str])] = &[
         // string: starts-with, case- and accent-insensitive; :exact; :contains
         ("Patient", "family=chal", &["p1", "p2"]),
@@ -1821,4 +1829,114 @@ pub async fn search_parameter_types(store: &dyn ResourceStorage) {
         3,
         "b untouched"
     );
+}
+
+/// `_include` and `_revinclude`, typed and wildcard, with `:iterate`: included resources come
+/// back once, apart from the matches, and only from the searching tenant.
+pub async fn search_includes(store: &dyn ResourceStorage) {
+    let (a, _b) = seed_search_fixture(store).await;
+    let run = |t: &'static str, qs: &'static str| {
+        let a = &a;
+        async move {
+            let page = store
+                .search(a, &query(Some(rt(t)), qs))
+                .await
+                .unwrap_or_else(|e| panic!("{t}?{qs}: {e}"));
+            let keys = |rs: &[StoredResource]| {
+                assert!(
+                    rs.iter().all(|r| &r.tenant == a.tenant()),
+                    "{t}?{qs} crossed tenants"
+                );
+                let mut v: Vec<String> = rs.iter().map(|r| r.key.to_string()).collect();
+                v.sort();
+                v
+            };
+            (keys(&page.matches), keys(&page.included))
+        }
+    };
+    let cases: &[(&str, &str, &[&str], &[&str])] = &[
+        (
+            "Observation",
+            "_id=o1&_include=Observation:subject",
+            &["Observation/o1"],
+            &["Patient/p1"],
+        ),
+        (
+            "Observation",
+            "code=http://loinc.org|29463-7&_include=Observation:subject:Patient",
+            &["Observation/o1", "Observation/o3"],
+            &["Patient/p1"],
+        ),
+        (
+            "Observation",
+            "_id=o1&_include=Observation:subject:Group",
+            &["Observation/o1"],
+            &[],
+        ),
+        (
+            "Patient",
+            "_id=p3&_include=Patient:organization",
+            &["Patient/p3"],
+            &["Organization/o1"],
+        ),
+        (
+            "Patient",
+            "_id=p1&_revinclude=Observation:subject&_revinclude=RiskAssessment:subject",
+            &["Patient/p1"],
+            &["Observation/o1", "RiskAssessment/ra1"],
+        ),
+        (
+            "Patient",
+            "_id=p1&_revinclude=*",
+            &["Patient/p1"],
+            &["Observation/o1", "RiskAssessment/ra1"],
+        ),
+        (
+            "Observation",
+            "_id=o4&_include=Observation:patient&_include:iterate=Patient:organization",
+            &["Observation/o4"],
+            &["Organization/o1", "Patient/p3"],
+        ),
+        // Without :iterate the second hop is not taken.
+        (
+            "Observation",
+            "_id=o4&_include=Observation:patient&_include=Patient:organization",
+            &["Observation/o4"],
+            &["Patient/p3"],
+        ),
+        // A match is never repeated as an include.
+        (
+            "Patient",
+            "_id=p1,p2&_revinclude=Observation:subject&_include=Patient:general-practitioner",
+            &["Patient/p1", "Patient/p2"],
+            &["Observation/o1", "Observation/o2"],
+        ),
+    ];
+    for (t, qs, want_matches, want_included) in cases {
+        let (m, i) = run(t, qs).await;
+        assert_eq!(m, *want_matches, "{t}?{qs} matches");
+        assert_eq!(i, *want_included, "{t}?{qs} included");
+    }
+    // Included resources are the searching tenant's versions.
+    let page = store
+        .search(
+            &a,
+            &query(
+                Some(rt("Observation")),
+                "_id=o1&_include=Observation:subject",
+            ),
+        )
+        .await
+        .expect("search");
+    assert_eq!(family(&page.included[0]), "Chalmers");
+    for bad in [
+        "_include=Observation",
+        "_include=Observation:status",
+        "_include:deep=Observation:subject",
+    ] {
+        assert!(
+            SearchQuery::parse(Some(rt("Observation")), bad, Handling::Lenient).is_err(),
+            "{bad}"
+        );
+    }
 }

@@ -43,6 +43,7 @@ macro_rules! conformance_tests {
             search_by_identifier,
             search_paging_covers_every_match_once,
             search_parameter_types,
+            search_includes,
             conditional_create,
             conditional_update,
             conditional_delete,
