@@ -1617,9 +1617,6 @@ async fn matching_ids(
     ids
 }
 
-/// Every parameter type, prefix and modifier the store claims, on a small data set whose
-/// expected matches were worked out by hand. A second tenant holds the same ids with other
-/// values; none of its resources may appear.
 /// The hand-built search data set: Patients p1-p3, Observations o1-o4, RiskAssessments ra1-ra2,
 /// ValueSet vs, Organization o1. Tenant `a` gets the families Chalmers, Chalk, García; tenant
 /// `b` holds the same ids with family Zed everywhere, so any leak shows.
@@ -1676,6 +1673,9 @@ async fn seed_search_fixture(store: &dyn ResourceStorage) -> (TenantContext, Ten
     (a, b)
 }
 
+/// Every parameter type, prefix and modifier the store claims, on a small data set whose
+/// expected matches were worked out by hand. A second tenant holds the same ids with other
+/// values; none of its resources may appear.
 pub async fn search_parameter_types(store: &dyn ResourceStorage) {
     let (a, b) = seed_search_fixture(store).await;
     let cases: &[(&str, &str, &[&str])] = &[
