@@ -187,6 +187,17 @@ pub struct Include {
     pub iterate: bool,
 }
 
+/// One `_sort` key.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SortKey {
+    /// The parameter sorted by (`_id`, `_lastUpdated`, or a registered parameter).
+    pub param: String,
+    /// Its type.
+    pub kind: ParamType,
+    /// `-param`: highest first.
+    pub descending: bool,
+}
+
 /// A parsed search.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct SearchQuery {
@@ -200,6 +211,8 @@ pub struct SearchQuery {
     pub cursor: Option<String>,
     /// `_total`.
     pub total: TotalMode,
+    /// `_sort`, in priority order; ties are always broken by type and id.
+    pub sort: Vec<SortKey>,
     /// `_include`: resources the matches reference.
     pub includes: Vec<Include>,
     /// `_revinclude`: resources that reference the matches.
@@ -307,6 +320,29 @@ impl SearchQuery {
             }
             "_cursor" => {
                 self.cursor = Some(value.to_owned());
+                return Ok(());
+            }
+            "_sort" => {
+                for key in value.split(',').filter(|k| !k.is_empty()) {
+                    let (descending, param) = match key.strip_prefix('-') {
+                        Some(p) => (true, p),
+                        None => (false, key),
+                    };
+                    let kind = match param {
+                        "_id" => ParamType::Token,
+                        "_lastUpdated" => ParamType::Date,
+                        _ => param_type(self.resource_type, param)
+                            .filter(|k| !matches!(k, ParamType::Composite | ParamType::Special))
+                            .ok_or_else(|| {
+                                Error::InvalidSearch(format!("_sort: cannot sort by {param:?}"))
+                            })?,
+                    };
+                    self.sort.push(SortKey {
+                        param: param.to_owned(),
+                        kind,
+                        descending,
+                    });
+                }
                 return Ok(());
             }
             "_include" | "_revinclude" => {
@@ -851,6 +887,23 @@ mod tests {
         );
         assert_eq!(split_unescaped(r"a\,b,c", b','), vec!["a,b", "c"]);
         assert_eq!(split_unescaped(r"x\$y\\", b','), vec![r"x$y\"]);
+    }
+
+    #[test]
+    fn sort_keys_parse_in_order() {
+        let q = SearchQuery::parse(pt(), "_sort=-birthdate,family,_id", Handling::Strict)
+            .expect("parses");
+        let keys: Vec<(&str, bool)> = q
+            .sort
+            .iter()
+            .map(|k| (k.param.as_str(), k.descending))
+            .collect();
+        assert_eq!(
+            keys,
+            vec![("birthdate", true), ("family", false), ("_id", false)]
+        );
+        assert_eq!(q.sort[0].kind, ParamType::Date);
+        assert!(SearchQuery::parse(pt(), "_sort=nope", Handling::Lenient).is_err());
     }
 
     #[test]

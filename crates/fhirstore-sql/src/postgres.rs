@@ -23,6 +23,10 @@ const SELECT_CURRENT_FOR_WRITE: &str = "SELECT version, deleted, e_hi, e_lo FROM
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../../migrations/postgres");
 
+/// Text sort keys compare bytewise, whatever the database's default collation, so ORDER BY
+/// and the keyset condition of the next page agree.
+const TEXT_KEY_COLLATE: &str = " COLLATE \"C\"";
+
 /// Plain `BEGIN` (READ COMMITTED): row locks taken by the write path order the writers.
 const BEGIN_WRITE: Option<&str> = None;
 

@@ -22,6 +22,9 @@ const SELECT_CURRENT_FOR_WRITE: &str = "SELECT version, deleted, e_hi, e_lo FROM
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../../migrations/sqlite");
 
+/// Text sort keys compare bytewise: SQLite's default BINARY collation already does.
+const TEXT_KEY_COLLATE: &str = "";
+
 /// Write transactions take SQLite's write lock up front, so a second process's writer waits on
 /// the busy timeout. A deferred transaction that read before another connection committed
 /// would fail with SQLITE_BUSY_SNAPSHOT instead; the retry loop recovers from that, but only

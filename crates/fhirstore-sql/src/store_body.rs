@@ -1220,6 +1220,190 @@ async fn resolve_includes(
     Ok(included)
 }
 
+/// How a sort key's values are stored and compared.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum KeyKind {
+    Text,
+    Int,
+    Real,
+}
+
+/// One `_sort` key as SQL: the per-resource value (the lowest for ascending, the highest for
+/// descending), with resources lacking a value sorted last in either direction.
+struct SortColumn {
+    param: String,
+    kind: KeyKind,
+    descending: bool,
+    /// `(table, column)` for index-table keys; `None` for the resources table's own columns.
+    source: Option<(&'static str, &'static str)>,
+}
+
+/// A sort key's value in a cursor.
+#[derive(Clone, Debug, PartialEq)]
+enum KeyValue {
+    Text(String),
+    Int(i64),
+    Real(f64),
+}
+
+impl SortColumn {
+    fn of(k: &fhirstore_core::search::SortKey) -> Self {
+        let (kind, source) = match (k.param.as_str(), k.kind) {
+            ("_id", _) => (KeyKind::Text, None),
+            ("_lastUpdated", _) => (KeyKind::Int, None),
+            (_, ParamType::String) => (KeyKind::Text, Some(("search_string", "folded"))),
+            (_, ParamType::Date) => (
+                KeyKind::Int,
+                Some(("search_date", if k.descending { "high" } else { "low" })),
+            ),
+            (_, ParamType::Number | ParamType::Quantity) => {
+                (KeyKind::Real, Some(("search_quantity", "value")))
+            }
+            (_, ParamType::Uri) => (KeyKind::Text, Some(("search_uri", "uri"))),
+            (_, ParamType::Reference) => (KeyKind::Text, Some(("search_reference", "target_id"))),
+            _ => (KeyKind::Text, Some(("search_token", "code"))),
+        };
+        SortColumn {
+            param: k.param.clone(),
+            kind,
+            descending: k.descending,
+            source,
+        }
+    }
+
+    /// Text keys compare bytewise in both dialects, so the order and the keyset condition agree.
+    fn collate(&self) -> &'static str {
+        if self.kind == KeyKind::Text {
+            TEXT_KEY_COLLATE
+        } else {
+            ""
+        }
+    }
+
+    fn push_expr(&self, qb: &mut QueryBuilder<'_, Db>) {
+        match (self.param.as_str(), self.source) {
+            ("_id", _) | (_, None) if self.kind == KeyKind::Text => {
+                qb.push(format_args!("r.id{}", TEXT_KEY_COLLATE));
+            }
+            (_, None) => {
+                qb.push("r.last_updated");
+            }
+            (_, Some((table, column))) => {
+                let agg = if self.descending { "MAX" } else { "MIN" };
+                qb.push(format_args!(
+                    "COALESCE((SELECT {agg}(t.{column}) FROM {table} t WHERE t.tenant = r.tenant \
+                     AND t.resource_type = r.resource_type AND t.id = r.id AND t.param = "
+                ));
+                qb.push_bind(self.param.clone());
+                qb.push("), ");
+                // Missing values sort last: the largest sentinel ascending, the smallest
+                // descending.
+                match (self.kind, self.descending) {
+                    (KeyKind::Text, false) => qb.push_bind("\u{10FFFF}".to_owned()),
+                    (KeyKind::Text, true) => qb.push_bind(String::new()),
+                    (KeyKind::Int, false) => qb.push_bind(i64::MAX),
+                    (KeyKind::Int, true) => qb.push_bind(i64::MIN),
+                    (KeyKind::Real, false) => qb.push_bind(f64::MAX),
+                    (KeyKind::Real, true) => qb.push_bind(f64::MIN),
+                };
+                qb.push(format_args!("){}", self.collate()));
+            }
+        }
+    }
+
+    fn read(&self, row: &<Db as sqlx::Database>::Row, i: usize) -> Result<KeyValue> {
+        Ok(match self.kind {
+            KeyKind::Text => KeyValue::Text(row.try_get(i).map_err(db_err)?),
+            KeyKind::Int => KeyValue::Int(row.try_get(i).map_err(db_err)?),
+            KeyKind::Real => KeyValue::Real(row.try_get(i).map_err(db_err)?),
+        })
+    }
+}
+
+fn push_key_value(qb: &mut QueryBuilder<'_, Db>, v: &KeyValue) {
+    match v {
+        KeyValue::Text(t) => qb.push_bind(t.clone()),
+        KeyValue::Int(n) => qb.push_bind(*n),
+        KeyValue::Real(x) => qb.push_bind(*x),
+    };
+}
+
+/// Rows after the cursor in (k0, k1, …, type, id) order: `k0 after c0 OR (k0 = c0 AND (…))`.
+fn push_keyset(
+    qb: &mut QueryBuilder<'_, Db>,
+    keys: &[SortColumn],
+    values: &[KeyValue],
+    rt: ResourceType,
+    id: &LogicalId,
+) {
+    qb.push("(");
+    for (i, (k, v)) in keys.iter().zip(values).enumerate() {
+        let op = if k.descending { "<" } else { ">" };
+        qb.push(format_args!("s.k{i}{} {op} ", k.collate()));
+        push_key_value(qb, v);
+        qb.push(format_args!(" OR (s.k{i}{} = ", k.collate()));
+        push_key_value(qb, v);
+        qb.push(" AND (");
+    }
+    qb.push("(s.rt, s.id) > (");
+    qb.push_bind(rt.as_str());
+    qb.push(", ");
+    qb.push_bind(id.as_str().to_owned());
+    qb.push(")");
+    for _ in keys {
+        // One for `OR (`, one for `AND (`.
+        qb.push("))");
+    }
+    qb.push(")");
+}
+
+/// A sorted search's cursor: the last row's key values, type and id, as JSON.
+fn sorted_cursor(values: &[KeyValue], key: &ResourceKey) -> String {
+    let vals: Vec<Value> = values
+        .iter()
+        .map(|v| match v {
+            KeyValue::Text(t) => Value::from(t.clone()),
+            KeyValue::Int(n) => Value::from(*n),
+            KeyValue::Real(x) => Value::from(*x),
+        })
+        .collect();
+    serde_json::json!({"k": vals, "t": key.resource_type.as_str(), "i": key.id.as_str()})
+        .to_string()
+}
+
+/// Decodes a sorted cursor, checking every value against its key's type: a tampered cursor is
+/// a search error, never a query fragment.
+fn parse_sorted_cursor(
+    c: &str,
+    keys: &[SortColumn],
+) -> Result<(Vec<KeyValue>, ResourceType, LogicalId)> {
+    let bad = || Error::InvalidSearch("invalid paging cursor for this _sort".into());
+    let v: Value = serde_json::from_str(c).map_err(|_| bad())?;
+    let vals = v.get("k").and_then(Value::as_array).ok_or_else(bad)?;
+    if vals.len() != keys.len() {
+        return Err(bad());
+    }
+    let mut out = Vec::with_capacity(keys.len());
+    for (k, val) in keys.iter().zip(vals) {
+        out.push(match k.kind {
+            KeyKind::Text => KeyValue::Text(val.as_str().ok_or_else(bad)?.to_owned()),
+            KeyKind::Int => KeyValue::Int(val.as_i64().ok_or_else(bad)?),
+            KeyKind::Real => KeyValue::Real(val.as_f64().ok_or_else(bad)?),
+        });
+    }
+    let rt = v
+        .get("t")
+        .and_then(Value::as_str)
+        .and_then(|t| ResourceType::new(t).ok())
+        .ok_or_else(bad)?;
+    let id = v
+        .get("i")
+        .and_then(Value::as_str)
+        .and_then(|i| LogicalId::new(i).ok())
+        .ok_or_else(bad)?;
+    Ok((out, rt, id))
+}
+
 impl Store {
     fn span_tenant(ctx: &TenantContext) -> &str {
         ctx.tenant().as_str()
@@ -1556,24 +1740,58 @@ impl ResourceStorage for Store {
         let tenant = ctx.tenant();
         let now = now_micros();
         let page = query.page_size();
-        let mut qb = QueryBuilder::<Db>::new(
-            "SELECT r.resource_type, r.id, r.version, r.last_updated, v.body",
-        );
-        push_search_from(&mut qb, tenant, query, now, true)?;
-        if let Some(c) = &query.cursor {
-            let (rt, id) = parse_search_cursor(c)?;
-            qb.push(" AND (r.resource_type, r.id) > (");
-            qb.push_bind(rt.as_str());
-            qb.push(", ");
-            qb.push_bind(id.as_str().to_owned());
-            qb.push(")");
+        let keys: Vec<SortColumn> = query.sort.iter().map(SortColumn::of).collect();
+        // Inner query: matches with their sort keys; outer: the keyset condition and the order.
+        let mut qb =
+            QueryBuilder::<Db>::new("SELECT s.rt, s.id, s.version, s.last_updated, s.body");
+        for i in 0..keys.len() {
+            qb.push(format_args!(", s.k{i}"));
         }
-        qb.push(" ORDER BY r.resource_type, r.id LIMIT ");
+        qb.push(
+            " FROM (SELECT r.resource_type AS rt, r.id AS id, r.version AS version, \
+             r.last_updated AS last_updated, v.body AS body",
+        );
+        for (i, k) in keys.iter().enumerate() {
+            qb.push(", ");
+            k.push_expr(&mut qb);
+            qb.push(format_args!(" AS k{i}"));
+        }
+        push_search_from(&mut qb, tenant, query, now, true)?;
+        qb.push(") s WHERE 1 = 1");
+        if let Some(c) = &query.cursor {
+            if keys.is_empty() {
+                let (rt, id) = parse_search_cursor(c)?;
+                qb.push(" AND (s.rt, s.id) > (");
+                qb.push_bind(rt.as_str());
+                qb.push(", ");
+                qb.push_bind(id.as_str().to_owned());
+                qb.push(")");
+            } else {
+                let (values, rt, id) = parse_sorted_cursor(c, &keys)?;
+                qb.push(" AND ");
+                push_keyset(&mut qb, &keys, &values, rt, &id);
+            }
+        }
+        qb.push(" ORDER BY ");
+        for (i, k) in keys.iter().enumerate() {
+            qb.push(format_args!(
+                "s.k{i}{} {}, ",
+                k.collate(),
+                if k.descending { "DESC" } else { "ASC" }
+            ));
+        }
+        qb.push("s.rt, s.id LIMIT ");
         qb.push_bind(i64::from(page) + 1);
         let rows = qb.build().fetch_all(&self.reader).await.map_err(db_err)?;
         let more = rows.len() > page as usize;
         let mut matches = Vec::with_capacity(rows.len().min(page as usize));
+        let mut last_keys = Vec::new();
         for row in rows.into_iter().take(page as usize) {
+            last_keys = keys
+                .iter()
+                .enumerate()
+                .map(|(i, k)| k.read(&row, 5 + i))
+                .collect::<Result<Vec<_>>>()?;
             let rt: String = row.try_get(0).map_err(db_err)?;
             let key = key_from_row(&rt, row.try_get(1).map_err(db_err)?)?;
             matches.push(stored(
@@ -1586,10 +1804,11 @@ impl ResourceStorage for Store {
             )?);
         }
         let next_cursor = match (more, matches.last()) {
-            (true, Some(last)) => Some(search_cursor(
+            (true, Some(last)) if keys.is_empty() => Some(search_cursor(
                 last.key.resource_type.as_str(),
                 last.key.id.as_str(),
             )),
+            (true, Some(last)) => Some(sorted_cursor(&last_keys, &last.key)),
             _ => None,
         };
         let included = {

@@ -1940,3 +1940,50 @@ pub async fn search_includes(store: &dyn ResourceStorage) {
         );
     }
 }
+
+/// `_sort`: ascending and descending on every kind of key, several keys, resources without a
+/// value last, and cursor paging that keeps the order across pages.
+pub async fn search_sorting(store: &dyn ResourceStorage) {
+    let (a, _b) = seed_search_fixture(store).await;
+    let cases: &[(&str, &str, &[&str])] = &[
+        ("Patient", "_sort=family", &["p2", "p1", "p3"]),
+        ("Patient", "_sort=-family", &["p3", "p1", "p2"]),
+        ("Patient", "_sort=birthdate", &["p1", "p2", "p3"]),
+        ("Patient", "_sort=-birthdate", &["p3", "p2", "p1"]),
+        ("Patient", "_sort=gender,-birthdate", &["p3", "p2", "p1"]),
+        ("Patient", "_sort=general-practitioner", &["p1", "p2", "p3"]),
+        (
+            "Patient",
+            "_sort=-general-practitioner",
+            &["p1", "p2", "p3"],
+        ),
+        ("Patient", "_sort=-_id", &["p3", "p2", "p1"]),
+        ("Patient", "_sort=-_lastUpdated", &["p3", "p2", "p1"]),
+        ("Observation", "_sort=date", &["o4", "o2", "o1", "o3"]),
+        (
+            "Observation",
+            "_sort=-value-quantity",
+            &["o3", "o2", "o1", "o4"],
+        ),
+        ("Observation", "_sort=code,date", &["o1", "o3", "o4", "o2"]),
+    ];
+    for (t, qs, want) in cases {
+        for count in [100, 1] {
+            let q = query(Some(rt(t)), &format!("{qs}&_count={count}"));
+            let got: Vec<String> = all_matches(store, &a, q)
+                .await
+                .into_iter()
+                .map(|r| r.key.id.to_string())
+                .collect();
+            assert_eq!(got, *want, "{t}?{qs} with _count={count}");
+        }
+    }
+    let tampered = query(
+        Some(patient()),
+        "_sort=family&_cursor=%7B%22k%22%3A%5B1%5D%7D",
+    );
+    assert!(matches!(
+        store.search(&a, &tampered).await,
+        Err(Error::InvalidSearch(_))
+    ));
+}

@@ -44,6 +44,7 @@ macro_rules! conformance_tests {
             search_paging_covers_every_match_once,
             search_parameter_types,
             search_includes,
+            search_sorting,
             conditional_create,
             conditional_update,
             conditional_delete,
