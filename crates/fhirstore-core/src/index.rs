@@ -152,7 +152,10 @@ fn extract_param(def: &'static SearchParamDef, content: &Value, out: &mut IndexE
     let param = def.code.as_str();
     for node in expr.evaluate(content) {
         match def.kind {
-            SearchParamType::Token => tokens(param, &node, &mut out.tokens),
+            SearchParamType::Token => {
+                tokens(param, &node, &mut out.tokens);
+                token_extras(def, &node, out);
+            }
             SearchParamType::String => strings(param, &node, &mut out.strings),
             SearchParamType::Date => {
                 if let Some(r) = date_range(&node) {
@@ -180,6 +183,16 @@ fn extract_param(def: &'static SearchParamDef, content: &Value, out: &mut IndexE
             SearchParamType::Reference => {
                 if let Some(r) = reference(param, &node.value) {
                     out.references.push(r);
+                }
+                // Reference.identifier answers `:identifier`.
+                if let Some(ident) = node.value.get("identifier") {
+                    if let Some(value) = ident.get("value").and_then(Value::as_str) {
+                        out.tokens.push(TokenEntry {
+                            param: def.identifier_param.as_str(),
+                            system: str_field(ident, "system").to_owned(),
+                            code: value.to_owned(),
+                        });
+                    }
                 }
             }
             SearchParamType::Uri => {
@@ -238,6 +251,51 @@ fn tokens(param: &'static str, node: &Node<'_>, out: &mut Vec<TokenEntry>) {
             }
         }
         _ => {}
+    }
+}
+
+/// Rows for token modifiers: `:text` (CodeableConcept.text and Coding.display, as strings) and
+/// `:of-type` (Identifier.type coding with the value, as `system` | `code|value`).
+fn token_extras(def: &'static SearchParamDef, node: &Node<'_>, out: &mut IndexEntries) {
+    let v = &*node.value;
+    let mut text = |s: &str| {
+        if !s.trim().is_empty() {
+            out.strings.push(StringEntry {
+                param: def.text_param.as_str(),
+                folded: fold(s),
+                exact: s.to_owned(),
+            });
+        }
+    };
+    if let Some(t) = v.get("text").and_then(Value::as_str) {
+        text(t);
+    }
+    if let Some(d) = v.get("display").and_then(Value::as_str) {
+        text(d);
+    }
+    for c in v
+        .get("coding")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        if let Some(d) = c.get("display").and_then(Value::as_str) {
+            text(d);
+        }
+    }
+    if let (Some(ty), Some(value)) = (v.get("type"), v.get("value").and_then(Value::as_str)) {
+        for c in ty
+            .get("coding")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+        {
+            out.tokens.push(TokenEntry {
+                param: def.of_type_param.as_str(),
+                system: str_field(c, "system").to_owned(),
+                code: format!("{}|{value}", str_field(c, "code")),
+            });
+        }
     }
 }
 

@@ -83,6 +83,13 @@ pub struct SearchParamDef {
     pub targets: Vec<String>,
     /// For composites: the components.
     pub components: Vec<Component>,
+    /// Index rows answering `:text` (tokens), `:of-type` (identifiers) and `:identifier`
+    /// (references) live under these derived names, so no extra tables are needed.
+    pub text_param: String,
+    /// See `text_param`.
+    pub of_type_param: String,
+    /// See `text_param`.
+    pub identifier_param: String,
 }
 
 impl SearchParamDef {
@@ -225,6 +232,9 @@ fn parse_def(r: &Value) -> Result<SearchParamDef, String> {
         })
         .unwrap_or_default();
     Ok(SearchParamDef {
+        text_param: format!("{code}:text"),
+        of_type_param: format!("{code}:of-type"),
+        identifier_param: format!("{code}:identifier"),
         expression: expression_text.as_deref().map(fhirpath::parse),
         url,
         code,

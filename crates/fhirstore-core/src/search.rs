@@ -126,6 +126,13 @@ pub enum Modifier {
     Above,
     /// reference: the target must be of this type.
     Type(ResourceType),
+    /// token: match the text of a CodeableConcept or the display of a Coding (starts-with,
+    /// case- and accent-insensitive).
+    Text,
+    /// token on an Identifier: `[type system]|[type code]|[value]`.
+    OfType,
+    /// reference: match the Reference's logical identifier (`[system]|[value]`).
+    Identifier,
 }
 
 /// One step from the searched type to the type a chained criterion applies to.
@@ -187,6 +194,22 @@ pub struct Include {
     pub iterate: bool,
 }
 
+/// `_summary`: how much of each resource to return. The store acts on `Count` (no resources,
+/// only the total); the others shape the representation at the HTTP layer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Summary {
+    /// The summary elements only.
+    True,
+    /// Text, id, meta and mandatory elements.
+    Text,
+    /// Everything but the narrative.
+    Data,
+    /// Just the total.
+    Count,
+    /// The whole resource.
+    False,
+}
+
 /// One `_sort` key.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SortKey {
@@ -213,6 +236,10 @@ pub struct SearchQuery {
     pub total: TotalMode,
     /// `_sort`, in priority order; ties are always broken by type and id.
     pub sort: Vec<SortKey>,
+    /// `_summary`.
+    pub summary: Option<Summary>,
+    /// `_elements`: the top-level elements to return (applied by the HTTP layer).
+    pub elements: Vec<String>,
     /// `_include`: resources the matches reference.
     pub includes: Vec<Include>,
     /// `_revinclude`: resources that reference the matches.
@@ -368,8 +395,33 @@ impl SearchQuery {
                 }
                 return Ok(());
             }
-            // Result-shaping parameters the store does not act on; the HTTP layer reads them.
-            "_format" | "_pretty" | "_summary" | "_elements" => return Ok(()),
+            "_summary" => {
+                self.summary = match value {
+                    "true" => Some(Summary::True),
+                    "text" => Some(Summary::Text),
+                    "data" => Some(Summary::Data),
+                    "count" => Some(Summary::Count),
+                    "false" => Some(Summary::False),
+                    _ => {
+                        return Err(Error::InvalidSearch(format!(
+                            "_summary={value:?}: expected true, text, data, count or false"
+                        )))
+                    }
+                };
+                return Ok(());
+            }
+            "_elements" => {
+                self.elements.extend(
+                    value
+                        .split(',')
+                        .map(str::trim)
+                        .filter(|e| !e.is_empty())
+                        .map(str::to_owned),
+                );
+                return Ok(());
+            }
+            // Formatting is the HTTP layer's business.
+            "_format" | "_pretty" => return Ok(()),
             _ => {}
         }
         if name.starts_with("_has:") || name.contains('.') {
@@ -534,6 +586,14 @@ fn parse_criterion(
         (Some("exact"), ParamType::String) => Some(Modifier::Exact),
         (Some("contains"), ParamType::String) => Some(Modifier::Contains),
         (Some("not"), ParamType::Token) if base != "_id" => Some(Modifier::Not),
+        (Some("text"), ParamType::Token) if base != "_id" => Some(Modifier::Text),
+        (Some("of-type"), ParamType::Token) if base != "_id" => Some(Modifier::OfType),
+        (Some("identifier"), ParamType::Reference) => Some(Modifier::Identifier),
+        (Some(m @ ("in" | "not-in" | "above" | "below")), ParamType::Token) => {
+            return Err(Error::Unsupported(format!(
+                "{base}:{m} needs a terminology service, which this server does not have"
+            )))
+        }
         (Some("below"), ParamType::Uri) => Some(Modifier::Below),
         (Some("above"), ParamType::Uri) => Some(Modifier::Above),
         (Some(m), ParamType::Reference) if ResourceType::new(m).is_ok() => {
@@ -546,6 +606,36 @@ fn parse_criterion(
         }
     };
     let parts = split_unescaped(value, b',');
+    match modifier {
+        Some(Modifier::Text) => {
+            let mut c = Criterion::new(base, CriterionValues::String(parts));
+            c.modifier = modifier;
+            return Ok(Some(c));
+        }
+        Some(Modifier::OfType) => {
+            let mut tokens = Vec::with_capacity(parts.len());
+            for p in &parts {
+                let pieces = split_unescaped(p, b'|');
+                let [system, code, value] = pieces.as_slice() else {
+                    return Err(bad(":of-type takes system|code|value"));
+                };
+                tokens.push(TokenValue {
+                    system: Some(system.clone()),
+                    code: Some(format!("{code}|{value}")),
+                });
+            }
+            let mut c = Criterion::new(base, CriterionValues::Token(tokens));
+            c.modifier = modifier;
+            return Ok(Some(c));
+        }
+        Some(Modifier::Identifier) => {
+            let tokens = parts.iter().map(|p| parse_token(p)).collect();
+            let mut c = Criterion::new(base, CriterionValues::Token(tokens));
+            c.modifier = modifier;
+            return Ok(Some(c));
+        }
+        _ => {}
+    }
     let values = match kind {
         ParamType::Token => {
             let mut tokens = Vec::with_capacity(parts.len());

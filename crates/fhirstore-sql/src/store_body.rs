@@ -336,7 +336,14 @@ fn push_criterion(
     }
     {
         let modifier = c.modifier;
-        let param = c.param.as_str();
+        // :text, :of-type and :identifier rows live under derived parameter names.
+        let derived = match modifier {
+            Some(Modifier::Text) => Some(format!("{}:text", c.param)),
+            Some(Modifier::OfType) => Some(format!("{}:of-type", c.param)),
+            Some(Modifier::Identifier) => Some(format!("{}:identifier", c.param)),
+            _ => None,
+        };
+        let param = derived.as_deref().unwrap_or(c.param.as_str());
         match (param, &c.values) {
             ("_id", CriterionValues::Token(tokens)) => {
                 qb.push(format_args!(" AND {r}.id IN ("));
@@ -1488,6 +1495,18 @@ impl Store {
         Ok(results)
     }
 
+    /// The number of live resources matching `query`'s criteria.
+    async fn count_matches(&self, tenant: &TenantId, query: &SearchQuery, now: i64) -> Result<u64> {
+        let mut cq = QueryBuilder::<Db>::new("SELECT COUNT(*)");
+        push_search_from(&mut cq, tenant, query, now, false)?;
+        let n: i64 = cq
+            .build_query_scalar()
+            .fetch_one(&self.reader)
+            .await
+            .map_err(db_err)?;
+        Ok(u64::try_from(n).unwrap_or(0))
+    }
+
     /// Outbox entries after `after_seq`, oldest first: what secondaries consume.
     pub async fn outbox_after(&self, after_seq: i64, limit: u32) -> Result<Vec<OutboxEntry>> {
         let rows = sqlx::query(
@@ -1721,15 +1740,8 @@ impl ResourceStorage for Store {
         fields(backend = BACKEND_NAME, tenant = %Self::span_tenant(ctx)))]
     async fn count(&self, ctx: &TenantContext, rt: Option<ResourceType>) -> Result<u64> {
         ctx.require(Permission::Read)?;
-        let query = SearchQuery::all(rt);
-        let mut qb = QueryBuilder::<Db>::new("SELECT COUNT(*)");
-        push_search_from(&mut qb, ctx.tenant(), &query, now_micros(), false)?;
-        let n: i64 = qb
-            .build_query_scalar()
-            .fetch_one(&self.reader)
+        self.count_matches(ctx.tenant(), &SearchQuery::all(rt), now_micros())
             .await
-            .map_err(db_err)?;
-        Ok(u64::try_from(n).unwrap_or(0))
     }
 
     #[instrument(name = "storage.sql.search", skip_all,
@@ -1740,6 +1752,14 @@ impl ResourceStorage for Store {
         let tenant = ctx.tenant();
         let now = now_micros();
         let page = query.page_size();
+        if query.summary == Some(fhirstore_core::search::Summary::Count) {
+            return Ok(SearchPage {
+                matches: Vec::new(),
+                included: Vec::new(),
+                total: Some(self.count_matches(tenant, query, now).await?),
+                next_cursor: None,
+            });
+        }
         let keys: Vec<SortColumn> = query.sort.iter().map(SortColumn::of).collect();
         // Inner query: matches with their sort keys; outer: the keyset condition and the order.
         let mut qb =
@@ -1818,14 +1838,7 @@ impl ResourceStorage for Store {
         let total = match query.total {
             TotalMode::None => None,
             TotalMode::Estimate | TotalMode::Accurate => {
-                let mut cq = QueryBuilder::<Db>::new("SELECT COUNT(*)");
-                push_search_from(&mut cq, tenant, query, now, false)?;
-                let n: i64 = cq
-                    .build_query_scalar()
-                    .fetch_one(&self.reader)
-                    .await
-                    .map_err(db_err)?;
-                Some(u64::try_from(n).unwrap_or(0))
+                Some(self.count_matches(tenant, query, now).await?)
             }
         };
         Ok(SearchPage {

@@ -1987,3 +1987,73 @@ pub async fn search_sorting(store: &dyn ResourceStorage) {
         Err(Error::InvalidSearch(_))
     ));
 }
+
+/// Token `:text` and `:of-type`, reference `:identifier`, the meta parameters (`_tag`,
+/// `_profile`, `_security`), `_summary=count`, and modifiers that need terminology rejected.
+pub async fn search_modifiers_and_meta(store: &dyn ResourceStorage) {
+    let ctx = random_tenant();
+    let docs = [
+        json!({"resourceType": "Condition", "id": "c1",
+            "code": {"text": "Héart attack", "coding": [{"system": "http://snomed.info/sct", "code": "22298006", "display": "Myocardial infarction"}]},
+            "subject": {"identifier": {"system": "urn:mrn", "value": "42"}},
+            "meta": {"tag": [{"system": "urn:tags", "code": "vip"}], "profile": ["http://example.org/StructureDefinition/cond"],
+                     "security": [{"system": "http://terminology.hl7.org/CodeSystem/v3-Confidentiality", "code": "R"}]}}),
+        json!({"resourceType": "Condition", "id": "c2",
+            "code": {"coding": [{"system": "http://snomed.info/sct", "code": "38341003", "display": "Hypertension"}]},
+            "subject": {"reference": "Patient/p"}}),
+        json!({"resourceType": "Patient", "id": "p",
+            "identifier": [{"type": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v2-0203", "code": "MR"}]},
+                            "system": "urn:mrn", "value": "42"}]}),
+    ];
+    for d in docs {
+        let t = rt(d["resourceType"].as_str().expect("type"));
+        let i = id(d["id"].as_str().expect("id"));
+        store.update(&ctx, t, &i, d, None).await.expect("seed");
+    }
+    let cases: &[(&str, &str, &[&str])] = &[
+        ("Condition", "code:text=heart", &["c1"]),
+        ("Condition", "code:text=myocardial", &["c1"]),
+        ("Condition", "code:text=hyper", &["c2"]),
+        ("Condition", "code:text=attack", &[]),
+        (
+            "Patient",
+            "identifier:of-type=http://terminology.hl7.org/CodeSystem/v2-0203|MR|42",
+            &["p"],
+        ),
+        (
+            "Patient",
+            "identifier:of-type=http://terminology.hl7.org/CodeSystem/v2-0203|MR|43",
+            &[],
+        ),
+        ("Condition", "subject:identifier=urn:mrn|42", &["c1"]),
+        ("Condition", "subject:identifier=urn:other|42", &[]),
+        ("Condition", "_tag=urn:tags|vip", &["c1"]),
+        (
+            "Condition",
+            "_profile=http://example.org/StructureDefinition/cond",
+            &["c1"],
+        ),
+        ("Condition", "_security=R", &["c1"]),
+        ("Condition", "_tag:missing=true", &["c2"]),
+    ];
+    let mut failures = Vec::new();
+    for (t, qs, want) in cases {
+        let got = matching_ids(store, &ctx, t, qs).await;
+        if got != *want {
+            failures.push(format!("{t}?{qs}: got {got:?}, want {want:?}"));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    let count = store
+        .search(&ctx, &query(Some(rt("Condition")), "_summary=count"))
+        .await
+        .expect("summary count");
+    assert_eq!((count.total, count.matches.len()), (Some(2), 0));
+    for qs in [
+        "code:in=http://x/vs",
+        "code:below=http://snomed.info/sct|22298006",
+    ] {
+        let e = SearchQuery::parse(Some(rt("Condition")), qs, Handling::Lenient);
+        assert!(matches!(e, Err(Error::Unsupported(_))), "{qs}: {e:?}");
+    }
+}

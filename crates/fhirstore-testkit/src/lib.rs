@@ -45,6 +45,7 @@ macro_rules! conformance_tests {
             search_parameter_types,
             search_includes,
             search_sorting,
+            search_modifiers_and_meta,
             conditional_create,
             conditional_update,
             conditional_delete,
