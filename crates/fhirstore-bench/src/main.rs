@@ -24,6 +24,29 @@ struct Cli {
 enum Command {
     /// Create, read and update throughput against a bare key/blob table.
     Crud(CrudArgs),
+    /// The single-task Patient scenario other FHIR stores are measured with: creates, reads by
+    /// id, then six search shapes.
+    Patients(PatientsArgs),
+}
+
+#[derive(clap::Args)]
+struct PatientsArgs {
+    /// Patients to create.
+    #[arg(long, default_value_t = 10_000)]
+    n: usize,
+    /// Searches of each shape.
+    #[arg(long, default_value_t = 1_000)]
+    searches: usize,
+    /// Primary backend to measure.
+    #[arg(long, value_enum, default_value = "sqlite")]
+    backend: Backend,
+    /// PostgreSQL URL (for `--backend postgres`).
+    #[arg(
+        long,
+        env = "FHIRSTORE_TEST_POSTGRES_URL",
+        default_value = "postgres://postgres@127.0.0.1:5432/test"
+    )]
+    postgres: String,
 }
 
 #[derive(Clone, Copy, ValueEnum, PartialEq, Eq, Debug)]
@@ -61,6 +84,7 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 async fn main() -> Result<(), BoxError> {
     match Cli::parse().command {
         Command::Crud(args) => crud(args).await,
+        Command::Patients(args) => patients(args).await,
     }
 }
 
@@ -304,6 +328,133 @@ async fn crud(args: CrudArgs) -> Result<(), BoxError> {
         sqlx::query("DROP TABLE IF EXISTS bench_blobs")
             .execute(p)
             .await?;
+    }
+    Ok(())
+}
+
+/// 100 family names, so each is shared by about n/100 patients.
+fn family_name(i: usize) -> String {
+    const STEMS: [&str; 10] = [
+        "Smith", "Jones", "Garcia", "Nguyen", "Muller", "Okafor", "Rossi", "Kim", "Silva", "Novak",
+    ];
+    format!(
+        "{}{}",
+        STEMS[i % 10],
+        ["", "son", "er", "man", "ski", "ez", "ini", "berg", "ov", "ley"][(i / 10) % 10]
+    )
+}
+
+fn scenario_patient(i: usize) -> Value {
+    json!({
+        "resourceType": "Patient",
+        "identifier": [{"system": "urn:bench:mrn", "value": format!("MRN{i:08}")}],
+        "active": true,
+        "name": [{"family": family_name(i % 100), "given": [format!("Given{}", i % 997)]}],
+        "gender": if i % 2 == 0 { "female" } else { "male" },
+        "birthDate": format!("{:04}-{:02}-{:02}", 1930 + (i * 7) % 90, 1 + (i * 5) % 12, 1 + (i * 3) % 28),
+    })
+}
+
+async fn patients(args: PatientsArgs) -> Result<(), BoxError> {
+    let dir = tempfile::tempdir()?;
+    let store: Arc<dyn ResourceStorage> = match args.backend {
+        Backend::Sqlite => {
+            Arc::new(SqliteStore::open(dir.path().join("p.sqlite"), SqlConfig::default()).await?)
+        }
+        Backend::Postgres => {
+            Arc::new(PostgresStore::connect(&args.postgres, SqlConfig::default()).await?)
+        }
+    };
+    let tenant = format!("bench-{}", uuid::Uuid::new_v4().simple());
+    let ctx = TenantContext::full(TenantId::new(&tenant[..30])?);
+    let pt = ResourceType::new("Patient")?;
+    let n = args.n;
+    println!(
+        "patients: backend={:?} n={n} searches per shape={}",
+        args.backend, args.searches
+    );
+    let mut ids = Vec::with_capacity(n);
+    let start = Instant::now();
+    for i in 0..n {
+        ids.push(
+            store
+                .create(&ctx, pt, scenario_patient(i))
+                .await?
+                .resource
+                .key
+                .id,
+        );
+    }
+    let create = n as f64 / start.elapsed().as_secs_f64();
+    let start = Instant::now();
+    for id in &ids {
+        store.read(&ctx, pt, id).await?;
+    }
+    let read = n as f64 / start.elapsed().as_secs_f64();
+    println!("{:<34} {:>10} {:>10}", "operation", "ops/s", "avg hits");
+    println!("{:<34} {create:>10.0} {:>10}", "create (sequential)", "-");
+    println!("{:<34} {read:>10.0} {:>10}", "read by id", "-");
+    type Shape = (&'static str, Box<dyn Fn(usize) -> String>);
+    let ids2 = ids.clone();
+    let shapes: Vec<Shape> = vec![
+        (
+            "identifier=system|value (1 hit)",
+            Box::new(move |i| format!("identifier=urn:bench:mrn|MRN{:08}", (i * 7919) % n)),
+        ),
+        (
+            "_id (1 hit)",
+            Box::new(move |i| format!("_id={}", ids2[(i * 7919) % ids2.len()])),
+        ),
+        (
+            "family (~n/100 hits, _count=20)",
+            Box::new(|i| format!("family={}&_count=20", family_name(i % 100))),
+        ),
+        (
+            "gender (~n/2 hits, _count=20)",
+            Box::new(|i| {
+                format!(
+                    "gender={}&_count=20",
+                    if i % 2 == 0 { "female" } else { "male" }
+                )
+            }),
+        ),
+        (
+            "birthdate one year (_count=20)",
+            Box::new(|i| {
+                let y = 1930 + i % 90;
+                format!(
+                    "birthdate=ge{y}-01-01&birthdate=lt{}-01-01&_count=20",
+                    y + 1
+                )
+            }),
+        ),
+        (
+            "family + gender (_count=20)",
+            Box::new(|i| {
+                format!(
+                    "family={}&gender={}&_count=20",
+                    family_name(i % 100),
+                    if i % 2 == 0 { "female" } else { "male" }
+                )
+            }),
+        ),
+    ];
+    for (label, make) in shapes {
+        let mut hits = 0usize;
+        let start = Instant::now();
+        for i in 0..args.searches {
+            let q = fhirstore_core::SearchQuery::parse(
+                Some(pt),
+                &make(i),
+                fhirstore_core::Handling::Strict,
+            )?;
+            hits += store.search(&ctx, &q).await?.matches.len();
+        }
+        let rate = args.searches as f64 / start.elapsed().as_secs_f64();
+        println!(
+            "{label:<34} {rate:>10.0} {:>10.1}",
+            hits as f64 / args.searches.max(1) as f64
+        );
     }
     Ok(())
 }

@@ -141,20 +141,63 @@ fn index_table(kind: ParamType) -> Option<&'static str> {
     })
 }
 
-/// Opens ` AND [NOT] EXISTS (SELECT 1 FROM table t WHERE <t belongs to r> AND t.param = ?`; the
-/// caller closes it with `)`.
-fn push_exists(qb: &mut QueryBuilder<'_, Db>, r: &str, table: &str, param: &str, negate: bool) {
-    qb.push(if negate {
-        " AND NOT EXISTS (SELECT 1 FROM "
+/// Opens the subquery that restricts the resources aliased `r` to those with a matching row in
+/// `table` for `param`; the caller adds the value predicates and closes it with `)`.
+///
+/// Selective criteria (tokens, strings, references, uris, exact numbers) become
+/// `r.id [NOT] IN (SELECT t.id … WHERE t.tenant = ? AND t.resource_type = ? AND t.param = ?`:
+/// tenant and type are bound, not correlated, so the planner starts from the lookup index and
+/// fetches matches by key. A correlated EXISTS made SQLite probe the index once per resource of
+/// the type: 38 identifier searches/s at 10k Patients, 14,600/s this way.
+///
+/// Range criteria (`correlated`) stay a correlated EXISTS: one bound of a range usually matches
+/// most resources, and materialising that set cost a one-year birthdate window 5× (506 → 101
+/// searches/s); probing per resource stops at the page limit, and beside a selective criterion
+/// the planner drives from that one.
+fn push_in(
+    qb: &mut QueryBuilder<'_, Db>,
+    scope: &Scope<'_>,
+    table: &str,
+    param: &str,
+    negate: bool,
+    correlated: bool,
+) {
+    let not = if negate { " NOT" } else { "" };
+    let r = scope.alias;
+    if correlated {
+        qb.push(format_args!(
+            " AND{not} EXISTS (SELECT 1 FROM {table} t WHERE t.tenant = {r}.tenant \
+             AND t.resource_type = {r}.resource_type AND t.id = {r}.id"
+        ));
     } else {
-        " AND EXISTS (SELECT 1 FROM "
-    });
-    qb.push(table);
-    qb.push(format_args!(
-        " t WHERE t.tenant = {r}.tenant AND t.resource_type = {r}.resource_type \
-         AND t.id = {r}.id AND t.param = "
-    ));
+        match scope.rt {
+            Some(rt) => {
+                qb.push(format_args!(
+                    " AND {r}.id{not} IN (SELECT t.id FROM {table} t WHERE t.tenant = "
+                ));
+                qb.push_bind(scope.tenant.as_str().to_owned());
+                qb.push(" AND t.resource_type = ");
+                qb.push_bind(rt.as_str());
+            }
+            None => {
+                qb.push(format_args!(
+                    " AND ({r}.resource_type, {r}.id){not} IN (SELECT t.resource_type, t.id \
+                     FROM {table} t WHERE t.tenant = "
+                ));
+                qb.push_bind(scope.tenant.as_str().to_owned());
+            }
+        }
+    }
+    qb.push(" AND t.param = ");
     qb.push_bind(param.to_owned());
+}
+
+/// Where a criterion applies: the tenant, the type of the resources aliased `alias` (when
+/// known), and that alias.
+struct Scope<'a> {
+    tenant: &'a TenantId,
+    rt: Option<ResourceType>,
+    alias: &'a str,
 }
 
 /// Pushes `(p1 OR p2 …)`, one alternative per value.
@@ -279,9 +322,19 @@ fn push_number_predicate(qb: &mut QueryBuilder<'_, Db>, n: &NumberValue) {
 }
 
 /// Appends `AND (...)` for every criterion of `query` to a statement over `resources r`.
-fn push_criteria(qb: &mut QueryBuilder<'_, Db>, query: &SearchQuery, now: i64) -> Result<()> {
+fn push_criteria(
+    qb: &mut QueryBuilder<'_, Db>,
+    tenant: &TenantId,
+    query: &SearchQuery,
+    now: i64,
+) -> Result<()> {
+    let scope = Scope {
+        tenant,
+        rt: query.resource_type,
+        alias: "r",
+    };
     for c in &query.criteria {
-        push_criterion(qb, query.resource_type, c, &c.chain, "r", now)?;
+        push_criterion(qb, &scope, c, &c.chain, now)?;
     }
     Ok(())
 }
@@ -291,28 +344,42 @@ fn push_criteria(qb: &mut QueryBuilder<'_, Db>, query: &SearchQuery, now: i64) -
 /// forward along a reference parameter or (for `_has`) backward from resources pointing here.
 fn push_criterion(
     qb: &mut QueryBuilder<'_, Db>,
-    rt: Option<ResourceType>,
+    scope: &Scope<'_>,
     c: &fhirstore_core::search::Criterion,
     chain: &[fhirstore_core::search::ChainLink],
-    r: &str,
     now: i64,
 ) -> Result<()> {
     use fhirstore_core::search::ChainLink;
+    let r = scope.alias;
+    let rt = scope.rt;
     if let Some((link, rest)) = chain.split_first() {
+        let Some(here) = rt else {
+            return Err(Error::InvalidSearch(
+                "chained parameters need a resource type".into(),
+            ));
+        };
         // Aliases get deeper with each link, so an inner query never shadows an outer one.
         let depth = r.len();
         let (h, next) = (format!("h{depth}"), format!("{r}n"));
+        // Forward: the resources holding the reference; reverse: the resources referenced.
+        let own = match link {
+            ChainLink::Forward { .. } => "id",
+            ChainLink::Reverse { .. } => "target_id",
+        };
         qb.push(format_args!(
-            " AND EXISTS (SELECT 1 FROM search_reference {h} JOIN resources {next} \
+            " AND {r}.id IN (SELECT {h}.{own} FROM search_reference {h} JOIN resources {next} \
              ON {next}.tenant = {h}.tenant AND NOT {next}.deleted AND "
         ));
         let next_rt = match link {
             ChainLink::Forward { param, target } => {
                 qb.push(format_args!(
                     "{next}.resource_type = {h}.target_type AND {next}.id = {h}.target_id \
-                     WHERE {h}.tenant = {r}.tenant AND {h}.resource_type = {r}.resource_type \
-                     AND {h}.id = {r}.id AND {h}.param = "
+                     WHERE {h}.tenant = "
                 ));
+                qb.push_bind(scope.tenant.as_str().to_owned());
+                qb.push(format_args!(" AND {h}.resource_type = "));
+                qb.push_bind(here.as_str());
+                qb.push(format_args!(" AND {h}.param = "));
                 qb.push_bind(param.clone());
                 qb.push(format_args!(" AND {h}.target_type = "));
                 qb.push_bind(target.as_str());
@@ -321,16 +388,24 @@ fn push_criterion(
             ChainLink::Reverse { source, param } => {
                 qb.push(format_args!(
                     "{next}.resource_type = {h}.resource_type AND {next}.id = {h}.id \
-                     WHERE {h}.tenant = {r}.tenant AND {h}.target_type = {r}.resource_type \
-                     AND {h}.target_id = {r}.id AND {h}.resource_type = "
+                     WHERE {h}.tenant = "
                 ));
+                qb.push_bind(scope.tenant.as_str().to_owned());
+                qb.push(format_args!(" AND {h}.resource_type = "));
                 qb.push_bind(source.as_str());
                 qb.push(format_args!(" AND {h}.param = "));
                 qb.push_bind(param.clone());
+                qb.push(format_args!(" AND {h}.target_type = "));
+                qb.push_bind(here.as_str());
                 *source
             }
         };
-        push_criterion(qb, Some(next_rt), c, rest, &next, now)?;
+        let inner = Scope {
+            tenant: scope.tenant,
+            rt: Some(next_rt),
+            alias: &next,
+        };
+        push_criterion(qb, &inner, c, rest, now)?;
         qb.push(")");
         return Ok(());
     }
@@ -375,16 +450,17 @@ fn push_criterion(
                 let table = fhirstore_core::search::param_type(rt, param)
                     .and_then(index_table)
                     .ok_or_else(|| Error::Unsupported(format!("{param}:missing")))?;
-                push_exists(qb, r, table, param, *missing);
+                push_in(qb, scope, table, param, *missing, false);
                 qb.push(")");
             }
             (_, CriterionValues::Token(tokens)) => {
-                push_exists(
+                push_in(
                     qb,
-                    r,
+                    scope,
                     "search_token",
                     param,
                     modifier == Some(Modifier::Not),
+                    false,
                 );
                 push_any(qb, tokens, |qb, t| {
                     qb.push("1 = 1");
@@ -400,7 +476,7 @@ fn push_criterion(
                 qb.push(")");
             }
             (_, CriterionValues::String(values)) => {
-                push_exists(qb, r, "search_string", param, false);
+                push_in(qb, scope, "search_string", param, false, false);
                 push_any(qb, values, |qb, v| match modifier {
                     Some(Modifier::Exact) => {
                         qb.push("t.exact = ");
@@ -424,17 +500,19 @@ fn push_criterion(
                 qb.push(")");
             }
             (_, CriterionValues::Date(dates)) => {
-                push_exists(qb, r, "search_date", param, false);
+                push_in(qb, scope, "search_date", param, false, true);
                 push_any(qb, dates, |qb, d| push_range_predicate(qb, d, now));
                 qb.push(")");
             }
             (_, CriterionValues::Number(numbers)) => {
-                push_exists(qb, r, "search_quantity", param, false);
+                let ranged = numbers.iter().any(|n| n.prefix != Prefix::Eq);
+                push_in(qb, scope, "search_quantity", param, false, ranged);
                 push_any(qb, numbers, push_number_predicate);
                 qb.push(")");
             }
             (_, CriterionValues::Quantity(quantities)) => {
-                push_exists(qb, r, "search_quantity", param, false);
+                let ranged = quantities.iter().any(|q| q.number.prefix != Prefix::Eq);
+                push_in(qb, scope, "search_quantity", param, false, ranged);
                 push_any(qb, quantities, |qb, q| {
                     push_number_predicate(qb, &q.number);
                     match (&q.system, &q.code) {
@@ -461,7 +539,7 @@ fn push_criterion(
                 qb.push(")");
             }
             (_, CriterionValues::Reference(refs)) => {
-                push_exists(qb, r, "search_reference", param, false);
+                push_in(qb, scope, "search_reference", param, false, false);
                 push_any(qb, refs, |qb, r| match r {
                     ReferenceValue::Local { resource_type, id } => {
                         qb.push("t.target_id = ");
@@ -483,7 +561,7 @@ fn push_criterion(
                 qb.push(")");
             }
             (_, CriterionValues::Uri(uris)) => {
-                push_exists(qb, r, "search_uri", param, false);
+                push_in(qb, scope, "search_uri", param, false, false);
                 push_any(qb, uris, |qb, u| match modifier {
                     Some(Modifier::Below) => {
                         qb.push("t.uri LIKE ");
@@ -545,7 +623,7 @@ fn push_search_from(
     }
     // A literal, not a bind: the planner can then use indexes restricted to live rows.
     qb.push(" AND NOT r.deleted");
-    push_criteria(qb, query, now)
+    push_criteria(qb, tenant, query, now)
 }
 
 /// Keys of live resources matching `query`, at most `limit`, in key order.
