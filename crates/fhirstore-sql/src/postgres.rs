@@ -23,6 +23,11 @@ const SELECT_CURRENT_FOR_WRITE: &str = "SELECT version, deleted, e_hi, e_lo FROM
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../../migrations/postgres");
 
+/// Search statements are sent unnamed, so PostgreSQL plans each with its actual values. A
+/// cached (named) statement switches to a generic plan after five runs, chosen without knowing
+/// the tenant, parameter or code: 34 ms instead of 7 ms for a 5,000-match token search.
+const PERSISTENT_SEARCH_PLANS: bool = false;
+
 /// Text sort keys compare bytewise, whatever the database's default collation, so ORDER BY
 /// and the keyset condition of the next page agree.
 const TEXT_KEY_COLLATE: &str = " COLLATE \"C\"";

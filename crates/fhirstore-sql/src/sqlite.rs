@@ -22,6 +22,10 @@ const SELECT_CURRENT_FOR_WRITE: &str = "SELECT version, deleted, e_hi, e_lo FROM
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../../migrations/sqlite");
 
+/// SQLite plans each statement once, with no generic-plan switch; caching the prepared
+/// statement saves re-parsing.
+const PERSISTENT_SEARCH_PLANS: bool = true;
+
 /// Text sort keys compare bytewise: SQLite's default BINARY collation already does.
 const TEXT_KEY_COLLATE: &str = "";
 

@@ -1579,6 +1579,7 @@ impl Store {
         push_search_from(&mut cq, tenant, query, now, false)?;
         let n: i64 = cq
             .build_query_scalar()
+            .persistent(PERSISTENT_SEARCH_PLANS)
             .fetch_one(&self.reader)
             .await
             .map_err(db_err)?;
@@ -1839,22 +1840,27 @@ impl ResourceStorage for Store {
             });
         }
         let keys: Vec<SortColumn> = query.sort.iter().map(SortColumn::of).collect();
-        // Inner query: matches with their sort keys; outer: the keyset condition and the order.
-        let mut qb =
-            QueryBuilder::<Db>::new("SELECT s.rt, s.id, s.version, s.last_updated, s.body");
+        // Three layers. Innermost: matching keys with their sort keys. Middle: the keyset
+        // condition, the order and the page limit. Outer: bodies for that page only. A join below
+        // the LIMIT made PostgreSQL fetch and sort every match's body (18 gender searches/s at
+        // 10k Patients); neither dialect pushes a join below a LIMIT subquery.
+        let mut key_cols = String::new();
         for i in 0..keys.len() {
-            qb.push(format_args!(", s.k{i}"));
+            key_cols.push_str(&format!(", p.k{i}"));
         }
-        qb.push(
-            " FROM (SELECT r.resource_type AS rt, r.id AS id, r.version AS version, \
-             r.last_updated AS last_updated, v.body AS body",
-        );
+        let mut qb = QueryBuilder::<Db>::new(format!(
+            "SELECT p.rt, p.id, p.version, p.last_updated, v.body{key_cols} FROM (\
+             SELECT s.rt, s.id, s.version, s.last_updated{} FROM (\
+             SELECT r.resource_type AS rt, r.id AS id, r.version AS version, \
+             r.last_updated AS last_updated",
+            key_cols.replace("p.", "s.")
+        ));
         for (i, k) in keys.iter().enumerate() {
             qb.push(", ");
             k.push_expr(&mut qb);
             qb.push(format_args!(" AS k{i}"));
         }
-        push_search_from(&mut qb, tenant, query, now, true)?;
+        push_search_from(&mut qb, tenant, query, now, false)?;
         qb.push(") s WHERE 1 = 1");
         if let Some(c) = &query.cursor {
             if keys.is_empty() {
@@ -1870,17 +1876,31 @@ impl ResourceStorage for Store {
                 push_keyset(&mut qb, &keys, &values, rt, &id);
             }
         }
-        qb.push(" ORDER BY ");
-        for (i, k) in keys.iter().enumerate() {
-            qb.push(format_args!(
-                "s.k{i}{} {}, ",
-                k.collate(),
-                if k.descending { "DESC" } else { "ASC" }
-            ));
-        }
-        qb.push("s.rt, s.id LIMIT ");
+        let order_by = |alias: &str| {
+            let mut o = String::from(" ORDER BY ");
+            for (i, k) in keys.iter().enumerate() {
+                o.push_str(&format!(
+                    "{alias}.k{i}{} {}, ",
+                    k.collate(),
+                    if k.descending { "DESC" } else { "ASC" }
+                ));
+            }
+            o.push_str(&format!("{alias}.rt, {alias}.id"));
+            o
+        };
+        qb.push(order_by("s"));
+        qb.push(" LIMIT ");
         qb.push_bind(i64::from(page) + 1);
-        let rows = qb.build().fetch_all(&self.reader).await.map_err(db_err)?;
+        qb.push(") p JOIN resource_versions v ON v.tenant = ");
+        qb.push_bind(tenant.as_str().to_owned());
+        qb.push(" AND v.resource_type = p.rt AND v.id = p.id AND v.version = p.version");
+        qb.push(order_by("p"));
+        let rows = qb
+            .build()
+            .persistent(PERSISTENT_SEARCH_PLANS)
+            .fetch_all(&self.reader)
+            .await
+            .map_err(db_err)?;
         let more = rows.len() > page as usize;
         let mut matches = Vec::with_capacity(rows.len().min(page as usize));
         let mut last_keys = Vec::new();
