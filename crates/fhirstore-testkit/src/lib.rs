@@ -7,6 +7,7 @@
 //! impls as well.
 
 pub mod checks;
+pub mod fixtures;
 mod services;
 
 pub use services::{require_services, service_unavailable};
@@ -46,6 +47,7 @@ macro_rules! conformance_tests {
             search_includes,
             search_sorting,
             search_modifiers_and_meta,
+            r4_examples_round_trip,
             conditional_create,
             conditional_update,
             conditional_delete,
