@@ -54,6 +54,36 @@ async fn two_stores_on_one_file_serialise_writers() {
     assert_eq!(other.version.get(), 401);
 }
 
+/// With validation off, a body the R4 schema rejects is stored as sent; with the default
+/// (strict) it is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn validation_can_be_switched_off() {
+    use fhirstore_core::validate::Validation;
+    use fhirstore_core::{LogicalId, ResourceStorage, ResourceType};
+    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("fhirstore-sqlite");
+    std::fs::create_dir_all(&dir).expect("test dir");
+    let ctx = fhirstore_testkit::random_tenant();
+    let pt = ResourceType::new("Patient").expect("type");
+    let id = LogicalId::new("loose").expect("id");
+    let body = serde_json::json!({"resourceType": "Patient", "id": "loose", "gender": 5});
+    for (validation, accepted) in [(Validation::Off, true), (Validation::Strict, false)] {
+        let path = dir.join(format!(
+            "validation-{}.sqlite",
+            fhirstore_testkit::random_tenant().tenant()
+        ));
+        let config = fhirstore_sql::SqlConfig {
+            validation,
+            ..Default::default()
+        };
+        let store = fhirstore_sql::SqliteStore::open(&path, config)
+            .await
+            .expect("open");
+        let r = store.update(&ctx, pt, &id, body.clone(), None).await;
+        assert_eq!(r.is_ok(), accepted, "{validation:?}: {r:?}");
+        assert_eq!(store.read(&ctx, pt, &id).await.is_ok(), accepted);
+    }
+}
+
 /// The same suite through `Arc<dyn ResourceStorage>`, exercising the forwarding impl.
 mod via_arc {
     use std::sync::Arc;

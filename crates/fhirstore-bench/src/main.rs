@@ -76,6 +76,9 @@ struct CrudArgs {
     /// SQLite durability: full (fsync per commit, the default) or normal.
     #[arg(long, default_value = "full")]
     durability: String,
+    /// Schema validation on write: strict (the default) or off.
+    #[arg(long, default_value = "strict")]
+    validation: String,
 }
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -189,8 +192,14 @@ async fn crud(args: CrudArgs) -> Result<(), BoxError> {
         "normal" => Durability::Normal,
         other => return Err(format!("--durability {other}: expected full or normal").into()),
     };
+    let validation = match args.validation.as_str() {
+        "strict" => fhirstore_core::validate::Validation::Strict,
+        "off" => fhirstore_core::validate::Validation::Off,
+        other => return Err(format!("--validation {other}: expected strict or off").into()),
+    };
     let config = SqlConfig {
         durability,
+        validation,
         max_connections: (args.concurrency as u32).max(4),
         ..SqlConfig::default()
     };
@@ -243,8 +252,8 @@ async fn crud(args: CrudArgs) -> Result<(), BoxError> {
     let pt = ResourceType::new("Patient")?;
 
     println!(
-        "crud: backend={:?} n={n} concurrency={c} durability={} avg body={avg_bytes} B",
-        args.backend, args.durability
+        "crud: backend={:?} n={n} concurrency={c} durability={} validation={} avg body={avg_bytes} B",
+        args.backend, args.durability, args.validation
     );
 
     // Baseline first, then the store; each phase over the same n blobs.

@@ -22,6 +22,8 @@ mod resource_types;
 pub mod search;
 mod storage;
 mod tenant;
+#[cfg(feature = "validation")]
+pub mod validate;
 
 pub use error::{Error, Result};
 pub use model::{

@@ -49,6 +49,8 @@ pub struct SqlConfig {
     pub busy_timeout: Duration,
     /// SQLite commit durability.
     pub durability: Durability,
+    /// Whether bodies are checked against the R4 JSON schema before they are written.
+    pub validation: fhirstore_core::validate::Validation,
     /// How often a transaction that failed with a temporary error (deadlock, serialization
     /// failure, busy database) is retried before the error is returned.
     pub max_retries: u32,
@@ -61,6 +63,7 @@ impl Default for SqlConfig {
             max_connections: 8,
             busy_timeout: Duration::from_secs(10),
             durability: Durability::Full,
+            validation: fhirstore_core::validate::Validation::Strict,
             max_retries: 8,
         }
     }

@@ -831,7 +831,18 @@ fn required_permission(op: &WriteOp) -> Permission {
 
 /// Checks that can fail before the database is touched: permissions, bodies, and (for
 /// multi-entry transactions) that no resource is named twice.
-fn precheck(ctx: &TenantContext, ops: &[WriteOp], atomic: bool) -> Result<()> {
+fn precheck(
+    ctx: &TenantContext,
+    ops: &[WriteOp],
+    atomic: bool,
+    validation: fhirstore_core::validate::Validation,
+) -> Result<()> {
+    let schema = match validation {
+        fhirstore_core::validate::Validation::Strict => {
+            Some(fhirstore_core::validate::SchemaValidator::r4()?)
+        }
+        fhirstore_core::validate::Validation::Off => None,
+    };
     let mut seen = HashSet::new();
     for (i, op) in ops.iter().enumerate() {
         let at = |e: Error| if ops.len() > 1 { e.in_entry(i) } else { e };
@@ -856,6 +867,9 @@ fn precheck(ctx: &TenantContext, ops: &[WriteOp], atomic: bool) -> Result<()> {
             WriteOp::Delete { .. } | WriteOp::ConditionalDelete { .. } => Ok(()),
         };
         checked.map_err(at)?;
+        if let (Some(schema), Some(body)) = (schema, op_body(op)) {
+            schema.validate(body).map_err(at)?;
+        }
         if atomic {
             if let WriteOp::Update {
                 resource_type, id, ..
@@ -873,6 +887,15 @@ fn precheck(ctx: &TenantContext, ops: &[WriteOp], atomic: bool) -> Result<()> {
         }
     }
     Ok(())
+}
+
+fn op_body(op: &WriteOp) -> Option<&Value> {
+    match op {
+        WriteOp::Create { resource, .. }
+        | WriteOp::Update { resource, .. }
+        | WriteOp::ConditionalUpdate { resource, .. } => Some(resource),
+        WriteOp::Delete { .. } | WriteOp::ConditionalDelete { .. } => None,
+    }
 }
 
 fn body_id(resource: &Value) -> Result<Option<LogicalId>> {
@@ -1540,7 +1563,7 @@ impl Store {
             let single = std::slice::from_ref(op);
             let mut attempt = 0u32;
             let result = loop {
-                let r = match precheck(ctx, single, false) {
+                let r = match precheck(ctx, single, false, self.config.validation) {
                     Err(e) => Err(e),
                     Ok(()) => {
                         let mut sp = tx.begin().await.map_err(db_err)?;
@@ -1696,7 +1719,7 @@ impl ResourceStorage for Store {
     #[instrument(name = "storage.sql.transaction", skip_all,
         fields(backend = BACKEND_NAME, tenant = %Self::span_tenant(ctx), entries = ops.len()))]
     async fn transaction(&self, ctx: &TenantContext, ops: Vec<WriteOp>) -> Result<Vec<OpOutcome>> {
-        precheck(ctx, &ops, true)?;
+        precheck(ctx, &ops, true, self.config.validation)?;
         self.run_atomic(ctx, &ops).await
     }
 

@@ -385,6 +385,14 @@ pub async fn bad_input_changes_nothing(store: &dyn ResourceStorage) {
             json!({"resourceType": "Patient", "id": "p1", "meta": []}),
             "meta",
         ),
+        (
+            json!({"resourceType": "Patient", "id": "p1", "gender": 5}),
+            "/gender",
+        ),
+        (
+            json!({"resourceType": "Patient", "id": "p1", "nickname": "Pete"}),
+            "nickname",
+        ),
         (huge, "limit"),
     ];
     for (body, want) in cases {
