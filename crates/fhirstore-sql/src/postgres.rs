@@ -19,7 +19,7 @@ type DbConn = PgConnection;
 const DIALECT: Dialect = Dialect::Postgres;
 const BACKEND_NAME: &str = "postgres";
 const SELECT_CURRENT_FOR_WRITE: &str = "SELECT version, deleted, e_hi, e_lo FROM resources \
-     WHERE tenant = $1 AND resource_type = $2 AND id = $3 FOR UPDATE";
+     WHERE tenant = $1 AND resource_type = $2 AND id = $3 AND segment = $4 FOR UPDATE";
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../../migrations/postgres");
 
@@ -116,7 +116,7 @@ i{i} AS (INSERT INTO {table} (tenant, resource_type, {}, id)
             build(
                 "UPDATE resources SET version = $4, last_updated = $5, deleted = $6, \
                  segment = $7, e_hi = $8, e_lo = $9 WHERE tenant = $1 AND resource_type = $2 \
-                 AND id = $3",
+                 AND segment = $7 AND id = $3",
             )
         })
     }

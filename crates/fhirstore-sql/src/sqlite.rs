@@ -18,7 +18,7 @@ const DIALECT: Dialect = Dialect::Sqlite;
 const BACKEND_NAME: &str = "sqlite";
 /// The single writer connection already serialises writers, so no row lock is needed.
 const SELECT_CURRENT_FOR_WRITE: &str = "SELECT version, deleted, e_hi, e_lo FROM resources \
-     WHERE tenant = $1 AND resource_type = $2 AND id = $3";
+     WHERE tenant = $1 AND resource_type = $2 AND id = $3 AND segment = $4";
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../../migrations/sqlite");
 
@@ -93,7 +93,7 @@ INSERT INTO {table} (tenant, resource_type, {}, id)
         EXISTING.get_or_init(|| {
             build(
                 "UPDATE resources SET version = $4, last_updated = $5, deleted = $6, segment = $7, \
-                 e_hi = $8, e_lo = $9 WHERE tenant = $1 AND resource_type = $2 AND id = $3;",
+                 e_hi = $8, e_lo = $9 WHERE tenant = $1 AND resource_type = $2 AND segment = $7 AND id = $3;",
             )
         })
     }
