@@ -427,18 +427,14 @@ impl SearchQuery {
         if name.starts_with("_has:") || name.contains('.') {
             return self.add_chained(name, value, handling);
         }
-        match parse_criterion(self.resource_type, base, modifier, value, handling)? {
-            Some(c) => {
-                self.criteria.push(c);
-                Ok(())
-            }
-            None => self.ignore(
-                name,
-                value,
-                handling,
-                "unknown or unsupported search parameter",
-            ),
-        }
+        let parsed = parse_criterion(self.resource_type, base, modifier, value, handling)?;
+        self.push_or_ignore(
+            parsed,
+            name,
+            value,
+            handling,
+            "unknown or unsupported parameter",
+        )
     }
 
     /// `a:Type.b.c=v` and `_has:Type:param:…=v`: resolves each link against the registry and
@@ -526,18 +522,31 @@ impl SearchQuery {
             Some((b, m)) => (b, Some(m)),
             None => (rest, None),
         };
-        match parse_criterion(Some(current), base, modifier, value, Handling::Strict)? {
-            Some(mut c) => {
-                c.chain = chain;
+        let parsed = parse_criterion(Some(current), base, modifier, value, Handling::Strict)?
+            .map(|c| Criterion { chain, ..c });
+        self.push_or_ignore(
+            parsed,
+            name,
+            value,
+            handling,
+            "unknown parameter at a chain's end",
+        )
+    }
+
+    fn push_or_ignore(
+        &mut self,
+        parsed: Option<Criterion>,
+        name: &str,
+        value: &str,
+        handling: Handling,
+        why: &str,
+    ) -> Result<()> {
+        match parsed {
+            Some(c) => {
                 self.criteria.push(c);
                 Ok(())
             }
-            None => self.ignore(
-                name,
-                value,
-                handling,
-                "unknown parameter at the end of a chain",
-            ),
+            None => self.ignore(name, value, handling, why),
         }
     }
 
