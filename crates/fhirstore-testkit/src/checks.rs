@@ -33,6 +33,25 @@ fn patient_body(id: Option<&str>, family: &str) -> Value {
     v
 }
 
+/// Writes Patient `id` (update-as-create) with one name, `family`.
+async fn put_patient(
+    store: &dyn ResourceStorage,
+    ctx: &TenantContext,
+    id: &LogicalId,
+    family: &str,
+) -> fhirstore_core::Written {
+    store
+        .update(
+            ctx,
+            patient(),
+            id,
+            patient_body(Some(id.as_str()), family),
+            None,
+        )
+        .await
+        .unwrap_or_else(|e| panic!("writing Patient/{id}: {e}"))
+}
+
 fn with_identifier(mut body: Value, system: &str, value: &str) -> Value {
     body["identifier"] = json!([{"system": system, "value": value}]);
     body
@@ -160,16 +179,7 @@ pub async fn update_writes_new_version(store: &dyn ResourceStorage) {
         .await
         .expect("create");
     let pid = w.resource.key.id.clone();
-    let u = store
-        .update(
-            &ctx,
-            patient(),
-            &pid,
-            patient_body(Some(pid.as_str()), "Two"),
-            None,
-        )
-        .await
-        .expect("update");
+    let u = put_patient(store, &ctx, &pid, "Two").await;
     assert_eq!(u.kind, WriteKind::Updated);
     assert_eq!(u.resource.version.get(), 2);
     assert_eq!(u.resource.content["meta"]["versionId"], "2");
@@ -189,16 +199,7 @@ pub async fn update_writes_new_version(store: &dyn ResourceStorage) {
 pub async fn update_as_create(store: &dyn ResourceStorage) {
     let ctx = random_tenant();
     let pid = id("chosen-by-client");
-    let w = store
-        .update(
-            &ctx,
-            patient(),
-            &pid,
-            patient_body(Some("chosen-by-client"), "X"),
-            None,
-        )
-        .await
-        .expect("update-as-create");
+    let w = put_patient(store, &ctx, &pid, "X").await;
     assert_eq!(w.kind, WriteKind::Created);
     assert_eq!(w.resource.version, VersionId::FIRST);
     assert_eq!(w.resource.key.id, pid);
@@ -214,16 +215,7 @@ pub async fn if_match_guards_updates(store: &dyn ResourceStorage) {
         .await
         .expect("create");
     let pid = w.resource.key.id.clone();
-    store
-        .update(
-            &ctx,
-            patient(),
-            &pid,
-            patient_body(Some(pid.as_str()), "B"),
-            None,
-        )
-        .await
-        .expect("update to v2");
+    put_patient(store, &ctx, &pid, "B").await;
     let stale = store
         .update(
             &ctx,
@@ -325,27 +317,9 @@ pub async fn delete_writes_tombstone(store: &dyn ResourceStorage) {
 pub async fn update_after_delete_recreates(store: &dyn ResourceStorage) {
     let ctx = random_tenant();
     let pid = id("phoenix");
-    store
-        .update(
-            &ctx,
-            patient(),
-            &pid,
-            patient_body(Some("phoenix"), "A"),
-            None,
-        )
-        .await
-        .expect("create");
+    put_patient(store, &ctx, &pid, "A").await;
     store.delete(&ctx, patient(), &pid).await.expect("delete");
-    let w = store
-        .update(
-            &ctx,
-            patient(),
-            &pid,
-            patient_body(Some("phoenix"), "B"),
-            None,
-        )
-        .await
-        .expect("recreate");
+    let w = put_patient(store, &ctx, &pid, "B").await;
     assert_eq!(w.kind, WriteKind::Created, "no live version existed");
     assert_eq!(w.resource.version.get(), 3);
     let r = store.read(&ctx, patient(), &pid).await.expect("read");
@@ -357,16 +331,7 @@ pub async fn update_after_delete_recreates(store: &dyn ResourceStorage) {
 pub async fn bad_input_changes_nothing(store: &dyn ResourceStorage) {
     let ctx = random_tenant();
     let pid = id("p1");
-    store
-        .update(
-            &ctx,
-            patient(),
-            &pid,
-            patient_body(Some("p1"), "Original"),
-            None,
-        )
-        .await
-        .expect("seed");
+    put_patient(store, &ctx, &pid, "Original").await;
     let huge = json!({"resourceType": "Patient", "id": "p1",
         "text": {"status": "generated", "div": "x".repeat(9 * 1024 * 1024)}});
     let cases: Vec<(Value, &str)> = vec![
@@ -438,10 +403,7 @@ pub async fn bad_input_changes_nothing(store: &dyn ResourceStorage) {
 pub async fn history_all_scopes(store: &dyn ResourceStorage) {
     let ctx = random_tenant();
     let a = id("a");
-    store
-        .update(&ctx, patient(), &a, patient_body(Some("a"), "A1"), None)
-        .await
-        .expect("a1");
+    put_patient(store, &ctx, &a, "A1").await;
     let obs = store
         .create(
             &ctx,
@@ -451,21 +413,9 @@ pub async fn history_all_scopes(store: &dyn ResourceStorage) {
         )
         .await
         .expect("obs");
-    let a2 = store
-        .update(&ctx, patient(), &a, patient_body(Some("a"), "A2"), None)
-        .await
-        .expect("a2");
+    let a2 = put_patient(store, &ctx, &a, "A2").await;
     store.delete(&ctx, patient(), &a).await.expect("delete a");
-    store
-        .update(
-            &ctx,
-            patient(),
-            &id("b"),
-            patient_body(Some("b"), "B1"),
-            None,
-        )
-        .await
-        .expect("b1");
+    put_patient(store, &ctx, &id("b"), "B1").await;
 
     let inst = all_history(store, &ctx, HistoryScope::Instance(patient(), a.clone()), 2).await;
     let versions: Vec<u64> = inst.iter().map(|r| r.version.get()).collect();
@@ -988,16 +938,7 @@ pub async fn conditional_delete(store: &dyn ResourceStorage) {
 /// A transaction with one failing entry commits nothing; outcomes come back in entry order.
 pub async fn transaction_is_atomic(store: &dyn ResourceStorage) {
     let ctx = random_tenant();
-    let existing = store
-        .update(
-            &ctx,
-            patient(),
-            &id("e"),
-            patient_body(Some("e"), "E1"),
-            None,
-        )
-        .await
-        .expect("seed");
+    let existing = put_patient(store, &ctx, &id("e"), "E1").await;
     let ops = vec![
         WriteOp::Create {
             resource_type: patient(),
@@ -1302,16 +1243,7 @@ pub async fn tenant_isolation_reads(store: &dyn ResourceStorage) {
         )
         .await
         .expect("b v2");
-    store
-        .update(
-            &b,
-            patient(),
-            &id("only-b"),
-            patient_body(Some("only-b"), "B"),
-            None,
-        )
-        .await
-        .expect("b only");
+    put_patient(store, &b, &id("only-b"), "B").await;
 
     let ra = store.read(&a, patient(), &shared).await.expect("a read");
     assert_eq!((family(&ra), ra.version.get()), ("A", 1));
@@ -1395,16 +1327,7 @@ pub async fn tenant_isolation_writes(store: &dyn ResourceStorage) {
     let b_state = b_state.expect("b seeded");
 
     // If-Match is checked against the caller's tenant's version only.
-    store
-        .update(
-            &a,
-            patient(),
-            &shared,
-            patient_body(Some("shared"), "A2"),
-            None,
-        )
-        .await
-        .expect("a v2");
+    put_patient(store, &a, &shared, "A2").await;
     store
         .update(
             &a,
@@ -1528,10 +1451,7 @@ pub async fn tenant_isolation_transactions(store: &dyn ResourceStorage) {
 pub async fn concurrent_updates_have_no_gaps(store: &dyn ResourceStorage) {
     let ctx = random_tenant();
     let pid = id("hot");
-    store
-        .update(&ctx, patient(), &pid, patient_body(Some("hot"), "w0"), None)
-        .await
-        .expect("seed");
+    put_patient(store, &ctx, &pid, "w0").await;
     let writers = (0..32).map(|w| {
         let ctx = &ctx;
         let pid = &pid;
@@ -1572,16 +1492,7 @@ pub async fn concurrent_updates_have_no_gaps(store: &dyn ResourceStorage) {
 pub async fn concurrent_if_match_has_one_winner(store: &dyn ResourceStorage) {
     let ctx = random_tenant();
     let pid = id("contested");
-    store
-        .update(
-            &ctx,
-            patient(),
-            &pid,
-            patient_body(Some("contested"), "start"),
-            None,
-        )
-        .await
-        .expect("seed");
+    put_patient(store, &ctx, &pid, "start").await;
     let racers = (0..32).map(|w| {
         let ctx = &ctx;
         let pid = &pid;
