@@ -361,45 +361,41 @@ fn push_criterion(
         // Aliases get deeper with each link, so an inner query never shadows an outer one.
         let depth = r.len();
         let (h, next) = (format!("h{depth}"), format!("{r}n"));
-        // Forward: the resources holding the reference; reverse: the resources referenced.
-        let own = match link {
-            ChainLink::Forward { .. } => "id",
-            ChainLink::Reverse { .. } => "target_id",
+        // A link is a `search_reference` row. Forward: `r` holds the reference and the next
+        // resource is its target. Reverse: `r` is the target and the next resource holds it.
+        let (own, next_type, next_id, holder, target, param, next_rt) = match link {
+            ChainLink::Forward { param, target } => (
+                "id",
+                "target_type",
+                "target_id",
+                here,
+                *target,
+                param,
+                *target,
+            ),
+            ChainLink::Reverse { source, param } => (
+                "target_id",
+                "resource_type",
+                "id",
+                *source,
+                here,
+                param,
+                *source,
+            ),
         };
         qb.push(format_args!(
             " AND {r}.id IN (SELECT {h}.{own} FROM search_reference {h} JOIN resources {next} \
-             ON {next}.tenant = {h}.tenant AND NOT {next}.deleted AND "
+             ON {next}.tenant = {h}.tenant AND NOT {next}.deleted \
+             AND {next}.resource_type = {h}.{next_type} AND {next}.id = {h}.{next_id} \
+             WHERE {h}.tenant = "
         ));
-        let next_rt = match link {
-            ChainLink::Forward { param, target } => {
-                qb.push(format_args!(
-                    "{next}.resource_type = {h}.target_type AND {next}.id = {h}.target_id \
-                     WHERE {h}.tenant = "
-                ));
-                qb.push_bind(scope.tenant.as_str().to_owned());
-                qb.push(format_args!(" AND {h}.resource_type = "));
-                qb.push_bind(here.as_str());
-                qb.push(format_args!(" AND {h}.param = "));
-                qb.push_bind(param.clone());
-                qb.push(format_args!(" AND {h}.target_type = "));
-                qb.push_bind(target.as_str());
-                *target
-            }
-            ChainLink::Reverse { source, param } => {
-                qb.push(format_args!(
-                    "{next}.resource_type = {h}.resource_type AND {next}.id = {h}.id \
-                     WHERE {h}.tenant = "
-                ));
-                qb.push_bind(scope.tenant.as_str().to_owned());
-                qb.push(format_args!(" AND {h}.resource_type = "));
-                qb.push_bind(source.as_str());
-                qb.push(format_args!(" AND {h}.param = "));
-                qb.push_bind(param.clone());
-                qb.push(format_args!(" AND {h}.target_type = "));
-                qb.push_bind(here.as_str());
-                *source
-            }
-        };
+        qb.push_bind(scope.tenant.as_str().to_owned());
+        qb.push(format_args!(" AND {h}.resource_type = "));
+        qb.push_bind(holder.as_str());
+        qb.push(format_args!(" AND {h}.param = "));
+        qb.push_bind(param.clone());
+        qb.push(format_args!(" AND {h}.target_type = "));
+        qb.push_bind(target.as_str());
         let inner = Scope {
             tenant: scope.tenant,
             rt: Some(next_rt),
