@@ -110,6 +110,54 @@ pub struct IndexEntries {
     pub references: Vec<ReferenceEntry>,
     /// Uri entries.
     pub uris: Vec<UriEntry>,
+    /// Composite entries: one per component value, grouped by the element they came from.
+    pub composites: Vec<CompositeEntry>,
+}
+
+/// One value of one component of a composite parameter (R4 search §3.1.1.4.9). Values of the
+/// same `group` come from the same element (one Observation, or one of its components), which
+/// is what lets `code-value-quantity=…$gt5` require the code and the value to belong together.
+#[derive(Clone, Debug, PartialEq, PartialOrd)]
+pub struct CompositeEntry {
+    /// The composite parameter, e.g. `code-value-quantity`.
+    pub param: &'static str,
+    /// Which element of the composite's expression the value belongs to.
+    pub group: u32,
+    /// The component's position in the definition.
+    pub component: u32,
+    /// The value, converted by the component's own parameter type.
+    pub value: ComponentValue,
+}
+
+/// A composite component's value; each variant's entry carries the composite's name as `param`.
+#[derive(Clone, Debug, PartialEq, PartialOrd)]
+pub enum ComponentValue {
+    /// A token component.
+    Token(TokenEntry),
+    /// A string component.
+    String(StringEntry),
+    /// A date component.
+    Date(DateEntry),
+    /// A number or quantity component.
+    Quantity(QuantityEntry),
+    /// A reference component.
+    Reference(ReferenceEntry),
+    /// A uri component.
+    Uri(UriEntry),
+}
+
+impl ComponentValue {
+    fn all(e: IndexEntries) -> Vec<ComponentValue> {
+        let mut out = Vec::new();
+        out.extend(e.tokens.into_iter().map(Self::Token));
+        out.extend(e.strings.into_iter().map(Self::String));
+        out.extend(e.dates.into_iter().map(Self::Date));
+        out.extend(e.numbers.into_iter().map(Self::Quantity));
+        out.extend(e.quantities.into_iter().map(Self::Quantity));
+        out.extend(e.references.into_iter().map(Self::Reference));
+        out.extend(e.uris.into_iter().map(Self::Uri));
+        out
+    }
 }
 
 /// Extracts the index entries of a resource body for every R4 search parameter of its type.
@@ -142,6 +190,9 @@ pub fn extract(content: &Value) -> IndexEntries {
         q.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
         q.dedup();
     }
+    out.composites
+        .sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
+    out.composites.dedup();
     out
 }
 
@@ -150,40 +201,16 @@ fn extract_param(def: &'static SearchParamDef, content: &Value, out: &mut IndexE
         return;
     };
     let param = def.code.as_str();
-    for node in expr.evaluate(content) {
+    let nodes = expr.evaluate(content);
+    if def.kind == SearchParamType::Composite {
+        composites(def, content, &nodes, out);
+        return;
+    }
+    for node in nodes {
+        push_value(def.kind, param, &node, out);
         match def.kind {
-            SearchParamType::Token => {
-                tokens(param, &node, &mut out.tokens);
-                token_extras(def, &node, out);
-            }
-            SearchParamType::String => strings(param, &node, &mut out.strings),
-            SearchParamType::Date => {
-                if let Some(r) = date_range(&node) {
-                    out.dates.push(DateEntry {
-                        param,
-                        low: r.low,
-                        high: r.high,
-                    });
-                }
-            }
-            SearchParamType::Number => {
-                if let Some(n) = number(&node.value) {
-                    out.numbers.push(QuantityEntry {
-                        param,
-                        value: n.0,
-                        low: n.1,
-                        high: n.2,
-                        system: String::new(),
-                        code: String::new(),
-                        unit: String::new(),
-                    });
-                }
-            }
-            SearchParamType::Quantity => quantities(param, &node.value, &mut out.quantities),
+            SearchParamType::Token => token_extras(def, &node, out),
             SearchParamType::Reference => {
-                if let Some(r) = reference(param, &node.value) {
-                    out.references.push(r);
-                }
                 // Reference.identifier answers `:identifier`.
                 if let Some(ident) = node.value.get("identifier") {
                     if let Some(value) = ident.get("value").and_then(Value::as_str) {
@@ -195,17 +222,97 @@ fn extract_param(def: &'static SearchParamDef, content: &Value, out: &mut IndexE
                     }
                 }
             }
-            SearchParamType::Uri => {
-                if let Some(u) = node.value.as_str() {
-                    out.uris.push(UriEntry {
-                        param,
-                        uri: u.to_owned(),
-                    });
-                }
+            _ => {}
+        }
+    }
+}
+
+/// Converts one element to index entries of `kind` under `param`.
+fn push_value(kind: SearchParamType, param: &'static str, node: &Node<'_>, out: &mut IndexEntries) {
+    match kind {
+        SearchParamType::Token => tokens(param, node, &mut out.tokens),
+        SearchParamType::String => strings(param, node, &mut out.strings),
+        SearchParamType::Date => {
+            if let Some(r) = date_range(node) {
+                out.dates.push(DateEntry {
+                    param,
+                    low: r.low,
+                    high: r.high,
+                });
             }
-            // Composite and special parameters are answered from their components' rows and
-            // by dedicated code paths.
-            SearchParamType::Composite | SearchParamType::Special => {}
+        }
+        SearchParamType::Number => {
+            if let Some(n) = number(&node.value) {
+                out.numbers.push(QuantityEntry {
+                    param,
+                    value: n.0,
+                    low: n.1,
+                    high: n.2,
+                    system: String::new(),
+                    code: String::new(),
+                    unit: String::new(),
+                });
+            }
+        }
+        SearchParamType::Quantity => quantities(param, &node.value, &mut out.quantities),
+        SearchParamType::Reference => {
+            if let Some(r) = reference(param, &node.value) {
+                out.references.push(r);
+            }
+        }
+        SearchParamType::Uri => {
+            if let Some(u) = node.value.as_str() {
+                out.uris.push(UriEntry {
+                    param,
+                    uri: u.to_owned(),
+                });
+            }
+        }
+        // Special parameters are answered by dedicated code paths; composites by `composites`.
+        SearchParamType::Composite | SearchParamType::Special => {}
+    }
+}
+
+/// Composite entries: for each element the composite's expression selects, every component's
+/// values, evaluated from that element. An element lacking a value for some component matches
+/// no composite search, so it gets no entries at all.
+fn composites(
+    def: &'static SearchParamDef,
+    content: &Value,
+    nodes: &[Node<'_>],
+    out: &mut IndexEntries,
+) {
+    let reg = Registry::r4();
+    let Some(components) = def
+        .components
+        .iter()
+        .map(|c| Some((reg.by_url(&c.definition)?.kind, c.expression.as_ref().ok()?)))
+        .collect::<Option<Vec<_>>>()
+    else {
+        return;
+    };
+    let param = def.code.as_str();
+    'elements: for (group, node) in (0u32..).zip(nodes) {
+        let mut values = Vec::with_capacity(components.len());
+        for (kind, expr) in &components {
+            let mut e = IndexEntries::default();
+            for v in expr.evaluate_from(content, std::slice::from_ref(node)) {
+                push_value(*kind, param, &v, &mut e);
+            }
+            let vs = ComponentValue::all(e);
+            if vs.is_empty() {
+                continue 'elements;
+            }
+            values.push(vs);
+        }
+        for (component, vs) in (0u32..).zip(values) {
+            out.composites
+                .extend(vs.into_iter().map(|value| CompositeEntry {
+                    param,
+                    group,
+                    component,
+                    value,
+                }));
         }
     }
 }
@@ -603,6 +710,43 @@ mod tests {
                 "{param}"
             );
         }
+    }
+
+    #[test]
+    fn composite_values_stay_with_their_element() {
+        let o = json!({"resourceType": "Observation", "status": "final",
+        "code": {"coding": [{"system": "http://loinc.org", "code": "85354-9"}]},
+        "component": [
+            {"code": {"coding": [{"system": "http://loinc.org", "code": "8480-6"}]},
+             "valueQuantity": {"value": 120, "system": "http://unitsofmeasure.org", "code": "mm[Hg]"}},
+            {"code": {"coding": [{"system": "http://loinc.org", "code": "8462-4"}]},
+             "valueQuantity": {"value": 80, "system": "http://unitsofmeasure.org", "code": "mm[Hg]"}}
+        ]});
+        let e = extract(&o);
+        let of = |param: &str| -> Vec<(u32, u32, String)> {
+            e.composites
+                .iter()
+                .filter(|c| c.param == param)
+                .map(|c| {
+                    let v = match &c.value {
+                        ComponentValue::Token(t) => t.code.clone(),
+                        ComponentValue::Quantity(q) => q.value.to_string(),
+                        other => format!("{other:?}"),
+                    };
+                    (c.group, c.component, v)
+                })
+                .collect()
+        };
+        let groups = of("component-code-value-quantity");
+        assert_eq!(groups.len(), 4, "{groups:?}");
+        let group_of = |code: &str| groups.iter().find(|g| g.2 == code).map(|g| g.0);
+        let systolic = group_of("8480-6").expect("systolic code");
+        assert!(groups.contains(&(systolic, 1, "120".into())), "{groups:?}");
+        assert_ne!(group_of("8462-4"), Some(systolic));
+        // The panel itself has no value, so it has no code-value-quantity entry.
+        assert!(of("code-value-quantity").is_empty());
+        // combo- covers the components (the panel again has no value).
+        assert_eq!(of("combo-code-value-quantity").len(), 4);
     }
 
     #[test]

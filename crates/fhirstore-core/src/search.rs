@@ -109,6 +109,9 @@ pub enum CriterionValues {
     Uri(Vec<String>),
     /// `:missing=true` (the resource has no value for the parameter) or `false`.
     Missing(bool),
+    /// Composite values: for each value, one single-valued entry per component, in the
+    /// definition's order, all of which must hold for the same element.
+    Composite(Vec<Vec<CriterionValues>>),
 }
 
 /// A search modifier the stores understand.
@@ -614,10 +617,11 @@ fn parse_criterion(
             )))
         }
     };
-    let parts = split_unescaped(value, b',');
+    let parts = split_raw(value, b',');
     match modifier {
         Some(Modifier::Text) => {
-            let mut c = Criterion::new(base, CriterionValues::String(parts));
+            let strings = parts.iter().map(|p| unescape(p)).collect();
+            let mut c = Criterion::new(base, CriterionValues::String(strings));
             c.modifier = modifier;
             return Ok(Some(c));
         }
@@ -645,10 +649,34 @@ fn parse_criterion(
         }
         _ => {}
     }
-    let values = match kind {
+    let values = parse_values(resource_type, kind, base, modifier, &parts, &bad)?;
+    let Some(values) = values else {
+        return match handling {
+            Handling::Strict => Err(Error::Unsupported(format!(
+                "{base}: {kind:?} parameters are not supported"
+            ))),
+            Handling::Lenient => Ok(None),
+        };
+    };
+    let mut c = Criterion::new(base, values);
+    c.modifier = modifier;
+    Ok(Some(c))
+}
+
+/// Parses the comma-separated values of one parameter of type `kind`, still escaped. `Ok(None)`:
+/// parameters of this type cannot be searched.
+fn parse_values(
+    resource_type: Option<ResourceType>,
+    kind: ParamType,
+    base: &str,
+    modifier: Option<Modifier>,
+    parts: &[&str],
+    bad: &dyn Fn(&str) -> Error,
+) -> Result<Option<CriterionValues>> {
+    Ok(Some(match kind {
         ParamType::Token => {
             let mut tokens = Vec::with_capacity(parts.len());
-            for p in &parts {
+            for &p in parts {
                 let t = parse_token(p);
                 if base == "_id" {
                     match &t.code {
@@ -666,8 +694,9 @@ fn parse_criterion(
         }
         ParamType::Date => {
             let mut dates = Vec::with_capacity(parts.len());
-            for p in &parts {
-                let (prefix, rest) = Prefix::split(p);
+            for &p in parts {
+                let p = unescape(p);
+                let (prefix, rest) = Prefix::split(&p);
                 let range = parse_fhir_date(rest).ok_or_else(|| {
                     Error::InvalidSearch(format!("{base}={p:?} is not a FHIR date"))
                 })?;
@@ -675,19 +704,20 @@ fn parse_criterion(
             }
             CriterionValues::Date(dates)
         }
-        ParamType::String => CriterionValues::String(parts),
-        ParamType::Uri => CriterionValues::Uri(parts),
+        ParamType::String => CriterionValues::String(parts.iter().map(|p| unescape(p)).collect()),
+        ParamType::Uri => CriterionValues::Uri(parts.iter().map(|p| unescape(p)).collect()),
         ParamType::Number => {
             let mut numbers = Vec::with_capacity(parts.len());
-            for p in &parts {
-                let (prefix, rest) = Prefix::split(p);
+            for &p in parts {
+                let p = unescape(p);
+                let (prefix, rest) = Prefix::split(&p);
                 numbers.push(parse_number(prefix, rest).ok_or_else(|| bad("not a number"))?);
             }
             CriterionValues::Number(numbers)
         }
         ParamType::Quantity => {
             let mut quantities = Vec::with_capacity(parts.len());
-            for p in &parts {
+            for &p in parts {
                 let pieces = split_unescaped(p, b'|');
                 let (prefix, rest) = Prefix::split(&pieces[0]);
                 let number = parse_number(prefix, rest).ok_or_else(|| bad("not a quantity"))?;
@@ -702,23 +732,50 @@ fn parse_criterion(
         }
         ParamType::Reference => {
             let mut refs = Vec::with_capacity(parts.len());
-            for p in &parts {
-                refs.push(parse_reference(p, modifier).ok_or_else(|| bad("not a reference"))?);
+            for &p in parts {
+                refs.push(
+                    parse_reference(&unescape(p), modifier)
+                        .ok_or_else(|| bad("not a reference"))?,
+                );
             }
             CriterionValues::Reference(refs)
         }
-        ParamType::Composite | ParamType::Special => {
-            return match handling {
-                Handling::Strict => Err(Error::Unsupported(format!(
-                    "{base}: {kind:?} parameters are not supported yet"
-                ))),
-                Handling::Lenient => Ok(None),
+        ParamType::Composite => {
+            let def = resource_type
+                .and_then(|rt| crate::registry::Registry::r4().get(rt, base))
+                .ok_or_else(|| bad("composite parameters need a resource type"))?;
+            let reg = crate::registry::Registry::r4();
+            let kinds = def
+                .components
+                .iter()
+                .map(|c| reg.by_url(&c.definition).map(|d| d.kind))
+                .collect::<Option<Vec<_>>>()
+                .ok_or_else(|| bad("the composite's definition names an unknown component"))?;
+            let mut values = Vec::with_capacity(parts.len());
+            for p in parts {
+                let pieces = split_raw(p, b'$');
+                if pieces.len() != kinds.len() {
+                    return Err(bad(&format!(
+                        "expected {} components separated by '$'",
+                        kinds.len()
+                    )));
+                }
+                let mut components = Vec::with_capacity(kinds.len());
+                for (kind, piece) in kinds.iter().zip(pieces) {
+                    if matches!(kind, ParamType::Composite | ParamType::Special) {
+                        return Ok(None);
+                    }
+                    match parse_values(resource_type, *kind, base, None, &[piece], bad)? {
+                        Some(v) => components.push(v),
+                        None => return Ok(None),
+                    }
+                }
+                values.push(components);
             }
+            CriterionValues::Composite(values)
         }
-    };
-    let mut c = Criterion::new(base, values);
-    c.modifier = modifier;
-    Ok(Some(c))
+        ParamType::Special => return Ok(None),
+    }))
 }
 
 fn parse_reference(value: &str, modifier: Option<Modifier>) -> Option<ReferenceValue> {
@@ -813,30 +870,52 @@ pub fn parse_token(value: &str) -> TokenValue {
     }
 }
 
-/// Splits on `sep` where it is not preceded by a backslash, and removes the escapes
-/// (`\,` `\|` `\$` `\\`), as R4 search §3.1.1.4.5 requires.
-pub fn split_unescaped(value: &str, sep: u8) -> Vec<String> {
+/// Splits on `sep` where it is not escaped by a backslash, keeping the escapes, so that each
+/// piece can be split again on another separator (`,` then `$` then `|`) before [`unescape`].
+pub fn split_raw(value: &str, sep: u8) -> Vec<&str> {
+    let bytes = value.as_bytes();
     let mut out = Vec::new();
-    let mut cur = String::new();
+    let (mut start, mut i) = (0, 0);
+    while i < bytes.len() {
+        if bytes[i] == b'\\' {
+            i += 2;
+            continue;
+        }
+        if bytes[i] == sep {
+            out.push(&value[start..i]);
+            start = i + 1;
+        }
+        i += 1;
+    }
+    out.push(&value[start..]);
+    out
+}
+
+/// Removes the escapes `\,` `\|` `\$` `\\`; any other backslash stays as written.
+pub fn unescape(value: &str) -> String {
+    let mut out = String::with_capacity(value.len());
     let mut chars = value.chars();
     while let Some(c) = chars.next() {
         if c == '\\' {
             match chars.next() {
-                Some(n @ (',' | '|' | '$' | '\\')) => cur.push(n),
+                Some(n @ (',' | '|' | '$' | '\\')) => out.push(n),
                 Some(n) => {
-                    cur.push('\\');
-                    cur.push(n);
+                    out.push('\\');
+                    out.push(n);
                 }
-                None => cur.push('\\'),
+                None => out.push('\\'),
             }
-        } else if c as u32 == u32::from(sep) {
-            out.push(std::mem::take(&mut cur));
         } else {
-            cur.push(c);
+            out.push(c);
         }
     }
-    out.push(cur);
     out
+}
+
+/// Splits on `sep` where it is not preceded by a backslash, and removes the escapes
+/// (`\,` `\|` `\$` `\\`), as R4 search §3.1.1.4.5 requires.
+pub fn split_unescaped(value: &str, sep: u8) -> Vec<String> {
+    split_raw(value, sep).into_iter().map(unescape).collect()
 }
 
 #[cfg(test)]
@@ -986,6 +1065,71 @@ mod tests {
         );
         assert_eq!(split_unescaped(r"a\,b,c", b','), vec!["a,b", "c"]);
         assert_eq!(split_unescaped(r"x\$y\\", b','), vec![r"x$y\"]);
+        // An escaped bar survives the split on commas and stays inside the code.
+        let q =
+            SearchQuery::parse(pt(), r"identifier=s|a\|b,t|c", Handling::Strict).expect("parses");
+        assert_eq!(
+            q.criteria[0].values,
+            CriterionValues::Token(vec![
+                TokenValue {
+                    system: Some("s".into()),
+                    code: Some("a|b".into())
+                },
+                TokenValue {
+                    system: Some("t".into()),
+                    code: Some("c".into())
+                }
+            ])
+        );
+    }
+
+    #[test]
+    fn composites_parse_each_component_by_its_type() {
+        let obs = ResourceType::new("Observation").ok();
+        let q = SearchQuery::parse(
+            obs,
+            "code-value-quantity=http://loinc.org|8480-6$gt100|http://unitsofmeasure.org|mm[Hg],x$5",
+            Handling::Strict,
+        )
+        .expect("parses");
+        let CriterionValues::Composite(values) = &q.criteria[0].values else {
+            panic!("{:?}", q.criteria[0].values)
+        };
+        assert_eq!(values.len(), 2);
+        assert_eq!(
+            values[0][0],
+            CriterionValues::Token(vec![TokenValue {
+                system: Some("http://loinc.org".into()),
+                code: Some("8480-6".into())
+            }])
+        );
+        match &values[0][1] {
+            CriterionValues::Quantity(q) => {
+                assert_eq!(q[0].number.prefix, Prefix::Gt);
+                assert_eq!(q[0].code.as_deref(), Some("mm[Hg]"));
+            }
+            other => panic!("{other:?}"),
+        }
+        // An escaped dollar belongs to the component.
+        let q =
+            SearchQuery::parse(obs, r"code-value-string=a\$b$c", Handling::Strict).expect("parses");
+        let CriterionValues::Composite(values) = &q.criteria[0].values else {
+            panic!("{:?}", q.criteria[0].values)
+        };
+        assert_eq!(values[0][1], CriterionValues::String(vec!["c".into()]));
+        for bad in [
+            "code-value-quantity=8480-6",
+            "code-value-quantity=a$b$c",
+            "code-value-quantity=8480-6$lots",
+            "code-value-date=x$notadate",
+            "code-value-quantity:exact=a$1",
+        ] {
+            let e = SearchQuery::parse(obs, bad, Handling::Lenient).expect_err(bad);
+            assert!(
+                matches!(&e, Error::InvalidSearch(m) | Error::Unsupported(m) if m.contains("code-value")),
+                "{bad}: {e}"
+            );
+        }
     }
 
     #[test]

@@ -143,7 +143,7 @@ pub(crate) enum Col {
 
 /// The search-index tables after `(tenant, resource_type)` and before the owning `id`: one
 /// description, from which each dialect generates its fixed-text delete and bulk insert.
-pub(crate) const INDEX_TABLES: [(&str, &[(&str, Col)]); 6] = [
+pub(crate) const INDEX_TABLES: [(&str, &[(&str, Col)]); 7] = [
     (
         "search_token",
         &[
@@ -187,12 +187,34 @@ pub(crate) const INDEX_TABLES: [(&str, &[(&str, Col)]); 6] = [
         ],
     ),
     ("search_uri", &[("param", Col::Text), ("uri", Col::Text)]),
+    ("search_composite", COMPOSITE_COLUMNS),
+];
+
+/// `search_composite`'s columns: the union of the per-type tables', so component predicates
+/// are the same SQL as plain ones.
+const COMPOSITE_COLUMNS: &[(&str, Col)] = &[
+    ("param", Col::Text),
+    ("grp", Col::Int),
+    ("comp", Col::Int),
+    ("system", Col::Text),
+    ("code", Col::Text),
+    ("folded", Col::Text),
+    ("exact", Col::Text),
+    ("low", Col::Int),
+    ("high", Col::Int),
+    ("value", Col::Real),
+    ("unit", Col::Text),
+    ("target_type", Col::Text),
+    ("target_id", Col::Text),
+    ("url", Col::Text),
+    ("version", Col::Text),
+    ("uri", Col::Text),
 ];
 
 /// The rows of each index table, in `INDEX_TABLES` order, as JSON values per column.
 pub(crate) fn index_rows(
     e: &fhirstore_core::index::IndexEntries,
-) -> [Vec<Vec<serde_json::Value>>; 6] {
+) -> [Vec<Vec<serde_json::Value>>; 7] {
     use serde_json::json;
     let quantity = |q: &fhirstore_core::index::QuantityEntry| {
         vec![
@@ -239,7 +261,65 @@ pub(crate) fn index_rows(
             .iter()
             .map(|u| vec![json!(u.param), json!(u.uri)])
             .collect(),
+        e.composites.iter().map(composite_row).collect(),
     ]
+}
+
+/// One `search_composite` row, in `COMPOSITE_COLUMNS` order.
+fn composite_row(c: &fhirstore_core::index::CompositeEntry) -> Vec<serde_json::Value> {
+    use fhirstore_core::index::ComponentValue;
+    use serde_json::json;
+    let mut row = vec![
+        json!(c.param),
+        json!(c.group),
+        json!(c.component),
+        json!(""),
+        json!(""),
+        json!(""),
+        json!(""),
+        json!(0),
+        json!(0),
+        json!(0.0),
+        json!(""),
+        json!(""),
+        json!(""),
+        json!(""),
+        json!(""),
+        json!(""),
+    ];
+    let mut set = |name: &str, v: serde_json::Value| {
+        if let Some(i) = COMPOSITE_COLUMNS.iter().position(|c| c.0 == name) {
+            row[i] = v;
+        }
+    };
+    match &c.value {
+        ComponentValue::Token(t) => {
+            set("system", json!(t.system));
+            set("code", json!(t.code));
+        }
+        ComponentValue::String(t) => {
+            set("folded", json!(t.folded));
+            set("exact", json!(t.exact));
+        }
+        ComponentValue::Date(d) => {
+            set("low", json!(d.low));
+            set("high", json!(d.high));
+        }
+        ComponentValue::Quantity(q) => {
+            set("value", json!(q.value));
+            set("system", json!(q.system));
+            set("code", json!(q.code));
+            set("unit", json!(q.unit));
+        }
+        ComponentValue::Reference(r) => {
+            set("target_type", json!(r.target_type));
+            set("target_id", json!(r.target_id));
+            set("url", json!(r.url));
+            set("version", json!(r.version));
+        }
+        ComponentValue::Uri(u) => set("uri", json!(u.uri)),
+    }
+    row
 }
 
 /// Binds the parameters both dialects' version writers share, `$1` to `$12`, in order.

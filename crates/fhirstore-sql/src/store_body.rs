@@ -137,7 +137,8 @@ fn index_table(kind: ParamType) -> Option<&'static str> {
         ParamType::Number | ParamType::Quantity => "search_quantity",
         ParamType::Reference => "search_reference",
         ParamType::Uri => "search_uri",
-        ParamType::Composite | ParamType::Special => return None,
+        ParamType::Composite => "search_composite",
+        ParamType::Special => return None,
     })
 }
 
@@ -230,21 +231,26 @@ fn like_escape(s: &str) -> String {
     out
 }
 
-/// A stored range `[t.low, t.high)` against a searched range, by prefix (R4 search §3.1.1.4.3;
-/// the same rules as `DateValue::matches`).
+/// A stored range `[{t}.low, {t}.high)` against a searched range, by prefix (R4 search
+/// §3.1.1.4.3; the same rules as `DateValue::matches`).
 fn push_range_predicate(
     qb: &mut QueryBuilder<'_, Db>,
+    t: &str,
     d: &fhirstore_core::date::DateValue,
     now: i64,
 ) {
     use fhirstore_core::date::Prefix;
     let (ql, qh) = (d.range.low, d.range.high);
     let within = |qb: &mut QueryBuilder<'_, Db>| {
-        qb.push("(t.low >= ");
+        qb.push(format_args!("({t}.low >= "));
         qb.push_bind(ql);
-        qb.push(" AND t.high <= ");
+        qb.push(format_args!(" AND {t}.high <= "));
         qb.push_bind(qh);
         qb.push(")");
+    };
+    let bound = |qb: &mut QueryBuilder<'_, Db>, column: &str, op: &str, v: i64| {
+        qb.push(format_args!("{t}.{column} {op} "));
+        qb.push_bind(v);
     };
     match d.prefix {
         Prefix::Eq => within(qb),
@@ -252,62 +258,47 @@ fn push_range_predicate(
             qb.push("NOT ");
             within(qb);
         }
-        Prefix::Gt => {
-            qb.push("t.high > ");
-            qb.push_bind(qh);
-        }
-        Prefix::Lt => {
-            qb.push("t.low < ");
-            qb.push_bind(ql);
-        }
+        Prefix::Gt => bound(qb, "high", ">", qh),
+        Prefix::Lt => bound(qb, "low", "<", ql),
         Prefix::Ge => {
-            qb.push("t.high > ");
-            qb.push_bind(qh);
+            bound(qb, "high", ">", qh);
             qb.push(" OR ");
             within(qb);
         }
         Prefix::Le => {
-            qb.push("t.low < ");
-            qb.push_bind(ql);
+            bound(qb, "low", "<", ql);
             qb.push(" OR ");
             within(qb);
         }
-        Prefix::Sa => {
-            qb.push("t.low >= ");
-            qb.push_bind(qh);
-        }
-        Prefix::Eb => {
-            qb.push("t.high <= ");
-            qb.push_bind(ql);
-        }
+        Prefix::Sa => bound(qb, "low", ">=", qh),
+        Prefix::Eb => bound(qb, "high", "<=", ql),
         Prefix::Ap => {
             let a = d.approximate_bounds(now);
-            qb.push("t.low < ");
-            qb.push_bind(a.high);
-            qb.push(" AND t.high > ");
-            qb.push_bind(a.low);
+            bound(qb, "low", "<", a.high);
+            qb.push(" AND ");
+            bound(qb, "high", ">", a.low);
         }
     }
 }
 
-/// A stored number `t.value` against a searched number: `eq` uses the searched value's implicit
-/// precision range, the ordering prefixes its exact value, `ap` ±10%.
-fn push_number_predicate(qb: &mut QueryBuilder<'_, Db>, n: &NumberValue) {
+/// A stored number `{t}.value` against a searched number: `eq` uses the searched value's
+/// implicit precision range, the ordering prefixes its exact value, `ap` ±10%.
+fn push_number_predicate(qb: &mut QueryBuilder<'_, Db>, t: &str, n: &NumberValue) {
     let op = match n.prefix {
         Prefix::Eq | Prefix::Ne => {
             qb.push(if n.prefix == Prefix::Ne { "NOT " } else { "" });
-            qb.push("(t.value >= ");
+            qb.push(format_args!("({t}.value >= "));
             qb.push_bind(n.low);
-            qb.push(" AND t.value < ");
+            qb.push(format_args!(" AND {t}.value < "));
             qb.push_bind(n.high);
             qb.push(")");
             return;
         }
         Prefix::Ap => {
             let pad = (n.value.abs() * 0.1).max(n.high - n.low);
-            qb.push("t.value >= ");
+            qb.push(format_args!("{t}.value >= "));
             qb.push_bind(n.value - pad);
-            qb.push(" AND t.value <= ");
+            qb.push(format_args!(" AND {t}.value <= "));
             qb.push_bind(n.value + pad);
             return;
         }
@@ -316,9 +307,163 @@ fn push_number_predicate(qb: &mut QueryBuilder<'_, Db>, n: &NumberValue) {
         Prefix::Ge => " >= ",
         Prefix::Le => " <= ",
     };
-    qb.push("t.value");
+    qb.push(format_args!("{t}.value"));
     qb.push(op);
     qb.push_bind(n.value);
+}
+
+/// Pushes ` AND (v1 OR v2 …)` over the index row aliased `t`, one alternative per value, with
+/// the predicate of the values' type. `Missing` and `Composite` values have no row predicate.
+fn push_values(
+    qb: &mut QueryBuilder<'_, Db>,
+    t: &str,
+    modifier: Option<Modifier>,
+    values: &CriterionValues,
+    now: i64,
+) {
+    match values {
+        CriterionValues::Token(tokens) => push_any(qb, tokens, |qb, v| {
+            qb.push("1 = 1");
+            if let Some(code) = &v.code {
+                qb.push(format_args!(" AND {t}.code = "));
+                qb.push_bind(code.clone());
+            }
+            if let Some(system) = &v.system {
+                qb.push(format_args!(" AND {t}.system = "));
+                qb.push_bind(system.clone());
+            }
+        }),
+        CriterionValues::String(strings) => push_any(qb, strings, |qb, v| match modifier {
+            Some(Modifier::Exact) => {
+                qb.push(format_args!("{t}.exact = "));
+                qb.push_bind(v.clone());
+            }
+            Some(Modifier::Contains) => {
+                qb.push(format_args!("{t}.folded LIKE "));
+                qb.push_bind(format!("%{}%", like_escape(&index::fold(v))));
+                qb.push(" ESCAPE '\\'");
+            }
+            _ => {
+                // Starts-with as a range, so the (param, folded) index serves it. The columns
+                // compare bytewise (SQLite BINARY, PostgreSQL COLLATE "C").
+                let folded = index::fold(v);
+                qb.push(format_args!("{t}.folded >= "));
+                qb.push_bind(folded.clone());
+                qb.push(format_args!(" AND {t}.folded < "));
+                qb.push_bind(format!("{folded}\u{10FFFF}"));
+            }
+        }),
+        CriterionValues::Date(dates) => {
+            push_any(qb, dates, |qb, d| push_range_predicate(qb, t, d, now));
+        }
+        CriterionValues::Number(numbers) => {
+            push_any(qb, numbers, |qb, n| push_number_predicate(qb, t, n));
+        }
+        CriterionValues::Quantity(quantities) => push_any(qb, quantities, |qb, q| {
+            push_number_predicate(qb, t, &q.number);
+            match (&q.system, &q.code) {
+                (Some(system), Some(code)) => {
+                    qb.push(format_args!(" AND {t}.system = "));
+                    qb.push_bind(system.clone());
+                    qb.push(format_args!(" AND {t}.code = "));
+                    qb.push_bind(code.clone());
+                }
+                (None, Some(code)) => {
+                    qb.push(format_args!(" AND ({t}.code = "));
+                    qb.push_bind(code.clone());
+                    qb.push(format_args!(" OR {t}.unit = "));
+                    qb.push_bind(code.clone());
+                    qb.push(")");
+                }
+                (Some(system), None) => {
+                    qb.push(format_args!(" AND {t}.system = "));
+                    qb.push_bind(system.clone());
+                }
+                (None, None) => {}
+            }
+        }),
+        CriterionValues::Reference(refs) => push_any(qb, refs, |qb, v| match v {
+            ReferenceValue::Local { resource_type, id } => {
+                qb.push(format_args!("{t}.target_id = "));
+                qb.push_bind(id.clone());
+                if let Some(rt) = resource_type {
+                    qb.push(format_args!(" AND {t}.target_type = "));
+                    qb.push_bind(rt.as_str());
+                }
+            }
+            ReferenceValue::Url { url, version } => {
+                qb.push(format_args!("{t}.url = "));
+                qb.push_bind(url.clone());
+                if let Some(v) = version {
+                    qb.push(format_args!(" AND {t}.version = "));
+                    qb.push_bind(v.clone());
+                }
+            }
+        }),
+        CriterionValues::Uri(uris) => push_any(qb, uris, |qb, u| match modifier {
+            Some(Modifier::Below) => {
+                qb.push(format_args!("{t}.uri LIKE "));
+                qb.push_bind(format!("{}%", like_escape(u)));
+                qb.push(" ESCAPE '\\'");
+            }
+            Some(Modifier::Above) => {
+                qb.push("substr(");
+                qb.push_bind(u.clone());
+                qb.push(format_args!(", 1, length({t}.uri)) = {t}.uri"));
+            }
+            _ => {
+                qb.push(format_args!("{t}.uri = "));
+                qb.push_bind(u.clone());
+            }
+        }),
+        CriterionValues::Missing(_) | CriterionValues::Composite(_) => {}
+    }
+}
+
+/// Pushes ` AND (r.id IN (…) OR …)`, one alternative per composite value: rows of the same
+/// element (`grp`) must match every component, each by its own type's predicate.
+fn push_composite(
+    qb: &mut QueryBuilder<'_, Db>,
+    scope: &Scope<'_>,
+    param: &str,
+    values: &[Vec<CriterionValues>],
+    now: i64,
+) -> Result<()> {
+    let Some(rt) = scope.rt else {
+        return Err(Error::InvalidSearch(format!(
+            "{param}: composite parameters need a resource type"
+        )));
+    };
+    let r = scope.alias;
+    qb.push(" AND (");
+    for (i, components) in values.iter().enumerate() {
+        if i > 0 {
+            qb.push(" OR ");
+        }
+        qb.push(format_args!(
+            "{r}.id IN (SELECT c0.id FROM search_composite c0"
+        ));
+        for k in 1..components.len() {
+            qb.push(format_args!(
+                " JOIN search_composite c{k} ON c{k}.tenant = c0.tenant \
+                 AND c{k}.resource_type = c0.resource_type AND c{k}.id = c0.id \
+                 AND c{k}.param = c0.param AND c{k}.grp = c0.grp AND c{k}.comp = {k}"
+            ));
+        }
+        qb.push(" WHERE c0.tenant = ");
+        qb.push_bind(scope.tenant.as_str().to_owned());
+        qb.push(" AND c0.resource_type = ");
+        qb.push_bind(rt.as_str());
+        qb.push(" AND c0.param = ");
+        qb.push_bind(param.to_owned());
+        qb.push(" AND c0.comp = 0");
+        for (k, v) in components.iter().enumerate() {
+            push_values(qb, &format!("c{k}"), None, v, now);
+        }
+        qb.push(")");
+    }
+    qb.push(")");
+    Ok(())
 }
 
 /// Appends `AND (...)` for every criterion of `query` to a statement over `resources r`.
@@ -449,131 +594,31 @@ fn push_criterion(
                 push_in(qb, scope, table, param, *missing, false);
                 qb.push(")");
             }
-            (_, CriterionValues::Token(tokens)) => {
-                push_in(
-                    qb,
-                    scope,
-                    "search_token",
-                    param,
-                    modifier == Some(Modifier::Not),
-                    false,
-                );
-                push_any(qb, tokens, |qb, t| {
-                    qb.push("1 = 1");
-                    if let Some(code) = &t.code {
-                        qb.push(" AND t.code = ");
-                        qb.push_bind(code.clone());
-                    }
-                    if let Some(system) = &t.system {
-                        qb.push(" AND t.system = ");
-                        qb.push_bind(system.clone());
-                    }
-                });
-                qb.push(")");
+            (_, CriterionValues::Composite(values)) => {
+                push_composite(qb, scope, param, values, now)?;
             }
-            (_, CriterionValues::String(values)) => {
-                push_in(qb, scope, "search_string", param, false, false);
-                push_any(qb, values, |qb, v| match modifier {
-                    Some(Modifier::Exact) => {
-                        qb.push("t.exact = ");
-                        qb.push_bind(v.clone());
+            (_, values) => {
+                // Range criteria stay correlated (see `push_in`).
+                let (table, correlated) = match values {
+                    CriterionValues::Token(_) => ("search_token", false),
+                    CriterionValues::String(_) => ("search_string", false),
+                    CriterionValues::Date(_) => ("search_date", true),
+                    CriterionValues::Number(ns) => {
+                        ("search_quantity", ns.iter().any(|n| n.prefix != Prefix::Eq))
                     }
-                    Some(Modifier::Contains) => {
-                        qb.push("t.folded LIKE ");
-                        qb.push_bind(format!("%{}%", like_escape(&index::fold(v))));
-                        qb.push(" ESCAPE '\\'");
+                    CriterionValues::Quantity(qs) => (
+                        "search_quantity",
+                        qs.iter().any(|q| q.number.prefix != Prefix::Eq),
+                    ),
+                    CriterionValues::Reference(_) => ("search_reference", false),
+                    CriterionValues::Uri(_) => ("search_uri", false),
+                    CriterionValues::Missing(_) | CriterionValues::Composite(_) => {
+                        return Err(Error::InvalidSearch(format!("{param}: no value")))
                     }
-                    _ => {
-                        // Starts-with as a range, so the (param, folded) index serves it. The
-                        // columns compare bytewise (SQLite BINARY, PostgreSQL COLLATE "C").
-                        let folded = index::fold(v);
-                        qb.push("t.folded >= ");
-                        qb.push_bind(folded.clone());
-                        qb.push(" AND t.folded < ");
-                        qb.push_bind(format!("{folded}\u{10FFFF}"));
-                    }
-                });
-                qb.push(")");
-            }
-            (_, CriterionValues::Date(dates)) => {
-                push_in(qb, scope, "search_date", param, false, true);
-                push_any(qb, dates, |qb, d| push_range_predicate(qb, d, now));
-                qb.push(")");
-            }
-            (_, CriterionValues::Number(numbers)) => {
-                let ranged = numbers.iter().any(|n| n.prefix != Prefix::Eq);
-                push_in(qb, scope, "search_quantity", param, false, ranged);
-                push_any(qb, numbers, push_number_predicate);
-                qb.push(")");
-            }
-            (_, CriterionValues::Quantity(quantities)) => {
-                let ranged = quantities.iter().any(|q| q.number.prefix != Prefix::Eq);
-                push_in(qb, scope, "search_quantity", param, false, ranged);
-                push_any(qb, quantities, |qb, q| {
-                    push_number_predicate(qb, &q.number);
-                    match (&q.system, &q.code) {
-                        (Some(system), Some(code)) => {
-                            qb.push(" AND t.system = ");
-                            qb.push_bind(system.clone());
-                            qb.push(" AND t.code = ");
-                            qb.push_bind(code.clone());
-                        }
-                        (None, Some(code)) => {
-                            qb.push(" AND (t.code = ");
-                            qb.push_bind(code.clone());
-                            qb.push(" OR t.unit = ");
-                            qb.push_bind(code.clone());
-                            qb.push(")");
-                        }
-                        (Some(system), None) => {
-                            qb.push(" AND t.system = ");
-                            qb.push_bind(system.clone());
-                        }
-                        (None, None) => {}
-                    }
-                });
-                qb.push(")");
-            }
-            (_, CriterionValues::Reference(refs)) => {
-                push_in(qb, scope, "search_reference", param, false, false);
-                push_any(qb, refs, |qb, r| match r {
-                    ReferenceValue::Local { resource_type, id } => {
-                        qb.push("t.target_id = ");
-                        qb.push_bind(id.clone());
-                        if let Some(t) = resource_type {
-                            qb.push(" AND t.target_type = ");
-                            qb.push_bind(t.as_str());
-                        }
-                    }
-                    ReferenceValue::Url { url, version } => {
-                        qb.push("t.url = ");
-                        qb.push_bind(url.clone());
-                        if let Some(v) = version {
-                            qb.push(" AND t.version = ");
-                            qb.push_bind(v.clone());
-                        }
-                    }
-                });
-                qb.push(")");
-            }
-            (_, CriterionValues::Uri(uris)) => {
-                push_in(qb, scope, "search_uri", param, false, false);
-                push_any(qb, uris, |qb, u| match modifier {
-                    Some(Modifier::Below) => {
-                        qb.push("t.uri LIKE ");
-                        qb.push_bind(format!("{}%", like_escape(u)));
-                        qb.push(" ESCAPE '\\'");
-                    }
-                    Some(Modifier::Above) => {
-                        qb.push("substr(");
-                        qb.push_bind(u.clone());
-                        qb.push(", 1, length(t.uri)) = t.uri");
-                    }
-                    _ => {
-                        qb.push("t.uri = ");
-                        qb.push_bind(u.clone());
-                    }
-                });
+                };
+                let negate = modifier == Some(Modifier::Not);
+                push_in(qb, scope, table, param, negate, correlated);
+                push_values(qb, "t", modifier, values, now);
                 qb.push(")");
             }
         }

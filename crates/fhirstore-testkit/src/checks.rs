@@ -1536,6 +1536,31 @@ async fn matching_ids(
     ids
 }
 
+/// Runs each `(type, query, expected ids)` case and fails listing every case that differed.
+async fn expect_matches(
+    store: &dyn ResourceStorage,
+    ctx: &TenantContext,
+    cases: &[(&str, &str, &[&str])],
+) {
+    let mut failures = Vec::new();
+    for (t, qs, want) in cases {
+        let got = matching_ids(store, ctx, t, qs).await;
+        if got != *want {
+            failures.push(format!("{t}?{qs}: got {got:?}, want {want:?}"));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// Stores each document (which names its type and id) in the tenant.
+async fn put_all(store: &dyn ResourceStorage, ctx: &TenantContext, docs: Vec<Value>) {
+    for d in docs {
+        let t = rt(d["resourceType"].as_str().expect("type"));
+        let i = id(d["id"].as_str().expect("id"));
+        store.update(ctx, t, &i, d, None).await.expect("seed");
+    }
+}
+
 /// The hand-built search data set: Patients p1-p3, Observations o1-o4, RiskAssessments ra1-ra2,
 /// ValueSet vs, Organization o1. Tenant `a` gets the families Chalmers, Chalk, García; tenant
 /// `b` holds the same ids with family Zed everywhere, so any leak shows.
@@ -1715,14 +1740,7 @@ pub async fn search_parameter_types(store: &dyn ResourceStorage) {
         ("Patient", "birthdate:missing=false", &["p1", "p2", "p3"]),
         ("Patient", "_id:missing=true", &[]),
     ];
-    let mut failures = Vec::new();
-    for (t, qs, want) in cases {
-        let got = matching_ids(store, &a, t, qs).await;
-        if got != *want {
-            failures.push(format!("{t}?{qs}: got {got:?}, want {want:?}"));
-        }
-    }
-    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    expect_matches(store, &a, cases).await;
     // Hostile values are data, never SQL, in every table.
     for qs in [
         "family=x'%20OR%201%3D1--",
@@ -1924,11 +1942,7 @@ pub async fn search_modifiers_and_meta(store: &dyn ResourceStorage) {
             "identifier": [{"type": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v2-0203", "code": "MR"}]},
                             "system": "urn:mrn", "value": "42"}]}),
     ];
-    for d in docs {
-        let t = rt(d["resourceType"].as_str().expect("type"));
-        let i = id(d["id"].as_str().expect("id"));
-        store.update(&ctx, t, &i, d, None).await.expect("seed");
-    }
+    put_all(store, &ctx, docs.to_vec()).await;
     let cases: &[(&str, &str, &[&str])] = &[
         ("Condition", "code:text=heart", &["c1"]),
         ("Condition", "code:text=myocardial", &["c1"]),
@@ -1955,14 +1969,7 @@ pub async fn search_modifiers_and_meta(store: &dyn ResourceStorage) {
         ("Condition", "_security=R", &["c1"]),
         ("Condition", "_tag:missing=true", &["c2"]),
     ];
-    let mut failures = Vec::new();
-    for (t, qs, want) in cases {
-        let got = matching_ids(store, &ctx, t, qs).await;
-        if got != *want {
-            failures.push(format!("{t}?{qs}: got {got:?}, want {want:?}"));
-        }
-    }
-    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    expect_matches(store, &ctx, cases).await;
     let count = store
         .search(&ctx, &query(Some(rt("Condition")), "_summary=count"))
         .await
@@ -2103,4 +2110,125 @@ pub async fn r4_examples_round_trip(store: &dyn ResourceStorage) {
     )
     .await;
     assert_eq!(by_subject.len(), 30, "paged 7 at a time: {by_subject:?}");
+}
+
+/// Composite parameters: every component must match values of the same element. Blood pressure
+/// o1 (systolic 120, diastolic 80) and o2 (systolic 85, diastolic 130) hold the same codes and
+/// values, only paired differently, so a search that paired across components would return both.
+pub async fn search_composites(store: &dyn ResourceStorage) {
+    let (ctx, other) = (random_tenant(), random_tenant());
+    let bp = |id: &str, systolic: u32, diastolic: u32| {
+        let component = |code: &str, v: u32| {
+            json!({"code": {"coding": [{"system": "http://loinc.org", "code": code}]},
+                   "valueQuantity": {"value": v, "unit": "mmHg", "system": "http://unitsofmeasure.org", "code": "mm[Hg]"}})
+        };
+        json!({"resourceType": "Observation", "id": id, "status": "final",
+            "code": {"coding": [{"system": "http://loinc.org", "code": "85354-9"}]},
+            "component": [component("8480-6", systolic), component("8462-4", diastolic)]})
+    };
+    let coded = |id: &str, code: &str, value: (&str, Value)| {
+        let mut o = json!({"resourceType": "Observation", "id": id, "status": "final",
+            "code": {"coding": [{"system": "http://loinc.org", "code": code}]}});
+        o[value.0] = value.1;
+        o
+    };
+    let docs = vec![
+        bp("o1", 120, 80),
+        bp("o2", 85, 130),
+        coded(
+            "o3",
+            "29463-7",
+            (
+                "valueQuantity",
+                json!({"value": 70, "unit": "kg", "system": "http://unitsofmeasure.org", "code": "kg"}),
+            ),
+        ),
+        coded("o4", "5778-6", ("valueString", json!("Positive, Straw"))),
+        coded("o5", "11778-8", ("valueDateTime", json!("2020-05-01"))),
+        coded(
+            "o6",
+            "5778-5",
+            (
+                "valueCodeableConcept",
+                json!({"coding": [{"system": "http://snomed.info/sct", "code": "10828004"}]}),
+            ),
+        ),
+    ];
+    put_all(store, &ctx, docs.clone()).await;
+    // The other tenant holds o1's pairing under every id, so any leak shows.
+    let leaks = docs
+        .iter()
+        .map(|d| bp(d["id"].as_str().expect("id"), 120, 80))
+        .collect();
+    put_all(store, &other, leaks).await;
+    let cases: &[(&str, &str, &[&str])] = &[
+        (
+            "Observation",
+            "component-code-value-quantity=http://loinc.org|8480-6$gt100",
+            &["o1"],
+        ),
+        (
+            "Observation",
+            "component-code-value-quantity=8480-6$gt100",
+            &["o1"],
+        ),
+        (
+            "Observation",
+            "component-code-value-quantity=http://loinc.org|8462-4$gt100",
+            &["o2"],
+        ),
+        (
+            "Observation",
+            "component-code-value-quantity=http://other|8480-6$gt100",
+            &[],
+        ),
+        (
+            "Observation",
+            "component-code-value-quantity=8480-6$gt100,8462-4$gt100",
+            &["o1", "o2"],
+        ),
+        (
+            "Observation",
+            "component-code-value-quantity=8480-6$gt100&component-code-value-quantity=8462-4$lt90",
+            &["o1"],
+        ),
+        (
+            "Observation",
+            "component-code-value-quantity=8480-6$120|http://unitsofmeasure.org|mm[Hg]",
+            &["o1"],
+        ),
+        (
+            "Observation",
+            "component-code-value-quantity=8480-6$120|http://unitsofmeasure.org|kg",
+            &[],
+        ),
+        (
+            "Observation",
+            "combo-code-value-quantity=29463-7$70|http://unitsofmeasure.org|kg",
+            &["o3"],
+        ),
+        (
+            "Observation",
+            "combo-code-value-quantity=8462-4$ge130",
+            &["o2"],
+        ),
+        ("Observation", "code-value-quantity=29463-7$lt60", &[]),
+        ("Observation", "code-value-quantity=85354-9$gt0", &[]),
+        ("Observation", "code-value-string=5778-6$pos", &["o4"]),
+        ("Observation", "code-value-string=5778-6$straw", &[]),
+        ("Observation", "code-value-date=11778-8$2020-05", &["o5"]),
+        ("Observation", "code-value-date=11778-8$gt2021", &[]),
+        (
+            "Observation",
+            "code-value-concept=5778-5$http://snomed.info/sct|10828004",
+            &["o6"],
+        ),
+        ("Observation", "code-value-concept=5778-5$other", &[]),
+        (
+            "Observation",
+            "code-value-quantity:missing=true",
+            &["o1", "o2", "o4", "o5", "o6"],
+        ),
+    ];
+    expect_matches(store, &ctx, cases).await;
 }

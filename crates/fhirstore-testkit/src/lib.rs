@@ -47,6 +47,7 @@ macro_rules! conformance_tests {
             search_includes,
             search_sorting,
             search_modifiers_and_meta,
+            search_composites,
             r4_examples_round_trip,
             conditional_create,
             conditional_update,
