@@ -4,6 +4,13 @@
 //! `crud`: creates, reads by id and updates through the store, against the same JSON blobs
 //! inserted, read and updated by key in a bare two-column table through the same sqlx driver,
 //! with the same connection settings.
+//!
+//! `search`: search latency on generated clinical data at two sizes, the smaller the baseline.
+//!
+//! `generate`: writes the generated clinical data as NDJSON, for other tools and stores.
+
+mod generate;
+mod search;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -27,6 +34,24 @@ enum Command {
     /// The single-task Patient scenario other FHIR stores are measured with: creates, reads by
     /// id, then six search shapes.
     Patients(PatientsArgs),
+    /// Search latency (p50, p99) per query shape on generated data at two or more sizes.
+    Search(search::SearchArgs),
+    /// Write deterministic, realistic clinical data as NDJSON (one resource per line).
+    Generate(GenerateArgs),
+}
+
+#[derive(clap::Args)]
+struct GenerateArgs {
+    /// Patients to generate (each with Encounters, Observations, Conditions and
+    /// MedicationRequests).
+    #[arg(long, default_value_t = 100)]
+    patients: usize,
+    /// Seed; the same seed and count give the same output.
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// Output file (standard output when absent).
+    #[arg(long)]
+    out: Option<std::path::PathBuf>,
 }
 
 #[derive(clap::Args)]
@@ -88,7 +113,49 @@ async fn main() -> Result<(), BoxError> {
     match Cli::parse().command {
         Command::Crud(args) => crud(args).await,
         Command::Patients(args) => patients(args).await,
+        Command::Search(args) => search::run(args).await,
+        Command::Generate(args) => generate_ndjson(args),
     }
+}
+
+fn generate_ndjson(args: GenerateArgs) -> Result<(), BoxError> {
+    use std::io::Write as _;
+    let out: Box<dyn std::io::Write> = match &args.out {
+        Some(path) => Box::new(std::fs::File::create(path)?),
+        None => Box::new(std::io::stdout().lock()),
+    };
+    let mut out = std::io::BufWriter::new(out);
+    let mut count = 0usize;
+    for record in generate::records(args.patients, args.seed) {
+        for r in record {
+            serde_json::to_writer(&mut out, &r)?;
+            out.write_all(b"\n")?;
+            count += 1;
+        }
+    }
+    out.flush()?;
+    eprintln!(
+        "generated {count} resources for {} patients (seed {})",
+        args.patients, args.seed
+    );
+    Ok(())
+}
+
+/// A store for a bench run: a SQLite file in `dir`, or the PostgreSQL database at `postgres`
+/// (each run then uses a fresh tenant).
+async fn open_store(
+    backend: Backend,
+    dir: &tempfile::TempDir,
+    postgres: &str,
+) -> Result<Arc<dyn ResourceStorage>, BoxError> {
+    Ok(match backend {
+        Backend::Sqlite => Arc::new(
+            SqliteStore::open(dir.path().join("bench.sqlite"), SqlConfig::default()).await?,
+        ),
+        Backend::Postgres => {
+            Arc::new(PostgresStore::connect(postgres, SqlConfig::default()).await?)
+        }
+    })
 }
 
 /// A realistic Patient of about 1 KB, deterministic in `i`.
@@ -366,14 +433,7 @@ fn scenario_patient(i: usize) -> Value {
 
 async fn patients(args: PatientsArgs) -> Result<(), BoxError> {
     let dir = tempfile::tempdir()?;
-    let store: Arc<dyn ResourceStorage> = match args.backend {
-        Backend::Sqlite => {
-            Arc::new(SqliteStore::open(dir.path().join("p.sqlite"), SqlConfig::default()).await?)
-        }
-        Backend::Postgres => {
-            Arc::new(PostgresStore::connect(&args.postgres, SqlConfig::default()).await?)
-        }
-    };
+    let store = open_store(args.backend, &dir, &args.postgres).await?;
     let tenant = format!("bench-{}", uuid::Uuid::new_v4().simple());
     let ctx = TenantContext::full(TenantId::new(&tenant[..30])?);
     let pt = ResourceType::new("Patient")?;

@@ -133,6 +133,48 @@ pub(crate) struct VersionRow<'a> {
     pub digest_count: i64,
 }
 
+/// When to refresh the planner's statistics: each time the number of versions this store has
+/// written grows fourfold, starting at 2,000.
+///
+/// Both planners need them. Without statistics, PostgreSQL estimates one row for any
+/// `(tenant, type)` prefix and may answer a primary-key lookup by scanning a `(tenant, type, …)`
+/// index (8.6 ms instead of 0.05 ms at 20k rows); SQLite ranks indexes by the equality terms
+/// they match, so `param = ?` on a lookup index beat `id IN (…)` on the primary key, and an
+/// `_include` read every Encounter's subject row (2.9 ms instead of 0.3 ms at 100k resources).
+#[derive(Debug)]
+pub(crate) struct StatsUpkeep {
+    written: std::sync::atomic::AtomicU64,
+    next_analyze: std::sync::atomic::AtomicU64,
+}
+
+impl StatsUpkeep {
+    pub(crate) fn new() -> std::sync::Arc<Self> {
+        std::sync::Arc::new(StatsUpkeep {
+            written: 0.into(),
+            next_analyze: 2_000.into(),
+        })
+    }
+
+    /// Counts `n` committed versions; true for exactly one caller when a threshold is crossed.
+    pub(crate) fn due(&self, n: u64) -> bool {
+        use std::sync::atomic::Ordering::Relaxed;
+        let total = self.written.fetch_add(n, Relaxed) + n;
+        let next = self.next_analyze.load(Relaxed);
+        total >= next
+            && self
+                .next_analyze
+                .compare_exchange(next, next.saturating_mul(4), Relaxed, Relaxed)
+                .is_ok()
+    }
+}
+
+/// The tables whose statistics steer search plans.
+pub(crate) fn analyzed_tables() -> String {
+    let mut names = vec!["resources", "resource_versions"];
+    names.extend(INDEX_TABLES.iter().map(|(t, _)| *t));
+    names.join(", ")
+}
+
 /// A column type of an index table, as the dialects' bulk-insert forms need it.
 #[derive(Clone, Copy)]
 pub(crate) enum Col {

@@ -130,6 +130,10 @@ async fn write_version(conn: &mut DbConn, row: &VersionRow<'_>) -> Result<Option
     }
 }
 
+/// Run when a store opens: refresh whatever statistics SQLite judges stale, sampling at most
+/// 1,000 rows per index so a large file opens quickly.
+const ANALYZE_SAMPLED: &str = "PRAGMA analysis_limit = 1000; PRAGMA optimize = 0x10002;";
+
 /// Conditional writes need no extra lock: the one writer connection serialises them.
 async fn lock_criteria(_conn: &mut DbConn, _tenant: &TenantId, _q: &SearchQuery) -> Result<()> {
     Ok(())
@@ -141,6 +145,7 @@ pub struct Store {
     reader: SqlitePool,
     writer: SqlitePool,
     config: SqlConfig,
+    stats: std::sync::Arc<crate::StatsUpkeep>,
 }
 
 /// The SQLite store under its public name.
@@ -181,16 +186,37 @@ impl Store {
             .connect_with(options.read_only(true))
             .await
             .map_err(db_err)?;
+        // Statistics from an earlier run may be missing or stale; `optimize` refreshes only
+        // those that need it, and the limit keeps it to a bounded sample of each index.
+        sqlx::query(ANALYZE_SAMPLED)
+            .execute(&writer)
+            .await
+            .map_err(db_err)?;
         Ok(Store {
             reader,
             writer,
             config,
+            stats: crate::StatsUpkeep::new(),
         })
     }
 
-    /// SQLite's planner ranks indexes by the equality terms they match, so it needs no
-    /// statistics upkeep (see the PostgreSQL store).
-    fn note_writes(&self, _n: u64) {}
+    /// Counts committed versions and refreshes the planner's statistics when they are due (see
+    /// `StatsUpkeep`), on the writer connection, after the write that crossed the threshold.
+    fn note_writes(&self, n: u64) {
+        if !self.stats.due(n) {
+            return;
+        }
+        let pool = self.writer.clone();
+        tokio::spawn(async move {
+            let sql = format!(
+                "PRAGMA analysis_limit = 1000; ANALYZE {};",
+                crate::analyzed_tables().replace(", ", "; ANALYZE ")
+            );
+            if let Err(e) = sqlx::query(&sql).execute(&pool).await {
+                tracing::warn!(error = %e, "ANALYZE failed; plans may be slower");
+            }
+        });
+    }
 
     /// Closes both pools, waiting for connections in use to be returned.
     pub async fn close(&self) {

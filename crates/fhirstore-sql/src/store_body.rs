@@ -322,17 +322,21 @@ fn push_values(
     now: i64,
 ) {
     match values {
-        CriterionValues::Token(tokens) => push_any(qb, tokens, |qb, v| {
-            qb.push("1 = 1");
-            if let Some(code) = &v.code {
-                qb.push(format_args!(" AND {t}.code = "));
-                qb.push_bind(code.clone());
+        CriterionValues::Token(tokens) => {
+            // With many alternatives SQLite reads every row of the parameter and tests each
+            // against the OR list (100 identifiers at 100k resources: 23 ms); a leading IN on
+            // the code lets the lookup index probe each value instead (3 ms).
+            let codes: Option<Vec<&String>> = tokens.iter().map(|v| v.code.as_ref()).collect();
+            if let Some(codes) = codes.filter(|c| c.len() > 1) {
+                qb.push(format_args!(" AND {t}.code IN ("));
+                let mut sep = qb.separated(", ");
+                for c in codes {
+                    sep.push_bind(c.clone());
+                }
+                qb.push(")");
             }
-            if let Some(system) = &v.system {
-                qb.push(format_args!(" AND {t}.system = "));
-                qb.push_bind(system.clone());
-            }
-        }),
+            push_tokens(qb, t, tokens);
+        }
         CriterionValues::String(strings) => push_any(qb, strings, |qb, v| match modifier {
             Some(Modifier::Exact) => {
                 qb.push(format_args!("{t}.exact = "));
@@ -418,6 +422,25 @@ fn push_values(
         }),
         CriterionValues::Missing(_) | CriterionValues::Composite(_) => {}
     }
+}
+
+/// Pushes ` AND (v1 OR v2 …)` for token values over the index row aliased `t`.
+fn push_tokens(
+    qb: &mut QueryBuilder<'_, Db>,
+    t: &str,
+    tokens: &[fhirstore_core::search::TokenValue],
+) {
+    push_any(qb, tokens, |qb, v| {
+        qb.push("1 = 1");
+        if let Some(code) = &v.code {
+            qb.push(format_args!(" AND {t}.code = "));
+            qb.push_bind(code.clone());
+        }
+        if let Some(system) = &v.system {
+            qb.push(format_args!(" AND {t}.system = "));
+            qb.push_bind(system.clone());
+        }
+    });
 }
 
 /// Pushes ` AND (r.id IN (…) OR …)`, one alternative per composite value: rows of the same
