@@ -1,8 +1,103 @@
-//! Transaction support shared by backends: `urn:uuid:` reference resolution.
+//! Transaction support shared by backends and front ends: `urn:uuid:` reference resolution, and
+//! turning a `batch` or `transaction` Bundle's entries into [`WriteOp`]s.
 
 use std::collections::HashMap;
 
 use serde_json::Value;
+
+use crate::error::{Error, Result};
+use crate::model::{LogicalId, ResourceType};
+use crate::search::{Handling, SearchQuery};
+use crate::storage::WriteOp;
+
+/// The write of each entry of a `batch` or `transaction` Bundle, in entry order, from its
+/// `request` (R4 http §3.1.0.11): `POST Type` (with `ifNoneExist`), `PUT Type/id`,
+/// `PUT Type?criteria`, `DELETE Type/id` and `DELETE Type?criteria`. An entry that cannot be
+/// turned into a write fails the whole Bundle with [`Error::InvalidResource`] naming the entry;
+/// reads (`GET`) are [`Error::Unsupported`] here.
+pub fn write_ops(bundle: &Value) -> Result<Vec<WriteOp>> {
+    if bundle.get("resourceType").and_then(Value::as_str) != Some("Bundle") {
+        return Err(Error::InvalidResource("not a Bundle".into()));
+    }
+    let entries = bundle.get("entry").and_then(Value::as_array);
+    let mut ops = Vec::with_capacity(entries.map_or(0, Vec::len));
+    for (i, e) in entries.into_iter().flatten().enumerate() {
+        ops.push(entry_op(e).map_err(|err| err.in_entry(i))?);
+    }
+    Ok(ops)
+}
+
+fn entry_op(e: &Value) -> Result<WriteOp> {
+    let bad = |what: &str| Error::InvalidResource(what.to_owned());
+    let request = e
+        .get("request")
+        .ok_or_else(|| bad("the entry has no request"))?;
+    let method = request.get("method").and_then(Value::as_str).unwrap_or("");
+    let url = request
+        .get("url")
+        .and_then(Value::as_str)
+        .ok_or_else(|| bad("the entry's request has no url"))?;
+    let (path, criteria) = match url.split_once('?') {
+        Some((p, q)) => (p, Some(q)),
+        None => (url, None),
+    };
+    let mut segments = path.trim_matches('/').split('/');
+    let resource_type = ResourceType::new(segments.next().unwrap_or(""))?;
+    let id = segments.next().map(LogicalId::new).transpose()?;
+    if segments.next().is_some() {
+        return Err(bad(&format!(
+            "request url {url:?}: expected Type, Type/id or Type?query"
+        )));
+    }
+    let search = |q: &str| SearchQuery::parse(Some(resource_type), q, Handling::Strict);
+    let resource = || {
+        e.get("resource")
+            .cloned()
+            .ok_or_else(|| bad(&format!("{method} {url}: the entry has no resource")))
+    };
+    Ok(match (method, id, criteria) {
+        ("POST", None, None) => WriteOp::Create {
+            resource_type,
+            resource: resource()?,
+            if_none_exist: request
+                .get("ifNoneExist")
+                .and_then(Value::as_str)
+                .map(|q| search(q.trim_start_matches('?')))
+                .transpose()?,
+            full_url: e.get("fullUrl").and_then(Value::as_str).map(str::to_owned),
+        },
+        ("PUT", Some(id), None) => WriteOp::Update {
+            resource_type,
+            id,
+            resource: resource()?,
+            if_match: request
+                .get("ifMatch")
+                .and_then(Value::as_str)
+                .map(crate::model::VersionId::from_etag)
+                .transpose()?,
+        },
+        ("PUT", None, Some(q)) => WriteOp::ConditionalUpdate {
+            resource_type,
+            criteria: search(q)?,
+            resource: resource()?,
+        },
+        ("DELETE", Some(id), None) => WriteOp::Delete { resource_type, id },
+        ("DELETE", None, Some(q)) => WriteOp::ConditionalDelete {
+            resource_type,
+            criteria: search(q)?,
+        },
+        ("GET" | "HEAD", _, _) => {
+            return Err(Error::Unsupported(format!(
+                "{method} {url}: reads inside a Bundle are not supported"
+            )))
+        }
+        _ => {
+            return Err(bad(&format!(
+                "{method} {url}: not a write this Bundle can hold"
+            )))
+        }
+    })
+}
 
 /// Rewrites every `reference` string in `body` that names a key of `map` (a Bundle entry's
 /// `fullUrl`, such as `urn:uuid:…`) to the map's value (`Type/id`). Returns how many were
@@ -36,6 +131,49 @@ pub fn rewrite_references(body: &mut Value, map: &HashMap<String, String>) -> us
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn bundle_entries_become_writes() {
+        let b = json!({"resourceType": "Bundle", "type": "transaction", "entry": [
+            {"fullUrl": "urn:uuid:1", "resource": {"resourceType": "Patient"},
+             "request": {"method": "POST", "url": "Patient", "ifNoneExist": "identifier=urn:x|1"}},
+            {"resource": {"resourceType": "Patient", "id": "a"},
+             "request": {"method": "PUT", "url": "Patient/a", "ifMatch": "W/\"3\""}},
+            {"resource": {"resourceType": "Patient"},
+             "request": {"method": "PUT", "url": "Patient?identifier=urn:x|2"}},
+            {"request": {"method": "DELETE", "url": "Patient/b"}},
+            {"request": {"method": "DELETE", "url": "Patient?name=x"}}
+        ]});
+        let ops = write_ops(&b).expect("writes");
+        assert!(
+            matches!(&ops[0], WriteOp::Create { full_url: Some(u), if_none_exist: Some(_), .. } if u == "urn:uuid:1")
+        );
+        assert!(
+            matches!(&ops[1], WriteOp::Update { id, if_match: Some(v), .. } if id.as_str() == "a" && v.get() == 3)
+        );
+        assert!(matches!(&ops[2], WriteOp::ConditionalUpdate { .. }));
+        assert!(matches!(&ops[3], WriteOp::Delete { id, .. } if id.as_str() == "b"));
+        assert!(matches!(&ops[4], WriteOp::ConditionalDelete { .. }));
+        for (entry, want) in [
+            (
+                json!({"request": {"method": "POST", "url": "Nope"}}),
+                "entry 0",
+            ),
+            (
+                json!({"request": {"method": "PUT", "url": "Patient/a"}}),
+                "no resource",
+            ),
+            (json!({"resource": {}}), "no request"),
+            (
+                json!({"request": {"method": "PATCH", "url": "Patient/a"}}),
+                "PATCH",
+            ),
+        ] {
+            let e =
+                write_ops(&json!({"resourceType": "Bundle", "entry": [entry]})).expect_err(want);
+            assert!(e.to_string().contains(want), "{e} lacks {want}");
+        }
+    }
 
     #[test]
     fn nested_references_are_rewritten() {

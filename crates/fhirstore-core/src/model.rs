@@ -126,6 +126,20 @@ impl VersionId {
     pub fn next(&self) -> VersionId {
         VersionId(self.0 + 1)
     }
+
+    /// A version from an ETag as FHIR writes it (`W/"3"`), or from `"3"` or `3`.
+    pub fn from_etag(tag: &str) -> crate::Result<VersionId> {
+        let t = tag.trim();
+        let t = t.strip_prefix("W/").unwrap_or(t);
+        let t = t
+            .strip_prefix('"')
+            .and_then(|x| x.strip_suffix('"'))
+            .unwrap_or(t);
+        t.parse()
+            .ok()
+            .and_then(VersionId::new)
+            .ok_or_else(|| crate::Error::InvalidResource(format!("{tag:?} is not a version ETag")))
+    }
 }
 
 impl fmt::Display for VersionId {

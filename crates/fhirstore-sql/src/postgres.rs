@@ -20,6 +20,22 @@ const BACKEND_NAME: &str = "postgres";
 const SELECT_CURRENT_FOR_WRITE: &str = "SELECT version, deleted, e_hi, e_lo FROM resources \
      WHERE tenant = $1 AND resource_type = $2 AND id = $3 AND segment = $4 FOR UPDATE";
 
+/// `_total=estimate` reads the planner's row estimate for the search's FROM and WHERE.
+const ESTIMATE_PREFIX: Option<&str> = Some("EXPLAIN (FORMAT JSON) SELECT 1");
+
+/// The top plan node's row estimate from `EXPLAIN (FORMAT JSON)`'s one row.
+fn plan_rows(row: &sqlx::postgres::PgRow) -> Option<u64> {
+    use sqlx::Row as _;
+    // `json` is sent as text, so it reads as a string without the `json` feature.
+    let text: String = row.try_get_unchecked(0).ok()?;
+    let plan: serde_json::Value = serde_json::from_str(&text).ok()?;
+    plan.get(0)?
+        .get("Plan")?
+        .get("Plan Rows")?
+        .as_f64()
+        .map(|n| n as u64)
+}
+
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../../migrations/postgres");
 
 /// Search statements are sent unnamed, so PostgreSQL plans each with its actual values. A

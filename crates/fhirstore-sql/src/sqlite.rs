@@ -20,6 +20,13 @@ const BACKEND_NAME: &str = "sqlite";
 const SELECT_CURRENT_FOR_WRITE: &str = "SELECT version, deleted, e_hi, e_lo FROM resources \
      WHERE tenant = $1 AND resource_type = $2 AND id = $3 AND segment = $4";
 
+/// SQLite's planner exposes no row estimates: `_total=estimate` counts exactly.
+const ESTIMATE_PREFIX: Option<&str> = None;
+
+fn plan_rows(_row: &sqlx::sqlite::SqliteRow) -> Option<u64> {
+    None
+}
+
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../../migrations/sqlite");
 
 /// SQLite plans each statement once, with no generic-plan switch; caching the prepared

@@ -746,35 +746,51 @@ pub async fn search_paging_covers_every_match_once(store: &dyn ResourceStorage) 
     let mut want = HashSet::new();
     for i in 0..23 {
         let w = store
-            .create(&ctx, patient(), patient_body(None, &format!("P{i}")))
+            .create(&ctx, patient(), patient_body(None, &format!("P{i:02}")))
             .await
             .expect("seed");
         want.insert(w.resource.key.id.to_string());
     }
-    let mut q = query(Some(patient()), "_count=5&_total=accurate");
-    let mut seen = Vec::new();
-    loop {
-        let p = store.search(&ctx, &q).await.expect("page");
-        assert_eq!(p.total, Some(want.len() as u64 + seen.len() as u64 / 5));
-        assert!(p.matches.len() <= 5);
-        seen.extend(p.matches.iter().map(|r| r.key.id.to_string()));
-        // A write between pages: its resource may or may not appear, but nothing repeats.
-        let extra = store
-            .create(&ctx, patient(), patient_body(None, "late"))
-            .await
-            .expect("write between pages");
-        let _ = extra;
-        match p.next_cursor {
-            Some(c) => q.cursor = Some(c),
-            None => break,
+    // Each walk writes a new match between pages: it may or may not appear, but nothing
+    // repeats and nothing that existed before is skipped, in key order and in sorted orders
+    // (keyset cursors, not offsets).
+    for qs in [
+        "_count=5&_total=accurate",
+        "_count=5&_sort=family&_total=estimate",
+        "_count=4&_sort=-_lastUpdated,family&_total=accurate",
+        "_count=6&_sort=-family,_id",
+    ] {
+        let before = want.clone();
+        let mut q = query(Some(patient()), qs);
+        let mut seen = Vec::new();
+        loop {
+            let p = store.search(&ctx, &q).await.expect("page");
+            if q.total != fhirstore_core::search::TotalMode::None {
+                assert_eq!(p.total, Some(want.len() as u64), "{qs}");
+            }
+            assert!(p.matches.len() <= q.page_size() as usize, "{qs}");
+            seen.extend(p.matches.iter().map(|r| r.key.id.to_string()));
+            let late = store
+                .create(
+                    &ctx,
+                    patient(),
+                    patient_body(None, &format!("Late{}", want.len())),
+                )
+                .await
+                .expect("write between pages");
+            want.insert(late.resource.key.id.to_string());
+            match p.next_cursor {
+                Some(c) => q.cursor = Some(c),
+                None => break,
+            }
         }
+        let unique: HashSet<String> = seen.iter().cloned().collect();
+        assert_eq!(unique.len(), seen.len(), "{qs}: a match returned twice");
+        assert!(
+            before.is_subset(&unique),
+            "{qs}: a match that existed was skipped"
+        );
     }
-    let unique: HashSet<String> = seen.iter().cloned().collect();
-    assert_eq!(unique.len(), seen.len(), "no match returned twice");
-    assert!(
-        want.is_subset(&unique),
-        "every match that existed is returned"
-    );
     let tampered = query(Some(patient()), "_cursor=Patient%2Fx'%3B%20DROP");
     assert!(matches!(
         store.search(&ctx, &tampered).await,
@@ -2231,4 +2247,82 @@ pub async fn search_composites(store: &dyn ResourceStorage) {
         ),
     ];
     expect_matches(store, &ctx, cases).await;
+}
+
+/// The Synthea patients load as one transaction each, their `urn:uuid:` references resolved to
+/// the ids the store assigned. Expected counts come from walking each Bundle's JSON here, not
+/// from the store.
+pub async fn synthea_transactions(store: &dyn ResourceStorage) {
+    let ctx = random_tenant();
+    let mut totals: std::collections::BTreeMap<String, u64> = Default::default();
+    for (file, bundle) in crate::fixtures::synthea_bundles() {
+        let entries = bundle["entry"].as_array().expect("entries");
+        let patient_url = entries[0]["fullUrl"].as_str().expect("fullUrl").to_owned();
+        let ident = &entries[0]["resource"]["identifier"][0];
+        let observations_of_patient = entries
+            .iter()
+            .filter(|e| {
+                e["resource"]["resourceType"] == "Observation"
+                    && e["resource"]["subject"]["reference"] == patient_url.as_str()
+            })
+            .count() as u64;
+        for e in entries {
+            let t = e["resource"]["resourceType"].as_str().expect("type");
+            *totals.entry(t.to_owned()).or_default() += 1;
+        }
+        let ops = fhirstore_core::bundle::write_ops(&bundle).expect("writes");
+        let outcomes = store
+            .transaction(&ctx, ops)
+            .await
+            .unwrap_or_else(|e| panic!("{file}: {e}"));
+        assert_eq!(outcomes.len(), entries.len(), "{file}");
+        let found = matching_ids(
+            store,
+            &ctx,
+            "Patient",
+            &format!(
+                "identifier={}|{}",
+                ident["system"].as_str().expect("system"),
+                ident["value"].as_str().expect("value")
+            ),
+        )
+        .await;
+        let [pid] = found.as_slice() else {
+            panic!("{file}: patient found as {found:?}")
+        };
+        let total = store
+            .search(
+                &ctx,
+                &query(
+                    Some(rt("Observation")),
+                    &format!("subject=Patient/{pid}&_summary=count"),
+                ),
+            )
+            .await
+            .expect("count")
+            .total;
+        assert_eq!(total, Some(observations_of_patient), "{file}");
+        let page = store
+            .search(
+                &ctx,
+                &query(Some(rt("Observation")), &format!("patient={pid}&_count=3")),
+            )
+            .await
+            .expect("search");
+        assert!(!page.matches.is_empty(), "{file}");
+        for m in &page.matches {
+            assert_eq!(
+                m.content["subject"]["reference"],
+                format!("Patient/{pid}"),
+                "{file}: reference not resolved"
+            );
+        }
+    }
+    for (t, n) in &totals {
+        let got = store
+            .count(&ctx, Some(rt(t)))
+            .await
+            .unwrap_or_else(|e| panic!("count {t}: {e}"));
+        assert_eq!(got, *n, "{t}");
+    }
 }

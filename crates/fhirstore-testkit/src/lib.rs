@@ -48,6 +48,7 @@ macro_rules! conformance_tests {
             search_sorting,
             search_modifiers_and_meta,
             search_composites,
+            synthea_transactions,
             r4_examples_round_trip,
             conditional_create,
             conditional_update,
