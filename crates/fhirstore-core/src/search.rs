@@ -1,8 +1,8 @@
 //! The FHIR search model: a typed query parsed from a FHIR query string.
 //!
-//! Parsing knows each parameter's type from [`param_type`]. The parameters known so far are the
-//! ones every resource has (`_id`, `_lastUpdated`) and `identifier`, which conditional operations
-//! need; the full R4 registry plugs in behind the same function.
+//! Parsing knows each parameter's type from [`param_type`], which reads the official R4
+//! registry ([`crate::registry`]); every string, token, date, number, quantity, reference, uri
+//! and composite parameter with an expression can be searched.
 
 pub use crate::date::Prefix;
 use crate::date::{parse_fhir_date, DateValue};

@@ -20,6 +20,12 @@ const BACKEND_NAME: &str = "postgres";
 const SELECT_CURRENT_FOR_WRITE: &str = "SELECT version, deleted, e_hi, e_lo FROM resources \
      WHERE tenant = $1 AND resource_type = $2 AND id = $3 AND segment = $4 FOR UPDATE";
 
+/// Refreshes statistics; autovacuum analyzes at most once per naptime (a minute by default),
+/// which is too late right after a bulk load.
+fn analyze_sql() -> String {
+    format!("ANALYZE {}", crate::analyzed_tables())
+}
+
 /// `_total=estimate` reads the planner's row estimate for the search's FROM and WHERE.
 const ESTIMATE_PREFIX: Option<&str> = Some("EXPLAIN (FORMAT JSON) SELECT 1");
 
@@ -213,25 +219,6 @@ impl Store {
             config,
             stats: crate::StatsUpkeep::new(),
         })
-    }
-
-    /// Counts committed versions and starts a background ANALYZE when statistics are due
-    /// (autovacuum analyzes at most once per naptime, a minute by default, which is too late
-    /// right after a bulk load).
-    fn note_writes(&self, n: u64) {
-        if !self.stats.due(n) {
-            return;
-        }
-        let pool = self.writer.clone();
-        tokio::spawn(async move {
-            let r = sqlx::query(&format!("ANALYZE {}", crate::analyzed_tables()))
-                .execute(&pool)
-                .await;
-            match r {
-                Ok(_) => tracing::debug!("analyzed fhirstore tables"),
-                Err(e) => tracing::warn!(error = %e, "ANALYZE failed; autovacuum will catch up"),
-            }
-        });
     }
 
     /// Closes the pool.

@@ -20,6 +20,14 @@ const BACKEND_NAME: &str = "sqlite";
 const SELECT_CURRENT_FOR_WRITE: &str = "SELECT version, deleted, e_hi, e_lo FROM resources \
      WHERE tenant = $1 AND resource_type = $2 AND id = $3 AND segment = $4";
 
+/// Refreshes statistics from a bounded sample of each index, on the writer connection.
+fn analyze_sql() -> String {
+    format!(
+        "PRAGMA analysis_limit = 1000; ANALYZE {};",
+        crate::analyzed_tables().replace(", ", "; ANALYZE ")
+    )
+}
+
 /// SQLite's planner exposes no row estimates: `_total=estimate` counts exactly.
 const ESTIMATE_PREFIX: Option<&str> = None;
 
@@ -205,24 +213,6 @@ impl Store {
             config,
             stats: crate::StatsUpkeep::new(),
         })
-    }
-
-    /// Counts committed versions and refreshes the planner's statistics when they are due (see
-    /// `StatsUpkeep`), on the writer connection, after the write that crossed the threshold.
-    fn note_writes(&self, n: u64) {
-        if !self.stats.due(n) {
-            return;
-        }
-        let pool = self.writer.clone();
-        tokio::spawn(async move {
-            let sql = format!(
-                "PRAGMA analysis_limit = 1000; ANALYZE {};",
-                crate::analyzed_tables().replace(", ", "; ANALYZE ")
-            );
-            if let Err(e) = sqlx::query(&sql).execute(&pool).await {
-                tracing::warn!(error = %e, "ANALYZE failed; plans may be slower");
-            }
-        });
     }
 
     /// Closes both pools, waiting for connections in use to be returned.

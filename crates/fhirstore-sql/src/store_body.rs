@@ -1669,6 +1669,20 @@ impl Store {
     }
 
     /// The number of live resources matching `query`'s criteria.
+    /// Counts committed versions and refreshes the planner's statistics in the background when
+    /// they are due (see `StatsUpkeep`), with the dialect's `analyze_sql`.
+    fn note_writes(&self, n: u64) {
+        if !self.stats.due(n) {
+            return;
+        }
+        let pool = self.writer.clone();
+        tokio::spawn(async move {
+            if let Err(e) = sqlx::query(&analyze_sql()).execute(&pool).await {
+                tracing::warn!(error = %e, "ANALYZE failed; plans may be slower until it succeeds");
+            }
+        });
+    }
+
     /// The planner's estimate of the number of matches, where the dialect has one.
     async fn estimate_matches(
         &self,
