@@ -5,19 +5,13 @@ async fn sqlite_store() -> Option<fhirstore_sql::SqliteStore> {
 }
 
 fhirstore_testkit::conformance_tests!(sqlite_store());
-fhirstore_integration::sql_primary_tests!(sqlite_store());
 
-/// Two store instances on one database file (as two processes would be) writing the same
-/// resource concurrently: no "database is locked", no lost or duplicated version.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn two_stores_on_one_file_serialise_writers() {
-    use fhirstore_core::{LogicalId, ResourceStorage, ResourceType};
-    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("fhirstore-sqlite");
-    std::fs::create_dir_all(&dir).expect("test dir");
-    let path = dir.join(format!(
-        "shared-{}.sqlite",
-        fhirstore_testkit::random_tenant().tenant()
-    ));
+/// Two stores on one new database file, as two processes would have; each waits up to 30 s
+/// for the other's write lock.
+async fn two_stores_on_one_file(
+    prefix: &str,
+) -> (fhirstore_sql::SqliteStore, fhirstore_sql::SqliteStore) {
+    let path = fresh_file(prefix);
     let config = fhirstore_sql::SqlConfig {
         busy_timeout: std::time::Duration::from_secs(30),
         ..Default::default()
@@ -28,6 +22,26 @@ async fn two_stores_on_one_file_serialise_writers() {
     let b = fhirstore_sql::SqliteStore::open(&path, config)
         .await
         .expect("open b");
+    (a, b)
+}
+
+/// A path for a new database file under cargo's test directory, for tests that open it twice.
+fn fresh_file(prefix: &str) -> std::path::PathBuf {
+    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("fhirstore-sqlite");
+    std::fs::create_dir_all(&dir).expect("test dir");
+    dir.join(format!(
+        "{prefix}-{}.sqlite",
+        fhirstore_testkit::random_tenant().tenant()
+    ))
+}
+fhirstore_integration::sql_primary_tests!(sqlite_store());
+
+/// Two store instances on one database file (as two processes would be) writing the same
+/// resource concurrently: no "database is locked", no lost or duplicated version.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_stores_on_one_file_serialise_writers() {
+    use fhirstore_core::{LogicalId, ResourceStorage, ResourceType};
+    let (a, b) = two_stores_on_one_file("shared").await;
     let ctx = fhirstore_testkit::random_tenant();
     let pt = ResourceType::new("Patient").expect("type");
     let id = LogicalId::new("shared").expect("id");
@@ -60,17 +74,12 @@ async fn two_stores_on_one_file_serialise_writers() {
 async fn validation_can_be_switched_off() {
     use fhirstore_core::validate::Validation;
     use fhirstore_core::{LogicalId, ResourceStorage, ResourceType};
-    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("fhirstore-sqlite");
-    std::fs::create_dir_all(&dir).expect("test dir");
     let ctx = fhirstore_testkit::random_tenant();
     let pt = ResourceType::new("Patient").expect("type");
     let id = LogicalId::new("loose").expect("id");
     let body = serde_json::json!({"resourceType": "Patient", "id": "loose", "gender": 5});
     for (validation, accepted) in [(Validation::Off, true), (Validation::Strict, false)] {
-        let path = dir.join(format!(
-            "validation-{}.sqlite",
-            fhirstore_testkit::random_tenant().tenant()
-        ));
+        let path = fresh_file("validation");
         let config = fhirstore_sql::SqlConfig {
             validation,
             ..Default::default()
@@ -99,4 +108,11 @@ mod via_arc {
     }
 
     fhirstore_testkit::conformance_tests!(store());
+}
+
+/// A tenant's own parameter registered and reindexed through two stores on one file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn custom_parameters_across_stores() {
+    let (a, b) = two_stores_on_one_file("params").await;
+    fhirstore_testkit::checks::custom_parameters_across_stores(&a, &b).await;
 }

@@ -5,9 +5,7 @@
 
 use std::collections::BTreeMap;
 
-use fhirstore_core::digest::{
-    canonical_json, content_hash, element_hash, segment, Digest, TOMBSTONE_CONTENT_HASH,
-};
+use fhirstore_core::digest::Digest;
 use fhirstore_core::{
     HistoryRequest, HistoryScope, LogicalId, ResourceStorage, ResourceType, TenantContext,
 };
@@ -54,8 +52,10 @@ pub async fn model_digest(
     ctx: &TenantContext,
     rt: ResourceType,
 ) -> Vec<SegmentDigest> {
-    // The newest entry per id in type history is the current version.
-    let mut current: BTreeMap<LogicalId, (u64, serde_json::Value, bool)> = BTreeMap::new();
+    // The newest entry per id in type history is the current version. Its element hash comes
+    // from `Change`, as every secondary computes it: the digest test then also checks that a
+    // secondary fed these changes would agree with the primary.
+    let mut current: BTreeMap<LogicalId, fhirstore_core::secondary::Change> = BTreeMap::new();
     let mut req = HistoryRequest::new(HistoryScope::Type(rt));
     req.count = Some(1000);
     loop {
@@ -63,7 +63,7 @@ pub async fn model_digest(
         for r in page.entries {
             current
                 .entry(r.key.id.clone())
-                .or_insert((r.version.get(), r.content, r.deleted));
+                .or_insert_with(|| fhirstore_core::secondary::Change::of(&r));
         }
         match page.next_cursor {
             Some(c) => req.cursor = Some(c),
@@ -71,17 +71,10 @@ pub async fn model_digest(
         }
     }
     let mut segs: BTreeMap<u16, Digest> = BTreeMap::new();
-    for (id, (version, content, deleted)) in current {
-        let hash = if deleted {
-            TOMBSTONE_CONTENT_HASH
-        } else {
-            content_hash(&canonical_json(&content))
-        };
-        let v = fhirstore_core::VersionId::new(version).expect("stored versions are >= 1");
-        let e = element_hash(ctx.tenant(), rt, id.as_str(), v, &hash);
-        segs.entry(segment(ctx.tenant(), rt, id.as_str()))
+    for change in current.values() {
+        segs.entry(change.segment())
             .or_default()
-            .add(e);
+            .add(change.element_hash());
     }
     segs.into_iter()
         .map(|(segment, digest)| SegmentDigest { segment, digest })

@@ -10,6 +10,7 @@
 //! `generate`: writes the generated clinical data as NDJSON, for other tools and stores.
 
 mod generate;
+mod reindex;
 mod search;
 
 use std::sync::Arc;
@@ -38,6 +39,8 @@ enum Command {
     Search(search::SearchArgs),
     /// Write deterministic, realistic clinical data as NDJSON (one resource per line).
     Generate(GenerateArgs),
+    /// Reindex throughput for a tenant's own SearchParameter, against the ingest rate.
+    Reindex(reindex::ReindexArgs),
 }
 
 #[derive(clap::Args)]
@@ -62,6 +65,14 @@ struct PatientsArgs {
     /// Searches of each shape.
     #[arg(long, default_value_t = 1_000)]
     searches: usize,
+    /// Which store to measure.
+    #[command(flatten)]
+    store: crate::StoreArgs,
+}
+
+/// The store a bench runs against.
+#[derive(clap::Args)]
+struct StoreArgs {
     /// Primary backend to measure.
     #[arg(long, value_enum, default_value = "sqlite")]
     backend: Backend,
@@ -82,22 +93,15 @@ enum Backend {
 
 #[derive(clap::Args)]
 struct CrudArgs {
-    /// Primary backend to measure.
-    #[arg(long, value_enum, default_value = "sqlite")]
-    backend: Backend,
+    /// Which store to measure.
+    #[command(flatten)]
+    store: crate::StoreArgs,
     /// Resources per phase.
     #[arg(long, default_value_t = 20_000)]
     n: usize,
     /// Concurrent tasks issuing requests.
     #[arg(long, default_value_t = 1)]
     concurrency: usize,
-    /// PostgreSQL URL (for `--backend postgres`).
-    #[arg(
-        long,
-        env = "FHIRSTORE_TEST_POSTGRES_URL",
-        default_value = "postgres://postgres@127.0.0.1:5432/test"
-    )]
-    postgres: String,
     /// SQLite durability: full (fsync per commit, the default) or normal.
     #[arg(long, default_value = "full")]
     durability: String,
@@ -115,6 +119,7 @@ async fn main() -> Result<(), BoxError> {
         Command::Patients(args) => patients(args).await,
         Command::Search(args) => search::run(args).await,
         Command::Generate(args) => generate_ndjson(args),
+        Command::Reindex(args) => reindex::run(args).await,
     }
 }
 
@@ -144,11 +149,11 @@ fn generate_ndjson(args: GenerateArgs) -> Result<(), BoxError> {
 /// A store for a bench run: a SQLite file in `dir`, or the PostgreSQL database at `postgres`
 /// (each run then uses a fresh tenant).
 async fn open_store(
-    backend: Backend,
+    args: &StoreArgs,
     dir: &tempfile::TempDir,
-    postgres: &str,
 ) -> Result<Arc<dyn ResourceStorage>, BoxError> {
-    Ok(match backend {
+    let postgres = args.postgres.as_str();
+    Ok(match args.backend {
         Backend::Sqlite => Arc::new(
             SqliteStore::open(dir.path().join("bench.sqlite"), SqlConfig::default()).await?,
         ),
@@ -156,6 +161,41 @@ async fn open_store(
             Arc::new(PostgresStore::connect(postgres, SqlConfig::default()).await?)
         }
     })
+}
+
+/// Deletes a bench tenant's rows from a PostgreSQL store, so that runs against a shared
+/// database leave nothing behind: one large leftover tenant skews the planner's statistics for
+/// every other tenant. A SQLite bench store is a temporary file and goes with its directory.
+async fn purge_tenant(args: &StoreArgs, tenant: &TenantId) -> Result<(), BoxError> {
+    if args.backend != Backend::Postgres {
+        return Ok(());
+    }
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .connect(&args.postgres)
+        .await?;
+    for table in [
+        "resources",
+        "resource_versions",
+        "search_token",
+        "search_string",
+        "search_date",
+        "search_quantity",
+        "search_reference",
+        "search_uri",
+        "search_composite",
+        "outbox",
+        "digests",
+        "search_parameters",
+        "search_parameter_generation",
+    ] {
+        sqlx::query(&format!("DELETE FROM {table} WHERE tenant = $1"))
+            .bind(tenant.as_str())
+            .execute(&pool)
+            .await?;
+    }
+    sqlx::query("ANALYZE").execute(&pool).await?;
+    Ok(())
 }
 
 /// A realistic Patient of about 1 KB, deterministic in `i`.
@@ -271,7 +311,7 @@ async fn crud(args: CrudArgs) -> Result<(), BoxError> {
         ..SqlConfig::default()
     };
     let dir = tempfile::tempdir()?;
-    let (store, baseline): (Arc<dyn ResourceStorage>, Baseline) = match args.backend {
+    let (store, baseline): (Arc<dyn ResourceStorage>, Baseline) = match args.store.backend {
         Backend::Sqlite => {
             let store = SqliteStore::open(dir.path().join("store.sqlite"), config.clone()).await?;
             let opts = sqlx::sqlite::SqliteConnectOptions::new()
@@ -294,10 +334,10 @@ async fn crud(args: CrudArgs) -> Result<(), BoxError> {
             (Arc::new(store), Baseline::Sqlite(pool))
         }
         Backend::Postgres => {
-            let store = PostgresStore::connect(&args.postgres, config.clone()).await?;
+            let store = PostgresStore::connect(&args.store.postgres, config.clone()).await?;
             let pool = sqlx::postgres::PgPoolOptions::new()
                 .max_connections(config.max_connections)
-                .connect(&args.postgres)
+                .connect(&args.store.postgres)
                 .await?;
             sqlx::query("DROP TABLE IF EXISTS bench_blobs")
                 .execute(&pool)
@@ -320,7 +360,7 @@ async fn crud(args: CrudArgs) -> Result<(), BoxError> {
 
     println!(
         "crud: backend={:?} n={n} concurrency={c} durability={} validation={} avg body={avg_bytes} B",
-        args.backend, args.durability, args.validation
+        args.store.backend, args.durability, args.validation
     );
 
     // Baseline first, then the store; each phase over the same n blobs.
@@ -433,14 +473,14 @@ fn scenario_patient(i: usize) -> Value {
 
 async fn patients(args: PatientsArgs) -> Result<(), BoxError> {
     let dir = tempfile::tempdir()?;
-    let store = open_store(args.backend, &dir, &args.postgres).await?;
+    let store = open_store(&args.store, &dir).await?;
     let tenant = format!("bench-{}", uuid::Uuid::new_v4().simple());
     let ctx = TenantContext::full(TenantId::new(&tenant[..30])?);
     let pt = ResourceType::new("Patient")?;
     let n = args.n;
     println!(
         "patients: backend={:?} n={n} searches per shape={}",
-        args.backend, args.searches
+        args.store.backend, args.searches
     );
     let mut ids = Vec::with_capacity(n);
     let start = Instant::now();

@@ -30,20 +30,13 @@ pub struct SearchArgs {
     /// Generator seed.
     #[arg(long, default_value_t = 42)]
     seed: u64,
-    /// Primary backend to measure.
-    #[arg(long, value_enum, default_value = "sqlite")]
-    backend: Backend,
+    /// Which store to measure.
+    #[command(flatten)]
+    store: crate::StoreArgs,
     /// Keep each size's SQLite store in this directory (as `search-{size}.sqlite`) instead of a
     /// temporary one, to inspect plans afterwards.
     #[arg(long)]
     keep_in: Option<std::path::PathBuf>,
-    /// PostgreSQL URL (for `--backend postgres`).
-    #[arg(
-        long,
-        env = "FHIRSTORE_TEST_POSTGRES_URL",
-        default_value = "postgres://postgres@127.0.0.1:5432/test"
-    )]
-    postgres: String,
 }
 
 /// A query shape: its label, the type searched, and the query string for run `i` of a store
@@ -163,7 +156,7 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 
 /// Loads whole patients until the store holds at least `size` resources; returns the patient
 /// count, the resource count and the ingest rate.
-async fn load(
+pub(crate) async fn load(
     store: &dyn ResourceStorage,
     ctx: &TenantContext,
     size: usize,
@@ -198,12 +191,12 @@ async fn load(
 pub async fn run(args: SearchArgs) -> Result<(), BoxError> {
     println!(
         "search: backend={:?} sizes={:?} queries per shape={} seed={}",
-        args.backend, args.sizes, args.queries, args.seed
+        args.store.backend, args.sizes, args.queries, args.seed
     );
     let mut results: Vec<Vec<Measured>> = Vec::new();
     for &size in &args.sizes {
         let dir = tempfile::tempdir()?;
-        let store: Arc<dyn ResourceStorage> = match (&args.keep_in, args.backend) {
+        let store: Arc<dyn ResourceStorage> = match (&args.keep_in, args.store.backend) {
             (Some(keep), Backend::Sqlite) => Arc::new(
                 SqliteStore::open(
                     keep.join(format!("search-{size}.sqlite")),
@@ -211,7 +204,7 @@ pub async fn run(args: SearchArgs) -> Result<(), BoxError> {
                 )
                 .await?,
             ),
-            _ => open_store(args.backend, &dir, &args.postgres).await?,
+            _ => open_store(&args.store, &dir).await?,
         };
         let tenant = format!("bench-{}", uuid::Uuid::new_v4().simple());
         let ctx = TenantContext::full(TenantId::new(&tenant[..30])?);
@@ -256,6 +249,7 @@ pub async fn run(args: SearchArgs) -> Result<(), BoxError> {
             row.push(m);
         }
         results.push(row);
+        crate::purge_tenant(&args.store, ctx.tenant()).await?;
     }
     if let (Some(first), Some(last)) = (results.first(), results.last()) {
         if results.len() > 1 {

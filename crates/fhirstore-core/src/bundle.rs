@@ -7,6 +7,7 @@ use serde_json::Value;
 
 use crate::error::{Error, Result};
 use crate::model::{LogicalId, ResourceType};
+use crate::registry::Registry;
 use crate::search::{Handling, SearchQuery};
 use crate::storage::WriteOp;
 
@@ -16,18 +17,24 @@ use crate::storage::WriteOp;
 /// turned into a write fails the whole Bundle with [`Error::InvalidResource`] naming the entry;
 /// reads (`GET`) are [`Error::Unsupported`] here.
 pub fn write_ops(bundle: &Value) -> Result<Vec<WriteOp>> {
+    write_ops_in(Registry::r4(), bundle)
+}
+
+/// [`write_ops`], with conditional criteria parsed against `reg` (a tenant's searchable
+/// parameters).
+pub fn write_ops_in(reg: &Registry, bundle: &Value) -> Result<Vec<WriteOp>> {
     if bundle.get("resourceType").and_then(Value::as_str) != Some("Bundle") {
         return Err(Error::InvalidResource("not a Bundle".into()));
     }
     let entries = bundle.get("entry").and_then(Value::as_array);
     let mut ops = Vec::with_capacity(entries.map_or(0, Vec::len));
     for (i, e) in entries.into_iter().flatten().enumerate() {
-        ops.push(entry_op(e).map_err(|err| err.in_entry(i))?);
+        ops.push(entry_op(reg, e).map_err(|err| err.in_entry(i))?);
     }
     Ok(ops)
 }
 
-fn entry_op(e: &Value) -> Result<WriteOp> {
+fn entry_op(reg: &Registry, e: &Value) -> Result<WriteOp> {
     let bad = |what: &str| Error::InvalidResource(what.to_owned());
     let request = e
         .get("request")
@@ -49,7 +56,7 @@ fn entry_op(e: &Value) -> Result<WriteOp> {
             "request url {url:?}: expected Type, Type/id or Type?query"
         )));
     }
-    let search = |q: &str| SearchQuery::parse(Some(resource_type), q, Handling::Strict);
+    let search = |q: &str| SearchQuery::parse_in(reg, Some(resource_type), q, Handling::Strict);
     let resource = || {
         e.get("resource")
             .cloned()

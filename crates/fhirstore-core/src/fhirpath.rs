@@ -334,6 +334,23 @@ impl Parser {
             "is" => Expr::Is(Box::new(base), self.type_name()?),
             "resolve" => Expr::Resolve(Box::new(base)),
             "exists" => Expr::Exists(Box::new(base)),
+            // `extension(url)` is FHIR's shorthand for `extension.where(url = …)`; tenants'
+            // own parameters on extensions are written with it.
+            "extension" => match self.next() {
+                Some(Tok::Str(url)) => Expr::Where(
+                    Box::new(Expr::Child(Box::new(base), "extension".into())),
+                    Box::new(Expr::Eq(
+                        Box::new(Expr::Child(Box::new(Expr::This), "url".into())),
+                        Box::new(Expr::Str(url)),
+                        false,
+                    )),
+                ),
+                other => {
+                    return Err(ParseError(format!(
+                        "extension() takes a URL string, found {other:?}"
+                    )))
+                }
+            },
             other => return Err(ParseError(format!("unsupported function {other}()"))),
         };
         self.expect(&Tok::RParen)?;
@@ -598,6 +615,22 @@ mod tests {
             3,
             "a union of per-type paths picks the resource's own"
         );
+    }
+
+    #[test]
+    fn extension_function_selects_by_url() {
+        let p = json!({"resourceType": "Patient", "extension": [
+            {"url": "http://a", "valueCode": "x"},
+            {"url": "http://b", "valueCoding": {"code": "y"}}
+        ]});
+        let e = parse("Patient.extension('http://b').value").expect("parses");
+        let got: Vec<Value> = e
+            .evaluate(&p)
+            .into_iter()
+            .map(|n| n.value.into_owned())
+            .collect();
+        assert_eq!(got, vec![json!({"code": "y"})]);
+        assert!(parse("Patient.extension(url)").is_err());
     }
 
     #[test]

@@ -163,17 +163,36 @@ impl ComponentValue {
 /// Extracts the index entries of a resource body for every R4 search parameter of its type.
 /// Tombstones and bodies without a known `resourceType` have none.
 pub fn extract(content: &Value) -> IndexEntries {
-    let Some(rt) = content
-        .get("resourceType")
-        .and_then(Value::as_str)
-        .and_then(|t| ResourceType::new(t).ok())
-    else {
+    extract_in(Registry::r4(), content)
+}
+
+/// Extracts the index entries of a resource body for every parameter of its type in `reg`
+/// (the R4 parameters plus a tenant's own).
+pub fn extract_in(reg: &Registry, content: &Value) -> IndexEntries {
+    let Some(rt) = resource_type_of(content) else {
+        return IndexEntries::default();
+    };
+    extract_params(reg, &reg.for_type(rt), content)
+}
+
+/// Extracts the index entries of `content` for `defs` only (those that apply to its type),
+/// resolving composite components in `reg`. A reindex rewrites one parameter's rows this way.
+pub fn extract_params(
+    reg: &Registry,
+    defs: &[&'static SearchParamDef],
+    content: &Value,
+) -> IndexEntries {
+    let Some(rt) = resource_type_of(content) else {
         return IndexEntries::default();
     };
     let mut out = IndexEntries::default();
-    for def in Registry::r4().for_type(rt) {
-        if !NATIVE_PARAMS.contains(&def.code.as_str()) {
-            extract_param(def, content, &mut out);
+    for def in defs {
+        let applies = def
+            .base
+            .iter()
+            .any(|b| b == rt.as_str() || b == "Resource" || b == "DomainResource");
+        if applies && !NATIVE_PARAMS.contains(&def.code.as_str()) {
+            extract_param(reg, def, content, &mut out);
         }
     }
     out.tokens.sort_unstable();
@@ -196,14 +215,26 @@ pub fn extract(content: &Value) -> IndexEntries {
     out
 }
 
-fn extract_param(def: &'static SearchParamDef, content: &Value, out: &mut IndexEntries) {
+fn resource_type_of(content: &Value) -> Option<ResourceType> {
+    content
+        .get("resourceType")
+        .and_then(Value::as_str)
+        .and_then(|t| ResourceType::new(t).ok())
+}
+
+fn extract_param(
+    reg: &Registry,
+    def: &'static SearchParamDef,
+    content: &Value,
+    out: &mut IndexEntries,
+) {
     let Some(Ok(expr)) = &def.expression else {
         return;
     };
     let param = def.code.as_str();
     let nodes = expr.evaluate(content);
     if def.kind == SearchParamType::Composite {
-        composites(def, content, &nodes, out);
+        composites(reg, def, content, &nodes, out);
         return;
     }
     for node in nodes {
@@ -277,12 +308,12 @@ fn push_value(kind: SearchParamType, param: &'static str, node: &Node<'_>, out: 
 /// values, evaluated from that element. An element lacking a value for some component matches
 /// no composite search, so it gets no entries at all.
 fn composites(
+    reg: &Registry,
     def: &'static SearchParamDef,
     content: &Value,
     nodes: &[Node<'_>],
     out: &mut IndexEntries,
 ) {
-    let reg = Registry::r4();
     let Some(components) = def
         .components
         .iter()

@@ -8,6 +8,7 @@
 //! - [`search`]: the typed search model; [`index`]: index-value extraction.
 //! - [`registry`]: the official R4 search parameters, with [`fhirpath`] to evaluate them.
 //! - [`digest`]: the element hashes and XOR segment digests used to find drift.
+//! - [`secondary`]: the contract of a secondary store (version-guarded apply, digests).
 
 pub mod bundle;
 pub mod date;
@@ -20,6 +21,7 @@ pub mod registry;
 pub mod resource;
 mod resource_types;
 pub mod search;
+pub mod secondary;
 mod storage;
 mod tenant;
 #[cfg(feature = "validation")]
@@ -32,7 +34,7 @@ pub use model::{
 };
 pub use search::{Handling, SearchQuery};
 pub use storage::{
-    Capabilities, Deleted, HistoryPage, HistoryRequest, HistoryScope, OpOutcome, ResourceStorage,
-    SearchPage, WriteKind, WriteOp, Written,
+    Capabilities, Deleted, HistoryPage, HistoryRequest, HistoryScope, OpOutcome, ReindexOptions,
+    ReindexState, ReindexStatus, ResourceStorage, SearchPage, WriteKind, WriteOp, Written,
 };
 pub use tenant::{Permission, Permissions, TenantContext, TenantId};

@@ -5,7 +5,7 @@
 //! parameter's FHIRPath expression is compiled then, so evaluation per resource is a tree walk.
 
 use std::collections::HashMap;
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use serde_json::Value;
 
@@ -60,6 +60,8 @@ impl SearchParamType {
 pub struct Component {
     /// The canonical URL of the component's own parameter.
     pub definition: String,
+    /// Its expression as written.
+    pub expression_text: String,
     /// Its expression, relative to the composite's value.
     pub expression: Result<Expr, fhirpath::ParseError>,
 }
@@ -102,22 +104,32 @@ impl SearchParamDef {
 }
 
 /// Search parameters by resource type and code.
-#[derive(Debug, Default)]
+///
+/// Definitions are `'static`: index entries name their parameter by `&'static str`, so that
+/// millions of entries share one copy of each name. The R4 definitions live for the process;
+/// a tenant's own definitions are interned (see [`intern`]), once per distinct definition.
+#[derive(Clone, Debug, Default)]
 pub struct Registry {
-    params: Vec<Arc<SearchParamDef>>,
-    by_type: HashMap<String, HashMap<String, Arc<SearchParamDef>>>,
-    by_url: HashMap<String, Arc<SearchParamDef>>,
+    params: Vec<&'static SearchParamDef>,
+    by_type: HashMap<String, HashMap<String, &'static SearchParamDef>>,
+    by_url: HashMap<String, &'static SearchParamDef>,
 }
 
 impl Registry {
     /// The official R4 registry, parsed on first use.
     pub fn r4() -> &'static Registry {
-        static R4: OnceLock<Registry> = OnceLock::new();
+        Self::r4_shared().as_ref()
+    }
+
+    /// The official R4 registry behind an `Arc`, for APIs that hand out a tenant's registry.
+    pub fn r4_shared() -> &'static Arc<Registry> {
+        static R4: OnceLock<Arc<Registry>> = OnceLock::new();
         R4.get_or_init(|| {
             // The embedded file is checked by the tests; a failure here is a build defect.
             serde_json::from_str::<Value>(R4_SEARCH_PARAMETERS)
                 .map_err(|e| e.to_string())
                 .and_then(|v| Registry::from_bundle(&v))
+                .map(Arc::new)
                 .unwrap_or_else(|e| panic!("embedded R4 search parameters are invalid: {e}"))
         })
     }
@@ -141,51 +153,177 @@ impl Registry {
 
     /// Adds (or replaces) a definition for every type in its base.
     pub fn add(&mut self, def: SearchParamDef) {
-        let def = Arc::new(def);
+        self.insert(intern(def));
+    }
+
+    /// Adds (or replaces) an interned definition for every type in its base.
+    pub fn insert(&mut self, def: &'static SearchParamDef) {
         for b in &def.base {
             self.by_type
                 .entry(b.clone())
                 .or_default()
-                .insert(def.code.clone(), def.clone());
+                .insert(def.code.clone(), def);
         }
-        self.by_url.insert(def.url.clone(), def.clone());
+        self.by_url.insert(def.url.clone(), def);
         self.params.push(def);
     }
 
+    /// This registry plus `defs`.
+    pub fn with(&self, defs: impl IntoIterator<Item = &'static SearchParamDef>) -> Registry {
+        let mut reg = self.clone();
+        for d in defs {
+            reg.insert(d);
+        }
+        reg
+    }
+
     /// The parameter `code` on `resource_type`, including those every resource has.
-    pub fn get(&self, resource_type: ResourceType, code: &str) -> Option<&SearchParamDef> {
+    pub fn get(&self, resource_type: ResourceType, code: &str) -> Option<&'static SearchParamDef> {
         [resource_type.as_str(), "DomainResource", "Resource"]
             .iter()
-            .find_map(|t| self.by_type.get(*t)?.get(code))
-            .map(Arc::as_ref)
+            .find_map(|t| self.by_type.get(*t)?.get(code).copied())
     }
 
     /// A parameter every resource type has (`_id`, `_lastUpdated`, `_tag`…).
-    pub fn get_common(&self, code: &str) -> Option<&SearchParamDef> {
+    pub fn get_common(&self, code: &str) -> Option<&'static SearchParamDef> {
         ["Resource", "DomainResource"]
             .iter()
-            .find_map(|t| self.by_type.get(*t)?.get(code))
-            .map(Arc::as_ref)
+            .find_map(|t| self.by_type.get(*t)?.get(code).copied())
     }
 
     /// A parameter by canonical URL (how composites name their components).
-    pub fn by_url(&self, url: &str) -> Option<&SearchParamDef> {
-        self.by_url.get(url).map(Arc::as_ref)
+    pub fn by_url(&self, url: &str) -> Option<&'static SearchParamDef> {
+        self.by_url.get(url).copied()
     }
 
     /// Every parameter that applies to `resource_type`.
-    pub fn for_type(&self, resource_type: ResourceType) -> Vec<&SearchParamDef> {
+    pub fn for_type(&self, resource_type: ResourceType) -> Vec<&'static SearchParamDef> {
         [resource_type.as_str(), "DomainResource", "Resource"]
             .iter()
             .filter_map(|t| self.by_type.get(*t))
-            .flat_map(|m| m.values().map(Arc::as_ref))
+            .flat_map(|m| m.values().copied())
             .collect()
     }
 
-    /// Every definition, in file order.
-    pub fn all(&self) -> impl Iterator<Item = &SearchParamDef> {
-        self.params.iter().map(Arc::as_ref)
+    /// Every definition, in the order added.
+    pub fn all(&self) -> impl Iterator<Item = &'static SearchParamDef> + '_ {
+        self.params.iter().copied()
     }
+}
+
+/// The one `'static` copy of a definition. Equal definitions share a copy, so reloading a
+/// tenant's parameters never grows memory; only a new or changed definition adds one.
+pub fn intern(def: SearchParamDef) -> &'static SearchParamDef {
+    static INTERNED: OnceLock<Mutex<HashMap<String, &'static SearchParamDef>>> = OnceLock::new();
+    let key = format!(
+        "{}\u{0}{}\u{0}{:?}\u{0}{:?}\u{0}{:?}\u{0}{:?}\u{0}{:?}",
+        def.url,
+        def.code,
+        def.base,
+        def.kind,
+        def.expression_text,
+        def.targets,
+        def.components
+            .iter()
+            .map(|c| (&c.definition, &c.expression_text))
+            .collect::<Vec<_>>()
+    );
+    // A poisoned lock only means another thread panicked mid-insert of a complete value.
+    let mut map = INTERNED
+        .get_or_init(Mutex::default)
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    map.entry(key).or_insert_with(|| Box::leak(Box::new(def)))
+}
+
+/// Why a SearchParameter resource cannot be registered as a tenant's own parameter.
+pub type CustomParamError = String;
+
+/// Checks a SearchParameter resource as a tenant's own parameter, against `reg` (the R4
+/// parameters plus the tenant's others). It must name a code that is not already a parameter
+/// of any of its base types, and have an expression this evaluator compiles; `special`
+/// parameters have no index and cannot be added.
+pub fn parse_custom(resource: &Value, reg: &Registry) -> Result<SearchParamDef, CustomParamError> {
+    let def = parse_def(resource)?;
+    let url = &def.url;
+    let code_ok = def
+        .code
+        .chars()
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic())
+        && def
+            .code
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+    if !code_ok {
+        return Err(format!(
+            "{url}: code {:?} must start with a letter and hold only letters, digits, '-' and '_'",
+            def.code
+        ));
+    }
+    if def.base.is_empty() {
+        return Err(format!("{url}: no base resource type"));
+    }
+    let everywhere = def
+        .base
+        .iter()
+        .any(|b| b == "Resource" || b == "DomainResource");
+    for b in &def.base {
+        if b != "Resource" && b != "DomainResource" && ResourceType::new(b).is_err() {
+            return Err(format!("{url}: base {b:?} is not an R4 resource type"));
+        }
+    }
+    let clash = reg.all().find(|d| {
+        d.url != def.url
+            && d.code == def.code
+            && (everywhere
+                || d.base
+                    .iter()
+                    .any(|b| b == "Resource" || b == "DomainResource" || def.base.contains(b)))
+    });
+    if let Some(other) = clash {
+        return Err(format!(
+            "{url}: code {:?} is already defined for {} by {}",
+            def.code,
+            other.base.join(", "),
+            other.url
+        ));
+    }
+    match (&def.kind, &def.expression) {
+        (SearchParamType::Special, _) => {
+            return Err(format!("{url}: special parameters cannot be indexed"))
+        }
+        (_, None) => return Err(format!("{url}: no expression")),
+        (_, Some(Err(e))) => return Err(format!("{url}: expression: {e}")),
+        (_, Some(Ok(_))) => {}
+    }
+    for c in &def.components {
+        if let Err(e) = &c.expression {
+            return Err(format!("{url}: component {}: {e}", c.definition));
+        }
+        match reg.by_url(&c.definition) {
+            Some(d)
+                if !matches!(
+                    d.kind,
+                    SearchParamType::Composite | SearchParamType::Special
+                ) => {}
+            _ => {
+                return Err(format!(
+                    "{url}: component {:?} is not a known non-composite parameter",
+                    c.definition
+                ))
+            }
+        }
+    }
+    if def.kind == SearchParamType::Composite && def.components.len() < 2 {
+        return Err(format!("{url}: a composite needs at least two components"));
+    }
+    if def.kind == SearchParamType::Reference {
+        if let Some(t) = def.targets.iter().find(|t| ResourceType::new(t).is_err()) {
+            return Err(format!("{url}: target {t:?} is not an R4 resource type"));
+        }
+    }
+    Ok(def)
 }
 
 fn strings(v: Option<&Value>) -> Vec<String> {
@@ -199,7 +337,9 @@ fn strings(v: Option<&Value>) -> Vec<String> {
         .unwrap_or_default()
 }
 
-fn parse_def(r: &Value) -> Result<SearchParamDef, String> {
+/// Reads a SearchParameter resource as a definition, without the checks [`parse_custom`]
+/// makes. An expression that does not compile is kept as an error in the definition.
+pub fn parse_def(r: &Value) -> Result<SearchParamDef, String> {
     let field = |k: &str| r.get(k).and_then(Value::as_str);
     let url = field("url")
         .ok_or("SearchParameter without url")?
@@ -216,17 +356,20 @@ fn parse_def(r: &Value) -> Result<SearchParamDef, String> {
         .and_then(Value::as_array)
         .map(|cs| {
             cs.iter()
-                .map(|c| Component {
-                    definition: c
-                        .get("definition")
+                .map(|c| {
+                    let text = c
+                        .get("expression")
                         .and_then(Value::as_str)
-                        .unwrap_or_default()
-                        .to_owned(),
-                    expression: fhirpath::parse(
-                        c.get("expression")
+                        .unwrap_or_default();
+                    Component {
+                        definition: c
+                            .get("definition")
                             .and_then(Value::as_str)
-                            .unwrap_or_default(),
-                    ),
+                            .unwrap_or_default()
+                            .to_owned(),
+                        expression: fhirpath::parse(text),
+                        expression_text: text.to_owned(),
+                    }
                 })
                 .collect()
         })

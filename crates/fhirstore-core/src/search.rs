@@ -8,6 +8,7 @@ pub use crate::date::Prefix;
 use crate::date::{parse_fhir_date, DateValue};
 use crate::error::{Error, Result};
 use crate::model::{is_valid_id, ResourceType};
+use crate::registry::Registry;
 
 /// The most results one page may hold, whatever `_count` asks for.
 pub const MAX_PAGE_SIZE: u32 = 1_000;
@@ -107,8 +108,9 @@ pub enum CriterionValues {
     Reference(Vec<ReferenceValue>),
     /// Uri values.
     Uri(Vec<String>),
-    /// `:missing=true` (the resource has no value for the parameter) or `false`.
-    Missing(bool),
+    /// `:missing=true` (the resource has no value for the parameter) or `false`, with the
+    /// parameter's type (which says where its values are kept).
+    Missing(bool, ParamType),
     /// Composite values: for each value, one single-valued entry per component, in the
     /// definition's order, all of which must hold for the same element.
     Composite(Vec<Vec<CriterionValues>>),
@@ -254,7 +256,15 @@ pub struct SearchQuery {
 /// The type of a parameter from the R4 registry, or `None` when it is not defined for
 /// `resource_type` (for a system-level search: not defined for every resource).
 pub fn param_type(resource_type: Option<ResourceType>, name: &str) -> Option<ParamType> {
-    let reg = crate::registry::Registry::r4();
+    param_type_in(Registry::r4(), resource_type, name)
+}
+
+/// The type of a parameter in `reg` (the R4 parameters plus a tenant's own); see [`param_type`].
+pub fn param_type_in(
+    reg: &Registry,
+    resource_type: Option<ResourceType>,
+    name: &str,
+) -> Option<ParamType> {
     let def = match resource_type {
         Some(rt) => reg.get(rt, name),
         None => reg.get_common(name),
@@ -308,21 +318,45 @@ impl SearchQuery {
         self.count.unwrap_or(DEFAULT_PAGE_SIZE).min(MAX_PAGE_SIZE)
     }
 
-    /// Parses a FHIR query string (`a=b&c=d`, percent-encoded, no leading `?`).
+    /// Parses a FHIR query string (`a=b&c=d`, percent-encoded, no leading `?`) against the R4
+    /// parameters.
     pub fn parse(
+        resource_type: Option<ResourceType>,
+        query: &str,
+        handling: Handling,
+    ) -> Result<Self> {
+        Self::parse_in(Registry::r4(), resource_type, query, handling)
+    }
+
+    /// Parses a FHIR query string against `reg`: a tenant's searchable parameters, from
+    /// [`crate::ResourceStorage::search_parameters`].
+    pub fn parse_in(
+        reg: &Registry,
         resource_type: Option<ResourceType>,
         query: &str,
         handling: Handling,
     ) -> Result<Self> {
         let mut q = SearchQuery::all(resource_type);
         for (name, value) in form_urlencoded::parse(query.as_bytes()) {
-            q.add_param(&name, &value, handling)?;
+            q.add_param_in(reg, &name, &value, handling)?;
         }
         Ok(q)
     }
 
-    /// Adds one `name=value` pair, with `name` possibly carrying a `:modifier`.
+    /// Adds one `name=value` pair, with `name` possibly carrying a `:modifier`, parsed against
+    /// the R4 parameters.
     pub fn add_param(&mut self, name: &str, value: &str, handling: Handling) -> Result<()> {
+        self.add_param_in(Registry::r4(), name, value, handling)
+    }
+
+    /// Adds one `name=value` pair, parsed against `reg`.
+    pub fn add_param_in(
+        &mut self,
+        reg: &Registry,
+        name: &str,
+        value: &str,
+        handling: Handling,
+    ) -> Result<()> {
         let (base, modifier) = match name.split_once(':') {
             Some((b, m)) => (b, Some(m)),
             None => (name, None),
@@ -361,7 +395,7 @@ impl SearchQuery {
                     let kind = match param {
                         "_id" => ParamType::Token,
                         "_lastUpdated" => ParamType::Date,
-                        _ => param_type(self.resource_type, param)
+                        _ => param_type_in(reg, self.resource_type, param)
                             .filter(|k| !matches!(k, ParamType::Composite | ParamType::Special))
                             .ok_or_else(|| {
                                 Error::InvalidSearch(format!("_sort: cannot sort by {param:?}"))
@@ -386,7 +420,7 @@ impl SearchQuery {
                         )))
                     }
                 };
-                let inc = parse_include(value, iterate).ok_or_else(|| {
+                let inc = parse_include(reg, value, iterate).ok_or_else(|| {
                     Error::InvalidSearch(format!(
                         "{name}={value:?}: expected Type:param[:Target] or *"
                     ))
@@ -428,9 +462,9 @@ impl SearchQuery {
             _ => {}
         }
         if name.starts_with("_has:") || name.contains('.') {
-            return self.add_chained(name, value, handling);
+            return self.add_chained(reg, name, value, handling);
         }
-        let parsed = parse_criterion(self.resource_type, base, modifier, value, handling)?;
+        let parsed = parse_criterion(reg, self.resource_type, base, modifier, value, handling)?;
         self.push_or_ignore(
             parsed,
             name,
@@ -442,9 +476,14 @@ impl SearchQuery {
 
     /// `a:Type.b.c=v` and `_has:Type:param:…=v`: resolves each link against the registry and
     /// parses the final parameter against the type the chain ends at.
-    fn add_chained(&mut self, name: &str, value: &str, handling: Handling) -> Result<()> {
+    fn add_chained(
+        &mut self,
+        reg: &Registry,
+        name: &str,
+        value: &str,
+        handling: Handling,
+    ) -> Result<()> {
         let bad = |why: String| Error::InvalidSearch(format!("{name}: {why}"));
-        let reg = crate::registry::Registry::r4();
         let mut current = self
             .resource_type
             .ok_or_else(|| bad("chained parameters need a resource type".into()))?;
@@ -525,7 +564,7 @@ impl SearchQuery {
             Some((b, m)) => (b, Some(m)),
             None => (rest, None),
         };
-        let parsed = parse_criterion(Some(current), base, modifier, value, Handling::Strict)?
+        let parsed = parse_criterion(reg, Some(current), base, modifier, value, Handling::Strict)?
             .map(|c| Criterion { chain, ..c });
         self.push_or_ignore(
             parsed,
@@ -567,13 +606,14 @@ impl SearchQuery {
 /// Parses one parameter's value by its registry type. `Ok(None)`: the parameter is unknown, or
 /// of a type that cannot be searched yet, and may be ignored under lenient handling.
 fn parse_criterion(
+    reg: &Registry,
     resource_type: Option<ResourceType>,
     base: &str,
     modifier: Option<&str>,
     value: &str,
     handling: Handling,
 ) -> Result<Option<Criterion>> {
-    let Some(kind) = param_type(resource_type, base) else {
+    let Some(kind) = param_type_in(reg, resource_type, base) else {
         return Ok(None);
     };
     let name = match modifier {
@@ -592,7 +632,7 @@ fn parse_criterion(
             };
             return Ok(Some(Criterion::new(
                 base,
-                CriterionValues::Missing(missing),
+                CriterionValues::Missing(missing, kind),
             )));
         }
         (Some("exact"), ParamType::String) => Some(Modifier::Exact),
@@ -649,7 +689,7 @@ fn parse_criterion(
         }
         _ => {}
     }
-    let values = parse_values(resource_type, kind, base, modifier, &parts, &bad)?;
+    let values = parse_values(reg, resource_type, kind, base, modifier, &parts, &bad)?;
     let Some(values) = values else {
         return match handling {
             Handling::Strict => Err(Error::Unsupported(format!(
@@ -666,6 +706,7 @@ fn parse_criterion(
 /// Parses the comma-separated values of one parameter of type `kind`, still escaped. `Ok(None)`:
 /// parameters of this type cannot be searched.
 fn parse_values(
+    reg: &Registry,
     resource_type: Option<ResourceType>,
     kind: ParamType,
     base: &str,
@@ -742,9 +783,8 @@ fn parse_values(
         }
         ParamType::Composite => {
             let def = resource_type
-                .and_then(|rt| crate::registry::Registry::r4().get(rt, base))
+                .and_then(|rt| reg.get(rt, base))
                 .ok_or_else(|| bad("composite parameters need a resource type"))?;
-            let reg = crate::registry::Registry::r4();
             let kinds = def
                 .components
                 .iter()
@@ -765,7 +805,7 @@ fn parse_values(
                     if matches!(kind, ParamType::Composite | ParamType::Special) {
                         return Ok(None);
                     }
-                    match parse_values(resource_type, *kind, base, None, &[piece], bad)? {
+                    match parse_values(reg, resource_type, *kind, base, None, &[piece], bad)? {
                         Some(v) => components.push(v),
                         None => return Ok(None),
                     }
@@ -811,7 +851,7 @@ fn parse_reference(value: &str, modifier: Option<Modifier>) -> Option<ReferenceV
     }
 }
 
-fn parse_include(value: &str, iterate: bool) -> Option<Include> {
+fn parse_include(reg: &Registry, value: &str, iterate: bool) -> Option<Include> {
     if value == "*" {
         return Some(Include {
             source: None,
@@ -833,7 +873,7 @@ fn parse_include(value: &str, iterate: bool) -> Option<Include> {
     let param = if param == "*" {
         None
     } else {
-        let def = crate::registry::Registry::r4().get(source, param)?;
+        let def = reg.get(source, param)?;
         (def.kind == ParamType::Reference)
             .then(|| param.to_owned())?
             .into()
@@ -982,7 +1022,10 @@ mod tests {
         )
         .expect("parses");
         assert_eq!(p.criteria[0].modifier, Some(Modifier::Exact));
-        assert_eq!(p.criteria[1].values, CriterionValues::Missing(true));
+        assert_eq!(
+            p.criteria[1].values,
+            CriterionValues::Missing(true, ParamType::Date)
+        );
         for (rt, bad) in [
             (pt(), "family:below=x"),
             (pt(), "gender:exact=x"),

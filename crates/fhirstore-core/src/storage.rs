@@ -8,6 +8,7 @@ use time::OffsetDateTime;
 
 use crate::error::{Error, Result};
 use crate::model::{LogicalId, ResourceKey, ResourceType, StoredResource, VersionId};
+use crate::registry::Registry;
 use crate::search::SearchQuery;
 use crate::tenant::TenantContext;
 
@@ -354,6 +355,81 @@ pub trait ResourceStorage: Send + Sync {
         };
         deleted(self.transaction(ctx, vec![op]).await?)
     }
+
+    /// The parameters this tenant's searches may use: the R4 ones plus the tenant's own
+    /// SearchParameters that have finished reindexing. Parse queries with
+    /// [`SearchQuery::parse_in`] against it. Backends without custom parameters have R4 only.
+    async fn search_parameters(&self, ctx: &TenantContext) -> Result<Arc<Registry>> {
+        ctx.require(crate::Permission::Read)?;
+        Ok(Registry::r4_shared().clone())
+    }
+
+    /// Each of the tenant's own search parameters, with its reindex progress.
+    async fn reindex_status(&self, ctx: &TenantContext) -> Result<Vec<ReindexStatus>> {
+        ctx.require(crate::Permission::Read)?;
+        Ok(Vec::new())
+    }
+
+    /// Runs the tenant's pending reindex jobs, `options.batch` resources per short
+    /// transaction, calling `progress` after each batch. The position is saved with every
+    /// batch, so a job stopped for any reason (an error, a crash, a dropped future, or
+    /// `options.max_batches`) resumes where it was on the next call; other requests are never
+    /// held for longer than one batch. Returns every parameter's status at the end.
+    async fn reindex(
+        &self,
+        ctx: &TenantContext,
+        options: ReindexOptions,
+        progress: &(dyn for<'r> Fn(&'r ReindexStatus) + Send + Sync),
+    ) -> Result<Vec<ReindexStatus>> {
+        let _ = (options, progress);
+        ctx.require(crate::Permission::Admin)?;
+        Ok(Vec::new())
+    }
+}
+
+/// How a [`ResourceStorage::reindex`] call runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ReindexOptions {
+    /// Resources rewritten per transaction.
+    pub batch: u32,
+    /// Stop after this many batches (the jobs stay pending); `None` runs them to the end.
+    pub max_batches: Option<u32>,
+}
+
+impl Default for ReindexOptions {
+    fn default() -> Self {
+        ReindexOptions {
+            batch: 500,
+            max_batches: None,
+        }
+    }
+}
+
+/// Where a tenant's own search parameter stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ReindexState {
+    /// Writes index it, a reindex job is filling in the existing resources; not yet searchable.
+    Reindexing,
+    /// Every resource is indexed; searches may use it.
+    Active,
+    /// Retired or deleted: a job is removing its index rows.
+    Removing,
+}
+
+/// A tenant's own search parameter and its reindex job's progress.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct ReindexStatus {
+    /// The SearchParameter's canonical URL.
+    pub url: String,
+    /// Its code, as used in queries.
+    pub code: String,
+    /// Where it stands.
+    pub state: ReindexState,
+    /// Resources the job has rewritten so far.
+    pub processed: u64,
+    /// Live resources of its base types when the job started: the denominator of progress.
+    pub total: u64,
 }
 
 fn single(mut outcomes: Vec<OpOutcome>) -> Result<OpOutcome> {
@@ -497,6 +573,20 @@ macro_rules! forward_storage {
                 criteria: &SearchQuery,
             ) -> Result<Deleted> {
                 (**self).conditional_delete(ctx, rt, criteria).await
+            }
+            async fn search_parameters(&self, ctx: &TenantContext) -> Result<Arc<Registry>> {
+                (**self).search_parameters(ctx).await
+            }
+            async fn reindex_status(&self, ctx: &TenantContext) -> Result<Vec<ReindexStatus>> {
+                (**self).reindex_status(ctx).await
+            }
+            async fn reindex(
+                &self,
+                ctx: &TenantContext,
+                options: ReindexOptions,
+                progress: &(dyn for<'r> Fn(&'r ReindexStatus) + Send + Sync),
+            ) -> Result<Vec<ReindexStatus>> {
+                (**self).reindex(ctx, options, progress).await
             }
         }
     };

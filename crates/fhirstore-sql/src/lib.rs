@@ -10,10 +10,12 @@
 //! higher-ranked bounds on every function and defeats `Send` inference in async-trait futures;
 //! concrete types avoid both while keeping one copy of the logic.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use fhirstore_core::digest::split_u128;
+use fhirstore_core::registry::{intern, Registry, SearchParamDef};
 use fhirstore_core::{Error, LogicalId, ResourceType};
 
 #[cfg(feature = "postgres")]
@@ -86,14 +88,8 @@ pub struct OutboxEntry {
     pub op: String,
 }
 
-/// One digest segment as stored.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct SegmentDigest {
-    /// Segment number, 0..65535.
-    pub segment: u16,
-    /// XOR and count of the segment's element hashes.
-    pub digest: fhirstore_core::digest::Digest,
-}
+/// One digest segment, the same type the secondaries report.
+pub use fhirstore_core::secondary::SegmentDigest;
 
 /// The SQL dialect a store speaks.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -165,6 +161,102 @@ impl StatsUpkeep {
                 .next_analyze
                 .compare_exchange(next, next.saturating_mul(4), Relaxed, Relaxed)
                 .is_ok()
+    }
+}
+
+/// A tenant's search parameters, as one process last loaded them from `search_parameters`.
+#[derive(Debug)]
+pub(crate) struct TenantParams {
+    /// What writes index: R4 plus the tenant's parameters that are active or being reindexed.
+    pub(crate) index: Arc<Registry>,
+    /// What searches may use: R4 plus the tenant's active parameters.
+    pub(crate) search: Arc<Registry>,
+    /// The tenant's own definitions in every state, removing ones included: a new definition
+    /// must not clash with any of them, or a removal job would delete the new one's rows.
+    pub(crate) own: Vec<&'static SearchParamDef>,
+}
+
+impl TenantParams {
+    /// A tenant with no parameters of its own.
+    pub(crate) fn r4() -> Arc<TenantParams> {
+        static R4: OnceLock<Arc<TenantParams>> = OnceLock::new();
+        R4.get_or_init(|| {
+            Arc::new(TenantParams {
+                index: Registry::r4_shared().clone(),
+                search: Registry::r4_shared().clone(),
+                own: Vec::new(),
+            })
+        })
+        .clone()
+    }
+
+    /// Builds the registries from `(body, state)` rows. Bodies were checked when registered; one
+    /// that no longer parses (an older build's definition) is skipped with a warning rather than
+    /// making every write of the tenant fail.
+    pub(crate) fn from_rows(rows: &[(String, String)]) -> TenantParams {
+        let mut index = Vec::new();
+        let mut search = Vec::new();
+        let mut own = Vec::new();
+        for (body, state) in rows {
+            let def = match serde_json::from_str(body)
+                .map_err(|e| e.to_string())
+                .and_then(|v| fhirstore_core::registry::parse_def(&v))
+            {
+                Ok(d) => intern(d),
+                Err(e) => {
+                    tracing::warn!(error = %e, "skipping an unreadable custom SearchParameter");
+                    continue;
+                }
+            };
+            own.push(def);
+            match state.as_str() {
+                STATE_ACTIVE => {
+                    index.push(def);
+                    search.push(def);
+                }
+                STATE_REINDEXING => index.push(def),
+                _ => {}
+            }
+        }
+        let r4 = Registry::r4();
+        TenantParams {
+            index: Arc::new(r4.with(index)),
+            search: Arc::new(r4.with(search)),
+            own,
+        }
+    }
+}
+
+/// `search_parameters.state` values.
+pub(crate) const STATE_REINDEXING: &str = "reindexing";
+/// See [`STATE_REINDEXING`].
+pub(crate) const STATE_ACTIVE: &str = "active";
+/// See [`STATE_REINDEXING`].
+pub(crate) const STATE_REMOVING: &str = "removing";
+
+/// Each tenant's parameters by the generation they were loaded at. Every transaction that needs
+/// them reads the tenant's generation first, so a change made by another process is seen by the
+/// next transaction here; the registries are rebuilt only when it moved.
+#[derive(Debug, Default)]
+pub(crate) struct ParamCache(Mutex<HashMap<String, (i64, Arc<TenantParams>)>>);
+
+impl ParamCache {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, (i64, Arc<TenantParams>)>> {
+        // The map holds complete values only; a panic elsewhere cannot leave one half-written.
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    pub(crate) fn get(&self, tenant: &str, generation: i64) -> Option<Arc<TenantParams>> {
+        self.lock()
+            .get(tenant)
+            .filter(|(g, _)| *g == generation)
+            .map(|(_, p)| p.clone())
+    }
+
+    pub(crate) fn put(&self, tenant: &str, generation: i64, params: Arc<TenantParams>) {
+        self.lock().insert(tenant.to_owned(), (generation, params));
     }
 }
 

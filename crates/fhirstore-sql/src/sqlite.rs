@@ -161,6 +161,7 @@ pub struct Store {
     writer: SqlitePool,
     config: SqlConfig,
     stats: std::sync::Arc<crate::StatsUpkeep>,
+    params: std::sync::Arc<crate::ParamCache>,
 }
 
 /// The SQLite store under its public name.
@@ -212,6 +213,7 @@ impl Store {
             writer,
             config,
             stats: crate::StatsUpkeep::new(),
+            params: std::sync::Arc::default(),
         })
     }
 
@@ -222,4 +224,18 @@ impl Store {
     }
 }
 
+/// The tenant's parameter generation (see `ParamCache`); the one writer connection already
+/// orders it against registrations.
+const SELECT_PARAM_GENERATION: &str =
+    "SELECT (SELECT generation FROM search_parameter_generation WHERE tenant = $1)";
+/// Registrations need no lock beyond the single writer's.
+const LOCK_PARAMS_EXCLUSIVE: Option<&str> = None;
+/// A reindex batch runs on the writer connection, so no write can slip between its read of a
+/// body and its rewrite of that body's rows.
+const LOCK_REINDEX_BATCH: &str = "";
+
+/// SQLite plans `IN (SELECT …)` from the subquery's own index either way.
+const ID_SET_FROM_ARRAY: Option<(&str, &str)> = None;
+
 include!("store_body.rs");
+include!("params_body.rs");

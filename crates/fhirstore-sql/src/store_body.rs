@@ -78,6 +78,8 @@ struct WriteScope<'a> {
     /// `deltas` collects them for one sorted flush at the end.
     inline_digest: bool,
     deltas: DigestDeltas,
+    /// The tenant's search parameters as of this transaction: what its writes index.
+    params: std::sync::Arc<crate::TenantParams>,
 }
 
 /// One version written by `put_version`.
@@ -158,6 +160,8 @@ fn index_table(kind: ParamType) -> Option<&'static str> {
 /// most resources, and materialising that set cost a one-year birthdate window 5× (506 → 101
 /// searches/s); probing per resource stops at the page limit, and beside a selective criterion
 /// the planner drives from that one.
+///
+/// Returns what closes the subquery once the caller has pushed its value predicates.
 fn push_in(
     qb: &mut QueryBuilder<'_, Db>,
     scope: &Scope<'_>,
@@ -165,7 +169,8 @@ fn push_in(
     param: &str,
     negate: bool,
     correlated: bool,
-) {
+) -> &'static str {
+    let mut close = ")";
     let not = if negate { " NOT" } else { "" };
     let r = scope.alias;
     if correlated {
@@ -176,9 +181,20 @@ fn push_in(
     } else {
         match scope.rt {
             Some(rt) => {
-                qb.push(format_args!(
-                    " AND {r}.id{not} IN (SELECT t.id FROM {table} t WHERE t.tenant = "
-                ));
+                match ID_SET_FROM_ARRAY {
+                    Some((any, all)) => {
+                        let op = if negate { all } else { any };
+                        qb.push(format_args!(
+                            " AND {r}.id {op}(ARRAY(SELECT t.id FROM {table} t WHERE t.tenant = "
+                        ));
+                        close = "))";
+                    }
+                    None => {
+                        qb.push(format_args!(
+                            " AND {r}.id{not} IN (SELECT t.id FROM {table} t WHERE t.tenant = "
+                        ));
+                    }
+                }
                 qb.push_bind(scope.tenant.as_str().to_owned());
                 qb.push(" AND t.resource_type = ");
                 qb.push_bind(rt.as_str());
@@ -194,6 +210,7 @@ fn push_in(
     }
     qb.push(" AND t.param = ");
     qb.push_bind(param.to_owned());
+    close
 }
 
 /// Where a criterion applies: the tenant, the type of the resources aliased `alias` (when
@@ -423,7 +440,7 @@ fn push_values(
                 qb.push_bind(u.clone());
             }
         }),
-        CriterionValues::Missing(_) | CriterionValues::Composite(_) => {}
+        CriterionValues::Missing(..) | CriterionValues::Composite(_) => {}
     }
 }
 
@@ -609,16 +626,15 @@ fn push_criterion(
                 }
                 qb.push(")");
             }
-            ("_id" | "_lastUpdated", CriterionValues::Missing(missing)) => {
+            ("_id" | "_lastUpdated", CriterionValues::Missing(missing, _)) => {
                 // Every resource has both.
                 qb.push(if *missing { " AND 1 = 0" } else { "" });
             }
-            (_, CriterionValues::Missing(missing)) => {
-                let table = fhirstore_core::search::param_type(rt, param)
-                    .and_then(index_table)
+            (_, CriterionValues::Missing(missing, kind)) => {
+                let table = index_table(*kind)
                     .ok_or_else(|| Error::Unsupported(format!("{param}:missing")))?;
-                push_in(qb, scope, table, param, *missing, false);
-                qb.push(")");
+                let close = push_in(qb, scope, table, param, *missing, false);
+                qb.push(close);
             }
             (_, CriterionValues::Composite(values)) => {
                 push_composite(qb, scope, param, values, now)?;
@@ -638,14 +654,14 @@ fn push_criterion(
                     ),
                     CriterionValues::Reference(_) => ("search_reference", false),
                     CriterionValues::Uri(_) => ("search_uri", false),
-                    CriterionValues::Missing(_) | CriterionValues::Composite(_) => {
+                    CriterionValues::Missing(..) | CriterionValues::Composite(_) => {
                         return Err(Error::InvalidSearch(format!("{param}: no value")))
                     }
                 };
                 let negate = modifier == Some(Modifier::Not);
-                push_in(qb, scope, table, param, negate, correlated);
+                let close = push_in(qb, scope, table, param, negate, correlated);
                 push_values(qb, "t", modifier, values, now);
-                qb.push(")");
+                qb.push(close);
             }
         }
     }
@@ -805,7 +821,7 @@ async fn put_version(
         let entries = if deleted {
             index::IndexEntries::default()
         } else {
-            index::extract(&content)
+            index::extract_in(&w.params.index, &content)
         };
         let old_e = current.map_or(0, |c| c.e);
         let delta = (old_e ^ e, i64::from(current.is_none()));
@@ -844,6 +860,9 @@ async fn put_version(
 
         if !w.inline_digest {
             w.deltas.apply(rt, seg, delta.0, delta.1);
+        }
+        if rt.as_str() == "SearchParameter" {
+            sync_search_parameter(conn, w, id, (!deleted).then_some(&content)).await?;
         }
         let resource = StoredResource {
             tenant: tenant.clone(),
@@ -984,6 +1003,7 @@ async fn apply_ops(
     ctx: &TenantContext,
     ops: &[WriteOp],
     max_bytes: usize,
+    params: std::sync::Arc<crate::TenantParams>,
 ) -> Result<Vec<OpOutcome>> {
     let tenant = ctx.tenant();
     // One digest row alone cannot take part in a lock cycle: transactions writing several
@@ -1001,6 +1021,7 @@ async fn apply_ops(
         max_bytes,
         inline_digest: ALWAYS_INLINE_DIGEST || single_write,
         deltas: DigestDeltas::default(),
+        params,
     };
     let at = |i: usize| move |e: Error| if ops.len() > 1 { e.in_entry(i) } else { e };
 
@@ -1604,7 +1625,9 @@ impl Store {
         loop {
             let result: Result<Vec<OpOutcome>> = async {
                 let mut tx = self.begin_write().await?;
-                let out = apply_ops(&mut tx, ctx, ops, self.config.max_resource_bytes).await?;
+                let params = tenant_params(&mut tx, &self.params, ctx.tenant()).await?;
+                let out =
+                    apply_ops(&mut tx, ctx, ops, self.config.max_resource_bytes, params).await?;
                 tx.commit().await.map_err(db_err)?;
                 self.note_writes(out.len() as u64);
                 Ok(out)
@@ -1630,6 +1653,7 @@ impl Store {
         ops: &[WriteOp],
     ) -> Result<Vec<Result<OpOutcome>>> {
         let mut tx = self.begin_write().await?;
+        let params = tenant_params(&mut tx, &self.params, ctx.tenant()).await?;
         let mut results = Vec::with_capacity(ops.len());
         for (i, op) in ops.iter().enumerate() {
             let single = std::slice::from_ref(op);
@@ -1639,8 +1663,15 @@ impl Store {
                     Err(e) => Err(e),
                     Ok(()) => {
                         let mut sp = tx.begin().await.map_err(db_err)?;
-                        match apply_ops(&mut sp, ctx, single, self.config.max_resource_bytes).await
-                        {
+                        let applied = apply_ops(
+                            &mut sp,
+                            ctx,
+                            single,
+                            self.config.max_resource_bytes,
+                            params.clone(),
+                        )
+                        .await;
+                        match applied {
                             Ok(mut out) => {
                                 sp.commit().await.map_err(db_err)?;
                                 out.pop()
@@ -2074,5 +2105,35 @@ impl ResourceStorage for Store {
             total,
             next_cursor,
         })
+    }
+
+    async fn search_parameters(
+        &self,
+        ctx: &TenantContext,
+    ) -> Result<std::sync::Arc<fhirstore_core::registry::Registry>> {
+        ctx.require(Permission::Read)?;
+        let mut conn = self.reader.acquire().await.map_err(db_err)?;
+        Ok(tenant_params(&mut conn, &self.params, ctx.tenant())
+            .await?
+            .search
+            .clone())
+    }
+
+    async fn reindex_status(
+        &self,
+        ctx: &TenantContext,
+    ) -> Result<Vec<fhirstore_core::ReindexStatus>> {
+        ctx.require(Permission::Read)?;
+        self.param_statuses(ctx.tenant()).await
+    }
+
+    async fn reindex(
+        &self,
+        ctx: &TenantContext,
+        options: fhirstore_core::ReindexOptions,
+        progress: &(dyn for<'r> Fn(&'r fhirstore_core::ReindexStatus) + Send + Sync),
+    ) -> Result<Vec<fhirstore_core::ReindexStatus>> {
+        ctx.require(Permission::Admin)?;
+        self.run_reindex(ctx.tenant(), options, progress).await
     }
 }

@@ -12,6 +12,9 @@ use fhirstore_core::{
 use serde_json::{json, Value};
 
 use crate::random_tenant;
+pub use crate::reindex::{
+    custom_parameters_across_stores, custom_search_parameters, custom_search_parameters_rejected,
+};
 
 fn rt(name: &str) -> ResourceType {
     ResourceType::new(name).expect("known resource type")

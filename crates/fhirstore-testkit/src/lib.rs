@@ -8,6 +8,7 @@
 
 pub mod checks;
 pub mod fixtures;
+mod reindex;
 mod services;
 
 pub use services::{require_services, service_unavailable};
@@ -48,6 +49,8 @@ macro_rules! conformance_tests {
             search_sorting,
             search_modifiers_and_meta,
             search_composites,
+            custom_search_parameters,
+            custom_search_parameters_rejected,
             synthea_transactions,
             r4_examples_round_trip,
             conditional_create,

@@ -1,0 +1,163 @@
+//! The contract of a secondary store: a projection of the primary that is fed changes, answers
+//! the reads and searches it declares, and exposes digests for the reconciler.
+//!
+//! Two rules make delivery safe to repeat and to reorder:
+//! - **Versions only move forward.** `apply` of a change whose version is not newer than what
+//!   the secondary holds for that key is a no-op, so duplicates and late arrivals converge on
+//!   the state of the newest version per key.
+//! - **A delete leaves a tombstone** (key, version, element hash), so an older change arriving
+//!   after it cannot bring the resource back, and the digest counts it exactly as the primary
+//!   does.
+
+use async_trait::async_trait;
+use serde_json::Value;
+use time::OffsetDateTime;
+
+use crate::digest::TOMBSTONE_CONTENT_HASH;
+use crate::digest::{canonical_json, content_hash, element_hash, segment, Digest};
+use crate::error::Result;
+use crate::model::{LogicalId, ResourceKey, ResourceType, StoredResource, VersionId};
+use crate::search::SearchQuery;
+use crate::storage::{Capabilities, SearchPage};
+use crate::tenant::{TenantContext, TenantId};
+
+/// One change to project: a resource version, or a tombstone.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Change {
+    /// The tenant it belongs to.
+    pub tenant: TenantId,
+    /// Type and id.
+    pub key: ResourceKey,
+    /// The version this change brings.
+    pub version: VersionId,
+    /// When the primary wrote it.
+    pub last_updated: OffsetDateTime,
+    /// The body as the primary stores it; `None` for a tombstone.
+    pub content: Option<Value>,
+}
+
+impl Change {
+    /// The change a stored version (or tombstone) makes.
+    pub fn of(resource: &StoredResource) -> Change {
+        Change {
+            tenant: resource.tenant.clone(),
+            key: resource.key.clone(),
+            version: resource.version,
+            last_updated: resource.last_updated,
+            content: (!resource.deleted).then(|| resource.content.clone()),
+        }
+    }
+
+    /// The element hash `E` of this version: the same function over the same canonical bytes
+    /// as the primary's, so equal states have equal digests.
+    pub fn element_hash(&self) -> u128 {
+        let hash = self
+            .content
+            .as_ref()
+            .map_or(TOMBSTONE_CONTENT_HASH, |c| content_hash(&canonical_json(c)));
+        element_hash(
+            &self.tenant,
+            self.key.resource_type,
+            self.key.id.as_str(),
+            self.version,
+            &hash,
+        )
+    }
+
+    /// The digest segment of this key.
+    pub fn segment(&self) -> u16 {
+        segment(&self.tenant, self.key.resource_type, self.key.id.as_str())
+    }
+}
+
+/// What an `apply` did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Applied {
+    /// Changes that moved a key forward.
+    pub applied: u64,
+    /// Changes that were not newer than what the secondary held.
+    pub skipped: u64,
+}
+
+/// One segment's digest.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SegmentDigest {
+    /// Segment number, 0..65535.
+    pub segment: u16,
+    /// XOR and count of the segment's element hashes.
+    pub digest: Digest,
+}
+
+/// A key as the reconciler compares it: id, version and element hash.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct KeyState {
+    /// The resource id.
+    pub id: LogicalId,
+    /// The version held.
+    pub version: VersionId,
+    /// Its element hash.
+    pub e: u128,
+}
+
+/// A secondary's health, as its probe sees it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Health {
+    /// Reachable, and holding what it was given.
+    Healthy,
+    /// Reachable but empty or damaged (a restart that lost its data, a missing index): it
+    /// must be rebuilt before it answers anything.
+    NeedsRebuild(String),
+    /// Not reachable.
+    Unavailable(String),
+}
+
+/// A projection of the primary; see the module documentation for the rules it keeps.
+#[async_trait]
+pub trait Secondary: Send + Sync {
+    /// A short name for logs, status and results (`redis`, `tantivy`).
+    fn name(&self) -> &str;
+
+    /// The reads and searches it answers.
+    fn capabilities(&self) -> Capabilities;
+
+    /// Applies changes, version-guarded and idempotent, in as few round trips as the backend
+    /// allows. Changes may belong to several tenants.
+    async fn apply(&self, changes: &[Change]) -> Result<Applied>;
+
+    /// The current version of a resource, tombstones included (`deleted` set); `None` when
+    /// the key was never applied.
+    async fn read(
+        &self,
+        ctx: &TenantContext,
+        resource_type: ResourceType,
+        id: &LogicalId,
+    ) -> Result<Option<StoredResource>>;
+
+    /// Runs a search whose every criterion [`Capabilities::can_search`] accepts; anything else
+    /// is [`crate::Error::Unsupported`].
+    async fn search(&self, ctx: &TenantContext, query: &SearchQuery) -> Result<SearchPage>;
+
+    /// The (tenant, type) root digest.
+    async fn digest(&self, tenant: &TenantId, resource_type: ResourceType) -> Result<Digest>;
+
+    /// Every non-empty segment's digest, in segment order.
+    async fn segment_digests(
+        &self,
+        tenant: &TenantId,
+        resource_type: ResourceType,
+    ) -> Result<Vec<SegmentDigest>>;
+
+    /// The keys in the given segments, tombstones included, in id order.
+    async fn segment_keys(
+        &self,
+        tenant: &TenantId,
+        resource_type: ResourceType,
+        segments: &[u16],
+    ) -> Result<Vec<KeyState>>;
+
+    /// Removes everything of one tenant, for a rebuild.
+    async fn clear(&self, tenant: &TenantId) -> Result<()>;
+
+    /// Probes the backend.
+    async fn health(&self) -> Health;
+}
