@@ -191,6 +191,27 @@ pub async fn custom_search_parameters(store: &dyn ResourceStorage) {
         .expect("search");
     assert_eq!(none.len(), 30 - red.len() - blue.len(), "{none:?}");
     assert!(none.contains("cp27") && none.contains("cp02") && !none.contains("cp00"));
+    // It sorts: by code, ascending (blue before red), ties by id; patients without a colour
+    // last.
+    let reg = store.search_parameters(&a).await.expect("params");
+    let mut q = SearchQuery::parse_in(
+        &reg,
+        Some(patient()),
+        "_sort=favourite-colour",
+        Handling::Strict,
+    )
+    .expect("sort parses");
+    q.count = Some(1000);
+    let sorted: Vec<String> = store
+        .search(&a, &q)
+        .await
+        .expect("sorted search")
+        .matches
+        .iter()
+        .map(|r| r.key.id.as_str().to_owned())
+        .collect();
+    let expected: Vec<String> = blue.iter().chain(&red).chain(&none).cloned().collect();
+    assert_eq!(sorted, expected);
     // It combines with the official parameters.
     assert_eq!(
         ids(store, &a, "favourite-colour=red&_id=cp06,cp07")
