@@ -1,8 +1,9 @@
 //! The FHIR search model: a typed query parsed from a FHIR query string.
 //!
-//! Parsing knows each parameter's type from [`param_type`], which reads the official R4
-//! registry ([`crate::registry`]); every string, token, date, number, quantity, reference, uri
-//! and composite parameter with an expression can be searched.
+//! Parsing knows each parameter's type from a registry ([`crate::registry`]): the official R4
+//! one ([`SearchQuery::parse`], [`param_type`]) or a tenant's, which adds its own parameters
+//! ([`SearchQuery::parse_in`], [`param_type_in`]). Every string, token, date, number,
+//! quantity, reference, uri and composite parameter with an expression can be searched.
 
 pub use crate::date::Prefix;
 use crate::date::{parse_fhir_date, DateValue};
