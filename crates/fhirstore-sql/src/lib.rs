@@ -476,6 +476,23 @@ macro_rules! bind_version_row {
 }
 pub(crate) use bind_version_row;
 
+/// Runs a write transaction on its own task, so it always ends in a commit or a rollback on its
+/// connection, whatever happens to the caller. sqlx only queues the rollback of a dropped
+/// transaction; a caller that goes away mid-write (a client disconnecting) would otherwise hand
+/// SQLite's one writer connection to the next `BEGIN` still inside the old transaction.
+pub(crate) async fn detached<T, F>(work: F) -> fhirstore_core::Result<T>
+where
+    T: Send + 'static,
+    F: std::future::Future<Output = fhirstore_core::Result<T>> + Send + 'static,
+{
+    use tracing::Instrument as _;
+    match tokio::spawn(work.in_current_span()).await {
+        Ok(result) => result,
+        Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+        Err(e) => Err(Error::backend("the write task was cancelled", true, e)),
+    }
+}
+
 /// Classifies a database error at the backend edge: temporary when a retry may help.
 pub(crate) fn classify(err: sqlx::Error, dialect: Dialect) -> Error {
     let temporary = match &err {

@@ -264,7 +264,9 @@ impl Store {
     ) -> Result<Option<(ReindexStatus, bool)>> {
         let mut attempt = 0u32;
         loop {
-            match self.reindex_batch(tenant, url, batch).await {
+            let (store, t, u) = (self.clone(), tenant.clone(), url.to_owned());
+            let step = crate::detached(async move { store.reindex_batch(&t, &u, batch).await });
+            match step.await {
                 Err(e) if e.is_temporary() && attempt < self.config.max_retries => {
                     attempt += 1;
                     tracing::debug!(attempt, error = %e, "retrying a reindex batch");

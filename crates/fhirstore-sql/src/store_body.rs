@@ -1620,7 +1620,16 @@ impl Store {
 
     /// Runs `ops` in one transaction, retrying the whole transaction on temporary failures
     /// (deadlocks, serialization failures, a busy database).
-    async fn run_atomic(&self, ctx: &TenantContext, ops: &[WriteOp]) -> Result<Vec<OpOutcome>> {
+    async fn run_atomic(&self, ctx: &TenantContext, ops: Vec<WriteOp>) -> Result<Vec<OpOutcome>> {
+        let (store, ctx) = (self.clone(), ctx.clone());
+        crate::detached(async move { store.run_atomic_here(&ctx, &ops).await }).await
+    }
+
+    async fn run_atomic_here(
+        &self,
+        ctx: &TenantContext,
+        ops: &[WriteOp],
+    ) -> Result<Vec<OpOutcome>> {
         let mut attempt = 0u32;
         loop {
             let result: Result<Vec<OpOutcome>> = async {
@@ -1648,6 +1657,15 @@ impl Store {
     /// Runs each op in its own savepoint within one transaction, so a batch shares one commit
     /// while its entries succeed or fail alone.
     async fn run_batch(
+        &self,
+        ctx: &TenantContext,
+        ops: Vec<WriteOp>,
+    ) -> Result<Vec<Result<OpOutcome>>> {
+        let (store, ctx) = (self.clone(), ctx.clone());
+        crate::detached(async move { store.run_batch_here(&ctx, &ops).await }).await
+    }
+
+    async fn run_batch_here(
         &self,
         ctx: &TenantContext,
         ops: &[WriteOp],
@@ -1853,7 +1871,7 @@ impl ResourceStorage for Store {
         fields(backend = BACKEND_NAME, tenant = %Self::span_tenant(ctx), entries = ops.len()))]
     async fn transaction(&self, ctx: &TenantContext, ops: Vec<WriteOp>) -> Result<Vec<OpOutcome>> {
         precheck(ctx, &ops, true, self.config.validation)?;
-        self.run_atomic(ctx, &ops).await
+        self.run_atomic(ctx, ops).await
     }
 
     #[instrument(name = "storage.sql.batch", skip_all,
@@ -1863,7 +1881,7 @@ impl ResourceStorage for Store {
         ctx: &TenantContext,
         ops: Vec<WriteOp>,
     ) -> Result<Vec<Result<OpOutcome>>> {
-        self.run_batch(ctx, &ops).await
+        self.run_batch(ctx, ops).await
     }
 
     #[instrument(name = "storage.sql.read", skip_all,

@@ -65,6 +65,7 @@ macro_rules! conformance_tests {
             tenant_isolation_transactions,
             concurrent_updates_have_no_gaps,
             concurrent_if_match_has_one_winner,
+            cancelled_writes_leave_store_usable,
         );
     };
     (@each $factory:expr; $($check:ident),* $(,)?) => {
