@@ -141,6 +141,23 @@ pub enum Modifier {
     Identifier,
 }
 
+impl Modifier {
+    /// The modifier's FHIR code, as written after the colon; `type` for `:[type]`.
+    pub fn code(self) -> &'static str {
+        match self {
+            Modifier::Exact => "exact",
+            Modifier::Contains => "contains",
+            Modifier::Not => "not",
+            Modifier::Below => "below",
+            Modifier::Above => "above",
+            Modifier::Type(_) => "type",
+            Modifier::Text => "text",
+            Modifier::OfType => "of-type",
+            Modifier::Identifier => "identifier",
+        }
+    }
+}
+
 /// One step from the searched type to the type a chained criterion applies to.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ChainLink {

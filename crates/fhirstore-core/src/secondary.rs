@@ -158,6 +158,12 @@ pub trait Secondary: Send + Sync {
     /// Removes everything of one tenant, for a rebuild.
     async fn clear(&self, tenant: &TenantId) -> Result<()>;
 
+    /// Records that a rebuild is complete: the secondary holds the primary's snapshot and every
+    /// change since. Until then, a secondary that lost its data (or never had any) reports
+    /// [`Health::NeedsRebuild`] and refuses reads and searches, so it never answers from a
+    /// partial copy.
+    async fn mark_built(&self) -> Result<()>;
+
     /// Probes the backend.
     async fn health(&self) -> Health;
 }

@@ -31,16 +31,56 @@ pub struct Capabilities {
     pub search_params: Vec<&'static str>,
     /// Parameter types answered for every registered parameter of that type.
     pub search_types: Vec<crate::search::ParamType>,
+    /// Modifiers answered, by their FHIR code (`exact`, `not`, `missing`, …, and `type` for
+    /// `:[type]`); a criterion without a modifier needs none.
+    pub modifiers: Vec<&'static str>,
+    /// Chained parameters and `_has`.
+    pub chaining: bool,
+    /// `_include` and `_revinclude`.
+    pub includes: bool,
+    /// Searches across every type (no resource type).
+    pub system_search: bool,
+    /// `_sort` by any parameter of the answered types.
+    pub sort_any: bool,
+    /// Parameters `_sort` may name beyond that (`_score` where there is relevance).
+    pub sort_params: Vec<&'static str>,
 }
 
 impl Capabilities {
-    /// Whether this backend answers every criterion of `query`.
+    /// Whether this backend answers all of `query` with R4's parameters.
     pub fn can_search(&self, query: &SearchQuery) -> bool {
-        query.criteria.iter().all(|c| {
-            self.search_params.contains(&c.param.as_str())
-                || crate::search::param_type(query.resource_type, &c.param)
+        self.can_search_in(Registry::r4(), query)
+    }
+
+    /// Whether this backend answers all of `query`, with the parameters of `reg` (R4 plus a
+    /// tenant's own): every criterion, modifier, sort key, include and chain.
+    pub fn can_search_in(&self, reg: &Registry, query: &SearchQuery) -> bool {
+        use crate::search::CriterionValues;
+        if query.resource_type.is_none() && !self.system_search {
+            return false;
+        }
+        let includes = !(query.includes.is_empty() && query.revincludes.is_empty());
+        if includes && !self.includes {
+            return false;
+        }
+        let known = |name: &str| {
+            self.search_params.contains(&name)
+                || crate::search::param_type_in(reg, query.resource_type, name)
                     .is_some_and(|t| self.search_types.contains(&t))
-        })
+        };
+        let criteria = query.criteria.iter().all(|c| {
+            let modifier = match (&c.values, c.modifier) {
+                (CriterionValues::Missing(..), _) => Some("missing"),
+                (_, m) => m.map(|m| m.code()),
+            };
+            known(&c.param)
+                && (c.chain.is_empty() || self.chaining)
+                && modifier.is_none_or(|m| self.modifiers.contains(&m))
+        });
+        let sorts = query.sort.iter().all(|k| {
+            self.sort_params.contains(&k.param.as_str()) || (self.sort_any && known(&k.param))
+        });
+        criteria && sorts
     }
 }
 

@@ -1864,6 +1864,23 @@ impl ResourceStorage for Store {
         caps.transaction = true;
         caps.search_params = NATIVE_PARAMS.to_vec();
         caps.search_types = SEARCH_TYPES.to_vec();
+        caps.modifiers = vec![
+            "exact",
+            "contains",
+            "not",
+            "missing",
+            "below",
+            "above",
+            "type",
+            "text",
+            "of-type",
+            "identifier",
+        ];
+        caps.chaining = true;
+        caps.includes = true;
+        caps.system_search = true;
+        caps.sort_any = true;
+        caps.sort_params = NATIVE_PARAMS.to_vec();
         caps
     }
 

@@ -9,6 +9,7 @@
 pub mod checks;
 pub mod fixtures;
 mod reindex;
+pub mod secondary;
 mod services;
 
 pub use services::{require_services, service_unavailable};

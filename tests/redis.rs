@@ -1,0 +1,167 @@
+//! The secondary checks against the Redis secondary on the test Redis server, each test under
+//! its own key prefix; plus what only Redis has: every key carries its tenant's hash tag, and a
+//! server that loses everything is noticed and refused until rebuilt.
+
+use fhirstore_core::secondary::{Change, Health, Secondary};
+use fhirstore_core::{from_micros, LogicalId, ResourceKey, ResourceType, VersionId};
+use fhirstore_redis::{RedisConfig, RedisSecondary};
+use serde_json::json;
+
+fn redis_url() -> String {
+    std::env::var("FHIRSTORE_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
+}
+
+/// A Redis secondary under a fresh prefix, so tests share the server without seeing each other.
+async fn redis_secondary() -> Option<RedisSecondary> {
+    let mut config = RedisConfig::new(redis_url());
+    config.prefix = format!(
+        "fhirstore-test-{}",
+        fhirstore_testkit::random_tenant().tenant()
+    );
+    match RedisSecondary::connect(&config).await {
+        Ok(s) => match s.health().await {
+            Health::Unavailable(e) => fhirstore_testkit::service_unavailable("Redis", e),
+            _ => Some(s),
+        },
+        Err(e) => fhirstore_testkit::service_unavailable("Redis", e),
+    }
+}
+
+async fn sqlite_store() -> Option<fhirstore_sql::SqliteStore> {
+    fhirstore_integration::sqlite_store(env!("CARGO_TARGET_TMPDIR")).await
+}
+
+fhirstore_testkit::secondary_tests!(redis_secondary(), sqlite_store());
+
+async fn raw() -> redis::aio::MultiplexedConnection {
+    redis::Client::open(redis_url())
+        .expect("url")
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect")
+}
+
+async fn keys(conn: &mut redis::aio::MultiplexedConnection, pattern: &str) -> Vec<String> {
+    redis::cmd("KEYS")
+        .arg(pattern)
+        .query_async(conn)
+        .await
+        .expect("KEYS")
+}
+
+fn patient(tenant: &fhirstore_core::TenantId, id: &str, v: u64) -> Change {
+    Change {
+        tenant: tenant.clone(),
+        key: ResourceKey {
+            resource_type: ResourceType::new("Patient").expect("type"),
+            id: LogicalId::new(id).expect("id"),
+        },
+        version: VersionId::new(v).expect("version"),
+        last_updated: from_micros(1_700_000_000_000_000 + v as i64),
+        content: Some(json!({
+            "resourceType": "Patient", "id": id,
+            "identifier": [{"system": "urn:mrn", "value": format!("{id}-{v}")}],
+            "name": [{"family": "Ünal"}],
+            "managingOrganization": {"reference": "Organization/o1"},
+        })),
+    }
+}
+
+/// Every key but the global `built` marker starts with `prefix:{tenant}:`, the tenant in a
+/// Cluster hash tag, so one tenant's data is one slot and one SCAN pattern.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_key_is_tenant_tagged() {
+    let Some(s) = redis_secondary().await else {
+        return;
+    };
+    let (a, b) = (
+        fhirstore_testkit::random_tenant(),
+        fhirstore_testkit::random_tenant(),
+    );
+    let changes: Vec<Change> = (1..=3)
+        .flat_map(|v| [patient(a.tenant(), "x", v), patient(b.tenant(), "x", v)])
+        .collect();
+    s.apply(&changes).await.expect("apply");
+    s.mark_built().await.expect("built");
+    let prefix = s.prefix().to_owned();
+    let mut conn = raw().await;
+    let all = keys(&mut conn, &format!("{prefix}:*")).await;
+    assert!(all.len() > 10, "indexes were written: {all:?}");
+    for k in &all {
+        let ok = *k == format!("{prefix}:built")
+            || k.starts_with(&format!("{prefix}:{{{}}}:", a.tenant()))
+            || k.starts_with(&format!("{prefix}:{{{}}}:", b.tenant()));
+        assert!(ok, "key without its tenant's tag: {k}");
+    }
+    // Token, reference, string and lastUpdated entries exist, and the old version's token is gone.
+    let a_keys = keys(&mut conn, &format!("{prefix}:{{{}}}:*", a.tenant())).await;
+    assert!(a_keys.iter().any(|k| k.ends_with("identifier:c:x-3")));
+    assert!(!a_keys.iter().any(|k| k.ends_with("identifier:c:x-2")));
+    assert!(a_keys
+        .iter()
+        .any(|k| k.contains(":r:Patient:organization:ti:Organization/o1")));
+    assert!(a_keys.iter().any(|k| k.ends_with(":s:Patient:family")));
+    assert!(a_keys.iter().any(|k| k.ends_with(":lu:Patient")));
+    for t in [a.tenant(), b.tenant()] {
+        s.clear(t).await.expect("clear");
+    }
+    let _: () = redis::cmd("DEL")
+        .arg(format!("{prefix}:built"))
+        .query_async(&mut conn)
+        .await
+        .expect("DEL");
+}
+
+/// A Redis that loses everything (here: its keys and its script cache are flushed, as a
+/// restart without persistence does) is reported as needing a rebuild and refuses reads, so
+/// it can never serve a version older than one it served before; changes still apply; once
+/// rebuilt it answers again with the newest versions.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn losing_everything_is_noticed() {
+    let Some(s) = redis_secondary().await else {
+        return;
+    };
+    let ctx = fhirstore_testkit::random_tenant();
+    let pt = ResourceType::new("Patient").expect("type");
+    let id = LogicalId::new("y").expect("id");
+    s.apply(&[patient(ctx.tenant(), "y", 1), patient(ctx.tenant(), "y", 2)])
+        .await
+        .expect("apply");
+    s.mark_built().await.expect("built");
+    let served = s.read(&ctx, pt, &id).await.expect("read").expect("held");
+    assert_eq!(served.version.get(), 2);
+
+    // Lose the data of this prefix only (other tests share the server), and every script.
+    let mut conn = raw().await;
+    let prefix = s.prefix().to_owned();
+    let mine = keys(&mut conn, &format!("{prefix}:*")).await;
+    let _: () = redis::cmd("DEL")
+        .arg(&mine)
+        .query_async(&mut conn)
+        .await
+        .expect("DEL");
+    let _: () = redis::cmd("SCRIPT")
+        .arg("FLUSH")
+        .query_async(&mut conn)
+        .await
+        .expect("SCRIPT FLUSH");
+
+    assert!(matches!(s.health().await, Health::NeedsRebuild(_)));
+    let err = s.read(&ctx, pt, &id).await.expect_err("refused");
+    assert!(err.to_string().contains("rebuild"), "{err}");
+    // A late, older change lands in the empty store, but is never served: still unbuilt.
+    s.apply(&[patient(ctx.tenant(), "y", 1)])
+        .await
+        .expect("apply after loss");
+    assert!(s.read(&ctx, pt, &id).await.is_err());
+
+    // The rebuild: clear, reload from the primary's current state, mark built.
+    s.clear(ctx.tenant()).await.expect("clear");
+    s.apply(&[patient(ctx.tenant(), "y", 3)])
+        .await
+        .expect("rebuild");
+    s.mark_built().await.expect("built");
+    let after = s.read(&ctx, pt, &id).await.expect("read").expect("held");
+    assert_eq!(after.version.get(), 3);
+    s.clear(ctx.tenant()).await.expect("clear");
+}
