@@ -148,7 +148,7 @@ async fn losing_everything_is_noticed() {
 
     assert!(matches!(s.health().await, Health::NeedsRebuild(_)));
     let err = s.read(&ctx, pt, &id).await.expect_err("refused");
-    assert!(err.to_string().contains("rebuild"), "{err}");
+    assert!(err.to_string().contains("rebuilt"), "{err}");
     // A late, older change lands in the empty store, but is never served: still unbuilt.
     s.apply(&[patient(ctx.tenant(), "y", 1)])
         .await

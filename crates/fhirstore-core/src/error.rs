@@ -89,6 +89,23 @@ impl Error {
             other => other,
         }
     }
+    /// A backend failure with no underlying error value: `message` says what went wrong.
+    pub fn backend_msg(message: impl fmt::Display, temporary: bool) -> Self {
+        Error::Backend {
+            message: message.to_string(),
+            temporary,
+            source: None,
+        }
+    }
+
+    /// A secondary that cannot answer until it is rebuilt from the primary: new, or its data
+    /// lost or damaged. Temporary, since it answers again once rebuilt.
+    pub fn needs_rebuild(backend: &str, why: impl fmt::Display) -> Self {
+        Self::backend_msg(
+            format!("{backend} cannot answer until it is rebuilt from the primary: {why}"),
+            true,
+        )
+    }
 
     /// A backend failure with its cause.
     pub fn backend(

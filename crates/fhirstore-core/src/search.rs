@@ -413,6 +413,9 @@ impl SearchQuery {
                     let kind = match param {
                         "_id" => ParamType::Token,
                         "_lastUpdated" => ParamType::Date,
+                        // Relevance, from a full-text criterion; only a full-text backend
+                        // answers it.
+                        "_score" => ParamType::Special,
                         _ => param_type_in(reg, self.resource_type, param)
                             .filter(|k| !matches!(k, ParamType::Composite | ParamType::Special))
                             .ok_or_else(|| {
@@ -631,6 +634,24 @@ fn parse_criterion(
     value: &str,
     handling: Handling,
 ) -> Result<Option<Criterion>> {
+    if matches!(base, "_text" | "_content") {
+        // FHIR's full-text parameters: each comma-separated value is a text query.
+        if let Some(m) = modifier {
+            return Err(Error::Unsupported(format!(
+                "modifier :{m} on {base} is not supported"
+            )));
+        }
+        let texts: Vec<String> = value
+            .split(',')
+            .map(str::trim)
+            .filter(|t| !t.is_empty())
+            .map(str::to_owned)
+            .collect();
+        if texts.is_empty() {
+            return Err(Error::InvalidSearch(format!("{base}: empty text")));
+        }
+        return Ok(Some(Criterion::new(base, CriterionValues::String(texts))));
+    }
     let Some(kind) = param_type_in(reg, resource_type, base) else {
         return Ok(None);
     };

@@ -16,8 +16,9 @@ use time::OffsetDateTime;
 use crate::digest::TOMBSTONE_CONTENT_HASH;
 use crate::digest::{canonical_json, content_hash, element_hash, segment, Digest};
 use crate::error::Result;
+use crate::index::ReferenceEntry;
 use crate::model::{LogicalId, ResourceKey, ResourceType, StoredResource, VersionId};
-use crate::search::SearchQuery;
+use crate::search::{ReferenceValue, SearchQuery, TokenValue};
 use crate::storage::{Capabilities, SearchPage};
 use crate::tenant::{TenantContext, TenantId};
 
@@ -67,6 +68,64 @@ impl Change {
     /// The digest segment of this key.
     pub fn segment(&self) -> u16 {
         segment(&self.tenant, self.key.resource_type, self.key.id.as_str())
+    }
+}
+
+/// The exact-match lookup terms of one token, one per form a search can name it by: `code`
+/// (`c:`), `system|code` and `|code` (`sc:`, the system's length first so no two pairs share a
+/// term) and `system|` (`s:`). Secondaries index these and look up [`token_term`].
+pub fn token_terms(system: &str, code: &str) -> Vec<String> {
+    let mut out = Vec::with_capacity(3);
+    if !code.is_empty() {
+        out.push(format!("c:{code}"));
+    }
+    out.push(format!("sc:{}:{system}{code}", system.len()));
+    out.push(format!("s:{system}"));
+    out
+}
+
+/// The lookup term a searched token finds (see [`token_terms`]); `None` for a value that names
+/// neither system nor code.
+pub fn token_term(v: &TokenValue) -> Option<String> {
+    match (&v.system, &v.code) {
+        (None, Some(code)) => Some(format!("c:{code}")),
+        (Some(system), Some(code)) => Some(format!("sc:{}:{system}{code}", system.len())),
+        (Some(system), None) => Some(format!("s:{system}")),
+        (None, None) => None,
+    }
+}
+
+/// The exact-match lookup terms of one reference: by target id (`i:`), type and id (`ti:`),
+/// the URL as written (`u:`) and URL with version (`uv:`).
+pub fn reference_terms(r: &ReferenceEntry) -> Vec<String> {
+    let mut out = Vec::with_capacity(4);
+    if !r.target_id.is_empty() {
+        out.push(format!("i:{}", r.target_id));
+        out.push(format!("ti:{}/{}", r.target_type, r.target_id));
+    }
+    out.push(format!("u:{}", r.url));
+    if !r.version.is_empty() {
+        out.push(format!("uv:{}:{}{}", r.url.len(), r.url, r.version));
+    }
+    out
+}
+
+/// The lookup term a searched reference finds (see [`reference_terms`]).
+pub fn reference_term(v: &ReferenceValue) -> String {
+    match v {
+        ReferenceValue::Local {
+            resource_type: None,
+            id,
+        } => format!("i:{id}"),
+        ReferenceValue::Local {
+            resource_type: Some(t),
+            id,
+        } => format!("ti:{t}/{id}"),
+        ReferenceValue::Url { url, version: None } => format!("u:{url}"),
+        ReferenceValue::Url {
+            url,
+            version: Some(v),
+        } => format!("uv:{}:{url}{v}", url.len()),
     }
 }
 
@@ -166,4 +225,11 @@ pub trait Secondary: Send + Sync {
 
     /// Probes the backend.
     async fn health(&self) -> Health;
+
+    /// Makes everything applied so far searchable and durable. A backend that batches its
+    /// commits holds applied changes in memory until then, so a caller that records its
+    /// progress durably (a sync cursor) flushes first.
+    async fn flush(&self) -> Result<()> {
+        Ok(())
+    }
 }

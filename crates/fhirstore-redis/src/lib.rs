@@ -37,10 +37,11 @@ use async_trait::async_trait;
 use fhirstore_core::date::InstantPredicate;
 use fhirstore_core::digest::{Digest, SEGMENTS};
 use fhirstore_core::index::{self, IndexEntries};
-use fhirstore_core::search::{
-    CriterionValues, ParamType, ReferenceValue, Summary, TokenValue, TotalMode,
+use fhirstore_core::search::{CriterionValues, ParamType, Summary, TokenValue, TotalMode};
+use fhirstore_core::secondary::{
+    reference_term, reference_terms, token_term, token_terms, Applied, Change, Health, KeyState,
+    Secondary, SegmentDigest,
 };
-use fhirstore_core::secondary::{Applied, Change, Health, KeyState, Secondary, SegmentDigest};
 use fhirstore_core::{
     from_micros, now_micros, to_micros, Capabilities, Error, LogicalId, Permission, ResourceKey,
     ResourceType, Result, SearchPage, SearchQuery, StoredResource, TenantContext, TenantId,
@@ -104,21 +105,14 @@ fn redis_err(e: redis::RedisError) -> Error {
 }
 
 fn bad_data(what: impl std::fmt::Display) -> Error {
-    Error::Backend {
-        message: format!("redis holds malformed data: {what}"),
-        temporary: false,
-        source: None,
-    }
+    Error::backend_msg(format!("redis holds malformed data: {what}"), false)
 }
 
 fn needs_rebuild() -> Error {
-    Error::Backend {
-        message: "redis holds no complete copy (new, or restarted empty); rebuild it from the \
-                  primary"
-            .to_owned(),
-        temporary: true,
-        source: None,
-    }
+    Error::needs_rebuild(
+        BACKEND_NAME,
+        "it holds no complete copy (new, or restarted empty)",
+    )
 }
 
 fn parse_version(text: &str, rt: ResourceType, id: &str) -> Result<VersionId> {
@@ -167,22 +161,15 @@ fn index_ops(rt: ResourceType, id: &str, content: &Value, last_updated: i64) -> 
     let e: IndexEntries = index::extract(content);
     for t in &e.tokens {
         let p = format!("t:{rt}:{}:", t.param);
-        if !t.code.is_empty() {
-            set_keys.insert(format!("{p}c:{}", t.code));
-        }
-        set_keys.insert(format!("{p}sc:{}:{}{}", t.system.len(), t.system, t.code));
-        set_keys.insert(format!("{p}s:{}", t.system));
+        set_keys.extend(
+            token_terms(&t.system, &t.code)
+                .iter()
+                .map(|k| format!("{p}{k}")),
+        );
     }
     for r in &e.references {
         let p = format!("r:{rt}:{}:", r.param);
-        if !r.target_id.is_empty() {
-            set_keys.insert(format!("{p}i:{}", r.target_id));
-            set_keys.insert(format!("{p}ti:{}/{}", r.target_type, r.target_id));
-        }
-        set_keys.insert(format!("{p}u:{}", r.url));
-        if !r.version.is_empty() {
-            set_keys.insert(format!("{p}uv:{}:{}{}", r.url.len(), r.url, r.version));
-        }
+        set_keys.extend(reference_terms(r).iter().map(|k| format!("{p}{k}")));
     }
     for u in &e.uris {
         set_keys.insert(format!("u:{rt}:{}:{}", u.param, u.uri));
@@ -242,25 +229,7 @@ fn alternatives(
             .ok_or_else(unsupported)?,
         (_, CriterionValues::Reference(refs)) => refs
             .iter()
-            .map(|r| {
-                let p = format!("r:{rt}:{param}:");
-                let key = match r {
-                    ReferenceValue::Local {
-                        resource_type: None,
-                        id,
-                    } => format!("{p}i:{id}"),
-                    ReferenceValue::Local {
-                        resource_type: Some(t),
-                        id,
-                    } => format!("{p}ti:{t}/{id}"),
-                    ReferenceValue::Url { url, version: None } => format!("{p}u:{url}"),
-                    ReferenceValue::Url {
-                        url,
-                        version: Some(v),
-                    } => format!("{p}uv:{}:{url}{v}", url.len()),
-                };
-                json!({ "s": key })
-            })
+            .map(|r| json!({ "s": format!("r:{rt}:{param}:{}", reference_term(r)) }))
             .collect(),
         (_, CriterionValues::Uri(uris)) => uris
             .iter()
@@ -283,13 +252,7 @@ fn alternatives(
 }
 
 fn token_key(rt: ResourceType, param: &str, t: &TokenValue) -> Option<String> {
-    let p = format!("t:{rt}:{param}:");
-    match (&t.system, &t.code) {
-        (None, Some(code)) => Some(format!("{p}c:{code}")),
-        (Some(system), Some(code)) => Some(format!("{p}sc:{}:{system}{code}", system.len())),
-        (Some(system), None) => Some(format!("{p}s:{system}")),
-        (None, None) => None,
-    }
+    token_term(t).map(|term| format!("t:{rt}:{param}:{term}"))
 }
 
 /// This backend's cursor: the last id of the page, marked so another backend's cursor is not

@@ -593,6 +593,12 @@ fn push_criterion(
         qb.push(")");
         return Ok(());
     }
+    if matches!(c.param.as_str(), "_text" | "_content") {
+        return Err(Error::Unsupported(format!(
+            "{}: full-text search is answered by the full-text secondary, not the SQL primary",
+            c.param
+        )));
+    }
     {
         let modifier = c.modifier;
         // :text, :of-type and :identifier rows live under derived parameter names.
@@ -2029,6 +2035,12 @@ impl ResourceStorage for Store {
                 total: Some(self.count_matches(tenant, query, now).await?),
                 next_cursor: None,
             });
+        }
+        if query.sort.iter().any(|k| k.param == "_score") {
+            return Err(Error::Unsupported(
+                "_sort=_score needs a full-text criterion, which the SQL primary does not answer"
+                    .to_owned(),
+            ));
         }
         let keys: Vec<SortColumn> = query.sort.iter().map(SortColumn::of).collect();
         // Three layers. Innermost: matching keys with their sort keys. Middle: the keyset

@@ -523,6 +523,7 @@ pub async fn secondary_search_agrees(primary: &dyn ResourceStorage, secondary: &
     for batch in changes.chunks(250) {
         secondary.apply(batch).await.expect("apply");
     }
+    secondary.flush().await.expect("flush");
     secondary.mark_built().await.expect("mark built");
 
     let caps = secondary.capabilities();
