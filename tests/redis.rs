@@ -31,7 +31,12 @@ async fn sqlite_store() -> Option<fhirstore_sql::SqliteStore> {
     fhirstore_integration::sqlite_store(env!("CARGO_TARGET_TMPDIR")).await
 }
 
-fhirstore_testkit::secondary_tests!(redis_secondary(), sqlite_store());
+/// Removes everything a test wrote under its prefix.
+async fn purge(s: &RedisSecondary) {
+    s.purge().await.expect("purge the test's keys");
+}
+
+fhirstore_testkit::secondary_tests!(redis_secondary(), sqlite_store(), purge);
 
 async fn raw() -> redis::aio::MultiplexedConnection {
     redis::Client::open(redis_url())
@@ -102,14 +107,18 @@ async fn every_key_is_tenant_tagged() {
         .any(|k| k.contains(":r:Patient:organization:ti:Organization/o1")));
     assert!(a_keys.iter().any(|k| k.ends_with(":s:Patient:family")));
     assert!(a_keys.iter().any(|k| k.ends_with(":lu:Patient")));
-    for t in [a.tenant(), b.tenant()] {
-        s.clear(t).await.expect("clear");
-    }
-    let _: () = redis::cmd("DEL")
-        .arg(format!("{prefix}:built"))
-        .query_async(&mut conn)
+    s.clear(a.tenant()).await.expect("clear a");
+    assert!(keys(&mut conn, &format!("{prefix}:{{{}}}:*", a.tenant()))
         .await
-        .expect("DEL");
+        .is_empty());
+    assert!(!keys(&mut conn, &format!("{prefix}:{{{}}}:*", b.tenant()))
+        .await
+        .is_empty());
+    s.purge().await.expect("purge");
+    assert!(
+        keys(&mut conn, &format!("{prefix}:*")).await.is_empty(),
+        "purge left keys"
+    );
 }
 
 /// A Redis that loses everything (here: its keys and its script cache are flushed, as a
@@ -163,5 +172,63 @@ async fn losing_everything_is_noticed() {
     s.mark_built().await.expect("built");
     let after = s.read(&ctx, pt, &id).await.expect("read").expect("held");
     assert_eq!(after.version.get(), 3);
-    s.clear(ctx.tenant()).await.expect("clear");
+    s.purge().await.expect("purge");
+}
+
+/// Large match sets are paged by walking the type's ids in order (small ones are sorted in
+/// the script): both paths give every match once, in id order, with the right total.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_results_page_in_id_order() {
+    use fhirstore_core::search::Handling;
+    use fhirstore_core::SearchQuery;
+    let Some(s) = redis_secondary().await else {
+        return;
+    };
+    let ctx = fhirstore_testkit::random_tenant();
+    let changes: Vec<Change> = (0..700)
+        .map(|i| {
+            let mut c = patient(ctx.tenant(), &format!("p{i}"), 1);
+            if let Some(body) = c.content.as_mut() {
+                body["gender"] = json!(if i % 7 == 0 { "other" } else { "female" });
+            }
+            c
+        })
+        .collect();
+    s.apply(&changes).await.expect("apply");
+    s.mark_built().await.expect("built");
+    let pt = ResourceType::new("Patient").expect("type");
+    for (qs, every) in [("gender=female", 0..700), ("gender=other", 0..700)] {
+        let want: Vec<String> = {
+            let mut v: Vec<String> = every
+                .filter(|i| (i % 7 == 0) == (qs == "gender=other"))
+                .map(|i| format!("p{i}"))
+                .collect();
+            v.sort();
+            v
+        };
+        let mut q = SearchQuery::parse(
+            Some(pt),
+            &format!("{qs}&_count=45&_total=accurate"),
+            Handling::Strict,
+        )
+        .expect("query");
+        let mut got = Vec::new();
+        loop {
+            let page = s.search(&ctx, &q).await.expect("page");
+            assert_eq!(page.total, Some(want.len() as u64), "{qs}");
+            got.extend(page.matches.into_iter().map(|r| r.key.id.to_string()));
+            match page.next_cursor {
+                Some(c) => q.cursor = Some(c),
+                None => break,
+            }
+        }
+        assert_eq!(got, want, "{qs}: every match once, in id order");
+        let count = SearchQuery::parse(Some(pt), &format!("{qs}&_summary=count"), Handling::Strict)
+            .expect("count");
+        assert_eq!(
+            s.search(&ctx, &count).await.expect("count").total,
+            Some(want.len() as u64)
+        );
+    }
+    s.purge().await.expect("purge");
 }

@@ -12,6 +12,7 @@
 mod generate;
 mod reindex;
 mod search;
+mod secondary;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -41,6 +42,8 @@ enum Command {
     Generate(GenerateArgs),
     /// Reindex throughput for a tenant's own SearchParameter, against the ingest rate.
     Reindex(reindex::ReindexArgs),
+    /// Redis and tantivy: apply throughput, search and read latency against the primary.
+    Secondaries(secondary::SecondaryArgs),
 }
 
 #[derive(clap::Args)]
@@ -120,6 +123,7 @@ async fn main() -> Result<(), BoxError> {
         Command::Search(args) => search::run(args).await,
         Command::Generate(args) => generate_ndjson(args),
         Command::Reindex(args) => reindex::run(args).await,
+        Command::Secondaries(args) => secondary::run(args).await,
     }
 }
 

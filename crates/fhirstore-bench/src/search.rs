@@ -41,17 +41,17 @@ pub struct SearchArgs {
 
 /// A query shape: its label, the type searched, and the query string for run `i` of a store
 /// holding `patients` patients.
-struct Shape {
-    label: &'static str,
-    resource_type: &'static str,
-    query: fn(i: usize, patients: usize) -> String,
+pub(crate) struct Shape {
+    pub(crate) label: &'static str,
+    pub(crate) resource_type: &'static str,
+    pub(crate) query: fn(i: usize, patients: usize) -> String,
 }
 
 fn spread(i: usize, patients: usize) -> usize {
     (i * 7919) % patients.max(1)
 }
 
-const SHAPES: [Shape; 10] = [
+pub(crate) const SHAPES: [Shape; 10] = [
     Shape {
         label: "token (Condition code, _count=20)",
         resource_type: "Condition",
@@ -149,7 +149,7 @@ struct Measured {
     hits: f64,
 }
 
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
+pub(crate) fn percentile(sorted: &[Duration], p: f64) -> Duration {
     let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
     sorted.get(i).copied().unwrap_or_default()
 }

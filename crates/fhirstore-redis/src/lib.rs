@@ -17,6 +17,7 @@
 //! | `g:{type}` | hash | digests: `r` the root, `{segment}` each non-empty segment, as `x0:x1:x2:x3:count` |
 //! | `m:{type}:{segment}` | set | ids in the segment, tombstones included |
 //! | `lu:{type}` | sorted set | live ids by last updated: the type's live set |
+//! | `ids:{type}` | sorted set | live ids at score 0, so a lexical range walks them in id order |
 //! | `t:{type}:{param}:…` | set | ids by token: `c:{code}`, `sc:{len}:{system}{code}`, `s:{system}` |
 //! | `r:{type}:{param}:…` | set | ids by reference: `i:{id}`, `ti:{type}/{id}`, `u:{url}`, `uv:{len}:{url}{version}` |
 //! | `u:{type}:{param}:{uri}` | set | ids by uri |
@@ -182,6 +183,7 @@ fn index_ops(rt: ResourceType, id: &str, content: &Value, last_updated: i64) -> 
         .collect();
     ops.extend(strings.into_iter().map(|(k, m)| json!(["l", k, m])));
     ops.push(json!(["z", format!("lu:{rt}"), last_updated.to_string()]));
+    ops.push(json!(["l", format!("ids:{rt}"), id]));
     ops
 }
 
@@ -331,6 +333,39 @@ impl RedisSecondary {
         }
         for a in args {
             cmd.arg(*a);
+        }
+    }
+
+    /// Deletes every key under this secondary's prefix, every tenant's and the `built`
+    /// marker: the secondary is then new and must be rebuilt.
+    pub async fn purge(&self) -> Result<()> {
+        self.delete_matching(&format!("{}:*", self.prefix)).await
+    }
+
+    async fn delete_matching(&self, pattern: &str) -> Result<()> {
+        let mut conn = self.conn.clone();
+        let mut cursor: u64 = 0;
+        loop {
+            let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(pattern)
+                .arg("COUNT")
+                .arg(1000)
+                .query_async(&mut conn)
+                .await
+                .map_err(redis_err)?;
+            if !keys.is_empty() {
+                redis::cmd("UNLINK")
+                    .arg(&keys)
+                    .query_async::<()>(&mut conn)
+                    .await
+                    .map_err(redis_err)?;
+            }
+            if next == 0 {
+                return Ok(());
+            }
+            cursor = next;
         }
     }
 
@@ -667,33 +702,10 @@ impl Secondary for RedisSecondary {
     }
 
     async fn clear(&self, tenant: &TenantId) -> Result<()> {
-        // Tenant ids are [A-Za-z0-9-], so the pattern needs no escaping beyond the braces,
-        // which SCAN's glob takes literally.
-        let pattern = format!("{}*", self.base(tenant));
-        let mut conn = self.conn.clone();
-        let mut cursor: u64 = 0;
-        loop {
-            let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
-                .arg(cursor)
-                .arg("MATCH")
-                .arg(&pattern)
-                .arg("COUNT")
-                .arg(1000)
-                .query_async(&mut conn)
-                .await
-                .map_err(redis_err)?;
-            if !keys.is_empty() {
-                redis::cmd("UNLINK")
-                    .arg(&keys)
-                    .query_async::<()>(&mut conn)
-                    .await
-                    .map_err(redis_err)?;
-            }
-            if next == 0 {
-                return Ok(());
-            }
-            cursor = next;
-        }
+        // Tenant ids are [A-Za-z0-9-], so the pattern needs no escaping; SCAN's glob takes
+        // the braces literally.
+        self.delete_matching(&format!("{}*", self.base(tenant)))
+            .await
     }
 
     async fn mark_built(&self) -> Result<()> {

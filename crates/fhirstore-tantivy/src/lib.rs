@@ -863,6 +863,18 @@ impl Inner {
         let q = BooleanQuery::new(clauses);
         let searcher = self.reader.searcher();
         let cols = columns(&searcher)?;
+        let count_only = query.summary == Some(Summary::Count);
+        if count_only && verify.is_empty() {
+            let total = searcher
+                .search(&q, &tantivy::collector::Count)
+                .map_err(index_err)?;
+            return Ok(SearchPage {
+                matches: Vec::new(),
+                included: Vec::new(),
+                total: Some(total as u64),
+                next_cursor: None,
+            });
+        }
         let by_score = query.sort.first().is_some_and(|k| k.param == "_score");
         let mut hits: Vec<(f32, DocAddress)> = if by_score {
             let n = searcher
@@ -922,7 +934,6 @@ impl Inner {
             x.1.id.cmp(&y.1.id)
         });
         let total = rows.len() as u64;
-        let count_only = query.summary == Some(Summary::Count);
         let page = if count_only {
             0
         } else {

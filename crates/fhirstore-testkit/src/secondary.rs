@@ -639,20 +639,26 @@ async fn live(store: &dyn ResourceStorage, ctx: &TenantContext, t: &str) -> Vec<
 
 /// Stamps one `#[tokio::test]` per secondary check. `$secondary` makes a new, unbuilt secondary
 /// (or `None` when its service is unavailable); `$primary` makes the primary the search check
-/// compares against.
+/// compares against; the optional `$cleanup` (an async fn taking `&S`) runs after each check
+/// passes, for backends whose data outlives the test.
 #[macro_export]
 macro_rules! secondary_tests {
     ($secondary:expr, $primary:expr) => {
+        $crate::secondary_tests!($secondary, $primary, |_| async {});
+    };
+    ($secondary:expr, $primary:expr, $cleanup:expr) => {
         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
         async fn secondary_version_guard() {
             let Some(s) = $secondary.await else { return };
             $crate::secondary::secondary_version_guard(&s).await;
+            ($cleanup)(&s).await;
         }
 
         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
         async fn secondary_rebuild_and_isolation() {
             let Some(s) = $secondary.await else { return };
             $crate::secondary::secondary_rebuild_and_isolation(&s).await;
+            ($cleanup)(&s).await;
         }
 
         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -660,6 +666,7 @@ macro_rules! secondary_tests {
             let Some(s) = $secondary.await else { return };
             let Some(p) = $primary.await else { return };
             $crate::secondary::secondary_search_agrees(&p, &s).await;
+            ($cleanup)(&s).await;
         }
     };
 }

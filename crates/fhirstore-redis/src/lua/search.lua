@@ -5,7 +5,8 @@
 -- ARGV[1]: the tenant's key base. ARGV[2]: the plan (JSON) {rt, criteria, after, limit}, where
 -- an alternative is {s = key} (set members), {l = key, min, max} (a lexical range of
 -- `value\0id` members), {z = key, min, max} (a score range) or {id = id} (a live document).
--- Returns {total, id, version, last_updated, body, ...} for up to `limit` matches after `after`.
+-- Returns {total, id, version, last_updated, body, ...} for up to `limit` matches after `after`;
+-- with `limit` 0, just the total.
 local base = ARGV[1]
 local plan = cjson.decode(ARGV[2])
 
@@ -41,6 +42,12 @@ local function collect(alt, into)
   end
 end
 
+-- A single set answers a count by itself.
+local only = plan.criteria[1]
+if plan.limit == 0 and #plan.criteria == 1 and #only == 1 and only[1].s then
+  return {redis.call('SCARD', base .. only[1].s)}
+end
+
 local matched = nil
 for _, alts in ipairs(plan.criteria) do
   local set = {}
@@ -58,30 +65,68 @@ for _, alts in ipairs(plan.criteria) do
   end
 end
 if not matched then
+  if plan.limit == 0 then
+    return {redis.call('ZCARD', KEYS[1])}
+  end
   matched = {}
   for _, id in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
     matched[id] = true
   end
 end
 
-local ids = {}
-for id in pairs(matched) do
-  ids[#ids + 1] = id
+local total = 0
+for _ in pairs(matched) do
+  total = total + 1
 end
-table.sort(ids, before)
-local out = {#ids}
+local out = {total}
+if plan.limit == 0 then
+  return out
+end
+
+local function emit(id)
+  local d = redis.call('HMGET', base .. 'd:' .. plan.rt .. ':' .. id, 'v', 'lu', 'b')
+  out[#out + 1] = id
+  out[#out + 1] = d[1]
+  out[#out + 1] = d[2]
+  out[#out + 1] = d[3]
+end
+
 local n = 0
-for _, id in ipairs(ids) do
-  if n >= plan.limit then
-    break
+if total <= 256 then
+  -- Few matches: sort them.
+  local ids = {}
+  for id in pairs(matched) do
+    ids[#ids + 1] = id
   end
-  if plan.after == '' or before(plan.after, id) then
-    local d = redis.call('HMGET', base .. 'd:' .. plan.rt .. ':' .. id, 'v', 'lu', 'b')
-    out[#out + 1] = id
-    out[#out + 1] = d[1]
-    out[#out + 1] = d[2]
-    out[#out + 1] = d[3]
-    n = n + 1
+  table.sort(ids, before)
+  for _, id in ipairs(ids) do
+    if n >= plan.limit then
+      break
+    end
+    if plan.after == '' or before(plan.after, id) then
+      emit(id)
+      n = n + 1
+    end
+  end
+else
+  -- Many: walk the type's ids in order (a lexical sorted set, bytewise) from the cursor and
+  -- keep the matches, until the page is full.
+  local from = plan.after == '' and '-' or '(' .. plan.after
+  while n < plan.limit do
+    local chunk = redis.call('ZRANGEBYLEX', base .. 'ids:' .. plan.rt, from, '+', 'LIMIT', 0, 512)
+    if #chunk == 0 then
+      break
+    end
+    for _, id in ipairs(chunk) do
+      if matched[id] then
+        emit(id)
+        n = n + 1
+        if n >= plan.limit then
+          break
+        end
+      end
+    end
+    from = '(' .. chunk[#chunk]
   end
 end
 return out

@@ -1,0 +1,195 @@
+//! `secondaries`: the Redis and tantivy secondaries against the primary, on the same generated
+//! data, in one run.
+//!
+//! - **Apply throughput**, in changes/s, for batches of 1, 100 and 1000 (every version the
+//!   primary holds, replayed into an emptied secondary; tantivy's time includes its final
+//!   commit). The baseline is the primary's own ingest rate in this run.
+//! - **Search latency**: the `search` bench's query shapes, each run on the primary and on every
+//!   secondary whose capabilities claim it; p50 of each, and secondary/primary.
+//! - **Read by id**: p50 from the primary and from each secondary, and the ratio.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use fhirstore_core::secondary::{Change, Secondary};
+use fhirstore_core::{
+    Handling, HistoryRequest, HistoryScope, LogicalId, ResourceStorage, ResourceType, SearchQuery,
+    TenantContext, TenantId,
+};
+use fhirstore_redis::{RedisConfig, RedisSecondary};
+use fhirstore_tantivy::{TantivyConfig, TantivySecondary};
+
+use crate::search::{percentile, SHAPES};
+use crate::{open_store, BoxError};
+
+/// Arguments of `fhirstore-bench secondaries`.
+#[derive(clap::Args)]
+pub struct SecondaryArgs {
+    /// Resources to load into the primary.
+    #[arg(long, default_value_t = 20_000)]
+    size: usize,
+    /// Runs of each query shape, and reads by id.
+    #[arg(long, default_value_t = 100)]
+    queries: usize,
+    /// Changes applied one at a time (the batch-of-1 run is slow on purpose; a sample does).
+    #[arg(long, default_value_t = 3_000)]
+    single: usize,
+    /// Generator seed.
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// Redis URL; the bench works under its own key prefix and deletes it afterwards.
+    #[arg(
+        long,
+        env = "FHIRSTORE_TEST_REDIS_URL",
+        default_value = "redis://127.0.0.1:6379"
+    )]
+    redis: String,
+    /// The primary.
+    #[command(flatten)]
+    store: crate::StoreArgs,
+}
+
+async fn p50<F, Fut, T>(runs: usize, mut op: F) -> Result<Duration, BoxError>
+where
+    F: FnMut(usize) -> Fut,
+    Fut: std::future::Future<Output = fhirstore_core::Result<T>>,
+{
+    let mut times = Vec::with_capacity(runs);
+    for i in 0..runs {
+        let start = Instant::now();
+        op(i).await?;
+        times.push(start.elapsed());
+    }
+    times.sort();
+    Ok(percentile(&times, 0.5))
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+/// Runs the secondaries bench.
+pub async fn run(args: SecondaryArgs) -> Result<(), BoxError> {
+    println!(
+        "secondaries: primary={:?} size={} queries={} seed={}",
+        args.store.backend, args.size, args.queries, args.seed
+    );
+    let dir = tempfile::tempdir()?;
+    let primary = open_store(&args.store, &dir).await?;
+    let tenant = format!("bench-{}", uuid::Uuid::new_v4().simple());
+    let ctx = TenantContext::full(TenantId::new(&tenant[..30])?);
+    let (patients, resources, ingest) =
+        crate::search::load(&*primary, &ctx, args.size, args.seed).await?;
+    println!("primary: {patients} patients, {resources} resources, ingest {ingest:.0} resources/s");
+
+    let mut changes = Vec::new();
+    let mut req = HistoryRequest::new(HistoryScope::System);
+    req.count = Some(1000);
+    loop {
+        let page = primary.history(&ctx, &req).await?;
+        changes.extend(page.entries.iter().map(Change::of));
+        match page.next_cursor {
+            Some(c) => req.cursor = Some(c),
+            None => break,
+        }
+    }
+
+    let mut redis_config = RedisConfig::new(&args.redis);
+    redis_config.prefix = format!("fhirstore-bench-{}", uuid::Uuid::new_v4().simple());
+    let redis = RedisSecondary::connect(&redis_config).await?;
+    let tantivy_dir = dir.path().join("tantivy");
+    let tantivy = TantivySecondary::open(&tantivy_dir, TantivyConfig::default()).await?;
+    let secondaries: Vec<Arc<dyn Secondary>> = vec![Arc::new(redis.clone()), Arc::new(tantivy)];
+
+    println!(
+        "\napply: changes/s by batch size (baseline: primary ingest {ingest:.0}/s)\n{:<10} {:>8} {:>12} {:>8}",
+        "secondary", "batch", "changes/s", "ratio"
+    );
+    for s in &secondaries {
+        for batch in [1usize, 100, 1000] {
+            s.clear(ctx.tenant()).await?;
+            let sample = if batch == 1 {
+                &changes[..args.single.min(changes.len())]
+            } else {
+                &changes[..]
+            };
+            let start = Instant::now();
+            for chunk in sample.chunks(batch) {
+                s.apply(chunk).await?;
+            }
+            s.flush().await?;
+            let rate = sample.len() as f64 / start.elapsed().as_secs_f64();
+            println!(
+                "{:<10} {:>8} {:>12.0} {:>8.2}",
+                s.name(),
+                batch,
+                rate,
+                rate / ingest
+            );
+        }
+        s.mark_built().await?;
+    }
+
+    println!(
+        "\nsearch p50 ms: primary, then each secondary that claims the shape (ratio secondary/primary)"
+    );
+    print!("{:<38} {:>9}", "shape", "primary");
+    for s in &secondaries {
+        print!(" {:>20}", s.name());
+    }
+    println!();
+    for shape in &SHAPES {
+        let rt = ResourceType::new(shape.resource_type)?;
+        let query = |i| SearchQuery::parse(Some(rt), &(shape.query)(i, patients), Handling::Strict);
+        let base = p50(args.queries, |i| {
+            let q = query(i);
+            let primary = primary.clone();
+            let ctx = ctx.clone();
+            async move { primary.search(&ctx, &q?).await }
+        })
+        .await?;
+        print!("{:<38} {:>9.3}", shape.label, ms(base));
+        for s in &secondaries {
+            if !s.capabilities().can_search(&query(0)?) {
+                print!(" {:>20}", "not claimed");
+                continue;
+            }
+            let t = p50(args.queries, |i| {
+                let q = query(i);
+                let s = s.clone();
+                let ctx = ctx.clone();
+                async move { s.search(&ctx, &q?).await }
+            })
+            .await?;
+            let cell = format!("{:.3} ({:.2}x)", ms(t), ms(t) / ms(base).max(1e-9));
+            print!(" {cell:>20}");
+        }
+        println!();
+    }
+
+    let patient = ResourceType::new("Patient")?;
+    let id = |i: usize| LogicalId::new(format!("p{}", (i * 7919) % patients.max(1)));
+    let base = p50(args.queries, |i| {
+        let (primary, ctx, id) = (primary.clone(), ctx.clone(), id(i));
+        async move { primary.read(&ctx, patient, &id?).await }
+    })
+    .await?;
+    println!("\nread by id p50 ms: primary {:.3}", ms(base));
+    for s in &secondaries {
+        let t = p50(args.queries, |i| {
+            let (s, ctx, id) = (s.clone(), ctx.clone(), id(i));
+            async move { s.read(&ctx, patient, &id?).await }
+        })
+        .await?;
+        println!(
+            "  {:<8} {:.3} ({:.2}x the primary)",
+            s.name(),
+            ms(t),
+            ms(t) / ms(base).max(1e-9)
+        );
+    }
+
+    redis.purge().await?;
+    crate::purge_tenant(&args.store, ctx.tenant()).await?;
+    Ok(())
+}
