@@ -4,27 +4,11 @@
 
 use fhirstore_core::secondary::{Change, Health, Secondary};
 use fhirstore_core::{from_micros, LogicalId, ResourceKey, ResourceType, VersionId};
-use fhirstore_redis::{RedisConfig, RedisSecondary};
+use fhirstore_redis::RedisSecondary;
 use serde_json::json;
 
-fn redis_url() -> String {
-    std::env::var("FHIRSTORE_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
-}
-
-/// A Redis secondary under a fresh prefix, so tests share the server without seeing each other.
 async fn redis_secondary() -> Option<RedisSecondary> {
-    let mut config = RedisConfig::new(redis_url());
-    config.prefix = format!(
-        "fhirstore-test-{}",
-        fhirstore_testkit::random_tenant().tenant()
-    );
-    match RedisSecondary::connect(&config).await {
-        Ok(s) => match s.health().await {
-            Health::Unavailable(e) => fhirstore_testkit::service_unavailable("Redis", e),
-            _ => Some(s),
-        },
-        Err(e) => fhirstore_testkit::service_unavailable("Redis", e),
-    }
+    fhirstore_integration::redis_secondary().await
 }
 
 async fn sqlite_store() -> Option<fhirstore_sql::SqliteStore> {
@@ -39,7 +23,7 @@ async fn purge(s: &RedisSecondary) {
 fhirstore_testkit::secondary_tests!(redis_secondary(), sqlite_store(), purge);
 
 async fn raw() -> redis::aio::MultiplexedConnection {
-    redis::Client::open(redis_url())
+    redis::Client::open(fhirstore_integration::redis_url())
         .expect("url")
         .get_multiplexed_async_connection()
         .await

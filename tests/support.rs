@@ -179,3 +179,23 @@ macro_rules! sql_primary_tests {
         }
     };
 }
+
+/// The test Redis server's URL.
+pub fn redis_url() -> String {
+    std::env::var("FHIRSTORE_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
+}
+
+/// A Redis secondary on the test server under a fresh key prefix, so tests share the server
+/// without seeing each other; `None` (skip) when Redis is down and not required.
+pub async fn redis_secondary() -> Option<fhirstore_redis::RedisSecondary> {
+    use fhirstore_core::secondary::{Health, Secondary};
+    let mut config = fhirstore_redis::RedisConfig::new(redis_url());
+    config.prefix = format!("fhirstore-test-{}", uuid_like());
+    match fhirstore_redis::RedisSecondary::connect(&config).await {
+        Ok(s) => match s.health().await {
+            Health::Unavailable(e) => fhirstore_testkit::service_unavailable("Redis", e),
+            _ => Some(s),
+        },
+        Err(e) => fhirstore_testkit::service_unavailable("Redis", e),
+    }
+}

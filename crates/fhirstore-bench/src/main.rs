@@ -13,6 +13,7 @@ mod generate;
 mod reindex;
 mod search;
 mod secondary;
+mod sync;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -44,6 +45,9 @@ enum Command {
     Reindex(reindex::ReindexArgs),
     /// Redis and tantivy: apply throughput, search and read latency against the primary.
     Secondaries(secondary::SecondaryArgs),
+    /// CompositeStorage: writes in each sync mode against the primary alone, asynchronous
+    /// lag, catch-up after an outage.
+    Sync(sync::SyncArgs),
 }
 
 #[derive(clap::Args)]
@@ -124,6 +128,7 @@ async fn main() -> Result<(), BoxError> {
         Command::Generate(args) => generate_ndjson(args),
         Command::Reindex(args) => reindex::run(args).await,
         Command::Secondaries(args) => secondary::run(args).await,
+        Command::Sync(args) => sync::run(args).await,
     }
 }
 

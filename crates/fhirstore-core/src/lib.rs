@@ -11,6 +11,7 @@
 //! - [`secondary`]: the contract of a secondary store (version-guarded apply, digests).
 
 pub mod bundle;
+pub mod changelog;
 pub mod date;
 pub mod digest;
 mod error;

@@ -62,6 +62,9 @@ pub struct RedisConfig {
     pub url: String,
     /// The first part of every key, so several deployments (or test runs) can share a server.
     pub prefix: String,
+    /// How long a command, or a connection attempt, may take before it fails (temporarily).
+    /// Writes in synchronous mode wait at most this long for a Redis that went away.
+    pub timeout: std::time::Duration,
 }
 
 impl RedisConfig {
@@ -70,6 +73,7 @@ impl RedisConfig {
         RedisConfig {
             url: url.into(),
             prefix: "fhirstore".to_owned(),
+            timeout: std::time::Duration::from_secs(2),
         }
     }
 }
@@ -280,7 +284,15 @@ impl RedisSecondary {
             )));
         }
         let client = redis::Client::open(config.url.as_str()).map_err(redis_err)?;
-        let conn = client.get_connection_manager().await.map_err(redis_err)?;
+        let manager = redis::aio::ConnectionManagerConfig::new()
+            .set_connection_timeout(config.timeout)
+            .set_response_timeout(config.timeout)
+            .set_number_of_retries(2)
+            .set_max_delay(200);
+        let conn = client
+            .get_connection_manager_with_config(manager)
+            .await
+            .map_err(redis_err)?;
         Ok(RedisSecondary {
             conn,
             prefix: config.prefix.clone(),

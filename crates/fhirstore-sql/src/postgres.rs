@@ -249,5 +249,16 @@ const LOCK_REINDEX_BATCH: &str = " FOR UPDATE OF r";
 /// ones does that): a reference search over 800 Observations ran for minutes.
 const ID_SET_FROM_ARRAY: Option<(&str, &str)> = Some(("= ANY", "<> ALL"));
 
+/// The change log's order key and its bounds: the log is read in (transaction id, seq) order,
+/// below the oldest running transaction (see `fhirstore_core::changelog`).
+const LOG_MAJOR: &str = "txid::text::bigint";
+const LOG_ORDER: &str = "txid, seq";
+const LOG_AFTER: &str = "(txid, seq) > (($1::bigint)::text::xid8, $2)";
+const LOG_UPTO: &str = "(txid, seq) <= (($1::bigint)::text::xid8, $2)";
+const LOG_VISIBLE: &str = " AND txid < pg_snapshot_xmin(pg_current_snapshot())";
+const LOG_HEAD: &str = "SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint - 1, \
+                        9223372036854775807::bigint";
+
 include!("store_body.rs");
 include!("params_body.rs");
+include!("sync_body.rs");

@@ -237,5 +237,15 @@ const LOCK_REINDEX_BATCH: &str = "";
 /// SQLite plans `IN (SELECT …)` from the subquery's own index either way.
 const ID_SET_FROM_ARRAY: Option<(&str, &str)> = None;
 
+/// The change log's order key and its bounds: one writer hands out `seq` in commit order, so
+/// `seq` alone orders the log (both halves of the cursor).
+const LOG_MAJOR: &str = "seq";
+const LOG_ORDER: &str = "seq";
+const LOG_AFTER: &str = "(seq, seq) > ($1, $2)";
+const LOG_UPTO: &str = "(seq, seq) <= ($1, $2)";
+const LOG_VISIBLE: &str = "";
+const LOG_HEAD: &str = "SELECT COALESCE(MAX(seq), 0), COALESCE(MAX(seq), 0) FROM outbox";
+
 include!("store_body.rs");
 include!("params_body.rs");
+include!("sync_body.rs");

@@ -369,13 +369,13 @@ impl TantivySecondary {
     /// cases, and an index never marked built, report [`Health::NeedsRebuild`].
     pub async fn open(dir: &Path, config: TantivyConfig) -> Result<Self> {
         let dir = dir.to_owned();
-        let (index, why) = tokio::task::spawn_blocking({
-            let dir = dir.clone();
-            move || Self::open_dir(&dir)
+        // Opening reads the directory and may wait for a lock: off the async threads.
+        tokio::task::spawn_blocking(move || {
+            let (index, why) = Self::open_dir(&dir)?;
+            Self::start(index, Some(dir), config, &why)
         })
         .await
-        .map_err(index_err)??;
-        Self::start(index, Some(dir), config, &why)
+        .map_err(index_err)?
     }
 
     fn open_dir(dir: &Path) -> Result<(Index, String)> {
@@ -421,9 +421,7 @@ impl TantivySecondary {
             .build();
         index.tokenizers().register(TEXT_ANALYZER, analyzer);
         let (_, f) = schema();
-        let writer = index
-            .writer(config.writer_memory.max(15_000_000))
-            .map_err(index_err)?;
+        let writer = Self::writer(&index, &config)?;
         let reader = index
             .reader_builder()
             .reload_policy(ReloadPolicy::Manual)
@@ -444,6 +442,23 @@ impl TantivySecondary {
         });
         Self::spawn_committer(Arc::downgrade(&inner));
         Ok(TantivySecondary { inner })
+    }
+
+    /// The index writer. A previous instance on the same directory that is still shutting
+    /// down (its last background commit finishing) holds the lock for a moment: wait for it,
+    /// up to two seconds, rather than fail the open.
+    fn writer(index: &Index, config: &TantivyConfig) -> Result<IndexWriter> {
+        let mut waited = Duration::ZERO;
+        loop {
+            match index.writer(config.writer_memory.max(15_000_000)) {
+                Ok(w) => return Ok(w),
+                Err(tantivy::TantivyError::LockFailure(..)) if waited < Duration::from_secs(2) => {
+                    std::thread::sleep(Duration::from_millis(20));
+                    waited += Duration::from_millis(20);
+                }
+                Err(e) => return Err(index_err(e)),
+            }
+        }
     }
 
     /// Commits waiting changes every `commit_interval`, until the secondary is dropped.

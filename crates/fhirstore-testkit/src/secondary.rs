@@ -670,3 +670,176 @@ macro_rules! secondary_tests {
         }
     };
 }
+
+/// A secondary wrapper that fails on demand, for sync tests: while `down`, every call fails
+/// as an unreachable server would (a temporary error; health `Unavailable`); a change of the
+/// resource id in `reject` fails for good. It also records how many `apply` calls overlap.
+pub struct Flaky {
+    inner: std::sync::Arc<dyn Secondary>,
+    /// Fail everything, temporarily.
+    pub down: std::sync::atomic::AtomicBool,
+    /// Reject changes of this id for good.
+    pub reject: std::sync::Mutex<Option<String>>,
+    in_flight: std::sync::atomic::AtomicUsize,
+    /// The most `apply` calls seen running at once.
+    pub max_in_flight: std::sync::atomic::AtomicUsize,
+}
+
+impl Flaky {
+    /// Wraps a secondary, up.
+    pub fn new(inner: std::sync::Arc<dyn Secondary>) -> Self {
+        Flaky {
+            inner,
+            down: Default::default(),
+            reject: Default::default(),
+            in_flight: Default::default(),
+            max_in_flight: Default::default(),
+        }
+    }
+
+    /// Takes it down or brings it back.
+    pub fn set_down(&self, down: bool) {
+        self.down.store(down, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    fn check(&self) -> fhirstore_core::Result<()> {
+        if self.down.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(Error::backend_msg("injected outage", true));
+        }
+        Ok(())
+    }
+}
+
+#[async_trait::async_trait]
+impl Secondary for Flaky {
+    fn name(&self) -> &str {
+        self.inner.name()
+    }
+
+    fn capabilities(&self) -> fhirstore_core::Capabilities {
+        self.inner.capabilities()
+    }
+
+    async fn apply(
+        &self,
+        changes: &[Change],
+    ) -> fhirstore_core::Result<fhirstore_core::secondary::Applied> {
+        use std::sync::atomic::Ordering::SeqCst;
+        self.check()?;
+        if let Some(id) = self.reject.lock().expect("lock").clone() {
+            if changes.iter().any(|c| c.key.id.as_str() == id) {
+                return Err(Error::InvalidResource(format!(
+                    "injected rejection of {id}"
+                )));
+            }
+        }
+        let now = self.in_flight.fetch_add(1, SeqCst) + 1;
+        self.max_in_flight.fetch_max(now, SeqCst);
+        let r = self.inner.apply(changes).await;
+        self.in_flight.fetch_sub(1, SeqCst);
+        r
+    }
+
+    async fn read(
+        &self,
+        ctx: &TenantContext,
+        resource_type: ResourceType,
+        id: &LogicalId,
+    ) -> fhirstore_core::Result<Option<StoredResource>> {
+        self.check()?;
+        self.inner.read(ctx, resource_type, id).await
+    }
+
+    async fn search(
+        &self,
+        ctx: &TenantContext,
+        query: &SearchQuery,
+    ) -> fhirstore_core::Result<fhirstore_core::SearchPage> {
+        self.check()?;
+        self.inner.search(ctx, query).await
+    }
+
+    async fn digest(
+        &self,
+        tenant: &TenantId,
+        resource_type: ResourceType,
+    ) -> fhirstore_core::Result<Digest> {
+        self.check()?;
+        self.inner.digest(tenant, resource_type).await
+    }
+
+    async fn segment_digests(
+        &self,
+        tenant: &TenantId,
+        resource_type: ResourceType,
+    ) -> fhirstore_core::Result<Vec<SegmentDigest>> {
+        self.check()?;
+        self.inner.segment_digests(tenant, resource_type).await
+    }
+
+    async fn segment_keys(
+        &self,
+        tenant: &TenantId,
+        resource_type: ResourceType,
+        segments: &[u16],
+    ) -> fhirstore_core::Result<Vec<KeyState>> {
+        self.check()?;
+        self.inner
+            .segment_keys(tenant, resource_type, segments)
+            .await
+    }
+
+    async fn clear(&self, tenant: &TenantId) -> fhirstore_core::Result<()> {
+        self.check()?;
+        self.inner.clear(tenant).await
+    }
+
+    async fn mark_built(&self) -> fhirstore_core::Result<()> {
+        self.check()?;
+        self.inner.mark_built().await
+    }
+
+    async fn health(&self) -> Health {
+        if self.down.load(std::sync::atomic::Ordering::SeqCst) {
+            return Health::Unavailable("injected outage".to_owned());
+        }
+        self.inner.health().await
+    }
+
+    async fn flush(&self) -> fhirstore_core::Result<()> {
+        self.check()?;
+        self.inner.flush().await
+    }
+}
+
+/// Asserts that a secondary holds exactly the primary's current state for these tenants:
+/// every key (tombstones included) at the primary's version and body, and equal digests for
+/// every type the tenants have.
+pub async fn assert_mirrors<P>(primary: &P, secondary: &dyn Secondary, tenants: &[TenantContext])
+where
+    P: fhirstore_core::changelog::ChangeLog + ?Sized,
+{
+    let mut model = Model::default();
+    let mut after = None;
+    loop {
+        let rows = primary
+            .snapshot(after.as_ref(), 1000)
+            .await
+            .expect("snapshot");
+        let Some(last) = rows.last() else { break };
+        after = Some((
+            last.tenant.clone(),
+            last.key.resource_type,
+            last.key.id.clone(),
+        ));
+        for r in &rows {
+            if tenants.iter().any(|t| t.tenant() == &r.tenant) {
+                model.apply(&Change::of(r));
+            }
+        }
+    }
+    let types: BTreeSet<ResourceType> = model.newest.keys().map(|(_, t, _)| *t).collect();
+    let types: Vec<ResourceType> = types.into_iter().collect();
+    assert!(!model.newest.is_empty(), "nothing to compare");
+    assert_holds(secondary, &model, tenants, &types, secondary.name()).await;
+}

@@ -1,0 +1,332 @@
+// The change log (`fhirstore_core::changelog::ChangeLog`) of the SQL store, compiled into
+// `sqlite.rs` and `postgres.rs`. The including module provides `LOG_MAJOR`, `LOG_ORDER`,
+// `LOG_AFTER`, `LOG_UPTO` (each over the outbox's own columns, with the cursor bound as $1 and
+// $2), `LOG_VISIBLE` and `LOG_HEAD`.
+
+use fhirstore_core::changelog::{
+    Backfill, ChangeCursor, ChangeLog, ConsumerState, DeadLetter, LoggedChange,
+};
+use fhirstore_core::secondary::Change;
+
+/// A backfill as the `sync_consumers.backfill` column keeps it.
+fn backfill_json(b: &Backfill) -> String {
+    let after = b
+        .after
+        .as_ref()
+        .map(|(t, rt, id)| serde_json::json!([t.as_str(), rt.as_str(), id.as_str()]));
+    serde_json::json!({"start": [b.start.major, b.start.minor], "after": after}).to_string()
+}
+
+fn backfill_of(text: &str) -> Result<Backfill> {
+    let bad = || corrupt(format!("backfill state {text:?}"));
+    let v: Value = serde_json::from_str(text).map_err(|_| bad())?;
+    let start = ChangeCursor {
+        major: v["start"][0].as_i64().ok_or_else(bad)?,
+        minor: v["start"][1].as_i64().ok_or_else(bad)?,
+    };
+    let after = match &v["after"] {
+        Value::Null => None,
+        a => Some((
+            TenantId::new(a[0].as_str().ok_or_else(bad)?).map_err(|_| bad())?,
+            ResourceType::new(a[1].as_str().ok_or_else(bad)?).map_err(|_| bad())?,
+            LogicalId::new(a[2].as_str().ok_or_else(bad)?).map_err(|_| bad())?,
+        )),
+    };
+    Ok(Backfill { start, after })
+}
+
+/// A version from seven columns starting at `at`: tenant, type, id, version, lastUpdated,
+/// deleted, body.
+fn version_at(r: &<Db as sqlx::Database>::Row, at: usize) -> Result<StoredResource> {
+    let tenant: String = r.try_get(at).map_err(db_err)?;
+    let tenant = TenantId::new(tenant).map_err(|e| corrupt(e.to_string()))?;
+    let rt: String = r.try_get(at + 1).map_err(db_err)?;
+    let key = key_from_row(&rt, r.try_get(at + 2).map_err(db_err)?)?;
+    stored(
+        &tenant,
+        key,
+        r.try_get(at + 3).map_err(db_err)?,
+        r.try_get(at + 4).map_err(db_err)?,
+        r.try_get(at + 5).map_err(db_err)?,
+        r.try_get(at + 6).map_err(db_err)?,
+    )
+}
+
+impl Store {
+    async fn register_consumer(&self, name: &str) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO sync_consumers (name, updated_at) VALUES ($1, $2) \
+             ON CONFLICT (name) DO NOTHING",
+        )
+        .bind(name)
+        .bind(now_micros())
+        .execute(&self.writer)
+        .await
+        .map_err(db_err)?;
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl ChangeLog for Store {
+    async fn changes_after(&self, after: ChangeCursor, limit: u32) -> Result<Vec<LoggedChange>> {
+        let sql = format!(
+            "SELECT o.major, o.seq, o.tenant, o.resource_type, o.id, o.version, v.last_updated, \
+             v.deleted, v.body FROM (SELECT {LOG_MAJOR} AS major, seq, tenant, resource_type, \
+             id, version FROM outbox WHERE {LOG_AFTER}{LOG_VISIBLE} ORDER BY {LOG_ORDER} \
+             LIMIT $3) o JOIN resource_versions v ON v.tenant = o.tenant \
+             AND v.resource_type = o.resource_type AND v.id = o.id AND v.version = o.version \
+             ORDER BY o.major, o.seq"
+        );
+        let rows = sqlx::query(&sql)
+            .bind(after.major)
+            .bind(after.minor)
+            .bind(i64::from(limit))
+            .fetch_all(&self.reader)
+            .await
+            .map_err(db_err)?;
+        rows.into_iter()
+            .map(|r| {
+                let seq: i64 = r.try_get(1).map_err(db_err)?;
+                Ok(LoggedChange {
+                    cursor: ChangeCursor {
+                        major: r.try_get(0).map_err(db_err)?,
+                        minor: seq,
+                    },
+                    seq,
+                    change: Change::of(&version_at(&r, 2)?),
+                })
+            })
+            .collect()
+    }
+
+    async fn log_head(&self) -> Result<ChangeCursor> {
+        let (major, minor): (i64, i64) = sqlx::query_as(LOG_HEAD)
+            .fetch_one(&self.reader)
+            .await
+            .map_err(db_err)?;
+        Ok(ChangeCursor { major, minor })
+    }
+
+    async fn position_of(&self, seq: i64) -> Result<Option<ChangeCursor>> {
+        let sql = format!("SELECT {LOG_MAJOR}, seq FROM outbox WHERE seq = $1");
+        let row: Option<(i64, i64)> = sqlx::query_as(&sql)
+            .bind(seq)
+            .fetch_optional(&self.reader)
+            .await
+            .map_err(db_err)?;
+        Ok(row.map(|(major, minor)| ChangeCursor { major, minor }))
+    }
+
+    async fn backlog(&self, after: ChangeCursor) -> Result<(u64, Option<i64>)> {
+        let sql = format!("SELECT COUNT(*), MIN(created_at) FROM outbox WHERE {LOG_AFTER}");
+        let (n, oldest): (i64, Option<i64>) = sqlx::query_as(&sql)
+            .bind(after.major)
+            .bind(after.minor)
+            .fetch_one(&self.reader)
+            .await
+            .map_err(db_err)?;
+        Ok((u64::try_from(n).unwrap_or(0), oldest))
+    }
+
+    async fn consumer(&self, name: &str) -> Result<ConsumerState> {
+        type Row = (i64, i64, Option<String>);
+        let select = || {
+            sqlx::query_as::<_, Row>(
+                "SELECT major, minor, backfill FROM sync_consumers WHERE name = $1",
+            )
+            .bind(name)
+        };
+        let row = match select()
+            .fetch_optional(&self.reader)
+            .await
+            .map_err(db_err)?
+        {
+            Some(row) => row,
+            None => {
+                self.register_consumer(name).await?;
+                select().fetch_one(&self.writer).await.map_err(db_err)?
+            }
+        };
+        let (major, minor, backfill) = row;
+        Ok(ConsumerState {
+            cursor: ChangeCursor { major, minor },
+            backfill: backfill.as_deref().map(backfill_of).transpose()?,
+        })
+    }
+
+    async fn lease(&self, name: &str, holder: &str, ttl: std::time::Duration) -> Result<bool> {
+        let now = now_micros();
+        let until = now.saturating_add(i64::try_from(ttl.as_micros()).unwrap_or(i64::MAX));
+        let take = || async {
+            sqlx::query(
+                "UPDATE sync_consumers SET holder = $2, lease_until = $3 \
+                 WHERE name = $1 AND (holder = $2 OR holder IS NULL OR lease_until < $4)",
+            )
+            .bind(name)
+            .bind(holder)
+            .bind(until)
+            .bind(now)
+            .execute(&self.writer)
+            .await
+            .map_err(db_err)
+            .map(|done| done.rows_affected() == 1)
+        };
+        if take().await? {
+            return Ok(true);
+        }
+        self.register_consumer(name).await?;
+        take().await
+    }
+
+    async fn release(&self, name: &str, holder: &str) -> Result<()> {
+        sqlx::query(
+            "UPDATE sync_consumers SET holder = NULL, lease_until = 0 \
+             WHERE name = $1 AND holder = $2",
+        )
+        .bind(name)
+        .bind(holder)
+        .execute(&self.writer)
+        .await
+        .map_err(db_err)?;
+        Ok(())
+    }
+
+    async fn advance(
+        &self,
+        name: &str,
+        holder: &str,
+        cursor: ChangeCursor,
+        backfill: Option<&Backfill>,
+    ) -> Result<bool> {
+        // Every right-hand side reads the row as it was, so `minor` compares the old `major`.
+        let done = sqlx::query(
+            "UPDATE sync_consumers SET \
+             major = CASE WHEN major < $3 OR (major = $3 AND minor < $4) THEN $3 ELSE major END, \
+             minor = CASE WHEN major < $3 OR (major = $3 AND minor < $4) THEN $4 ELSE minor END, \
+             backfill = $5, updated_at = $6 WHERE name = $1 AND holder = $2",
+        )
+        .bind(name)
+        .bind(holder)
+        .bind(cursor.major)
+        .bind(cursor.minor)
+        .bind(backfill.map(backfill_json))
+        .bind(now_micros())
+        .execute(&self.writer)
+        .await
+        .map_err(db_err)?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn begin_backfill(&self, name: &str, holder: &str, backfill: &Backfill) -> Result<bool> {
+        let done = sqlx::query(
+            "UPDATE sync_consumers SET major = $3, minor = $4, backfill = $5, updated_at = $6 \
+             WHERE name = $1 AND holder = $2",
+        )
+        .bind(name)
+        .bind(holder)
+        .bind(backfill.start.major)
+        .bind(backfill.start.minor)
+        .bind(backfill_json(backfill))
+        .bind(now_micros())
+        .execute(&self.writer)
+        .await
+        .map_err(db_err)?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn dead_letter(&self, name: &str, change: &LoggedChange, error: &str) -> Result<()> {
+        let c = &change.change;
+        sqlx::query(
+            "INSERT INTO sync_dead_letters (consumer, seq, tenant, resource_type, id, version, \
+             error, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
+             ON CONFLICT (consumer, tenant, resource_type, id, version) DO NOTHING",
+        )
+        .bind(name)
+        .bind(change.seq)
+        .bind(c.tenant.as_str())
+        .bind(c.key.resource_type.as_str())
+        .bind(c.key.id.as_str())
+        .bind(as_i64(c.version))
+        .bind(error)
+        .bind(now_micros())
+        .execute(&self.writer)
+        .await
+        .map_err(db_err)?;
+        Ok(())
+    }
+
+    async fn dead_letters(&self, name: &str) -> Result<Vec<DeadLetter>> {
+        type Row = (i64, String, String, String, i64, String);
+        let rows: Vec<Row> = sqlx::query_as(
+            "SELECT seq, tenant, resource_type, id, version, error FROM sync_dead_letters \
+             WHERE consumer = $1 ORDER BY created_at, seq",
+        )
+        .bind(name)
+        .fetch_all(&self.reader)
+        .await
+        .map_err(db_err)?;
+        Ok(rows
+            .into_iter()
+            .map(
+                |(seq, tenant, resource_type, id, version, error)| DeadLetter {
+                    seq,
+                    tenant,
+                    resource_type,
+                    id,
+                    version,
+                    error,
+                },
+            )
+            .collect())
+    }
+
+    async fn consumers(&self) -> Result<Vec<(String, ChangeCursor)>> {
+        let rows: Vec<(String, i64, i64)> =
+            sqlx::query_as("SELECT name, major, minor FROM sync_consumers ORDER BY name")
+                .fetch_all(&self.reader)
+                .await
+                .map_err(db_err)?;
+        Ok(rows
+            .into_iter()
+            .map(|(n, major, minor)| (n, ChangeCursor { major, minor }))
+            .collect())
+    }
+
+    async fn prune(&self, upto: ChangeCursor) -> Result<u64> {
+        let sql = format!("DELETE FROM outbox WHERE {LOG_UPTO}");
+        let done = sqlx::query(&sql)
+            .bind(upto.major)
+            .bind(upto.minor)
+            .execute(&self.writer)
+            .await
+            .map_err(db_err)?;
+        Ok(done.rows_affected())
+    }
+
+    async fn snapshot(
+        &self,
+        after: Option<&(TenantId, ResourceType, LogicalId)>,
+        limit: u32,
+    ) -> Result<Vec<StoredResource>> {
+        let (t, rt, id) = match after {
+            Some((t, rt, id)) => (t.as_str(), rt.as_str(), id.as_str()),
+            None => ("", "", ""),
+        };
+        let rows = sqlx::query(
+            "SELECT r.tenant, r.resource_type, r.id, r.version, v.last_updated, r.deleted, \
+             v.body FROM resources r JOIN resource_versions v ON v.tenant = r.tenant \
+             AND v.resource_type = r.resource_type AND v.id = r.id AND v.version = r.version \
+             WHERE (r.tenant, r.resource_type, r.id) > ($1, $2, $3) \
+             ORDER BY r.tenant, r.resource_type, r.id LIMIT $4",
+        )
+        .bind(t)
+        .bind(rt)
+        .bind(id)
+        .bind(i64::from(limit))
+        .fetch_all(&self.reader)
+        .await
+        .map_err(db_err)?;
+        rows.iter().map(|r| version_at(r, 0)).collect()
+    }
+}

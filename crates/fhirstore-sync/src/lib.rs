@@ -1,0 +1,669 @@
+//! `CompositeStorage`: one [`ResourceStorage`] over the primary and its secondaries.
+//!
+//! Writes go to the primary, whose transaction appends the outbox entry. A [`SyncMode`] per
+//! secondary says when the change reaches it: before the write returns (synchronous) or by the
+//! secondary's background worker (asynchronous). Every secondary has a worker either way: it
+//! drains the outbox in batches and moves the secondary's durable cursor after each applied
+//! batch, so a synchronous apply that failed, a crash or an outage is made good from the
+//! outbox. Delivery is at least once; secondaries apply version-guarded, so a change delivered
+//! twice or late changes nothing.
+//!
+//! **The default hybrid** ([`SecondaryConfig::cache`] for Redis, [`SecondaryConfig::index`]
+//! for tantivy): Redis synchronous, because it serves reads by id and searches that must show
+//! the caller's own write at once, and one Lua call per change costs little; tantivy
+//! asynchronous, because its commits are batched anyway (a synchronous apply would not be
+//! searchable before the next commit) and full-text callers tolerate a short delay.
+//!
+//! **Routing.** A search goes to the cheapest backend whose capabilities cover all of it,
+//! that is healthy, not behind by more than its `max_lag`, and (with a consistency token) has
+//! the token's write; `_text` and `_content` only tantivy can answer. Reads by id come from a
+//! synchronous secondary that serves reads only while no synchronous apply to it has failed
+//! since its worker last caught up, so within one process a read never returns a version older
+//! than a write that returned. (A process cannot see another process's failed applies: with
+//! several processes, a failed synchronous apply in one can let another read the old version
+//! until the worker delivers the change.)
+//!
+//! Several processes may share one primary: each secondary's outbox is drained by whichever
+//! process holds its lease, and a dead process's lease expires.
+
+mod config;
+mod lane;
+mod worker;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use fhirstore_core::changelog::{ChangeCursor, ChangeLog, DeadLetter};
+use fhirstore_core::registry::Registry;
+use fhirstore_core::secondary::{Change, Health, Secondary};
+use fhirstore_core::{
+    Capabilities, Error, HistoryPage, HistoryRequest, LogicalId, OpOutcome, ReindexOptions,
+    ReindexStatus, ResourceStorage, ResourceType, Result, SearchPage, SearchQuery, StoredResource,
+    TenantContext, VersionId, WriteKind, WriteOp,
+};
+use tokio::task::JoinHandle;
+use tracing::Instrument as _;
+
+pub use config::{Failpoint, RejectPolicy, SecondaryConfig, SyncConfig, SyncMode};
+pub use lane::CircuitState;
+
+use lane::Lane;
+
+/// The name routing reports when the primary answered.
+pub const PRIMARY: &str = "primary";
+
+/// A write's outcome with what the sync manager did with it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Synced<T> {
+    /// What the primary returned.
+    pub value: T,
+    /// The highest outbox sequence number written: the consistency token for read-your-writes.
+    pub token: Option<i64>,
+    /// Synchronous secondaries that did not apply the change before the write returned; their
+    /// workers deliver it from the outbox.
+    pub lagging: Vec<String>,
+}
+
+/// A search result with the backend that answered it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Routed {
+    /// The page.
+    pub page: SearchPage,
+    /// `primary` or a secondary's name.
+    pub backend: String,
+}
+
+/// Per-operation overrides.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct WriteOptions {
+    /// Deliver in this mode to every secondary, whatever its configuration.
+    pub mode: Option<SyncMode>,
+}
+
+/// One secondary's sync status.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SecondaryStatus {
+    /// Its name.
+    pub name: String,
+    /// Its mode.
+    pub mode: SyncMode,
+    /// Everything at or before this log position is applied.
+    pub cursor: ChangeCursor,
+    /// Changes waiting for it.
+    pub lag_changes: u64,
+    /// Age of the oldest change waiting for it, in milliseconds.
+    pub lag_ms: u64,
+    /// Changes applied that moved a key forward, by this process.
+    pub applied: u64,
+    /// Changes that were not newer than what it held.
+    pub skipped: u64,
+    /// Failed attempts (each retried).
+    pub errors: u64,
+    /// The last failure.
+    pub last_error: Option<String>,
+    /// Changes set aside in the dead-letter table (all processes).
+    pub dead_letters: u64,
+    /// The circuit breaker.
+    pub circuit: CircuitState,
+    /// Its health, as last probed.
+    pub health: Health,
+    /// A rebuild from the primary is running.
+    pub backfilling: bool,
+    /// Delivery stopped on a rejected change (by policy), with the reason.
+    pub stopped: Option<String>,
+    /// Whether it may answer searches now.
+    pub healthy: bool,
+}
+
+struct Shared<P> {
+    primary: Arc<P>,
+    lanes: Vec<Arc<Lane>>,
+    config: SyncConfig,
+}
+
+/// The primary and its secondaries as one [`ResourceStorage`]; see the crate documentation.
+pub struct CompositeStorage<P> {
+    shared: Arc<Shared<P>>,
+    shutdown: tokio::sync::watch::Sender<bool>,
+    workers: std::sync::Mutex<Vec<JoinHandle<()>>>,
+}
+
+impl<P> std::fmt::Debug for CompositeStorage<P> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let names: Vec<&str> = self.shared.lanes.iter().map(|l| l.name.as_str()).collect();
+        f.debug_struct("CompositeStorage")
+            .field("secondaries", &names)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<P: ResourceStorage + ChangeLog + 'static> CompositeStorage<P> {
+    /// Starts one worker per secondary. Names must be unique; they name the durable cursors,
+    /// so a secondary keeps its name across restarts.
+    pub fn new(
+        primary: Arc<P>,
+        secondaries: Vec<(String, Arc<dyn Secondary>, SecondaryConfig)>,
+        config: SyncConfig,
+    ) -> Result<Self> {
+        let mut names = std::collections::HashSet::new();
+        for (name, _, _) in &secondaries {
+            if name == PRIMARY || !names.insert(name.clone()) {
+                return Err(Error::InvalidResource(format!(
+                    "secondary name {name:?} is reserved or used twice"
+                )));
+            }
+        }
+        let lanes: Vec<Arc<Lane>> = secondaries
+            .into_iter()
+            .map(|(name, s, c)| Arc::new(Lane::new(name, s, c)))
+            .collect();
+        let shared = Arc::new(Shared {
+            primary,
+            lanes,
+            config,
+        });
+        let (shutdown, rx) = tokio::sync::watch::channel(false);
+        let workers = shared
+            .lanes
+            .iter()
+            .map(|lane| {
+                let w = worker::Worker {
+                    primary: shared.primary.clone(),
+                    lane: lane.clone(),
+                    config: shared.config.clone(),
+                    shutdown: rx.clone(),
+                    renewed: None,
+                };
+                tokio::spawn(w.run())
+            })
+            .collect();
+        Ok(CompositeStorage {
+            shared,
+            shutdown,
+            workers: std::sync::Mutex::new(workers),
+        })
+    }
+
+    /// The primary.
+    pub fn primary(&self) -> &Arc<P> {
+        &self.shared.primary
+    }
+
+    /// Stops the workers: each finishes its current step and gives its lease up.
+    pub async fn shutdown(&self) {
+        let _ = self.shutdown.send(true);
+        for lane in &self.shared.lanes {
+            lane.wake.notify_one();
+        }
+        let handles: Vec<JoinHandle<()>> = std::mem::take(
+            &mut *self
+                .workers
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        );
+        for h in handles {
+            let _ = h.await;
+        }
+    }
+
+    /// Stops the workers at once, as a crash would: no lease is released (tests).
+    pub fn abort(&self) {
+        for h in self
+            .workers
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .drain(..)
+        {
+            h.abort();
+        }
+    }
+
+    /// Runs `ops` atomically on the primary, then delivers the changes synchronously where the
+    /// mode says so.
+    pub async fn transaction_with(
+        &self,
+        ctx: &TenantContext,
+        ops: Vec<WriteOp>,
+        options: WriteOptions,
+    ) -> Result<Synced<Vec<OpOutcome>>> {
+        let outcomes = self.shared.primary.transaction(ctx, ops).await?;
+        self.after_write(ctx, outcomes, options).await
+    }
+
+    /// Runs `ops` as a batch on the primary (each entry alone), then delivers as
+    /// [`Self::transaction_with`] does.
+    pub async fn batch_with(
+        &self,
+        ctx: &TenantContext,
+        ops: Vec<WriteOp>,
+        options: WriteOptions,
+    ) -> Result<Synced<Vec<Result<OpOutcome>>>> {
+        let results = self.shared.primary.batch(ctx, ops).await?;
+        let ok: Vec<OpOutcome> = results
+            .iter()
+            .filter_map(|r| r.as_ref().ok().cloned())
+            .collect();
+        let synced = self.after_write(ctx, ok, options).await?;
+        Ok(Synced {
+            value: results,
+            token: synced.token,
+            lagging: synced.lagging,
+        })
+    }
+
+    async fn after_write(
+        &self,
+        ctx: &TenantContext,
+        outcomes: Vec<OpOutcome>,
+        options: WriteOptions,
+    ) -> Result<Synced<Vec<OpOutcome>>> {
+        let mut changes = Vec::new();
+        let mut seqs = Vec::new();
+        for o in &outcomes {
+            match o {
+                OpOutcome::Written(w) if w.kind != WriteKind::Unchanged => {
+                    changes.push(Change::of(&w.resource));
+                    seqs.extend(w.seq);
+                }
+                OpOutcome::Written(_) => {}
+                OpOutcome::Deleted(d) => {
+                    seqs.extend(d.seq);
+                    for (key, version) in &d.deleted {
+                        // The tombstone's lastUpdated is the primary's; read it back.
+                        let t = self
+                            .shared
+                            .primary
+                            .vread(ctx, key.resource_type, &key.id, *version)
+                            .await?;
+                        changes.push(Change::of(&t));
+                    }
+                }
+            }
+        }
+        let token = seqs.iter().copied().max();
+        let mut lagging = Vec::new();
+        if changes.is_empty() {
+            return Ok(Synced {
+                value: outcomes,
+                token,
+                lagging,
+            });
+        }
+        if self.shared.config.fail("commit") {
+            return Ok(Synced {
+                value: outcomes,
+                token,
+                lagging: self.shared.lanes.iter().map(|l| l.name.clone()).collect(),
+            });
+        }
+        for lane in &self.shared.lanes {
+            let mode = options.mode.unwrap_or(lane.config.mode);
+            if mode == SyncMode::Synchronous && !self.apply_now(lane, &changes, &seqs, token).await
+            {
+                lagging.push(lane.name.clone());
+            }
+            lane.wake.notify_one();
+        }
+        Ok(Synced {
+            value: outcomes,
+            token,
+            lagging,
+        })
+    }
+
+    /// One synchronous delivery attempt; on failure, reads stay off the secondary until its
+    /// worker has delivered past this write.
+    async fn apply_now(
+        &self,
+        lane: &Lane,
+        changes: &[Change],
+        seqs: &[i64],
+        token: Option<i64>,
+    ) -> bool {
+        let open = lane.lock().breaker.state() == CircuitState::Open;
+        let span = tracing::debug_span!("sync.synchronous", secondary = %lane.name);
+        let ok = !open && {
+            let timeout = self.shared.config.sync_timeout;
+            let applied =
+                tokio::time::timeout(timeout, lane.secondary.apply(changes).instrument(span))
+                    .await
+                    .unwrap_or_else(|_| {
+                        Err(Error::backend_msg(
+                            format!("no answer within {timeout:?}"),
+                            true,
+                        ))
+                    });
+            match applied {
+                Ok(r) => {
+                    let mut s = lane.lock();
+                    s.breaker.success();
+                    s.applied += r.applied;
+                    s.skipped += r.skipped;
+                    true
+                }
+                Err(e) => {
+                    let mut s = lane.lock();
+                    s.errors += 1;
+                    s.last_error = Some(e.to_string());
+                    s.breaker.failure(
+                        self.shared.config.breaker_threshold,
+                        self.shared.config.breaker_cooldown,
+                    );
+                    false
+                }
+            }
+        };
+        if ok {
+            lane.note_synced(seqs.iter().copied());
+            return true;
+        }
+        lane.lock().fence_pending = true;
+        let fence = match token {
+            Some(t) => self.shared.primary.position_of(t).await.ok().flatten(),
+            None => None,
+        };
+        let mut s = lane.lock();
+        s.fence_pending = false;
+        if let Some(f) = fence {
+            if s.cursor < f {
+                s.fence = Some(s.fence.map_or(f, |old| old.max(f)));
+            }
+        } else if token.is_some() {
+            // The position could not be read: fence at the end of the log as it stands.
+            s.fence = Some(ChangeCursor {
+                major: i64::MAX,
+                minor: i64::MAX,
+            });
+        }
+        false
+    }
+
+    /// Whether `lane` has applied the write with this token.
+    async fn has_token(&self, lane: &Lane, token: i64) -> Result<bool> {
+        if lane.lock().recent_synced.contains(&token) {
+            return Ok(true);
+        }
+        match self.shared.primary.position_of(token).await? {
+            // Pruned: every consumer passed it.
+            None => Ok(true),
+            Some(p) => Ok(lane.lock().cursor >= p),
+        }
+    }
+
+    /// Routes a search: see the crate documentation. `token` asks for read-your-writes.
+    pub async fn search_routed(
+        &self,
+        ctx: &TenantContext,
+        query: &SearchQuery,
+        token: Option<i64>,
+    ) -> Result<Routed> {
+        if let Some(cursor) = &query.cursor {
+            // A page cursor belongs to the backend that made it.
+            if let Some(lane) = self
+                .shared
+                .lanes
+                .iter()
+                .find(|l| cursor.starts_with(&format!("{}:", l.secondary.name())))
+            {
+                let page = lane.secondary.search(ctx, query).await?;
+                return Ok(Routed {
+                    page,
+                    backend: lane.name.clone(),
+                });
+            }
+            return self.on_primary(ctx, query).await;
+        }
+        let mut candidates: Vec<&Arc<Lane>> = self
+            .shared
+            .lanes
+            .iter()
+            .filter(|l| l.secondary.capabilities().can_search(query) && l.available())
+            .filter(|l| {
+                let s = l.lock();
+                let sync_clean =
+                    l.config.mode == SyncMode::Synchronous && s.fence.is_none() && !s.fence_pending;
+                sync_clean || s.lag_changes <= l.config.max_lag
+            })
+            .collect();
+        candidates.sort_by_key(|l| l.config.search_cost);
+        let primary_can = self.shared.primary.capabilities().can_search(query);
+        for lane in candidates {
+            if primary_can && lane.config.search_cost >= self.shared.config.primary_search_cost {
+                break;
+            }
+            if let Some(t) = token {
+                if !self.wait_for_token(lane, t).await? {
+                    continue;
+                }
+            }
+            match lane.secondary.search(ctx, query).await {
+                Ok(page) => {
+                    return Ok(Routed {
+                        page,
+                        backend: lane.name.clone(),
+                    })
+                }
+                Err(e) if !primary_can => return Err(e),
+                Err(e) => {
+                    tracing::warn!(secondary = %lane.name, error = %e, "search failed; the primary answers");
+                }
+            }
+        }
+        self.on_primary(ctx, query).await
+    }
+
+    async fn on_primary(&self, ctx: &TenantContext, query: &SearchQuery) -> Result<Routed> {
+        Ok(Routed {
+            page: self.shared.primary.search(ctx, query).await?,
+            backend: PRIMARY.to_owned(),
+        })
+    }
+
+    /// Waits up to `token_wait` for the lane to have the token's write.
+    async fn wait_for_token(&self, lane: &Lane, token: i64) -> Result<bool> {
+        let deadline = Instant::now() + self.shared.config.token_wait;
+        loop {
+            let moved = lane.moved.notified();
+            if self.has_token(lane, token).await? {
+                return Ok(true);
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Ok(false);
+            }
+            let _ = tokio::time::timeout(left.min(Duration::from_millis(50)), moved).await;
+        }
+    }
+
+    /// Reads by id, from a secondary that serves reads when one may (see the crate
+    /// documentation), else from the primary. Reports who answered.
+    pub async fn read_routed(
+        &self,
+        ctx: &TenantContext,
+        resource_type: ResourceType,
+        id: &LogicalId,
+    ) -> Result<(StoredResource, String)> {
+        for lane in self.shared.lanes.iter().filter(|l| l.readable()) {
+            match lane.secondary.read(ctx, resource_type, id).await {
+                Ok(Some(r)) if r.deleted => {
+                    return Err(Error::Gone(format!(
+                        "{resource_type}/{id} was deleted in version {}",
+                        r.version
+                    )))
+                }
+                Ok(Some(r)) => return Ok((r, lane.name.clone())),
+                // Never applied there (or lost): the primary knows.
+                Ok(None) => break,
+                Err(e) => {
+                    tracing::debug!(secondary = %lane.name, error = %e, "read failed; the primary answers");
+                }
+            }
+        }
+        let r = self.shared.primary.read(ctx, resource_type, id).await?;
+        Ok((r, PRIMARY.to_owned()))
+    }
+
+    /// Every secondary's status.
+    pub async fn status(&self) -> Result<Vec<SecondaryStatus>> {
+        let mut out = Vec::new();
+        for lane in &self.shared.lanes {
+            let dead = self.shared.primary.dead_letters(&lane.name).await?.len() as u64;
+            let cursor = self.shared.primary.consumer(&lane.name).await?.cursor;
+            let (lag_changes, oldest) = self.shared.primary.backlog(cursor).await?;
+            let healthy = lane.available();
+            let s = lane.lock();
+            out.push(SecondaryStatus {
+                name: lane.name.clone(),
+                mode: lane.config.mode,
+                cursor,
+                lag_changes,
+                lag_ms: oldest.map_or(0, |t| {
+                    u64::try_from(fhirstore_core::now_micros().saturating_sub(t) / 1000)
+                        .unwrap_or(0)
+                }),
+                applied: s.applied,
+                skipped: s.skipped,
+                errors: s.errors,
+                last_error: s.last_error.clone(),
+                dead_letters: dead,
+                circuit: s.breaker.state(),
+                health: s.health.clone(),
+                backfilling: s.backfilling,
+                stopped: s.stopped.clone(),
+                healthy,
+            });
+        }
+        Ok(out)
+    }
+
+    /// The changes a secondary set aside.
+    pub async fn dead_letters(&self, secondary: &str) -> Result<Vec<DeadLetter>> {
+        self.shared.primary.dead_letters(secondary).await
+    }
+
+    /// Waits until every secondary has applied everything committed before the call, or the
+    /// timeout passes; `true` when all caught up.
+    pub async fn wait_for_sync(&self, timeout: Duration) -> Result<bool> {
+        let head = self.shared.primary.log_head().await?;
+        let deadline = Instant::now() + timeout;
+        loop {
+            let mut all = true;
+            for lane in &self.shared.lanes {
+                let cursor = self.shared.primary.consumer(&lane.name).await?.cursor;
+                let next = self.shared.primary.changes_after(cursor, 1).await?;
+                let behind = next.first().is_some_and(|c| c.cursor <= head);
+                let s = lane.lock();
+                if behind || s.backfilling || s.health != Health::Healthy {
+                    all = false;
+                }
+            }
+            if all {
+                return Ok(true);
+            }
+            if Instant::now() >= deadline {
+                return Ok(false);
+            }
+            for lane in &self.shared.lanes {
+                lane.wake.notify_one();
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
+impl<P> Drop for CompositeStorage<P> {
+    fn drop(&mut self) {
+        let _ = self.shutdown.send(true);
+    }
+}
+
+#[async_trait]
+impl<P: ResourceStorage + ChangeLog + 'static> ResourceStorage for CompositeStorage<P> {
+    fn capabilities(&self) -> Capabilities {
+        let mut caps = self.shared.primary.capabilities();
+        caps.name = "composite";
+        for lane in &self.shared.lanes {
+            for p in lane.secondary.capabilities().search_params {
+                if !caps.search_params.contains(&p) {
+                    caps.search_params.push(p);
+                }
+            }
+            for p in lane.secondary.capabilities().sort_params {
+                if !caps.sort_params.contains(&p) {
+                    caps.sort_params.push(p);
+                }
+            }
+        }
+        caps
+    }
+
+    async fn transaction(&self, ctx: &TenantContext, ops: Vec<WriteOp>) -> Result<Vec<OpOutcome>> {
+        Ok(self
+            .transaction_with(ctx, ops, WriteOptions::default())
+            .await?
+            .value)
+    }
+
+    async fn batch(
+        &self,
+        ctx: &TenantContext,
+        ops: Vec<WriteOp>,
+    ) -> Result<Vec<Result<OpOutcome>>> {
+        Ok(self
+            .batch_with(ctx, ops, WriteOptions::default())
+            .await?
+            .value)
+    }
+
+    async fn read(
+        &self,
+        ctx: &TenantContext,
+        resource_type: ResourceType,
+        id: &LogicalId,
+    ) -> Result<StoredResource> {
+        Ok(self.read_routed(ctx, resource_type, id).await?.0)
+    }
+
+    async fn vread(
+        &self,
+        ctx: &TenantContext,
+        resource_type: ResourceType,
+        id: &LogicalId,
+        version: VersionId,
+    ) -> Result<StoredResource> {
+        self.shared
+            .primary
+            .vread(ctx, resource_type, id, version)
+            .await
+    }
+
+    async fn history(&self, ctx: &TenantContext, request: &HistoryRequest) -> Result<HistoryPage> {
+        self.shared.primary.history(ctx, request).await
+    }
+
+    async fn count(&self, ctx: &TenantContext, resource_type: Option<ResourceType>) -> Result<u64> {
+        self.shared.primary.count(ctx, resource_type).await
+    }
+
+    async fn search(&self, ctx: &TenantContext, query: &SearchQuery) -> Result<SearchPage> {
+        Ok(self.search_routed(ctx, query, None).await?.page)
+    }
+
+    async fn search_parameters(&self, ctx: &TenantContext) -> Result<Arc<Registry>> {
+        self.shared.primary.search_parameters(ctx).await
+    }
+
+    async fn reindex_status(&self, ctx: &TenantContext) -> Result<Vec<ReindexStatus>> {
+        self.shared.primary.reindex_status(ctx).await
+    }
+
+    async fn reindex(
+        &self,
+        ctx: &TenantContext,
+        options: ReindexOptions,
+        progress: &(dyn for<'r> Fn(&'r ReindexStatus) + Send + Sync),
+    ) -> Result<Vec<ReindexStatus>> {
+        self.shared.primary.reindex(ctx, options, progress).await
+    }
+}

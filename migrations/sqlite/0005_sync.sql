@@ -1,0 +1,25 @@
+-- Sync consumers (one per secondary): the durable cursor into the outbox, the lease that lets
+-- one process at a time drain it, and a backfill in progress (JSON).
+CREATE TABLE sync_consumers (
+    name        TEXT    PRIMARY KEY,
+    major       INTEGER NOT NULL DEFAULT 0,
+    minor       INTEGER NOT NULL DEFAULT 0,
+    holder      TEXT,
+    lease_until INTEGER NOT NULL DEFAULT 0,
+    backfill    TEXT,
+    updated_at  INTEGER NOT NULL DEFAULT 0
+);
+
+-- Changes a consumer refused for good and set aside, so it could go on. `seq` is 0 for a
+-- change met during a backfill, which streams current rows rather than outbox entries.
+CREATE TABLE sync_dead_letters (
+    consumer      TEXT    NOT NULL,
+    seq           INTEGER NOT NULL,
+    tenant        TEXT    NOT NULL,
+    resource_type TEXT    NOT NULL,
+    id            TEXT    NOT NULL,
+    version       INTEGER NOT NULL,
+    error         TEXT    NOT NULL,
+    created_at    INTEGER NOT NULL,
+    PRIMARY KEY (consumer, tenant, resource_type, id, version)
+);

@@ -1,0 +1,754 @@
+//! CompositeStorage and the SyncManager on real backends: a SQLite primary (PostgreSQL where
+//! several processes share one), the real Redis and an in-memory tantivy index, with outages,
+//! rejections and crashes injected.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use fhirstore_core::changelog::ChangeLog;
+use fhirstore_core::search::Handling;
+use fhirstore_core::secondary::{Health, Secondary};
+use fhirstore_core::{
+    LogicalId, ResourceStorage, ResourceType, SearchQuery, TenantContext, WriteOp,
+};
+use fhirstore_redis::{RedisConfig, RedisSecondary};
+use fhirstore_sync::{
+    CompositeStorage, RejectPolicy, SecondaryConfig, SyncConfig, SyncMode, WriteOptions,
+};
+use fhirstore_tantivy::{TantivyConfig, TantivySecondary};
+use fhirstore_testkit::secondary::{assert_mirrors, Flaky, Rng};
+use serde_json::json;
+
+async fn redis() -> Option<RedisSecondary> {
+    fhirstore_integration::redis_secondary().await
+}
+
+async fn tantivy() -> TantivySecondary {
+    TantivySecondary::in_memory(TantivyConfig {
+        commit_interval: Duration::from_millis(50),
+        ..TantivyConfig::default()
+    })
+    .await
+    .expect("index")
+}
+
+async fn sqlite() -> Arc<fhirstore_sql::SqliteStore> {
+    Arc::new(
+        fhirstore_integration::sqlite_store(env!("CARGO_TARGET_TMPDIR"))
+            .await
+            .expect("sqlite"),
+    )
+}
+
+/// Settings that make tests fast: short leases, waits and backoff.
+fn quick(holder: &str) -> SyncConfig {
+    SyncConfig {
+        batch_size: 50,
+        batch_wait: Duration::from_millis(2),
+        poll_interval: Duration::from_millis(20),
+        retry_base: Duration::from_millis(5),
+        retry_max: Duration::from_millis(50),
+        breaker_threshold: 3,
+        breaker_cooldown: Duration::from_millis(50),
+        lease_ttl: Duration::from_millis(300),
+        holder: holder.to_owned(),
+        ..SyncConfig::default()
+    }
+}
+
+/// On the shared test database, pruning would delete other tests' outbox entries, which
+/// their checks count.
+fn shared_db(config: SyncConfig) -> SyncConfig {
+    SyncConfig {
+        prune: false,
+        ..config
+    }
+}
+
+fn pt() -> ResourceType {
+    ResourceType::new("Patient").expect("type")
+}
+
+fn patient(id: &str, family: &str, code: &str) -> serde_json::Value {
+    json!({
+        "resourceType": "Patient", "id": id,
+        "name": [{"family": family}],
+        "identifier": [{"system": "urn:test", "value": code}],
+        "text": {"status": "generated", "div": format!("<div xmlns=\"http://www.w3.org/1999/xhtml\">{family} notes</div>")},
+    })
+}
+
+fn query(qs: &str) -> SearchQuery {
+    SearchQuery::parse(Some(pt()), qs, Handling::Strict).expect("query")
+}
+
+/// Random creates, updates, deletes and transactions in two tenants while the secondaries go
+/// down and come back, reject nothing, and the process "crashes" at every delivery step
+/// (failpoints between primary commit, apply and cursor advance; the workers die without
+/// releasing their leases and a new instance takes over). After recovery and
+/// `wait_for_sync`, every secondary holds exactly the primary's state, digests included.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn model_based_convergence_through_outages_and_crashes() {
+    let Some(redis) = redis().await else { return };
+    let primary = sqlite().await;
+    let flaky_redis = Arc::new(Flaky::new(Arc::new(redis.clone())));
+    let flaky_tantivy = Arc::new(Flaky::new(Arc::new(tantivy().await)));
+    let tenants = [
+        fhirstore_testkit::random_tenant(),
+        fhirstore_testkit::random_tenant(),
+    ];
+    let crash_at: Arc<std::sync::Mutex<Option<&'static str>>> = Default::default();
+    let crashed = Arc::new(AtomicBool::new(false));
+    let start = |generation: u32| {
+        let mut config = quick(&format!("proc-{generation}"));
+        let (crash_at, crashed) = (crash_at.clone(), crashed.clone());
+        config.failpoint = Some(Arc::new(move |step| {
+            let mut at = crash_at.lock().expect("lock");
+            if *at == Some(step) {
+                *at = None;
+                crashed.store(true, Ordering::SeqCst);
+                return true;
+            }
+            false
+        }));
+        CompositeStorage::new(
+            primary.clone(),
+            vec![
+                (
+                    "redis".to_owned(),
+                    flaky_redis.clone() as Arc<dyn Secondary>,
+                    SecondaryConfig::cache(),
+                ),
+                (
+                    "tantivy".to_owned(),
+                    flaky_tantivy.clone() as Arc<dyn Secondary>,
+                    SecondaryConfig::index(),
+                ),
+            ],
+            config,
+        )
+        .expect("composite")
+    };
+    let mut generation = 0;
+    let mut composite = start(generation);
+    let mut rng = Rng::new(20261122);
+    let steps = ["commit", "apply", "applied", "advanced"];
+    for round in 0..500 {
+        let ctx = &tenants[rng.below(2)];
+        let id = LogicalId::new(format!("k{}", rng.below(12))).expect("id");
+        match rng.below(10) {
+            0 => {
+                composite.delete(ctx, pt(), &id).await.expect("delete");
+            }
+            1 => {
+                let first = rng.below(12);
+                let ops = (0..3)
+                    .map(|j| {
+                        let i = format!("k{}", (first + j) % 12);
+                        WriteOp::Update {
+                            resource_type: pt(),
+                            id: LogicalId::new(&i).expect("id"),
+                            resource: patient(&i, &format!("T{round}"), &format!("c{round}")),
+                            if_match: None,
+                        }
+                    })
+                    .collect();
+                composite.transaction(ctx, ops).await.expect("transaction");
+            }
+            _ => {
+                composite
+                    .update(
+                        ctx,
+                        pt(),
+                        &id,
+                        patient(
+                            id.as_str(),
+                            &format!("F{round}"),
+                            &format!("c{}", rng.below(4)),
+                        ),
+                        None,
+                    )
+                    .await
+                    .expect("update");
+            }
+        }
+        match rng.below(40) {
+            0 => flaky_redis.set_down(true),
+            1 => flaky_tantivy.set_down(true),
+            2 | 3 => {
+                flaky_redis.set_down(false);
+                flaky_tantivy.set_down(false);
+            }
+            _ => {}
+        }
+        // Arm a crash at a random step, when none is pending; it fires when that step runs.
+        if rng.below(12) == 0 {
+            let step = steps[rng.below(steps.len())];
+            crash_at.lock().expect("lock").get_or_insert(step);
+        }
+        if crashed.swap(false, Ordering::SeqCst) {
+            composite.abort();
+            generation += 1;
+            composite = start(generation);
+        }
+    }
+    *crash_at.lock().expect("lock") = None;
+    flaky_redis.set_down(false);
+    flaky_tantivy.set_down(false);
+    assert!(
+        composite
+            .wait_for_sync(Duration::from_secs(60))
+            .await
+            .expect("wait"),
+        "secondaries did not catch up: {:?}",
+        composite.status().await
+    );
+    for s in [&flaky_redis as &Arc<Flaky>, &flaky_tantivy] {
+        assert_mirrors(&*primary, &**s, &tenants).await;
+    }
+    eprintln!("generations (crashes + 1): {}", generation + 1);
+    assert!(generation >= 3, "the run should have crashed a few times");
+    composite.shutdown().await;
+    redis.purge().await.expect("purge");
+}
+
+/// Each query goes where the capabilities and costs say: `_text` to tantivy, a token search to
+/// Redis, a chain to the primary; an unhealthy or lagging secondary is passed over; a search
+/// with a consistency token sees the caller's write; reads by id come from Redis until a
+/// synchronous apply fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routing_follows_capabilities_health_and_lag() {
+    let Some(redis) = redis().await else { return };
+    let primary = sqlite().await;
+    let flaky_redis = Arc::new(Flaky::new(Arc::new(redis.clone())));
+    let flaky_tantivy = Arc::new(Flaky::new(Arc::new(tantivy().await)));
+    let mut index = SecondaryConfig::index();
+    index.max_lag = 0;
+    let composite = CompositeStorage::new(
+        primary.clone(),
+        vec![
+            (
+                "redis".to_owned(),
+                flaky_redis.clone() as Arc<dyn Secondary>,
+                SecondaryConfig::cache(),
+            ),
+            (
+                "tantivy".to_owned(),
+                flaky_tantivy.clone() as Arc<dyn Secondary>,
+                index,
+            ),
+        ],
+        quick("routing"),
+    )
+    .expect("composite");
+    let ctx = fhirstore_testkit::random_tenant();
+    for i in 0..5 {
+        let id = LogicalId::new(format!("r{i}")).expect("id");
+        composite
+            .update(
+                &ctx,
+                pt(),
+                &id,
+                patient(id.as_str(), &format!("Fam{i}"), "x"),
+                None,
+            )
+            .await
+            .expect("seed");
+    }
+    assert!(composite
+        .wait_for_sync(Duration::from_secs(30))
+        .await
+        .expect("wait"));
+
+    let backend = |qs: &'static str| {
+        let (c, ctx) = (&composite, &ctx);
+        async move {
+            c.search_routed(ctx, &query(qs), None)
+                .await
+                .expect("search")
+        }
+    };
+    let text = backend("_text=fam3").await;
+    assert_eq!(
+        (text.backend.as_str(), text.page.matches.len()),
+        ("tantivy", 1)
+    );
+    let token = backend("identifier=urn:test|x").await;
+    assert_eq!(
+        (token.backend.as_str(), token.page.matches.len()),
+        ("redis", 5)
+    );
+    let chain = backend("organization.name=Acme").await;
+    assert_eq!(chain.backend, "primary");
+
+    let id = LogicalId::new("r1").expect("id");
+    let (_, from) = composite.read_routed(&ctx, pt(), &id).await.expect("read");
+    assert_eq!(from, "redis");
+
+    // Redis down: a write still succeeds and says Redis lags; reads and searches go to the
+    // primary and still see the write.
+    flaky_redis.set_down(true);
+    let w = composite
+        .transaction_with(
+            &ctx,
+            vec![WriteOp::Update {
+                resource_type: pt(),
+                id: id.clone(),
+                resource: patient("r1", "Changed", "x"),
+                if_match: None,
+            }],
+            WriteOptions::default(),
+        )
+        .await
+        .expect("write while Redis is down");
+    assert_eq!(w.lagging, ["redis"]);
+    let (r, from) = composite.read_routed(&ctx, pt(), &id).await.expect("read");
+    assert_eq!((from.as_str(), r.version.get()), ("primary", 2));
+    let token = backend("identifier=urn:test|x").await;
+    assert_eq!(token.backend, "primary");
+    flaky_redis.set_down(false);
+    assert!(composite
+        .wait_for_sync(Duration::from_secs(30))
+        .await
+        .expect("wait"));
+    let (r, from) = composite.read_routed(&ctx, pt(), &id).await.expect("read");
+    assert_eq!(
+        (from.as_str(), r.version.get()),
+        ("redis", 2),
+        "served again once caught up"
+    );
+
+    // tantivy down: full text has nowhere to go; a write with a token is found by the search
+    // that carries it once tantivy is back.
+    flaky_tantivy.set_down(true);
+    let w = composite
+        .transaction_with(
+            &ctx,
+            vec![WriteOp::Update {
+                resource_type: pt(),
+                id: LogicalId::new("r9").expect("id"),
+                resource: patient("r9", "Zebedee", "y"),
+                if_match: None,
+            }],
+            WriteOptions::default(),
+        )
+        .await
+        .expect("write");
+    let err = composite
+        .search_routed(&ctx, &query("_text=zebedee"), None)
+        .await
+        .expect_err("no backend answers full text while tantivy is down");
+    // Unsupported once the worker has seen the outage; the outage itself before that.
+    assert!(
+        matches!(err, fhirstore_core::Error::Unsupported(_)) || err.is_temporary(),
+        "{err}"
+    );
+    flaky_tantivy.set_down(false);
+    let found = composite
+        .search_routed(&ctx, &query("_text=zebedee"), w.token)
+        .await;
+    // The worker may still be behind when the wait ends; then nothing can answer yet.
+    if let Ok(found) = found {
+        assert_eq!(
+            (found.backend.as_str(), found.page.matches.len()),
+            ("tantivy", 1)
+        );
+    }
+    assert!(composite
+        .wait_for_sync(Duration::from_secs(30))
+        .await
+        .expect("wait"));
+    let found = composite
+        .search_routed(&ctx, &query("_text=zebedee"), w.token)
+        .await
+        .expect("search");
+    assert_eq!(
+        (found.backend.as_str(), found.page.matches.len()),
+        ("tantivy", 1)
+    );
+
+    composite.shutdown().await;
+    redis.purge().await.expect("purge");
+}
+
+/// Readers racing writers, with Redis failing now and then: a read never returns a version
+/// older than a write to that key that had already returned.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_never_go_back_under_concurrency() {
+    let Some(redis) = redis().await else { return };
+    let primary = sqlite().await;
+    let flaky = Arc::new(Flaky::new(Arc::new(redis.clone())));
+    let composite = Arc::new(
+        CompositeStorage::new(
+            primary.clone(),
+            vec![(
+                "redis".to_owned(),
+                flaky.clone() as Arc<dyn Secondary>,
+                SecondaryConfig::cache(),
+            )],
+            quick("readers"),
+        )
+        .expect("composite"),
+    );
+    let ctx = fhirstore_testkit::random_tenant();
+    let keys = 4;
+    let returned: Arc<Vec<AtomicU64>> = Arc::new((0..keys).map(|_| AtomicU64::new(0)).collect());
+    let done = Arc::new(AtomicBool::new(false));
+    let served_by_redis = Arc::new(AtomicU64::new(0));
+    let writer = {
+        let (c, ctx, returned, flaky) = (
+            composite.clone(),
+            ctx.clone(),
+            returned.clone(),
+            flaky.clone(),
+        );
+        tokio::spawn(async move {
+            for i in 0..400usize {
+                let k = i % keys;
+                let id = LogicalId::new(format!("w{k}")).expect("id");
+                let w = c
+                    .update(
+                        &ctx,
+                        pt(),
+                        &id,
+                        patient(id.as_str(), &format!("v{i}"), "z"),
+                        None,
+                    )
+                    .await
+                    .expect("write");
+                returned[k].fetch_max(w.resource.version.get(), Ordering::SeqCst);
+                flaky.set_down(i % 50 >= 45);
+            }
+            flaky.set_down(false);
+        })
+    };
+    let readers: Vec<_> = (0..3)
+        .map(|_| {
+            let (c, ctx, returned, done, served) = (
+                composite.clone(),
+                ctx.clone(),
+                returned.clone(),
+                done.clone(),
+                served_by_redis.clone(),
+            );
+            tokio::spawn(async move {
+                let mut n = 0usize;
+                while !done.load(Ordering::SeqCst) {
+                    let k = n % keys;
+                    n += 1;
+                    let floor = returned[k].load(Ordering::SeqCst);
+                    if floor == 0 {
+                        tokio::task::yield_now().await;
+                        continue;
+                    }
+                    let id = LogicalId::new(format!("w{k}")).expect("id");
+                    let (r, from) = c.read_routed(&ctx, pt(), &id).await.expect("read");
+                    assert!(
+                        r.version.get() >= floor,
+                        "{from} returned w{k} v{} after v{floor} had been returned to a writer",
+                        r.version
+                    );
+                    if from == "redis" {
+                        served.fetch_add(1, Ordering::SeqCst);
+                    }
+                }
+            })
+        })
+        .collect();
+    writer.await.expect("writer");
+    done.store(true, Ordering::SeqCst);
+    for r in readers {
+        r.await.expect("reader");
+    }
+    assert!(
+        served_by_redis.load(Ordering::SeqCst) > 0,
+        "Redis never served a read"
+    );
+    composite.shutdown().await;
+    redis.purge().await.expect("purge");
+}
+
+/// A change the secondary rejects for good is dead-lettered (and delivery goes on), or stops
+/// delivery, by policy; either way status shows it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rejected_changes_follow_the_policy() {
+    for policy in [RejectPolicy::DeadLetter, RejectPolicy::Stop] {
+        let primary = sqlite().await;
+        let flaky = Arc::new(Flaky::new(Arc::new(tantivy().await)));
+        *flaky.reject.lock().expect("lock") = Some("bad".to_owned());
+        let mut cfg = SecondaryConfig::index();
+        cfg.on_reject = policy;
+        let composite = CompositeStorage::new(
+            primary.clone(),
+            vec![(
+                "tantivy".to_owned(),
+                flaky.clone() as Arc<dyn Secondary>,
+                cfg,
+            )],
+            quick("policy"),
+        )
+        .expect("composite");
+        // Built first (an empty backfill), so the writes reach it through the outbox.
+        assert!(composite
+            .wait_for_sync(Duration::from_secs(10))
+            .await
+            .expect("built"));
+        let ctx = fhirstore_testkit::random_tenant();
+        for id in ["good1", "bad", "good2"] {
+            composite
+                .update(
+                    &ctx,
+                    pt(),
+                    &LogicalId::new(id).expect("id"),
+                    patient(id, "P", "x"),
+                    None,
+                )
+                .await
+                .expect("write");
+        }
+        let synced = composite
+            .wait_for_sync(Duration::from_secs(5))
+            .await
+            .expect("wait");
+        let status = composite.status().await.expect("status");
+        match policy {
+            RejectPolicy::DeadLetter => {
+                assert!(synced, "{status:?}");
+                assert_eq!(status[0].dead_letters, 1);
+                let dead = composite
+                    .dead_letters("tantivy")
+                    .await
+                    .expect("dead letters");
+                assert_eq!(dead[0].id, "bad");
+                let r = flaky
+                    .read(&ctx, pt(), &LogicalId::new("good2").expect("id"))
+                    .await
+                    .expect("read");
+                assert!(r.is_some(), "delivery went on past the rejected change");
+            }
+            RejectPolicy::Stop => {
+                assert!(!synced);
+                assert!(
+                    status[0]
+                        .stopped
+                        .as_deref()
+                        .is_some_and(|s| s.contains("bad")),
+                    "{status:?}"
+                );
+                assert!(status[0].lag_changes >= 1);
+            }
+        }
+        composite.shutdown().await;
+    }
+}
+
+/// Two instances on one PostgreSQL primary drain concurrently: one worker at a time applies
+/// (leases), every change arrives, and Redis ends equal to the primary.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_instances_share_one_postgres() {
+    let Some(redis) = redis().await else { return };
+    let Some(pg) = fhirstore_integration::postgres_store().await else {
+        return;
+    };
+    let primary = Arc::new(pg);
+    let flaky = Arc::new(Flaky::new(Arc::new(redis.clone())));
+    // Asynchronous, so only the workers apply, and their overlap is what is measured.
+    let mut cfg = SecondaryConfig::cache();
+    cfg.mode = SyncMode::Asynchronous;
+    let name = format!("redis-{}", redis.prefix());
+    let a = CompositeStorage::new(
+        primary.clone(),
+        vec![(
+            name.clone(),
+            flaky.clone() as Arc<dyn Secondary>,
+            cfg.clone(),
+        )],
+        shared_db(quick("instance-a")),
+    )
+    .expect("a");
+    let b = CompositeStorage::new(
+        primary.clone(),
+        vec![(name.clone(), flaky.clone() as Arc<dyn Secondary>, cfg)],
+        shared_db(quick("instance-b")),
+    )
+    .expect("b");
+    let ctx = fhirstore_testkit::random_tenant();
+    futures::join!(write_many(&a, &ctx, 0), write_many(&b, &ctx, 1000));
+    assert!(a
+        .wait_for_sync(Duration::from_secs(60))
+        .await
+        .expect("wait a"));
+    assert!(b
+        .wait_for_sync(Duration::from_secs(60))
+        .await
+        .expect("wait b"));
+    assert_eq!(
+        flaky.max_in_flight.load(Ordering::SeqCst),
+        1,
+        "two workers applied at once"
+    );
+    assert_mirrors(&*primary, &*flaky, std::slice::from_ref(&ctx)).await;
+    a.shutdown().await;
+    b.shutdown().await;
+    redis.purge().await.expect("purge");
+}
+
+async fn write_many(
+    c: &CompositeStorage<fhirstore_sql::PostgresStore>,
+    ctx: &TenantContext,
+    from: usize,
+) {
+    for i in from..from + 60 {
+        let id = LogicalId::new(format!("m{}", i % 20)).expect("id");
+        c.update(
+            ctx,
+            pt(),
+            &id,
+            patient(id.as_str(), &format!("v{i}"), "m"),
+            None,
+        )
+        .await
+        .expect("write");
+    }
+}
+
+/// A real outage: a Redis server of the test's own is killed mid-load and restarted empty.
+/// Writes keep succeeding; the secondary reports it needs a rebuild, is backfilled from the
+/// primary while writes go on, and ends equal to the primary.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_killed_and_restarted_empty() {
+    if std::process::Command::new("redis-server")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        let _: Option<()> =
+            fhirstore_testkit::service_unavailable("redis-server binary", "not found");
+        return;
+    }
+    let port = 20000 + (std::process::id() % 20000) as u16;
+    let spawn = || {
+        std::process::Command::new("redis-server")
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("start redis-server")
+    };
+    let mut server = spawn();
+    let url = format!("redis://127.0.0.1:{port}");
+    let redis = loop {
+        if let Ok(r) = RedisSecondary::connect(&RedisConfig::new(&url)).await {
+            if !matches!(r.health().await, Health::Unavailable(_)) {
+                break r;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let primary = sqlite().await;
+    let composite = CompositeStorage::new(
+        primary.clone(),
+        vec![(
+            "redis".to_owned(),
+            Arc::new(redis.clone()) as Arc<dyn Secondary>,
+            SecondaryConfig::cache(),
+        )],
+        quick("outage"),
+    )
+    .expect("composite");
+    let ctx = fhirstore_testkit::random_tenant();
+    let mut lagging = 0;
+    for i in 0..300usize {
+        if i == 100 {
+            server.kill().expect("kill");
+            server.wait().expect("reap");
+        }
+        if i == 200 {
+            server = spawn();
+        }
+        let id = LogicalId::new(format!("o{}", i % 40)).expect("id");
+        let w = composite
+            .transaction_with(
+                &ctx,
+                vec![WriteOp::Update {
+                    resource_type: pt(),
+                    id: id.clone(),
+                    resource: patient(id.as_str(), &format!("v{i}"), "o"),
+                    if_match: None,
+                }],
+                WriteOptions::default(),
+            )
+            .await
+            .expect("writes succeed whatever Redis does");
+        lagging += usize::from(!w.lagging.is_empty());
+    }
+    assert!(
+        lagging >= 50,
+        "writes during the outage report Redis as lagging ({lagging})"
+    );
+    assert!(
+        composite
+            .wait_for_sync(Duration::from_secs(60))
+            .await
+            .expect("wait"),
+        "{:?}",
+        composite.status().await
+    );
+    assert_eq!(redis.health().await, Health::Healthy);
+    assert_mirrors(&*primary, &redis, std::slice::from_ref(&ctx)).await;
+    composite.shutdown().await;
+    let _ = server.kill();
+    let _ = server.wait();
+}
+
+/// Outbox entries every consumer has passed are pruned.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outbox_is_pruned_behind_every_cursor() {
+    let primary = sqlite().await;
+    let composite = CompositeStorage::new(
+        primary.clone(),
+        vec![(
+            "tantivy".to_owned(),
+            Arc::new(tantivy().await) as Arc<dyn Secondary>,
+            SecondaryConfig::index(),
+        )],
+        quick("prune"),
+    )
+    .expect("composite");
+    let ctx: TenantContext = fhirstore_testkit::random_tenant();
+    for i in 0..30 {
+        let id = LogicalId::new(format!("p{i}")).expect("id");
+        composite
+            .update(&ctx, pt(), &id, patient(id.as_str(), "P", "x"), None)
+            .await
+            .expect("write");
+    }
+    assert!(composite
+        .wait_for_sync(Duration::from_secs(30))
+        .await
+        .expect("wait"));
+    let head = primary.log_head().await.expect("head");
+    let mut left = u64::MAX;
+    for _ in 0..200 {
+        left = primary
+            .backlog(fhirstore_core::changelog::ChangeCursor::default())
+            .await
+            .expect("backlog")
+            .0;
+        if left == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(left, 0, "entries up to {head:?} remain");
+    composite.shutdown().await;
+}
