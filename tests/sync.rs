@@ -752,3 +752,92 @@ async fn outbox_is_pruned_behind_every_cursor() {
     assert_eq!(left, 0, "entries up to {head:?} remain");
     composite.shutdown().await;
 }
+
+/// A backfill interrupted by a crash resumes where its last batch left off: the new instance
+/// applies only what the first did not, and the secondary ends equal to the primary.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backfill_resumes_after_a_crash() {
+    let primary = sqlite().await;
+    let ctx = fhirstore_testkit::random_tenant();
+    for i in 0..400 {
+        let id = LogicalId::new(format!("b{i:03}")).expect("id");
+        primary
+            .update(&ctx, pt(), &id, patient(id.as_str(), "B", "b"), None)
+            .await
+            .expect("seed");
+    }
+    let index: Arc<dyn Secondary> = Arc::new(tantivy().await);
+    let applies = Arc::new(AtomicU64::new(0));
+    let crashed = Arc::new(AtomicBool::new(false));
+    let mut first = quick("backfill-1");
+    {
+        let (applies, crashed) = (applies.clone(), crashed.clone());
+        first.failpoint = Some(Arc::new(move |step| {
+            // Crash as the third batch is about to be applied.
+            let crash = step == "apply" && applies.fetch_add(1, Ordering::SeqCst) == 2;
+            if crash {
+                crashed.store(true, Ordering::SeqCst);
+            }
+            crash
+        }));
+    }
+    let one = CompositeStorage::new(
+        primary.clone(),
+        vec![(
+            "tantivy".to_owned(),
+            index.clone(),
+            SecondaryConfig::index(),
+        )],
+        first,
+    )
+    .expect("first instance");
+    for _ in 0..1000 {
+        if crashed.load(Ordering::SeqCst) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert!(
+        crashed.load(Ordering::SeqCst),
+        "the backfill never reached its third batch"
+    );
+    one.abort();
+    let state = primary.consumer("tantivy").await.expect("consumer");
+    let saved = state
+        .backfill
+        .expect("the backfill is recorded as unfinished");
+    assert_eq!(
+        saved.after.as_ref().map(|(_, _, id)| id.to_string()),
+        Some("b099".to_owned()),
+        "progress is saved after each batch of 50"
+    );
+
+    let two = CompositeStorage::new(
+        primary.clone(),
+        vec![(
+            "tantivy".to_owned(),
+            index.clone(),
+            SecondaryConfig::index(),
+        )],
+        quick("backfill-2"),
+    )
+    .expect("second instance");
+    assert!(two
+        .wait_for_sync(Duration::from_secs(30))
+        .await
+        .expect("wait"));
+    let status = two.status().await.expect("status");
+    assert_eq!(
+        (status[0].applied, status[0].skipped),
+        (300, 0),
+        "the second instance applied only the rest"
+    );
+    assert!(primary
+        .consumer("tantivy")
+        .await
+        .expect("consumer")
+        .backfill
+        .is_none());
+    assert_mirrors(&*primary, &*index, std::slice::from_ref(&ctx)).await;
+    two.shutdown().await;
+}
