@@ -170,6 +170,32 @@ pub enum Health {
     Unavailable(String),
 }
 
+/// The primary's digests, as the reconciler compares them with a secondary's: the same
+/// three views [`Secondary`] gives, plus the types a tenant has.
+#[async_trait]
+pub trait DigestSource: Send + Sync {
+    /// The (tenant, type) root digest.
+    async fn root_digest(&self, tenant: &TenantId, resource_type: ResourceType) -> Result<Digest>;
+
+    /// Every non-empty segment's digest, in segment order.
+    async fn segment_digests_of(
+        &self,
+        tenant: &TenantId,
+        resource_type: ResourceType,
+    ) -> Result<Vec<SegmentDigest>>;
+
+    /// The keys in the given segments, tombstones included, in id order.
+    async fn segment_keys_of(
+        &self,
+        tenant: &TenantId,
+        resource_type: ResourceType,
+        segments: &[u16],
+    ) -> Result<Vec<KeyState>>;
+
+    /// The types the tenant holds any resource of.
+    async fn types_of(&self, tenant: &TenantId) -> Result<Vec<ResourceType>>;
+}
+
 /// A projection of the primary; see the module documentation for the rules it keeps.
 #[async_trait]
 pub trait Secondary: Send + Sync {
@@ -182,6 +208,12 @@ pub trait Secondary: Send + Sync {
     /// Applies changes, version-guarded and idempotent, in as few round trips as the backend
     /// allows. Changes may belong to several tenants.
     async fn apply(&self, changes: &[Change]) -> Result<Applied>;
+
+    /// Like [`Secondary::apply`], but a change whose version equals the held one replaces it
+    /// when the element hashes differ: the repair of a damaged copy, which the version guard
+    /// alone would never overwrite. The reconciler uses it with the primary's current
+    /// versions only.
+    async fn repair(&self, changes: &[Change]) -> Result<Applied>;
 
     /// The current version of a resource, tombstones included (`deleted` set); `None` when
     /// the key was never applied.

@@ -381,6 +381,57 @@ impl RedisSecondary {
         }
     }
 
+    async fn apply_changes(&self, changes: &[Change], repair: bool) -> Result<Applied> {
+        if changes.is_empty() {
+            return Ok(Applied::default());
+        }
+        let mut pipe = redis::pipe();
+        for c in changes {
+            let rt = c.key.resource_type;
+            let id = c.key.id.as_str();
+            let lu = to_micros(c.last_updated);
+            let (body, ops) = match &c.content {
+                Some(v) => (
+                    serde_json::to_string(v).map_err(|e| bad_data(e.to_string()))?,
+                    index_ops(rt, id, v, lu),
+                ),
+                None => (String::new(), Vec::new()),
+            };
+            let ops = Value::Array(ops).to_string();
+            let e = hash_words(c.element_hash()).map(|w| w.to_string());
+            let args = [
+                self.base(&c.tenant),
+                rt.to_string(),
+                id.to_owned(),
+                c.version.get().to_string(),
+                lu.to_string(),
+                if c.content.is_some() { "0" } else { "1" }.to_owned(),
+                body,
+                e[0].clone(),
+                e[1].clone(),
+                e[2].clone(),
+                e[3].clone(),
+                c.segment().to_string(),
+                ops,
+                if repair { "1" } else { "0" }.to_owned(),
+            ];
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            let doc = self.doc_key(&c.tenant, rt, id);
+            Self::evalsha(&mut pipe, &self.apply, &[&doc], &args);
+        }
+        let replies = self.run(&pipe).await?;
+        let mut out = Applied::default();
+        for r in replies {
+            match r {
+                RValue::Int(1) => out.applied += 1,
+                RValue::Int(0) => out.skipped += 1,
+                other => return Err(bad_data(format!("apply reply {other:?}"))),
+            }
+        }
+        tracing::debug!(applied = out.applied, skipped = out.skipped, "redis apply");
+        Ok(out)
+    }
+
     /// Fails unless the `built` marker is there; see the module documentation.
     fn check_built(marker: &RValue) -> Result<()> {
         match marker {
@@ -443,53 +494,11 @@ impl Secondary for RedisSecondary {
     }
 
     async fn apply(&self, changes: &[Change]) -> Result<Applied> {
-        if changes.is_empty() {
-            return Ok(Applied::default());
-        }
-        let mut pipe = redis::pipe();
-        for c in changes {
-            let rt = c.key.resource_type;
-            let id = c.key.id.as_str();
-            let lu = to_micros(c.last_updated);
-            let (body, ops) = match &c.content {
-                Some(v) => (
-                    serde_json::to_string(v).map_err(|e| bad_data(e.to_string()))?,
-                    index_ops(rt, id, v, lu),
-                ),
-                None => (String::new(), Vec::new()),
-            };
-            let ops = Value::Array(ops).to_string();
-            let e = hash_words(c.element_hash()).map(|w| w.to_string());
-            let args = [
-                self.base(&c.tenant),
-                rt.to_string(),
-                id.to_owned(),
-                c.version.get().to_string(),
-                lu.to_string(),
-                if c.content.is_some() { "0" } else { "1" }.to_owned(),
-                body,
-                e[0].clone(),
-                e[1].clone(),
-                e[2].clone(),
-                e[3].clone(),
-                c.segment().to_string(),
-                ops,
-            ];
-            let args: Vec<&str> = args.iter().map(String::as_str).collect();
-            let doc = self.doc_key(&c.tenant, rt, id);
-            Self::evalsha(&mut pipe, &self.apply, &[&doc], &args);
-        }
-        let replies = self.run(&pipe).await?;
-        let mut out = Applied::default();
-        for r in replies {
-            match r {
-                RValue::Int(1) => out.applied += 1,
-                RValue::Int(0) => out.skipped += 1,
-                other => return Err(bad_data(format!("apply reply {other:?}"))),
-            }
-        }
-        tracing::debug!(applied = out.applied, skipped = out.skipped, "redis apply");
-        Ok(out)
+        self.apply_changes(changes, false).await
+    }
+
+    async fn repair(&self, changes: &[Change]) -> Result<Applied> {
+        self.apply_changes(changes, true).await
     }
 
     async fn read(

@@ -330,3 +330,70 @@ impl ChangeLog for Store {
         rows.iter().map(|r| version_at(r, 0)).collect()
     }
 }
+
+#[async_trait]
+impl fhirstore_core::secondary::DigestSource for Store {
+    async fn root_digest(&self, tenant: &TenantId, rt: ResourceType) -> Result<Digest> {
+        let mut d = Digest::default();
+        for s in self.segment_digests_of(tenant, rt).await? {
+            d.merge(s.digest);
+        }
+        Ok(d)
+    }
+
+    async fn segment_digests_of(
+        &self,
+        tenant: &TenantId,
+        rt: ResourceType,
+    ) -> Result<Vec<SegmentDigest>> {
+        self.digest_segments(&TenantContext::full(tenant.clone()), rt)
+            .await
+    }
+
+    async fn segment_keys_of(
+        &self,
+        tenant: &TenantId,
+        rt: ResourceType,
+        segments: &[u16],
+    ) -> Result<Vec<fhirstore_core::secondary::KeyState>> {
+        let mut out = Vec::new();
+        for chunk in segments.chunks(500) {
+            let mut qb = QueryBuilder::<Db>::new(
+                "SELECT id, version, e_hi, e_lo FROM resources WHERE tenant = ",
+            );
+            qb.push_bind(tenant.as_str().to_owned());
+            qb.push(" AND resource_type = ");
+            qb.push_bind(rt.as_str());
+            qb.push(" AND segment IN (");
+            let mut sep = qb.separated(", ");
+            for s in chunk {
+                sep.push_bind(i32::from(*s));
+            }
+            qb.push(")");
+            for r in qb.build().fetch_all(&self.reader).await.map_err(db_err)? {
+                let id: String = r.try_get(0).map_err(db_err)?;
+                out.push(fhirstore_core::secondary::KeyState {
+                    id: LogicalId::new(id).map_err(|e| corrupt(e.to_string()))?,
+                    version: version_of(r.try_get(1).map_err(db_err)?)?,
+                    e: join_u128(r.try_get(2).map_err(db_err)?, r.try_get(3).map_err(db_err)?),
+                });
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    async fn types_of(&self, tenant: &TenantId) -> Result<Vec<ResourceType>> {
+        let rows: Vec<(String,)> = sqlx::query_as(
+            "SELECT DISTINCT resource_type FROM digests WHERE tenant = $1 AND count <> 0 \
+             ORDER BY resource_type",
+        )
+        .bind(tenant.as_str())
+        .fetch_all(&self.reader)
+        .await
+        .map_err(db_err)?;
+        rows.into_iter()
+            .map(|(t,)| ResourceType::new(&t).map_err(|_| corrupt(format!("type {t:?}"))))
+            .collect()
+    }
+}

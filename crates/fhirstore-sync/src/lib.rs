@@ -28,6 +28,7 @@
 
 mod config;
 mod lane;
+pub mod reconcile;
 mod worker;
 
 use std::sync::Arc;

@@ -318,7 +318,8 @@ fn number_query(f: &Fields, param: &str, n: &NumberValue) -> Box<dyn Query> {
 /// The pending (applied, uncommitted) versions, and the writer.
 struct Writer {
     writer: IndexWriter,
-    pending: HashMap<String, u64>,
+    /// Key → (version, element hash) of each change applied since the last commit.
+    pending: HashMap<String, (u64, u128)>,
 }
 
 struct Inner {
@@ -587,17 +588,20 @@ impl Inner {
         searcher: &Searcher,
         cols: &[Columns],
         key: &str,
-    ) -> Result<Option<u64>> {
+    ) -> Result<Option<(u64, u128)>> {
         let q = TermQuery::new(
             Term::from_field_text(self.f.key, key),
             IndexRecordOption::Basic,
         );
         let hits = searcher.search(&q, &DocSetCollector).map_err(index_err)?;
-        hits.into_iter()
-            .map(|a| meta(cols, a).map(|m| m.version))
-            .try_fold(None, |best: Option<u64>, v| {
-                Ok(Some(best.unwrap_or(0).max(v?)))
-            })
+        let mut best: Option<(u64, u128)> = None;
+        for a in hits {
+            let m = meta(cols, a)?;
+            if best.is_none_or(|(v, _)| m.version > v) {
+                best = Some((m.version, m.e));
+            }
+        }
+        Ok(best)
     }
 
     fn document(&self, c: &Change) -> Result<TantivyDocument> {
@@ -676,7 +680,7 @@ impl Inner {
         Ok(doc)
     }
 
-    fn apply(&self, changes: &[Change]) -> Result<Applied> {
+    fn apply(&self, changes: &[Change], repair: bool) -> Result<Applied> {
         let mut w = lock(&self.writer);
         let searcher = self.reader.searcher();
         let cols = columns(&searcher)?;
@@ -687,7 +691,11 @@ impl Inner {
                 Some(v) => Some(*v),
                 None => self.held_version(&searcher, &cols, &key)?,
             };
-            if held.is_some_and(|h| h >= c.version.get()) {
+            let (version, e) = (c.version.get(), c.element_hash());
+            let keep = held.is_some_and(|(v, held_e)| {
+                v > version || (v == version && (!repair || held_e == e))
+            });
+            if keep {
                 out.skipped += 1;
                 continue;
             }
@@ -698,7 +706,7 @@ impl Inner {
             w.writer
                 .add_document(self.document(c)?)
                 .map_err(index_err)?;
-            w.pending.insert(key, c.version.get());
+            w.pending.insert(key, (version, e));
             out.applied += 1;
         }
         if w.pending.len() >= self.config.commit_every {
@@ -1059,7 +1067,14 @@ impl Secondary for TantivySecondary {
             return Ok(Applied::default());
         }
         let changes = changes.to_vec();
-        self.blocking(move |inner| inner.apply(&changes)).await
+        self.blocking(move |inner| inner.apply(&changes, false))
+            .await
+    }
+
+    async fn repair(&self, changes: &[Change]) -> Result<Applied> {
+        let changes = changes.to_vec();
+        self.blocking(move |inner| inner.apply(&changes, true))
+            .await
     }
 
     async fn read(

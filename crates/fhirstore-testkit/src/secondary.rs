@@ -740,6 +740,14 @@ impl Secondary for Flaky {
         r
     }
 
+    async fn repair(
+        &self,
+        changes: &[Change],
+    ) -> fhirstore_core::Result<fhirstore_core::secondary::Applied> {
+        self.check()?;
+        self.inner.repair(changes).await
+    }
+
     async fn read(
         &self,
         ctx: &TenantContext,

@@ -4,7 +4,8 @@
 -- KEYS[1]: the document hash. Every other key is derived from ARGV[1], the tenant's key base
 -- (`prefix:{tenant}:`), so all of them share the tenant's hash slot on Redis Cluster.
 -- ARGV: base, type, id, version, last_updated (microseconds), deleted ('0' or '1'), body,
--- e0..e3 (the element hash as four signed 32-bit words), segment, index entries (JSON).
+-- e0..e3 (the element hash as four signed 32-bit words), segment, index entries (JSON), and
+-- '1' for a repair (see below).
 -- An index entry is {kind, key[, member]}: 's' adds the id to a set, 'z' adds it to a sorted
 -- set with `member` as its score, 'l' adds `member` to a sorted set at score 0 (a lexical range
 -- index). Scores travel as strings: Lua numbers would lose microseconds.
@@ -12,8 +13,14 @@
 local doc = KEYS[1]
 local base, rt, id = ARGV[1], ARGV[2], ARGV[3]
 local held = redis.call('HMGET', doc, 'v', 'e', 'ix')
-if held[1] and tonumber(held[1]) >= tonumber(ARGV[4]) then
-  return 0
+local e = {tonumber(ARGV[8]), tonumber(ARGV[9]), tonumber(ARGV[10]), tonumber(ARGV[11])}
+local e_text = string.format('%d:%d:%d:%d', e[1], e[2], e[3], e[4])
+if held[1] then
+  local have, want = tonumber(held[1]), tonumber(ARGV[4])
+  -- ARGV[14] = '1' is a repair: an equal version with another hash is replaced.
+  if have > want or (have == want and (ARGV[14] ~= '1' or held[2] == e_text)) then
+    return 0
+  end
 end
 
 local digests = base .. 'g:' .. rt
@@ -47,7 +54,6 @@ local function fold(field, e, delta)
   end
 end
 
-local e = {tonumber(ARGV[8]), tonumber(ARGV[9]), tonumber(ARGV[10]), tonumber(ARGV[11])}
 if held[2] then
   local old = words(held[2])
   fold('r', old, -1)
@@ -83,7 +89,7 @@ for _, entry in ipairs(cjson.decode(ARGV[13])) do
 end
 
 redis.call('HSET', doc, 'v', ARGV[4], 'lu', ARGV[5], 'd', ARGV[6],
-  'e', string.format('%d:%d:%d:%d', e[1], e[2], e[3], e[4]), 'ix', ARGV[13])
+  'e', e_text, 'ix', ARGV[13])
 if ARGV[6] == '1' then
   redis.call('HDEL', doc, 'b')
 else
