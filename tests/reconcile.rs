@@ -4,7 +4,6 @@
 
 use std::sync::Arc;
 
-use fhirstore_core::changelog::ChangeLog;
 use fhirstore_core::secondary::{Change, Secondary};
 use fhirstore_core::{from_micros, LogicalId, ResourceStorage, ResourceType, VersionId};
 use fhirstore_sync::reconcile::{reconcile, ReconcileMode, ReconcileRequest, TypeReport};
@@ -54,21 +53,11 @@ async fn check(secondary: &dyn Secondary) {
     // d0004 at version 1 (stale); d0005 at version 2 with another body (stale by hash);
     // d0010 still live at version 1 (stale: the delete never arrived); an extra key; d0006
     // ahead at version 7.
-    let mut changes = Vec::new();
-    let mut after = None;
-    loop {
-        let rows = primary
-            .snapshot(after.as_ref(), 500)
-            .await
-            .expect("snapshot");
-        let Some(last) = rows.last() else { break };
-        after = Some((
-            last.tenant.clone(),
-            last.key.resource_type,
-            last.key.id.clone(),
-        ));
-        changes.extend(rows.iter().map(Change::of));
-    }
+    let changes: Vec<Change> = fhirstore_testkit::secondary::primary_state(&*primary)
+        .await
+        .iter()
+        .map(Change::of)
+        .collect();
     let drift = |c: &mut Change| -> bool {
         if c.tenant != *ctx.tenant() {
             return true;

@@ -828,26 +828,35 @@ where
     P: fhirstore_core::changelog::ChangeLog + ?Sized,
 {
     let mut model = Model::default();
-    let mut after = None;
-    loop {
-        let rows = primary
-            .snapshot(after.as_ref(), 1000)
-            .await
-            .expect("snapshot");
-        let Some(last) = rows.last() else { break };
-        after = Some((
-            last.tenant.clone(),
-            last.key.resource_type,
-            last.key.id.clone(),
-        ));
-        for r in &rows {
-            if tenants.iter().any(|t| t.tenant() == &r.tenant) {
-                model.apply(&Change::of(r));
-            }
+    for r in primary_state(primary).await {
+        if tenants.iter().any(|t| t.tenant() == &r.tenant) {
+            model.apply(&Change::of(&r));
         }
     }
     let types: BTreeSet<ResourceType> = model.newest.keys().map(|(_, t, _)| *t).collect();
     let types: Vec<ResourceType> = types.into_iter().collect();
     assert!(!model.newest.is_empty(), "nothing to compare");
     assert_holds(secondary, &model, tenants, &types, secondary.name()).await;
+}
+
+/// The primary's current version (or tombstone) of every resource of every tenant, from its
+/// change log's snapshot.
+pub async fn primary_state<P>(primary: &P) -> Vec<StoredResource>
+where
+    P: fhirstore_core::changelog::ChangeLog + ?Sized,
+{
+    let mut out: Vec<StoredResource> = Vec::new();
+    loop {
+        let after = out
+            .last()
+            .map(|r| (r.tenant.clone(), r.key.resource_type, r.key.id.clone()));
+        let rows = primary
+            .snapshot(after.as_ref(), 1000)
+            .await
+            .expect("snapshot");
+        if rows.is_empty() {
+            return out;
+        }
+        out.extend(rows);
+    }
 }
