@@ -194,6 +194,14 @@ pub trait DigestSource: Send + Sync {
 
     /// The types the tenant holds any resource of.
     async fn types_of(&self, tenant: &TenantId) -> Result<Vec<ResourceType>>;
+
+    /// Every tenant that holds any resource.
+    async fn tenants(&self) -> Result<Vec<TenantId>>;
+
+    /// Recomputes the (tenant, type) segment digests from the resources themselves and
+    /// rewrites the stored ones where they disagree (a digest table restored from an old
+    /// backup, or damaged); returns how many segments were wrong.
+    async fn self_check(&self, tenant: &TenantId, resource_type: ResourceType) -> Result<u64>;
 }
 
 /// A projection of the primary; see the module documentation for the rules it keeps.

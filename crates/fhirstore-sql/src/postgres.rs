@@ -258,6 +258,8 @@ const LOG_UPTO: &str = "(txid, seq) <= (($1::bigint)::text::xid8, $2)";
 const LOG_VISIBLE: &str = " AND txid < pg_snapshot_xmin(pg_current_snapshot())";
 const LOG_HEAD: &str = "SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint - 1, \
                         9223372036854775807::bigint";
+/// The digest self-check holds off writers' digest updates while it recomputes.
+const LOCK_DIGESTS: Option<&str> = Some("LOCK TABLE digests IN SHARE ROW EXCLUSIVE MODE");
 
 include!("store_body.rs");
 include!("params_body.rs");

@@ -383,6 +383,88 @@ impl fhirstore_core::secondary::DigestSource for Store {
         Ok(out)
     }
 
+    async fn tenants(&self) -> Result<Vec<TenantId>> {
+        let rows: Vec<(String,)> =
+            sqlx::query_as("SELECT DISTINCT tenant FROM digests WHERE count <> 0 ORDER BY tenant")
+                .fetch_all(&self.reader)
+                .await
+                .map_err(db_err)?;
+        rows.into_iter()
+            .map(|(t,)| TenantId::new(&t).map_err(|e| corrupt(e.to_string())))
+            .collect()
+    }
+
+    async fn self_check(&self, tenant: &TenantId, rt: ResourceType) -> Result<u64> {
+        let mut tx = self.begin_write().await?;
+        // Writers update digests last in their transaction: holding them off while the rows
+        // are read makes the recomputed digests exact (SQLite's one writer already does).
+        if let Some(lock) = LOCK_DIGESTS {
+            sqlx::query(lock).execute(&mut *tx).await.map_err(db_err)?;
+        }
+        let rows = sqlx::query(
+            "SELECT segment, e_hi, e_lo FROM resources WHERE tenant = $1 AND resource_type = $2",
+        )
+        .bind(tenant.as_str())
+        .bind(rt.as_str())
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(db_err)?;
+        let mut want: std::collections::BTreeMap<i32, Digest> = Default::default();
+        for r in rows {
+            let e = join_u128(r.try_get(1).map_err(db_err)?, r.try_get(2).map_err(db_err)?);
+            want.entry(r.try_get(0).map_err(db_err)?)
+                .or_default()
+                .add(e);
+        }
+        let stored = sqlx::query(
+            "SELECT segment, h_hi, h_lo, count FROM digests \
+             WHERE tenant = $1 AND resource_type = $2",
+        )
+        .bind(tenant.as_str())
+        .bind(rt.as_str())
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(db_err)?;
+        let mut have: std::collections::BTreeMap<i32, Digest> = Default::default();
+        for r in stored {
+            let s = segment_row(r)?;
+            if s.digest.count != 0 {
+                have.insert(i32::from(s.segment), s.digest);
+            }
+        }
+        let segments: std::collections::BTreeSet<i32> =
+            want.keys().chain(have.keys()).copied().collect();
+        let mut wrong = 0u64;
+        for seg in segments {
+            let w = want.get(&seg).copied().unwrap_or_default();
+            if have.get(&seg).copied().unwrap_or_default() == w {
+                continue;
+            }
+            wrong += 1;
+            let (hi, lo) = split_u128(w.hash);
+            sqlx::query(
+                "INSERT INTO digests (tenant, resource_type, segment, h_hi, h_lo, count) \
+                 VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (tenant, resource_type, segment) \
+                 DO UPDATE SET h_hi = excluded.h_hi, h_lo = excluded.h_lo, count = excluded.count",
+            )
+            .bind(tenant.as_str())
+            .bind(rt.as_str())
+            .bind(seg)
+            .bind(hi)
+            .bind(lo)
+            .bind(w.count)
+            .execute(&mut *tx)
+            .await
+            .map_err(db_err)?;
+        }
+        tx.commit().await.map_err(db_err)?;
+        if wrong > 0 {
+            tracing::warn!(tenant = tenant.as_str(), resource_type = %rt, wrong,
+                "digest self-check rewrote segments that disagreed with the rows");
+        }
+        Ok(wrong)
+    }
+
     async fn types_of(&self, tenant: &TenantId) -> Result<Vec<ResourceType>> {
         let rows: Vec<(String,)> = sqlx::query_as(
             "SELECT DISTINCT resource_type FROM digests WHERE tenant = $1 AND count <> 0 \

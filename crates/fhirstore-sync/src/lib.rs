@@ -538,6 +538,21 @@ impl<P: ResourceStorage + ChangeLog + 'static> CompositeStorage<P> {
         Ok(out)
     }
 
+    /// A reconciler over this composite's primary and secondaries.
+    pub fn reconciler(&self) -> reconcile::Reconciler<P>
+    where
+        P: fhirstore_core::secondary::DigestSource,
+    {
+        reconcile::Reconciler::new(
+            self.shared.primary.clone(),
+            self.shared
+                .lanes
+                .iter()
+                .map(|l| (l.name.clone(), l.secondary.clone()))
+                .collect(),
+        )
+    }
+
     /// The changes a secondary set aside.
     pub async fn dead_letters(&self, secondary: &str) -> Result<Vec<DeadLetter>> {
         self.shared.primary.dead_letters(secondary).await

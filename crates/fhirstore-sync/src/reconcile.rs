@@ -18,9 +18,11 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Instant;
 
+use fhirstore_core::changelog::{ChangeCursor, ChangeLog};
 use fhirstore_core::secondary::{Change, DigestSource, KeyState, Secondary, SegmentDigest};
 use fhirstore_core::{ResourceStorage, ResourceType, Result, TenantContext, TenantId};
 use serde::Serialize;
+use tracing::Instrument as _;
 
 /// Whether a run only reports, or also repairs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -105,7 +107,65 @@ fn differing(p: &[SegmentDigest], s: &[SegmentDigest]) -> Vec<u16> {
         .collect()
 }
 
+/// Drifted keys by id, with the primary's side (absent for an extra key) and the class.
+type Drift<'a> = BTreeMap<String, (Option<KeyState>, Class)>;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Class {
+    Missing,
+    Extra,
+    Stale,
+    Ahead,
+}
+
+fn classify(p_keys: &[KeyState], s_keys: &[KeyState]) -> Drift<'static> {
+    let p_by: BTreeMap<&str, &KeyState> = p_keys.iter().map(|k| (k.id.as_str(), k)).collect();
+    let s_by: BTreeMap<&str, &KeyState> = s_keys.iter().map(|k| (k.id.as_str(), k)).collect();
+    let ids: BTreeSet<&str> = p_by.keys().chain(s_by.keys()).copied().collect();
+    let mut out = BTreeMap::new();
+    for id in ids {
+        let class = match (p_by.get(id), s_by.get(id)) {
+            (Some(_), None) => Class::Missing,
+            (None, Some(_)) => Class::Extra,
+            (Some(p), Some(s)) if s.version > p.version => Class::Ahead,
+            (Some(p), Some(s)) if s.version < p.version || s.e != p.e => Class::Stale,
+            _ => continue,
+        };
+        out.insert(id.to_owned(), (p_by.get(id).map(|k| (*k).clone()), class));
+    }
+    out
+}
+
+/// How the reconciler tells drift from changes still on their way: the change log and the
+/// secondary's consumer name. Differing keys are looked at again once the consumer's cursor
+/// has passed the log position taken after the first look (or `wait` has gone by), and only
+/// keys that drifted the same way both times count.
+pub struct InFlight<'a> {
+    /// The primary's change log.
+    pub log: &'a dyn ChangeLog,
+    /// The secondary's consumer name.
+    pub consumer: &'a str,
+    /// The longest wait for the consumer.
+    pub wait: std::time::Duration,
+}
+
+impl InFlight<'_> {
+    async fn settle(&self, head: ChangeCursor) -> Result<()> {
+        let deadline = Instant::now() + self.wait;
+        while Instant::now() < deadline {
+            let cursor = self.log.consumer(self.consumer).await?.cursor;
+            let next = self.log.changes_after(cursor, 1).await?;
+            if next.first().is_none_or(|c| c.cursor > head) {
+                return Ok(());
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        Ok(())
+    }
+}
+
 /// Compares one (tenant, type) and repairs it when asked.
+#[allow(clippy::too_many_arguments)]
 pub async fn reconcile_type<P>(
     primary: &P,
     secondary: &dyn Secondary,
@@ -114,6 +174,7 @@ pub async fn reconcile_type<P>(
     rt: ResourceType,
     mode: ReconcileMode,
     max_segments: usize,
+    in_flight: Option<&InFlight<'_>>,
 ) -> Result<TypeReport>
 where
     P: DigestSource + ResourceStorage + ?Sized,
@@ -140,23 +201,33 @@ where
     let s_keys = secondary.segment_keys(tenant, rt, &examined).await?;
     report.keys_read_primary = p_keys.len() as u64;
     report.keys_read_secondary = s_keys.len() as u64;
-    let p_by: BTreeMap<&str, &KeyState> = p_keys.iter().map(|k| (k.id.as_str(), k)).collect();
-    let s_by: BTreeMap<&str, &KeyState> = s_keys.iter().map(|k| (k.id.as_str(), k)).collect();
-    let ids: BTreeSet<&str> = p_by.keys().chain(s_by.keys()).copied().collect();
+    let mut drift = classify(&p_keys, &s_keys);
+    if let (Some(f), false) = (in_flight, drift.is_empty()) {
+        // Everything the first look saw is in the log by now: wait until the secondary's
+        // worker has passed it.
+        let head = f.log.log_head().await?;
+        f.settle(head).await?;
+        let p_again = primary.segment_keys_of(tenant, rt, &examined).await?;
+        let s_again = secondary.segment_keys(tenant, rt, &examined).await?;
+        report.keys_read_primary += p_again.len() as u64;
+        report.keys_read_secondary += s_again.len() as u64;
+        let again = classify(&p_again, &s_again);
+        // Drift both times, the same way; the second look's primary side is the current one.
+        drift = again
+            .into_iter()
+            .filter(|(id, (_, class))| drift.get(id).is_some_and(|(_, c)| c == class))
+            .collect();
+    }
     let mut to_repair = Vec::new();
-    for id in ids {
-        match (p_by.get(id), s_by.get(id)) {
-            (Some(p), None) => {
-                report.missing += 1;
-                to_repair.push(*p);
-            }
-            (None, Some(_)) => report.extra += 1,
-            (Some(p), Some(s)) if s.version > p.version => report.ahead += 1,
-            (Some(p), Some(s)) if s.version < p.version || s.e != p.e => {
-                report.stale += 1;
-                to_repair.push(*p);
-            }
-            _ => {}
+    for (p, class) in drift.values() {
+        match class {
+            Class::Missing => report.missing += 1,
+            Class::Extra => report.extra += 1,
+            Class::Stale => report.stale += 1,
+            Class::Ahead => report.ahead += 1,
+        }
+        if matches!(class, Class::Missing | Class::Stale) {
+            to_repair.extend(p.as_ref());
         }
     }
     if mode == ReconcileMode::Repair && !to_repair.is_empty() {
@@ -180,42 +251,125 @@ where
     Ok(report)
 }
 
-/// Reconciles every requested (tenant, type) against one secondary, calling `progress` after
-/// each.
-pub async fn reconcile<P>(
-    primary: &P,
-    secondary: &dyn Secondary,
-    name: &str,
-    request: &ReconcileRequest,
-    progress: &(dyn Fn(&ReconcileProgress) + Send + Sync),
-) -> Result<Vec<TypeReport>>
+/// A reconcile job's request; see [`Reconciler::run`].
+#[derive(Clone, Debug)]
+pub struct JobRequest {
+    /// Tenants; `None`: every tenant the primary has.
+    pub tenants: Option<Vec<TenantId>>,
+    /// Types; `None`: every type of each tenant.
+    pub types: Option<Vec<ResourceType>>,
+    /// Secondaries by name; `None`: all.
+    pub secondaries: Option<Vec<String>>,
+    /// Report or repair.
+    pub mode: ReconcileMode,
+    /// Differing segments examined per (tenant, type) and pass.
+    pub max_segments: usize,
+    /// Recompute the primary's digests from its rows first, repairing the digest table.
+    pub self_check: bool,
+}
+
+/// A job's report.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct JobReport {
+    /// One entry per (secondary, tenant, type).
+    pub entries: Vec<TypeReport>,
+    /// Primary digest segments the self-check found wrong and rewrote.
+    pub primary_segments_repaired: u64,
+    /// The job was cancelled before it finished.
+    pub cancelled: bool,
+}
+
+/// Runs reconcile jobs for a primary and named secondaries.
+pub struct Reconciler<P> {
+    primary: std::sync::Arc<P>,
+    secondaries: Vec<(String, std::sync::Arc<dyn Secondary>)>,
+    /// How long the in-flight re-check waits for a secondary's worker.
+    pub settle_wait: std::time::Duration,
+}
+
+impl<P> Reconciler<P>
 where
-    P: DigestSource + ResourceStorage + ?Sized,
+    P: DigestSource + ResourceStorage + ChangeLog + 'static,
 {
-    let mut out = Vec::new();
-    let mut seen = ReconcileProgress::default();
-    for tenant in &request.tenants {
-        let types = match &request.types {
-            Some(t) => t.clone(),
-            None => primary.types_of(tenant).await?,
-        };
-        for rt in types {
-            let r = reconcile_type(
-                primary,
-                secondary,
-                name,
-                tenant,
-                rt,
-                request.mode,
-                request.max_segments,
-            )
-            .await?;
-            seen.segments_compared += r.segments_examined;
-            seen.keys_fetched += r.keys_read_primary + r.keys_read_secondary;
-            seen.repaired += r.repaired;
-            progress(&seen);
-            out.push(r);
+    /// A reconciler over these secondaries; names are their sync consumer names.
+    pub fn new(
+        primary: std::sync::Arc<P>,
+        secondaries: Vec<(String, std::sync::Arc<dyn Secondary>)>,
+    ) -> Self {
+        Reconciler {
+            primary,
+            secondaries,
+            settle_wait: std::time::Duration::from_secs(5),
         }
     }
-    Ok(out)
+
+    /// Runs a job: for each requested secondary, tenant and type, the descent, the in-flight
+    /// re-check and (in `Repair` mode) the repair. `progress` is called after each (secondary,
+    /// tenant, type); setting `cancel` stops the job after the current one.
+    pub async fn run(
+        &self,
+        request: &JobRequest,
+        progress: &(dyn Fn(&ReconcileProgress) + Send + Sync),
+        cancel: &std::sync::atomic::AtomicBool,
+    ) -> Result<JobReport> {
+        use std::sync::atomic::Ordering;
+        let mut report = JobReport::default();
+        let tenants = match &request.tenants {
+            Some(t) => t.clone(),
+            None => self.primary.tenants().await?,
+        };
+        let mut plan = Vec::new();
+        for tenant in &tenants {
+            let types = match &request.types {
+                Some(t) => t.clone(),
+                None => self.primary.types_of(tenant).await?,
+            };
+            for rt in types {
+                if request.self_check {
+                    report.primary_segments_repaired += self.primary.self_check(tenant, rt).await?;
+                }
+                plan.push((tenant.clone(), rt));
+            }
+        }
+        let mut seen = ReconcileProgress::default();
+        for (name, secondary) in &self.secondaries {
+            if request
+                .secondaries
+                .as_ref()
+                .is_some_and(|only| !only.contains(name))
+            {
+                continue;
+            }
+            let in_flight = InFlight {
+                log: &*self.primary,
+                consumer: name,
+                wait: self.settle_wait,
+            };
+            for (tenant, rt) in &plan {
+                if cancel.load(Ordering::SeqCst) {
+                    report.cancelled = true;
+                    return Ok(report);
+                }
+                let span = tracing::info_span!("reconcile", secondary = %name, tenant = tenant.as_str(), resource_type = %rt);
+                let r = reconcile_type(
+                    &*self.primary,
+                    &**secondary,
+                    name,
+                    tenant,
+                    *rt,
+                    request.mode,
+                    request.max_segments,
+                    Some(&in_flight),
+                )
+                .instrument(span)
+                .await?;
+                seen.segments_compared += r.segments_examined;
+                seen.keys_fetched += r.keys_read_primary + r.keys_read_secondary;
+                seen.repaired += r.repaired;
+                progress(&seen);
+                report.entries.push(r);
+            }
+        }
+        Ok(report)
+    }
 }
