@@ -10,6 +10,7 @@
 //! `generate`: writes the generated clinical data as NDJSON, for other tools and stores.
 
 mod generate;
+mod reconcile;
 mod reindex;
 mod search;
 mod secondary;
@@ -48,6 +49,8 @@ enum Command {
     /// CompositeStorage: writes in each sync mode against the primary alone, asynchronous
     /// lag, catch-up after an outage.
     Sync(sync::SyncArgs),
+    /// Reconciler: detect and repair drift against a naive full comparison.
+    Reconcile(reconcile::ReconcileArgs),
 }
 
 #[derive(clap::Args)]
@@ -75,6 +78,18 @@ struct PatientsArgs {
     /// Which store to measure.
     #[command(flatten)]
     store: crate::StoreArgs,
+}
+
+/// The Redis server a bench uses; it works under its own key prefix and deletes it afterwards.
+#[derive(clap::Args)]
+struct RedisArgs {
+    /// Redis URL.
+    #[arg(
+        long = "redis",
+        env = "FHIRSTORE_TEST_REDIS_URL",
+        default_value = "redis://127.0.0.1:6379"
+    )]
+    url: String,
 }
 
 /// The store a bench runs against.
@@ -129,6 +144,7 @@ async fn main() -> Result<(), BoxError> {
         Command::Reindex(args) => reindex::run(args).await,
         Command::Secondaries(args) => secondary::run(args).await,
         Command::Sync(args) => sync::run(args).await,
+        Command::Reconcile(args) => reconcile::run(args).await,
     }
 }
 

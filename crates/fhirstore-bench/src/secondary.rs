@@ -37,13 +37,9 @@ pub struct SecondaryArgs {
     /// Generator seed.
     #[arg(long, default_value_t = 42)]
     seed: u64,
-    /// Redis URL; the bench works under its own key prefix and deletes it afterwards.
-    #[arg(
-        long,
-        env = "FHIRSTORE_TEST_REDIS_URL",
-        default_value = "redis://127.0.0.1:6379"
-    )]
-    redis: String,
+    /// The Redis server.
+    #[command(flatten)]
+    redis: crate::RedisArgs,
     /// The primary.
     #[command(flatten)]
     store: crate::StoreArgs,
@@ -94,7 +90,7 @@ pub async fn run(args: SecondaryArgs) -> Result<(), BoxError> {
         }
     }
 
-    let mut redis_config = RedisConfig::new(&args.redis);
+    let mut redis_config = RedisConfig::new(&args.redis.url);
     redis_config.prefix = format!("fhirstore-bench-{}", uuid::Uuid::new_v4().simple());
     let redis = RedisSecondary::connect(&redis_config).await?;
     let tantivy_dir = dir.path().join("tantivy");

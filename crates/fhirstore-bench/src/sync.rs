@@ -31,13 +31,9 @@ pub struct SyncArgs {
     /// Writes per measurement.
     #[arg(long, default_value_t = 3_000)]
     n: usize,
-    /// Redis URL; the bench works under its own key prefix and deletes it afterwards.
-    #[arg(
-        long,
-        env = "FHIRSTORE_TEST_REDIS_URL",
-        default_value = "redis://127.0.0.1:6379"
-    )]
-    redis: String,
+    /// The Redis server.
+    #[command(flatten)]
+    redis: crate::RedisArgs,
 }
 
 fn body(i: usize, round: usize) -> serde_json::Value {
@@ -144,7 +140,7 @@ fn ms(d: Duration) -> f64 {
 
 /// Runs the sync bench.
 pub async fn run(args: SyncArgs) -> Result<(), BoxError> {
-    let s = setup(&args.redis).await?;
+    let s = setup(&args.redis.url).await?;
     let ctx = TenantContext::full(TenantId::new("bench-sync")?);
     println!(
         "sync: {} single-task updates per row (500 Patients, SQLite primary)",

@@ -150,6 +150,17 @@ pub struct InFlight<'a> {
 }
 
 impl InFlight<'_> {
+    /// Whether the secondary is fed from the log at all: a secondary no sync manager feeds
+    /// has nothing on its way.
+    async fn tracked(&self) -> Result<bool> {
+        Ok(self
+            .log
+            .consumers()
+            .await?
+            .iter()
+            .any(|(name, _)| name == self.consumer))
+    }
+
     async fn settle(&self, head: ChangeCursor) -> Result<()> {
         let deadline = Instant::now() + self.wait;
         while Instant::now() < deadline {
@@ -202,7 +213,11 @@ where
     report.keys_read_primary = p_keys.len() as u64;
     report.keys_read_secondary = s_keys.len() as u64;
     let mut drift = classify(&p_keys, &s_keys);
-    if let (Some(f), false) = (in_flight, drift.is_empty()) {
+    let tracked = match in_flight {
+        Some(f) if !drift.is_empty() => f.tracked().await?,
+        _ => false,
+    };
+    if let (Some(f), true) = (in_flight, tracked) {
         // Everything the first look saw is in the log by now: wait until the secondary's
         // worker has passed it.
         let head = f.log.log_head().await?;
