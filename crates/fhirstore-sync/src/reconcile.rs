@@ -227,10 +227,18 @@ where
         report.keys_read_primary += p_again.len() as u64;
         report.keys_read_secondary += s_again.len() as u64;
         let again = classify(&p_again, &s_again);
-        // Drift both times, the same way; the second look's primary side is the current one.
+        // Drift both times, the same way, against the same primary version: a key written
+        // again since the first look is on its way once more, not drift.
+        let same = |a: &Option<KeyState>, b: &Option<KeyState>| {
+            a.as_ref().map(|k| (k.version, k.e)) == b.as_ref().map(|k| (k.version, k.e))
+        };
         drift = again
             .into_iter()
-            .filter(|(id, (_, class))| drift.get(id).is_some_and(|(_, c)| c == class))
+            .filter(|(id, (p, class))| {
+                drift
+                    .get(id)
+                    .is_some_and(|(p1, c)| c == class && same(p1, p))
+            })
             .collect();
     }
     let mut to_repair = Vec::new();

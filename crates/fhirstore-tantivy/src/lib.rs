@@ -331,6 +331,9 @@ struct Inner {
     dir: Option<PathBuf>,
     built: AtomicBool,
     why_unbuilt: Mutex<String>,
+    /// Segment digests per (tenant, type), computed by one scan on first use and kept up to
+    /// date by `apply` from then on (under the writer lock, like the scan).
+    digests: Mutex<HashMap<(TenantId, ResourceType), BTreeMap<u16, Digest>>>,
 }
 
 /// The tantivy secondary. Cheap to clone.
@@ -440,6 +443,7 @@ impl TantivySecondary {
             dir,
             built: AtomicBool::new(why.is_empty()),
             why_unbuilt: Mutex::new(why.to_owned()),
+            digests: Mutex::new(HashMap::new()),
         });
         Self::spawn_committer(Arc::downgrade(&inner));
         Ok(TantivySecondary { inner })
@@ -698,6 +702,18 @@ impl Inner {
             if keep {
                 out.skipped += 1;
                 continue;
+            }
+            if let Some(segs) =
+                lock(&self.digests).get_mut(&(c.tenant.clone(), c.key.resource_type))
+            {
+                let d = segs.entry(c.segment()).or_default();
+                if let Some((_, old)) = held {
+                    d.remove(old);
+                }
+                d.add(e);
+                if d.count == 0 {
+                    segs.remove(&c.segment());
+                }
             }
             // The delete takes effect on documents added before it only, so the new version
             // survives it.
@@ -1006,6 +1022,35 @@ impl Inner {
         segments: Option<&[u16]>,
     ) -> Result<Vec<Meta>> {
         self.commit_if_pending()?;
+        self.scan_type(tenant, rt, segments)
+    }
+
+    /// The (tenant, type) segment digests: kept, or computed by one scan and kept.
+    fn type_digests(&self, tenant: &TenantId, rt: ResourceType) -> Result<BTreeMap<u16, Digest>> {
+        let mut w = lock(&self.writer);
+        let key = (tenant.clone(), rt);
+        if let Some(d) = lock(&self.digests).get(&key) {
+            return Ok(d.clone());
+        }
+        if !w.pending.is_empty() {
+            self.commit(&mut w)?;
+        }
+        let mut by: BTreeMap<u16, Digest> = BTreeMap::new();
+        for m in self.scan_type(tenant, rt, None)? {
+            let s = u16::try_from(m.segment).map_err(index_err)?;
+            by.entry(s).or_default().add(m.e);
+        }
+        lock(&self.digests).insert(key, by.clone());
+        Ok(by)
+    }
+
+    /// [`Self::all_of_type`] over what is committed.
+    fn scan_type(
+        &self,
+        tenant: &TenantId,
+        rt: ResourceType,
+        segments: Option<&[u16]>,
+    ) -> Result<Vec<Meta>> {
         let mut clauses: Vec<(Occur, Box<dyn Query>)> = self
             .scope(tenant, rt)
             .into_iter()
@@ -1140,8 +1185,8 @@ impl Secondary for TantivySecondary {
         let tenant = tenant.clone();
         self.blocking(move |inner| {
             let mut d = Digest::default();
-            for m in inner.all_of_type(&tenant, resource_type, None)? {
-                d.add(m.e);
+            for s in inner.type_digests(&tenant, resource_type)?.into_values() {
+                d.merge(s);
             }
             Ok(d)
         })
@@ -1155,12 +1200,8 @@ impl Secondary for TantivySecondary {
     ) -> Result<Vec<SegmentDigest>> {
         let tenant = tenant.clone();
         self.blocking(move |inner| {
-            let mut by: BTreeMap<u16, Digest> = BTreeMap::new();
-            for m in inner.all_of_type(&tenant, resource_type, None)? {
-                let s = u16::try_from(m.segment).map_err(index_err)?;
-                by.entry(s).or_default().add(m.e);
-            }
-            Ok(by
+            Ok(inner
+                .type_digests(&tenant, resource_type)?
                 .into_iter()
                 .map(|(segment, digest)| SegmentDigest { segment, digest })
                 .collect())
@@ -1202,6 +1243,7 @@ impl Secondary for TantivySecondary {
                 .delete_term(Term::from_field_text(inner.f.tenant, tenant.as_str()));
             let prefix = format!("{}{SEP}", tenant.as_str());
             w.pending.retain(|k, _| !k.starts_with(&prefix));
+            lock(&inner.digests).retain(|(t, _), _| *t != tenant);
             inner.commit(&mut w)
         })
         .await
