@@ -113,7 +113,7 @@ async fn check(secondary: Arc<dyn Secondary>) {
         let reconciler = &reconciler;
         async move {
             let cancel = std::sync::atomic::AtomicBool::new(false);
-            let report = reconciler
+            let (_, report) = reconciler
                 .run(&request, &|_| {}, &cancel)
                 .await
                 .expect("reconcile");
@@ -141,6 +141,42 @@ async fn check(secondary: Arc<dyn Secondary>) {
     );
     let json = serde_json::to_value(a).expect("serialisable");
     assert_eq!(json["missing"], 2);
+
+    // A job cancelled after its first step is recorded in the primary and resumes there.
+    let cancel = std::sync::atomic::AtomicBool::new(false);
+    let request = JobRequest {
+        tenants: Some(vec![ctx.tenant().clone(), other.tenant().clone()]),
+        types: None,
+        secondaries: None,
+        mode: ReconcileMode::DryRun,
+        max_segments: 10_000,
+        self_check: false,
+    };
+    let stop = |_: &fhirstore_sync::reconcile::ReconcileProgress| {
+        cancel.store(true, std::sync::atomic::Ordering::SeqCst)
+    };
+    let (id, first) = reconciler.run(&request, &stop, &cancel).await.expect("run");
+    assert!(first.cancelled);
+    assert_eq!(first.entries.len(), 1);
+    cancel.store(false, std::sync::atomic::Ordering::SeqCst);
+    let resumed = reconciler
+        .resume(&id, &|_| {}, &cancel)
+        .await
+        .expect("resume");
+    assert!(!resumed.cancelled);
+    let strip = |v: &[TypeReport]| {
+        v.iter()
+            .map(|r| TypeReport {
+                duration_ms: 0,
+                ..r.clone()
+            })
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        strip(&resumed.entries),
+        strip(&dry),
+        "the resumed job's report equals an uninterrupted one's"
+    );
 
     let fixed = run(ReconcileMode::Repair).await;
     assert_eq!(fixed[0].repaired, 6, "{:?}", fixed[0]);
@@ -306,7 +342,7 @@ async fn writes_in_flight_are_not_drift() {
             max_segments: 10_000,
             self_check: false,
         };
-        let report = reconciler
+        let (_, report) = reconciler
             .run(&request, &|_| {}, &cancel)
             .await
             .expect("run");

@@ -164,7 +164,7 @@ pub async fn run(args: ReconcileArgs) -> Result<(), BoxError> {
             .run(&request(ReconcileMode::DryRun), &|_| {}, &cancel)
             .await?;
         let detect = t.elapsed();
-        let r = &dry.entries[0];
+        let r = &dry.1.entries[0];
         let read = r.keys_read_primary + r.keys_read_secondary;
         let found = r.missing + r.stale + r.extra + r.ahead;
         let t = Instant::now();

@@ -138,3 +138,29 @@ pub trait ChangeLog: Send + Sync {
         limit: u32,
     ) -> Result<Vec<StoredResource>>;
 }
+
+/// A reconcile job as the primary keeps it, so a job stopped by a crash or a cancellation
+/// resumes where it was. The plan and report are the reconciler's JSON.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct JobRecord {
+    /// The job's id.
+    pub id: String,
+    /// The resolved steps and settings.
+    pub plan: String,
+    /// The first step not yet done.
+    pub next_step: u64,
+    /// The report so far.
+    pub report: String,
+    /// `running`, `cancelled` or `done`.
+    pub state: String,
+}
+
+/// Where reconcile jobs are recorded.
+#[async_trait]
+pub trait JobLog: Send + Sync {
+    /// Creates or replaces a job record.
+    async fn save_job(&self, job: &JobRecord) -> Result<()>;
+
+    /// A job record by id.
+    async fn load_job(&self, id: &str) -> Result<Option<JobRecord>>;
+}

@@ -479,3 +479,44 @@ impl fhirstore_core::secondary::DigestSource for Store {
             .collect()
     }
 }
+
+#[async_trait]
+impl fhirstore_core::changelog::JobLog for Store {
+    async fn save_job(&self, job: &fhirstore_core::changelog::JobRecord) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO reconcile_jobs (id, plan, next_step, report, state, updated_at) \
+             VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (id) DO UPDATE SET \
+             plan = excluded.plan, next_step = excluded.next_step, report = excluded.report, \
+             state = excluded.state, updated_at = excluded.updated_at",
+        )
+        .bind(&job.id)
+        .bind(&job.plan)
+        .bind(i64::try_from(job.next_step).unwrap_or(i64::MAX))
+        .bind(&job.report)
+        .bind(&job.state)
+        .bind(now_micros())
+        .execute(&self.writer)
+        .await
+        .map_err(db_err)?;
+        Ok(())
+    }
+
+    async fn load_job(&self, id: &str) -> Result<Option<fhirstore_core::changelog::JobRecord>> {
+        let row: Option<(String, String, i64, String, String)> = sqlx::query_as(
+            "SELECT id, plan, next_step, report, state FROM reconcile_jobs WHERE id = $1",
+        )
+        .bind(id)
+        .fetch_optional(&self.reader)
+        .await
+        .map_err(db_err)?;
+        Ok(row.map(
+            |(id, plan, next, report, state)| fhirstore_core::changelog::JobRecord {
+                id,
+                plan,
+                next_step: u64::try_from(next).unwrap_or(0),
+                report,
+                state,
+            },
+        ))
+    }
+}

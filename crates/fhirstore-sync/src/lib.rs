@@ -541,7 +541,7 @@ impl<P: ResourceStorage + ChangeLog + 'static> CompositeStorage<P> {
     /// A reconciler over this composite's primary and secondaries.
     pub fn reconciler(&self) -> reconcile::Reconciler<P>
     where
-        P: fhirstore_core::secondary::DigestSource,
+        P: fhirstore_core::secondary::DigestSource + fhirstore_core::changelog::JobLog,
     {
         reconcile::Reconciler::new(
             self.shared.primary.clone(),

@@ -18,14 +18,14 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Instant;
 
-use fhirstore_core::changelog::{ChangeCursor, ChangeLog};
+use fhirstore_core::changelog::{ChangeCursor, ChangeLog, JobLog, JobRecord};
 use fhirstore_core::secondary::{Change, DigestSource, KeyState, Secondary, SegmentDigest};
 use fhirstore_core::{ResourceStorage, ResourceType, Result, TenantContext, TenantId};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tracing::Instrument as _;
 
 /// Whether a run only reports, or also repairs.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ReconcileMode {
     /// Compare and report.
     DryRun,
@@ -48,7 +48,7 @@ pub struct ReconcileRequest {
 }
 
 /// The outcome for one (secondary, tenant, type).
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TypeReport {
     /// The secondary.
     pub secondary: String,
@@ -292,7 +292,7 @@ pub struct JobRequest {
 }
 
 /// A job's report.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct JobReport {
     /// One entry per (secondary, tenant, type).
     pub entries: Vec<TypeReport>,
@@ -312,7 +312,7 @@ pub struct Reconciler<P> {
 
 impl<P> Reconciler<P>
 where
-    P: DigestSource + ResourceStorage + ChangeLog + 'static,
+    P: DigestSource + ResourceStorage + ChangeLog + JobLog + 'static,
 {
     /// A reconciler over these secondaries; names are their sync consumer names.
     pub fn new(
@@ -327,35 +327,23 @@ where
     }
 
     /// Runs a job: for each requested secondary, tenant and type, the descent, the in-flight
-    /// re-check and (in `Repair` mode) the repair. `progress` is called after each (secondary,
-    /// tenant, type); setting `cancel` stops the job after the current one.
+    /// re-check and (in `Repair` mode) the repair. The resolved plan and each step's report are
+    /// recorded in the primary under the returned job id, so [`Self::resume`] continues a job
+    /// stopped by a crash or by `cancel` (checked between steps). `progress` is called after
+    /// each step.
     pub async fn run(
         &self,
         request: &JobRequest,
         progress: &(dyn Fn(&ReconcileProgress) + Send + Sync),
         cancel: &std::sync::atomic::AtomicBool,
-    ) -> Result<JobReport> {
-        use std::sync::atomic::Ordering;
+    ) -> Result<(String, JobReport)> {
         let mut report = JobReport::default();
         let tenants = match &request.tenants {
             Some(t) => t.clone(),
             None => self.primary.tenants().await?,
         };
-        let mut plan = Vec::new();
-        for tenant in &tenants {
-            let types = match &request.types {
-                Some(t) => t.clone(),
-                None => self.primary.types_of(tenant).await?,
-            };
-            for rt in types {
-                if request.self_check {
-                    report.primary_segments_repaired += self.primary.self_check(tenant, rt).await?;
-                }
-                plan.push((tenant.clone(), rt));
-            }
-        }
-        let mut seen = ReconcileProgress::default();
-        for (name, secondary) in &self.secondaries {
+        let mut steps = Vec::new();
+        for (name, _) in &self.secondaries {
             if request
                 .secondaries
                 .as_ref()
@@ -363,36 +351,159 @@ where
             {
                 continue;
             }
-            let in_flight = InFlight {
-                log: &*self.primary,
-                consumer: name,
-                wait: self.settle_wait,
-            };
-            for (tenant, rt) in &plan {
-                if cancel.load(Ordering::SeqCst) {
-                    report.cancelled = true;
-                    return Ok(report);
+            for tenant in &tenants {
+                let types = match &request.types {
+                    Some(t) => t.clone(),
+                    None => self.primary.types_of(tenant).await?,
+                };
+                for rt in types {
+                    steps.push(Step {
+                        secondary: name.clone(),
+                        tenant: tenant.to_string(),
+                        resource_type: rt.to_string(),
+                    });
                 }
-                let span = tracing::info_span!("reconcile", secondary = %name, tenant = tenant.as_str(), resource_type = %rt);
-                let r = reconcile_type(
-                    &*self.primary,
-                    &**secondary,
-                    name,
-                    tenant,
-                    *rt,
-                    request.mode,
-                    request.max_segments,
-                    Some(&in_flight),
-                )
-                .instrument(span)
-                .await?;
-                seen.segments_compared += r.segments_examined;
-                seen.keys_fetched += r.keys_read_primary + r.keys_read_secondary;
-                seen.repaired += r.repaired;
-                progress(&seen);
-                report.entries.push(r);
             }
         }
-        Ok(report)
+        if request.self_check {
+            let mut checked = BTreeSet::new();
+            for s in &steps {
+                if checked.insert((s.tenant.clone(), s.resource_type.clone())) {
+                    let (t, rt) = s.key()?;
+                    report.primary_segments_repaired += self.primary.self_check(&t, rt).await?;
+                }
+            }
+        }
+        let plan = Plan {
+            steps,
+            mode: request.mode,
+            max_segments: request.max_segments,
+        };
+        let job = JobRecord {
+            id: format!("reconcile-{}", uuid::Uuid::now_v7().simple()),
+            plan: to_json(&plan)?,
+            next_step: 0,
+            report: to_json(&report)?,
+            state: "running".to_owned(),
+        };
+        self.primary.save_job(&job).await?;
+        let report = self
+            .continue_job(job, plan, report, progress, cancel)
+            .await?;
+        Ok((report.0, report.1))
     }
+
+    /// Continues a recorded job from its first step not done.
+    pub async fn resume(
+        &self,
+        id: &str,
+        progress: &(dyn Fn(&ReconcileProgress) + Send + Sync),
+        cancel: &std::sync::atomic::AtomicBool,
+    ) -> Result<JobReport> {
+        let job = self
+            .primary
+            .load_job(id)
+            .await?
+            .ok_or_else(|| fhirstore_core::Error::NotFound(format!("reconcile job {id}")))?;
+        let plan: Plan = from_json(&job.plan)?;
+        let report: JobReport = from_json(&job.report)?;
+        Ok(self
+            .continue_job(job, plan, report, progress, cancel)
+            .await?
+            .1)
+    }
+
+    async fn continue_job(
+        &self,
+        mut job: JobRecord,
+        plan: Plan,
+        mut report: JobReport,
+        progress: &(dyn Fn(&ReconcileProgress) + Send + Sync),
+        cancel: &std::sync::atomic::AtomicBool,
+    ) -> Result<(String, JobReport)> {
+        use std::sync::atomic::Ordering;
+        report.cancelled = false;
+        let mut seen = ReconcileProgress::default();
+        for (i, step) in plan.steps.iter().enumerate().skip(job.next_step as usize) {
+            if cancel.load(Ordering::SeqCst) {
+                report.cancelled = true;
+                job.state = "cancelled".to_owned();
+                job.report = to_json(&report)?;
+                self.primary.save_job(&job).await?;
+                return Ok((job.id, report));
+            }
+            let Some((_, secondary)) = self.secondaries.iter().find(|(n, _)| *n == step.secondary)
+            else {
+                return Err(fhirstore_core::Error::NotFound(format!(
+                    "secondary {} of job {}",
+                    step.secondary, job.id
+                )));
+            };
+            let (tenant, rt) = step.key()?;
+            let in_flight = InFlight {
+                log: &*self.primary,
+                consumer: &step.secondary,
+                wait: self.settle_wait,
+            };
+            let span = tracing::info_span!("reconcile", secondary = %step.secondary, tenant = %step.tenant, resource_type = %step.resource_type);
+            let r = reconcile_type(
+                &*self.primary,
+                &**secondary,
+                &step.secondary,
+                &tenant,
+                rt,
+                plan.mode,
+                plan.max_segments,
+                Some(&in_flight),
+            )
+            .instrument(span)
+            .await?;
+            seen.segments_compared += r.segments_examined;
+            seen.keys_fetched += r.keys_read_primary + r.keys_read_secondary;
+            seen.repaired += r.repaired;
+            report.entries.push(r);
+            job.next_step = i as u64 + 1;
+            job.report = to_json(&report)?;
+            self.primary.save_job(&job).await?;
+            progress(&seen);
+        }
+        job.state = "done".to_owned();
+        self.primary.save_job(&job).await?;
+        Ok((job.id, report))
+    }
+}
+
+/// One step of a job.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct Step {
+    secondary: String,
+    tenant: String,
+    resource_type: String,
+}
+
+impl Step {
+    fn key(&self) -> Result<(TenantId, ResourceType)> {
+        Ok((
+            TenantId::new(&self.tenant)?,
+            ResourceType::new(&self.resource_type)?,
+        ))
+    }
+}
+
+/// A job's resolved plan.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct Plan {
+    steps: Vec<Step>,
+    mode: ReconcileMode,
+    max_segments: usize,
+}
+
+fn to_json<T: Serialize>(v: &T) -> Result<String> {
+    serde_json::to_string(v)
+        .map_err(|e| fhirstore_core::Error::backend_msg(format!("job record: {e}"), false))
+}
+
+fn from_json<T: for<'de> Deserialize<'de>>(text: &str) -> Result<T> {
+    serde_json::from_str(text)
+        .map_err(|e| fhirstore_core::Error::backend_msg(format!("job record: {e}"), false))
 }
