@@ -1766,7 +1766,9 @@ impl Store {
         Ok(u64::try_from(n).unwrap_or(0))
     }
 
-    /// Outbox entries after `after_seq`, oldest first: what secondaries consume.
+    /// Outbox entries after `after_seq`, by `seq`, for inspecting the outbox. Consumers read
+    /// through `ChangeLog::changes_after` instead: on PostgreSQL, `seq` order can skip a slow
+    /// transaction's entry (see `fhirstore_core::changelog`).
     pub async fn outbox_after(&self, after_seq: i64, limit: u32) -> Result<Vec<OutboxEntry>> {
         let rows = sqlx::query(
             "SELECT seq, tenant, resource_type, id, version, op FROM outbox \

@@ -33,20 +33,6 @@ pub enum ReconcileMode {
     Repair,
 }
 
-/// What to reconcile.
-#[derive(Clone, Debug)]
-pub struct ReconcileRequest {
-    /// The tenants.
-    pub tenants: Vec<TenantId>,
-    /// The types; `None`: every type the primary has for the tenant.
-    pub types: Option<Vec<ResourceType>>,
-    /// Report or repair.
-    pub mode: ReconcileMode,
-    /// At most this many differing segments per (tenant, type) are examined in one run; the
-    /// report says how many differed in all.
-    pub max_segments: usize,
-}
-
 /// The outcome for one (secondary, tenant, type).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TypeReport {
@@ -108,7 +94,7 @@ fn differing(p: &[SegmentDigest], s: &[SegmentDigest]) -> Vec<u16> {
 }
 
 /// Drifted keys by id, with the primary's side (absent for an extra key) and the class.
-type Drift<'a> = BTreeMap<String, (Option<KeyState>, Class)>;
+type Drift = BTreeMap<String, (Option<KeyState>, Class)>;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Class {
@@ -118,7 +104,7 @@ enum Class {
     Ahead,
 }
 
-fn classify(p_keys: &[KeyState], s_keys: &[KeyState]) -> Drift<'static> {
+fn classify(p_keys: &[KeyState], s_keys: &[KeyState]) -> Drift {
     let p_by: BTreeMap<&str, &KeyState> = p_keys.iter().map(|k| (k.id.as_str(), k)).collect();
     let s_by: BTreeMap<&str, &KeyState> = s_keys.iter().map(|k| (k.id.as_str(), k)).collect();
     let ids: BTreeSet<&str> = p_by.keys().chain(s_by.keys()).copied().collect();
@@ -387,10 +373,7 @@ where
             state: "running".to_owned(),
         };
         self.primary.save_job(&job).await?;
-        let report = self
-            .continue_job(job, plan, report, progress, cancel)
-            .await?;
-        Ok((report.0, report.1))
+        self.continue_job(job, plan, report, progress, cancel).await
     }
 
     /// Continues a recorded job from its first step not done.
