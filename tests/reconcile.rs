@@ -364,3 +364,360 @@ async fn writes_in_flight_are_not_drift() {
         .await;
     composite.shutdown().await;
 }
+
+/// The kinds of drift the property test injects into a secondary.
+#[derive(Clone, Copy, Debug)]
+enum Drift {
+    /// Never applied.
+    Missing,
+    /// An older version (or, for version 1, another body under the same version).
+    Stale,
+    /// A version the primary never wrote.
+    Ahead,
+}
+
+/// Random data (updates and deletes), random drift of every kind in both secondaries and, in
+/// some rounds, a damaged segment in the primary's own digest table. A dry run counts exactly
+/// the injected drift by class, and the self-check finds the damaged segment; a repair leaves
+/// only what must not be repaired (extra and ahead keys); a second run finds nothing new.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn random_drift_is_found_and_classified_exactly() {
+    use fhirstore_testkit::secondary::{primary_state, Rng};
+    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("reconcile-property");
+    std::fs::create_dir_all(&dir).expect("dir");
+    let path = dir.join(format!(
+        "{}.sqlite",
+        fhirstore_testkit::random_tenant().tenant()
+    ));
+    let primary = Arc::new(
+        fhirstore_sql::SqliteStore::open(&path, fhirstore_sql::SqlConfig::default())
+            .await
+            .expect("sqlite"),
+    );
+    let raw = sqlx::SqlitePool::connect(&format!("sqlite://{}", path.display()))
+        .await
+        .expect("raw connection");
+    let tantivy = TantivySecondary::in_memory(TantivyConfig::default())
+        .await
+        .expect("index");
+    let mut secondaries: Vec<(String, Arc<dyn Secondary>)> =
+        vec![("tantivy".to_owned(), Arc::new(tantivy))];
+    let redis = fhirstore_integration::redis_secondary().await;
+    if let Some(r) = &redis {
+        secondaries.push(("redis".to_owned(), Arc::new(r.clone())));
+    }
+    for (_, s) in &secondaries {
+        s.mark_built().await.expect("built");
+    }
+    let reconciler = Reconciler::new(primary.clone(), secondaries.clone());
+    let mut rng = Rng::new(20261122);
+    for round in 0..4 {
+        let ctx = fhirstore_testkit::random_tenant();
+        let n = 150 + rng.below(250);
+        for i in 0..n {
+            let id = LogicalId::new(format!("r{i}")).expect("id");
+            let gender = ["female", "male", "other"][rng.below(3)];
+            let body = json!({"resourceType": "Patient", "id": id.as_str(), "gender": gender});
+            primary
+                .update(&ctx, pt(), &id, body, None)
+                .await
+                .expect("seed");
+        }
+        for i in 0..n {
+            let id = LogicalId::new(format!("r{i}")).expect("id");
+            match rng.below(10) {
+                0 | 1 => {
+                    let body =
+                        json!({"resourceType": "Patient", "id": id.as_str(), "active": true});
+                    primary
+                        .update(&ctx, pt(), &id, body, None)
+                        .await
+                        .expect("v2");
+                }
+                2 => {
+                    primary.delete(&ctx, pt(), &id).await.expect("delete");
+                }
+                _ => {}
+            }
+        }
+        let state: Vec<_> = primary_state(&*primary)
+            .await
+            .into_iter()
+            .filter(|r| r.tenant == *ctx.tenant())
+            .collect();
+        let mut drift: std::collections::BTreeMap<usize, Drift> = Default::default();
+        for _ in 0..1 + rng.below(12) {
+            let kind = [Drift::Missing, Drift::Stale, Drift::Ahead][rng.below(3)];
+            drift.insert(rng.below(state.len()), kind);
+        }
+        let extras = rng.below(4);
+        let mut fed = Vec::new();
+        let (mut missing, mut stale, mut ahead) = (0u64, 0u64, 0u64);
+        for (i, r) in state.iter().enumerate() {
+            let mut c = Change::of(r);
+            match drift.get(&i) {
+                None => {}
+                Some(Drift::Missing) => {
+                    missing += 1;
+                    continue;
+                }
+                Some(Drift::Stale) => {
+                    stale += 1;
+                    if r.version.get() > 1 {
+                        let old = primary
+                            .vread(&ctx, pt(), &r.key.id, VersionId::FIRST)
+                            .await
+                            .expect("v1");
+                        c = Change::of(&old);
+                    } else {
+                        c.content = Some(json!({"resourceType": "Patient",
+                            "id": r.key.id.as_str(), "gender": "unknown", "active": false}));
+                    }
+                }
+                Some(Drift::Ahead) => {
+                    ahead += 1;
+                    c.version = VersionId::new(r.version.get() + 5).expect("v");
+                }
+            }
+            fed.push(c);
+        }
+        for j in 0..extras {
+            fed.push(Change {
+                tenant: ctx.tenant().clone(),
+                key: fhirstore_core::ResourceKey {
+                    resource_type: pt(),
+                    id: LogicalId::new(format!("x{round}-{j}")).expect("id"),
+                },
+                version: VersionId::FIRST,
+                last_updated: from_micros(1_700_000_000_000_000),
+                content: Some(json!({"resourceType": "Patient", "id": format!("x{round}-{j}")})),
+            });
+        }
+        for (_, s) in &secondaries {
+            s.apply(&fed).await.expect("feed");
+            s.flush().await.expect("flush");
+        }
+        // Some rounds also damage one segment of the primary's digest table.
+        let damaged = round % 2 == 1;
+        if damaged {
+            let done = sqlx::query(
+                "UPDATE digests SET h_lo = h_lo + 1 WHERE tenant = ?1 AND segment = \
+                 (SELECT min(segment) FROM digests WHERE tenant = ?1)",
+            )
+            .bind(ctx.tenant().as_str())
+            .execute(&raw)
+            .await
+            .expect("damage");
+            assert_eq!(done.rows_affected(), 1);
+        }
+        let run = |mode, self_check| {
+            let request = JobRequest {
+                tenants: Some(vec![ctx.tenant().clone()]),
+                types: None,
+                secondaries: None,
+                mode,
+                max_segments: 10_000,
+                self_check,
+            };
+            let reconciler = &reconciler;
+            async move {
+                let cancel = std::sync::atomic::AtomicBool::new(false);
+                reconciler
+                    .run(&request, &|_| {}, &cancel)
+                    .await
+                    .expect("reconcile")
+                    .1
+            }
+        };
+        let dry = run(ReconcileMode::DryRun, true).await;
+        assert_eq!(
+            dry.primary_segments_repaired,
+            u64::from(damaged),
+            "round {round}"
+        );
+        assert_eq!(dry.entries.len(), secondaries.len());
+        let want = (missing, stale, extras as u64, ahead);
+        for e in &dry.entries {
+            assert_eq!(
+                (e.missing, e.stale, e.extra, e.ahead),
+                want,
+                "round {round}, {}: injected {drift:?} and {extras} extra: {e:?}",
+                e.secondary
+            );
+        }
+        let fixed = run(ReconcileMode::Repair, false).await;
+        for e in &fixed.entries {
+            assert_eq!(e.repaired, missing + stale, "{e:?}");
+        }
+        let again = run(ReconcileMode::DryRun, false).await;
+        for e in &again.entries {
+            assert_eq!(
+                (e.missing, e.stale, e.extra, e.ahead),
+                (0, 0, extras as u64, ahead),
+                "{e:?}"
+            );
+            assert_eq!(e.roots_equal, extras == 0 && ahead == 0, "{e:?}");
+        }
+    }
+    if let Some(r) = redis {
+        r.purge().await.expect("purge");
+    }
+}
+
+/// The recent pass reads only the keys written since its start and finds their drift, not the
+/// drift of older keys. A scheduled run (recent pass, then the full job) repairs everything,
+/// and its full job then finds nothing left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scheduled_runs_check_recent_writes_then_everything() {
+    use fhirstore_sync::schedule::{Schedule, ScheduledRun};
+    use fhirstore_testkit::secondary::primary_state;
+    let primary = Arc::new(
+        fhirstore_integration::sqlite_store(env!("CARGO_TARGET_TMPDIR"))
+            .await
+            .expect("sqlite"),
+    );
+    let index = Arc::new(
+        TantivySecondary::in_memory(TantivyConfig::default())
+            .await
+            .expect("index"),
+    );
+    index.mark_built().await.expect("built");
+    let ctx = fhirstore_testkit::random_tenant();
+    let write = |prefix: &'static str, n: usize| {
+        let (primary, ctx) = (primary.clone(), ctx.clone());
+        async move {
+            for i in 0..n {
+                let id = LogicalId::new(format!("{prefix}{i}")).expect("id");
+                let body = json!({"resourceType": "Patient", "id": id.as_str()});
+                primary
+                    .update(&ctx, pt(), &id, body, None)
+                    .await
+                    .expect("write");
+            }
+        }
+    };
+    // Feeds the index the primary's state, leaving out and altering the keys named.
+    let feed = |skip: &'static [&'static str], alter: &'static [&'static str]| {
+        let (primary, index) = (primary.clone(), index.clone());
+        async move {
+            let changes: Vec<Change> = primary_state(&*primary)
+                .await
+                .iter()
+                .filter(|r| !skip.contains(&r.key.id.as_str()))
+                .map(|r| {
+                    let mut c = Change::of(r);
+                    if alter.contains(&r.key.id.as_str()) {
+                        c.content = Some(json!({"resourceType": "Patient",
+                            "id": r.key.id.as_str(), "active": false}));
+                    }
+                    c
+                })
+                .collect();
+            index.apply(&changes).await.expect("feed");
+            index.flush().await.expect("flush");
+        }
+    };
+    write("old", 300).await;
+    feed(&["old5"], &[]).await;
+    let since = time::OffsetDateTime::now_utc();
+    write("new", 20).await;
+    feed(&["old5", "new3", "new4"], &["new7"]).await;
+
+    let reconciler = Reconciler::new(
+        primary.clone(),
+        vec![("tantivy".to_owned(), index.clone() as Arc<dyn Secondary>)],
+    );
+    let recent = reconciler
+        .run_recent(Some(&[ctx.tenant().clone()]), since, ReconcileMode::DryRun)
+        .await
+        .expect("recent");
+    let [r] = recent.entries.as_slice() else {
+        panic!("one type: {recent:?}")
+    };
+    assert_eq!((r.missing, r.stale, r.ahead), (2, 1, 0), "{r:?}");
+    assert!(
+        r.keys_read_primary <= 23,
+        "only the window's keys (and the drifted ones again) are read: {r:?}"
+    );
+
+    let runs = std::sync::Mutex::new(Vec::<ScheduledRun>::new());
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let schedule = Schedule {
+        interval: std::time::Duration::from_millis(50),
+        window: std::time::Duration::from_secs(3_600),
+        mode: ReconcileMode::Repair,
+    };
+    let record = |run: &ScheduledRun| {
+        runs.lock().expect("lock").push(run.clone());
+        stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    };
+    reconciler.run_scheduled(&schedule, &record, &stop).await;
+    let runs = runs.into_inner().expect("lock");
+    let [run] = runs.as_slice() else {
+        panic!("one run: {runs:?}")
+    };
+    let repaired = |report: &fhirstore_sync::reconcile::JobReport| {
+        report.entries.iter().map(|e| e.repaired).sum::<u64>()
+    };
+    // The window (an hour) holds every key: the recent pass repairs all four.
+    assert_eq!(repaired(&run.recent), 4, "{run:?}");
+    let (_, full) = run.full.as_ref().expect("the full job ran");
+    assert_eq!(repaired(full), 0, "{full:?}");
+    assert!(full.entries.iter().all(|e| e.roots_equal), "{full:?}");
+}
+
+/// With digest maintenance off (only for measuring its cost), writes still work and leave the
+/// digest table untouched; the self-check then rebuilds it from the rows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn digests_left_off_are_rebuilt_by_the_self_check() {
+    use fhirstore_core::secondary::DigestSource;
+    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("digests-off");
+    std::fs::create_dir_all(&dir).expect("dir");
+    let path = dir.join(format!(
+        "{}.sqlite",
+        fhirstore_testkit::random_tenant().tenant()
+    ));
+    let ctx = fhirstore_testkit::random_tenant();
+    let off = fhirstore_sql::SqliteStore::open(
+        &path,
+        fhirstore_sql::SqlConfig {
+            maintain_digests: false,
+            ..fhirstore_sql::SqlConfig::default()
+        },
+    )
+    .await
+    .expect("open");
+    let body = |i: usize| json!({"resourceType": "Patient", "id": format!("o{i}")});
+    for i in 0..20 {
+        let id = LogicalId::new(format!("o{i}")).expect("id");
+        off.update(&ctx, pt(), &id, body(i), None)
+            .await
+            .expect("single write");
+    }
+    let ops = (20..30)
+        .map(|i| fhirstore_core::WriteOp::Update {
+            resource_type: pt(),
+            id: LogicalId::new(format!("o{i}")).expect("id"),
+            resource: body(i),
+            if_match: None,
+        })
+        .collect();
+    off.transaction(&ctx, ops).await.expect("transaction");
+    assert!(off
+        .digest_segments(&ctx, pt())
+        .await
+        .expect("digests")
+        .is_empty());
+    off.close().await;
+
+    let on = fhirstore_sql::SqliteStore::open(&path, fhirstore_sql::SqlConfig::default())
+        .await
+        .expect("reopen");
+    let want = on
+        .recompute_digest_segments(&ctx, pt())
+        .await
+        .expect("recompute");
+    assert!(!want.is_empty());
+    assert!(on.self_check(ctx.tenant(), pt()).await.expect("self-check") > 0);
+    assert_eq!(on.digest_segments(&ctx, pt()).await.expect("digests"), want);
+}

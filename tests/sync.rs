@@ -391,42 +391,57 @@ async fn reads_never_go_back_under_concurrency() {
         )
         .expect("composite"),
     );
+    let served = reads_stay_ahead_of_returned_writes(
+        composite.clone(),
+        composite.clone(),
+        flaky,
+        400,
+        |i| i % 50 >= 45,
+        3,
+    )
+    .await;
+    assert!(served > 0, "Redis never served a read");
+    composite.shutdown().await;
+    redis.purge().await.expect("purge");
+}
+
+/// Writes through `writer` while `flaky` (its Redis) fails when `down(i)` says so, and reads
+/// through `reader` from `readers` tasks meanwhile: no read returns a version below one
+/// already returned to the writer. Returns how many reads Redis served.
+async fn reads_stay_ahead_of_returned_writes<P>(
+    writer: Arc<CompositeStorage<P>>,
+    reader: Arc<CompositeStorage<P>>,
+    flaky: Arc<Flaky>,
+    writes: usize,
+    down: fn(usize) -> bool,
+    readers: usize,
+) -> u64
+where
+    P: ResourceStorage + ChangeLog + 'static,
+{
     let ctx = fhirstore_testkit::random_tenant();
     let keys = 4;
     let returned: Arc<Vec<AtomicU64>> = Arc::new((0..keys).map(|_| AtomicU64::new(0)).collect());
     let done = Arc::new(AtomicBool::new(false));
     let served_by_redis = Arc::new(AtomicU64::new(0));
-    let writer = {
-        let (c, ctx, returned, flaky) = (
-            composite.clone(),
-            ctx.clone(),
-            returned.clone(),
-            flaky.clone(),
-        );
+    let write_task = {
+        let (c, ctx, returned, flaky) = (writer, ctx.clone(), returned.clone(), flaky.clone());
         tokio::spawn(async move {
-            for i in 0..400usize {
+            for i in 0..writes {
                 let k = i % keys;
                 let id = LogicalId::new(format!("w{k}")).expect("id");
-                let w = c
-                    .update(
-                        &ctx,
-                        pt(),
-                        &id,
-                        patient(id.as_str(), &format!("v{i}"), "z"),
-                        None,
-                    )
-                    .await
-                    .expect("write");
+                let body = patient(id.as_str(), &format!("v{i}"), "z");
+                let w = c.update(&ctx, pt(), &id, body, None).await.expect("write");
                 returned[k].fetch_max(w.resource.version.get(), Ordering::SeqCst);
-                flaky.set_down(i % 50 >= 45);
+                flaky.set_down(down(i));
             }
             flaky.set_down(false);
         })
     };
-    let readers: Vec<_> = (0..3)
+    let read_tasks: Vec<_> = (0..readers)
         .map(|_| {
             let (c, ctx, returned, done, served) = (
-                composite.clone(),
+                reader.clone(),
                 ctx.clone(),
                 returned.clone(),
                 done.clone(),
@@ -446,7 +461,7 @@ async fn reads_never_go_back_under_concurrency() {
                     let (r, from) = c.read_routed(&ctx, pt(), &id).await.expect("read");
                     assert!(
                         r.version.get() >= floor,
-                        "{from} returned w{k} v{} after v{floor} had been returned to a writer",
+                        "{from} returned w{k} v{} after v{floor} had been returned to the writer",
                         r.version
                     );
                     if from == "redis" {
@@ -456,17 +471,12 @@ async fn reads_never_go_back_under_concurrency() {
             })
         })
         .collect();
-    writer.await.expect("writer");
+    write_task.await.expect("writer");
     done.store(true, Ordering::SeqCst);
-    for r in readers {
+    for r in read_tasks {
         r.await.expect("reader");
     }
-    assert!(
-        served_by_redis.load(Ordering::SeqCst) > 0,
-        "Redis never served a read"
-    );
-    composite.shutdown().await;
-    redis.purge().await.expect("purge");
+    served_by_redis.load(Ordering::SeqCst)
 }
 
 /// A change the secondary rejects for good is dead-lettered (and delivery goes on), or stops
@@ -557,6 +567,7 @@ async fn two_instances_share_one_postgres() {
     let mut cfg = SecondaryConfig::cache();
     cfg.mode = SyncMode::Asynchronous;
     let name = format!("redis-{}", redis.prefix());
+    start_at_head(&*primary, &name, &redis).await;
     let a = CompositeStorage::new(
         primary.clone(),
         vec![(
@@ -592,6 +603,24 @@ async fn two_instances_share_one_postgres() {
     a.shutdown().await;
     b.shutdown().await;
     redis.purge().await.expect("purge");
+}
+
+/// Readies a new consumer as a freshly built secondary: marked built, its cursor at the log's
+/// head. On the shared database the outbox keeps every earlier run's changes (pruning is off
+/// there), and a secondary that needed a rebuild would stream every tenant's resources.
+async fn start_at_head<P: ChangeLog + ?Sized>(primary: &P, name: &str, secondary: &RedisSecondary) {
+    secondary.mark_built().await.expect("mark built");
+    let holder = "test-setup";
+    assert!(primary
+        .lease(name, holder, Duration::from_secs(30))
+        .await
+        .expect("lease"));
+    let head = primary.log_head().await.expect("head");
+    assert!(primary
+        .advance(name, holder, head, None)
+        .await
+        .expect("advance"));
+    primary.release(name, holder).await.expect("release");
 }
 
 async fn write_many(
@@ -840,4 +869,139 @@ async fn backfill_resumes_after_a_crash() {
         .is_none());
     assert_mirrors(&*primary, &*index, std::slice::from_ref(&ctx)).await;
     two.shutdown().await;
+}
+
+/// Two processes share one primary and one Redis. Process A's synchronous apply fails, so
+/// Redis keeps the old version; A's write returns only once B has heard of the read fence, so
+/// B's next read comes from the primary instead of returning the old version from Redis.
+async fn fenced_across_processes<P>(primary: Arc<P>, redis: RedisSecondary)
+where
+    P: ResourceStorage + ChangeLog + 'static,
+{
+    // Unique, for the shared PostgreSQL database.
+    let name = format!("redis-{}", redis.prefix());
+    // Built from the start, so B's one health probe finds it healthy.
+    start_at_head(&*primary, &name, &redis).await;
+    let flaky_a = Arc::new(Flaky::new(Arc::new(redis.clone())));
+    let process = |holder: &str, secondary: Arc<dyn Secondary>| {
+        let config = SyncConfig {
+            // Only a process's own writes wake its worker: B's never delivers A's change.
+            poll_interval: Duration::from_secs(3600),
+            read_lease_ttl: Duration::from_millis(600),
+            ..quick(holder)
+        };
+        CompositeStorage::new(
+            primary.clone(),
+            vec![(name.clone(), secondary, SecondaryConfig::cache())],
+            shared_db(config),
+        )
+        .expect("composite")
+    };
+    let a = process("process-a", flaky_a.clone());
+    let b = process("process-b", Arc::new(redis.clone()));
+    let ctx = fhirstore_testkit::random_tenant();
+    let id = LogicalId::new("fenced").expect("id");
+    a.update(&ctx, pt(), &id, patient("fenced", "One", "1"), None)
+        .await
+        .expect("v1");
+    // B first: if B holds the drain lease, only its own waiting wakes its worker.
+    for p in [&b, &a] {
+        let ok = p
+            .wait_for_sync(Duration::from_secs(30))
+            .await
+            .expect("sync");
+        assert!(ok, "{:?}", p.status().await);
+    }
+    let (r, from) = b.read_routed(&ctx, pt(), &id).await.expect("read v1");
+    assert_eq!((r.version.get(), &from), (1, &name));
+
+    flaky_a.set_down(true);
+    let op = WriteOp::Update {
+        resource_type: pt(),
+        id: id.clone(),
+        resource: patient("fenced", "Two", "1"),
+        if_match: None,
+    };
+    let w = a
+        .transaction_with(&ctx, vec![op], WriteOptions::default())
+        .await
+        .expect("v2");
+    assert_eq!(
+        w.lagging,
+        std::slice::from_ref(&name),
+        "the synchronous apply failed"
+    );
+    let in_redis = redis.read(&ctx, pt(), &id).await.expect("redis read");
+    assert_eq!(
+        in_redis.map(|r| r.version.get()),
+        Some(1),
+        "Redis still holds the old version, which B would otherwise serve"
+    );
+    let (r, from) = b.read_routed(&ctx, pt(), &id).await.expect("read after");
+    assert_eq!(
+        r.version.get(),
+        2,
+        "B returned v{} from {from} after v2 had been returned to A's caller",
+        r.version
+    );
+    assert_eq!(from, "primary");
+
+    flaky_a.set_down(false);
+    a.abort();
+    b.abort();
+    redis.purge().await.expect("purge");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_synchronous_apply_fences_reads_in_other_processes() {
+    let Some(redis) = redis().await else { return };
+    fenced_across_processes(sqlite().await, redis).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_synchronous_apply_fences_reads_in_other_processes_on_postgres() {
+    let Some(redis) = redis().await else { return };
+    let Some(pg) = fhirstore_integration::postgres_store().await else {
+        return;
+    };
+    fenced_across_processes(Arc::new(pg), redis).await;
+}
+
+/// Readers in process B never see a version older than one a writer in process A got back,
+/// while A's synchronous applies to the shared Redis fail every now and then.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_never_go_back_across_processes() {
+    let Some(redis) = redis().await else { return };
+    redis.mark_built().await.expect("built");
+    let primary = sqlite().await;
+    let flaky_a = Arc::new(Flaky::new(Arc::new(redis.clone())));
+    let process = |holder: &str, secondary: Arc<dyn Secondary>| {
+        let config = SyncConfig {
+            read_lease_ttl: Duration::from_millis(300),
+            ..quick(holder)
+        };
+        Arc::new(
+            CompositeStorage::new(
+                primary.clone(),
+                vec![("redis".to_owned(), secondary, SecondaryConfig::cache())],
+                config,
+            )
+            .expect("composite"),
+        )
+    };
+    let a = process("cross-a", flaky_a.clone());
+    let b = process("cross-b", Arc::new(redis.clone()));
+    let served = reads_stay_ahead_of_returned_writes(
+        a.clone(),
+        b.clone(),
+        flaky_a,
+        200,
+        |i| i % 40 >= 35,
+        2,
+    )
+    .await;
+    assert!(served > 0, "Redis never served process B");
+    a.shutdown().await;
+    b.shutdown().await;
+    redis.purge().await.expect("purge");
 }

@@ -130,6 +130,25 @@ pub trait ChangeLog: Send + Sync {
     /// Deletes the entries at or before `upto`; returns how many.
     async fn prune(&self, upto: ChangeCursor) -> Result<u64>;
 
+    /// Renews `holder`'s lease to serve reads of `name`'s secondary for `ttl`, and returns the
+    /// consumer's read fence, which the renewal acknowledges. Renewals and
+    /// [`ChangeLog::raise_read_fence`] are serialised, so a renewal either sees a raised fence
+    /// or is one its raiser waits for.
+    async fn renew_reader(
+        &self,
+        name: &str,
+        holder: &str,
+        ttl: Duration,
+    ) -> Result<Option<ChangeCursor>>;
+
+    /// Raises `name`'s read fence to `at`: a synchronous apply of the change at `at` failed, so
+    /// no process may serve reads from the secondary until its cursor has passed `at`.
+    async fn raise_read_fence(&self, name: &str, at: ChangeCursor) -> Result<()>;
+
+    /// Whether every reader of `name` other than `holder` has acknowledged a fence at or past
+    /// `at`, or its lease has run out.
+    async fn readers_fenced(&self, name: &str, holder: &str, at: ChangeCursor) -> Result<bool>;
+
     /// The current version (or tombstone) of every resource of every tenant, in (tenant, type,
     /// id) order after `after`, `limit` at a time.
     async fn snapshot(

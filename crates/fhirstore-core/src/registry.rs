@@ -39,6 +39,21 @@ pub enum SearchParamType {
 }
 
 impl SearchParamType {
+    /// The R4 code (`SearchParameter.type`), as a CapabilityStatement writes it.
+    pub fn code(self) -> &'static str {
+        match self {
+            Self::Number => "number",
+            Self::Date => "date",
+            Self::String => "string",
+            Self::Token => "token",
+            Self::Reference => "reference",
+            Self::Composite => "composite",
+            Self::Quantity => "quantity",
+            Self::Uri => "uri",
+            Self::Special => "special",
+        }
+    }
+
     fn parse(s: &str) -> Option<Self> {
         Some(match s {
             "number" => Self::Number,

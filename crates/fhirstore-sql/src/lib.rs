@@ -56,6 +56,10 @@ pub struct SqlConfig {
     /// How often a transaction that failed with a temporary error (deadlock, serialization
     /// failure, busy database) is retried before the error is returned.
     pub max_retries: u32,
+    /// Whether writes keep the XOR digests that reconciliation compares. Turning it off is for
+    /// measuring what it costs: the digests of writes made without it are wrong until the
+    /// reconciler's self-check rebuilds them.
+    pub maintain_digests: bool,
 }
 
 impl Default for SqlConfig {
@@ -67,6 +71,7 @@ impl Default for SqlConfig {
             durability: Durability::Full,
             validation: fhirstore_core::validate::Validation::Strict,
             max_retries: 8,
+            maintain_digests: true,
         }
     }
 }

@@ -77,6 +77,8 @@ struct WriteScope<'a> {
     /// Whether each write applies its own digest change (see `ALWAYS_INLINE_DIGEST`); otherwise
     /// `deltas` collects them for one sorted flush at the end.
     inline_digest: bool,
+    /// Whether digests are maintained at all (`SqlConfig::maintain_digests`).
+    digests: bool,
     deltas: DigestDeltas,
     /// The tenant's search parameters as of this transaction: what its writes index.
     params: std::sync::Arc<crate::TenantParams>,
@@ -864,7 +866,7 @@ async fn put_version(
             continue;
         };
 
-        if !w.inline_digest {
+        if w.digests && !w.inline_digest {
             w.deltas.apply(rt, seg, delta.0, delta.1);
         }
         if rt.as_str() == "SearchParameter" {
@@ -1009,6 +1011,7 @@ async fn apply_ops(
     ctx: &TenantContext,
     ops: &[WriteOp],
     max_bytes: usize,
+    digests: bool,
     params: std::sync::Arc<crate::TenantParams>,
 ) -> Result<Vec<OpOutcome>> {
     let tenant = ctx.tenant();
@@ -1025,7 +1028,8 @@ async fn apply_ops(
         tenant,
         now: now_micros(),
         max_bytes,
-        inline_digest: ALWAYS_INLINE_DIGEST || single_write,
+        inline_digest: digests && (ALWAYS_INLINE_DIGEST || single_write),
+        digests,
         deltas: DigestDeltas::default(),
         params,
     };
@@ -1194,7 +1198,7 @@ async fn apply_ops(
         };
         outcomes[i] = Some(outcome);
     }
-    if !w.inline_digest {
+    if w.digests && !w.inline_digest {
         flush_digests(conn, tenant, &w.deltas).await?;
     }
     outcomes
@@ -1641,8 +1645,15 @@ impl Store {
             let result: Result<Vec<OpOutcome>> = async {
                 let mut tx = self.begin_write().await?;
                 let params = tenant_params(&mut tx, &self.params, ctx.tenant()).await?;
-                let out =
-                    apply_ops(&mut tx, ctx, ops, self.config.max_resource_bytes, params).await?;
+                let out = apply_ops(
+                    &mut tx,
+                    ctx,
+                    ops,
+                    self.config.max_resource_bytes,
+                    self.config.maintain_digests,
+                    params,
+                )
+                .await?;
                 tx.commit().await.map_err(db_err)?;
                 self.note_writes(out.len() as u64);
                 Ok(out)
@@ -1692,6 +1703,7 @@ impl Store {
                             ctx,
                             single,
                             self.config.max_resource_bytes,
+                            self.config.maintain_digests,
                             params.clone(),
                         )
                         .await;

@@ -304,6 +304,99 @@ impl ChangeLog for Store {
         Ok(done.rows_affected())
     }
 
+    async fn renew_reader(
+        &self,
+        name: &str,
+        holder: &str,
+        ttl: std::time::Duration,
+    ) -> Result<Option<ChangeCursor>> {
+        let store = self.clone();
+        let (name, holder) = (name.to_owned(), holder.to_owned());
+        let now = now_micros();
+        let until = now.saturating_add(i64::try_from(ttl.as_micros()).unwrap_or(i64::MAX));
+        crate::detached(async move {
+            let mut tx = store.begin_write().await?;
+            // Taking the fence row first serialises this renewal with any raise of the fence:
+            // either it sees the raised fence, or the raiser sees this renewal's old one.
+            let (major, minor): (i64, i64) = sqlx::query_as(
+                "INSERT INTO sync_read_fences (consumer, major, minor) VALUES ($1, 0, 0) \
+                 ON CONFLICT (consumer) DO UPDATE SET consumer = excluded.consumer \
+                 RETURNING major, minor",
+            )
+            .bind(&name)
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(db_err)?;
+            sqlx::query(
+                "INSERT INTO sync_readers (consumer, holder, expires_at, seen_major, seen_minor) \
+                 VALUES ($1, $2, $3, $4, $5) ON CONFLICT (consumer, holder) DO UPDATE SET \
+                 expires_at = excluded.expires_at, seen_major = excluded.seen_major, \
+                 seen_minor = excluded.seen_minor",
+            )
+            .bind(&name)
+            .bind(&holder)
+            .bind(until)
+            .bind(major)
+            .bind(minor)
+            .execute(&mut *tx)
+            .await
+            .map_err(db_err)?;
+            // Readers gone for an hour are forgotten.
+            sqlx::query("DELETE FROM sync_readers WHERE consumer = $1 AND expires_at < $2")
+                .bind(&name)
+                .bind(now.saturating_sub(3_600_000_000))
+                .execute(&mut *tx)
+                .await
+                .map_err(db_err)?;
+            tx.commit().await.map_err(db_err)?;
+            let fence = ChangeCursor { major, minor };
+            Ok((fence != ChangeCursor::default()).then_some(fence))
+        })
+        .await
+    }
+
+    async fn raise_read_fence(&self, name: &str, at: ChangeCursor) -> Result<()> {
+        let store = self.clone();
+        let name = name.to_owned();
+        crate::detached(async move {
+            sqlx::query(
+                "INSERT INTO sync_read_fences (consumer, major, minor) VALUES ($1, $2, $3) \
+                 ON CONFLICT (consumer) DO UPDATE SET major = excluded.major, \
+                 minor = excluded.minor WHERE sync_read_fences.major < excluded.major \
+                 OR (sync_read_fences.major = excluded.major \
+                     AND sync_read_fences.minor < excluded.minor)",
+            )
+            .bind(&name)
+            .bind(at.major)
+            .bind(at.minor)
+            .execute(&store.writer)
+            .await
+            .map_err(db_err)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn readers_fenced(&self, name: &str, holder: &str, at: ChangeCursor) -> Result<bool> {
+        // A lease counts as live for this long past its end, for clock differences between
+        // the processes sharing the primary.
+        const SKEW_MICROS: i64 = 100_000;
+        let (live,): (i64,) = sqlx::query_as(
+            "SELECT COUNT(*) FROM sync_readers WHERE consumer = $1 AND holder <> $2 \
+             AND expires_at >= $3 \
+             AND (seen_major < $4 OR (seen_major = $4 AND seen_minor < $5))",
+        )
+        .bind(name)
+        .bind(holder)
+        .bind(now_micros().saturating_sub(SKEW_MICROS))
+        .bind(at.major)
+        .bind(at.minor)
+        .fetch_one(&self.writer)
+        .await
+        .map_err(db_err)?;
+        Ok(live == 0)
+    }
+
     async fn snapshot(
         &self,
         after: Option<&(TenantId, ResourceType, LogicalId)>,

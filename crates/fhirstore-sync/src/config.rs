@@ -96,6 +96,10 @@ pub struct SyncConfig {
     /// How long a read with a consistency token waits for a secondary before the primary
     /// answers instead.
     pub token_wait: Duration,
+    /// How long this process may serve reads from a synchronous secondary without hearing
+    /// from the primary. Renewed every third of it; a write whose synchronous apply failed
+    /// waits (at most about this long) until every other process has heard of it.
+    pub read_lease_ttl: Duration,
     /// Prune outbox entries every consumer has passed.
     pub prune: bool,
     /// This process's name in leases; unique per process.
@@ -131,6 +135,7 @@ impl Default for SyncConfig {
             primary_search_cost: 15,
             sync_timeout: Duration::from_secs(2),
             token_wait: Duration::from_millis(500),
+            read_lease_ttl: Duration::from_secs(2),
             prune: true,
             holder: format!("fhirstore-{}", uuid::Uuid::now_v7().simple()),
             failpoint: None,

@@ -74,6 +74,11 @@ pub(crate) struct LaneState {
     pub fence: Option<ChangeCursor>,
     /// A synchronous apply failed but the position is not known yet (set before the lookup).
     pub fence_pending: bool,
+    /// The highest read fence any process raised, as last heard from the primary: reads stay
+    /// off this secondary until the cursor has passed it.
+    pub shared_fence: Option<ChangeCursor>,
+    /// Until when this process may serve reads from it (see `SyncConfig::read_lease_ttl`).
+    pub read_lease: Option<Instant>,
     pub stopped: Option<String>,
     pub backfilling: bool,
     pub health: Health,
@@ -92,6 +97,9 @@ pub(crate) struct Lane {
     pub wake: Notify,
     /// Signalled whenever the cursor moves.
     pub moved: Notify,
+    /// One read-lease renewal at a time, so their answers are applied in the order the
+    /// primary gave them.
+    pub renewing: tokio::sync::Mutex<()>,
 }
 
 impl Lane {
@@ -114,6 +122,8 @@ impl Lane {
                 breaker: Breaker::new(),
                 fence: None,
                 fence_pending: false,
+                shared_fence: None,
+                read_lease: None,
                 stopped: None,
                 backfilling: false,
                 health: Health::Unavailable("not probed yet".to_owned()),
@@ -123,6 +133,7 @@ impl Lane {
             }),
             wake: Notify::new(),
             moved: Notify::new(),
+            renewing: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -142,15 +153,24 @@ impl Lane {
             && !s.backfilling
     }
 
-    /// Whether reads by id may come from it: see [`SecondaryConfig::serve_reads`].
+    /// Whether this process may serve reads by id from it at all: see
+    /// [`SecondaryConfig::serve_reads`]. Such a lane holds a read lease.
+    pub(crate) fn serves_reads(&self) -> bool {
+        self.config.serve_reads && self.config.mode == crate::SyncMode::Synchronous
+    }
+
+    /// Whether the read lease is in force now.
+    pub(crate) fn read_leased(&self) -> bool {
+        self.lock().read_lease.is_some_and(|t| Instant::now() < t)
+    }
+
+    /// Whether reads by id may come from it now: it serves reads, is available, holds its read
+    /// lease, and no fence (this process's or another's) is ahead of its cursor.
     pub(crate) fn readable(&self) -> bool {
-        self.config.serve_reads
-            && self.config.mode == crate::SyncMode::Synchronous
-            && self.available()
-            && {
-                let s = self.lock();
-                s.fence.is_none() && !s.fence_pending
-            }
+        self.serves_reads() && self.available() && self.read_leased() && {
+            let s = self.lock();
+            s.fence.is_none() && !s.fence_pending && s.shared_fence.is_none_or(|f| s.cursor >= f)
+        }
     }
 
     /// Records the durable cursor (read from the primary or just advanced): lifts a read

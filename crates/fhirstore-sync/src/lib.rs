@@ -17,11 +17,19 @@
 //! **Routing.** A search goes to the cheapest backend whose capabilities cover all of it,
 //! that is healthy, not behind by more than its `max_lag`, and (with a consistency token) has
 //! the token's write; `_text` and `_content` only tantivy can answer. Reads by id come from a
-//! synchronous secondary that serves reads only while no synchronous apply to it has failed
-//! since its worker last caught up, so within one process a read never returns a version older
-//! than a write that returned. (A process cannot see another process's failed applies: with
-//! several processes, a failed synchronous apply in one can let another read the old version
-//! until the worker delivers the change.)
+//! synchronous secondary only while no synchronous apply to it has failed, in any process,
+//! that its cursor has not yet passed. So a read never returns a version older than a write
+//! that returned to any caller:
+//! - in the writing process, a failed apply fences reads at once;
+//! - across processes, through the primary. Every process serving reads from a secondary holds
+//!   a short read lease there (`SyncConfig::read_lease_ttl`), renewed by reading the
+//!   secondary's read fence. A write whose synchronous apply failed raises that fence to its
+//!   log position and returns only once every other live reader has acknowledged it (their
+//!   next renewal, a third of the lease away) or let its lease run out. A process that cannot
+//!   renew stops serving reads when its lease ends.
+//!
+//! Renewals and raises are serialised on the fence row, and a process serves no reads while a
+//! renewal is in flight, so an acknowledged fence is always in force locally.
 //!
 //! Several processes may share one primary: each secondary's outbox is drained by whichever
 //! process holds its lease, and a dead process's lease expires.
@@ -29,6 +37,7 @@
 mod config;
 mod lane;
 pub mod reconcile;
+pub mod schedule;
 mod worker;
 
 use std::sync::Arc;
@@ -178,6 +187,15 @@ impl<P: ResourceStorage + ChangeLog + 'static> CompositeStorage<P> {
                 };
                 tokio::spawn(w.run())
             })
+            .chain(
+                shared
+                    .lanes
+                    .iter()
+                    .filter(|lane| lane.serves_reads())
+                    .map(|lane| {
+                        tokio::spawn(keep_read_lease(shared.clone(), lane.clone(), rx.clone()))
+                    }),
+            )
             .collect();
         Ok(CompositeStorage {
             shared,
@@ -364,20 +382,51 @@ impl<P: ResourceStorage + ChangeLog + 'static> CompositeStorage<P> {
             Some(t) => self.shared.primary.position_of(t).await.ok().flatten(),
             None => None,
         };
-        let mut s = lane.lock();
-        s.fence_pending = false;
-        if let Some(f) = fence {
-            if s.cursor < f {
-                s.fence = Some(s.fence.map_or(f, |old| old.max(f)));
+        {
+            let mut s = lane.lock();
+            s.fence_pending = false;
+            if let Some(f) = fence {
+                if s.cursor < f {
+                    s.fence = Some(s.fence.map_or(f, |old| old.max(f)));
+                }
+            } else if token.is_some() {
+                // The position could not be read: fence at the end of the log as it stands.
+                s.fence = Some(ChangeCursor {
+                    major: i64::MAX,
+                    minor: i64::MAX,
+                });
             }
-        } else if token.is_some() {
-            // The position could not be read: fence at the end of the log as it stands.
-            s.fence = Some(ChangeCursor {
-                major: i64::MAX,
-                minor: i64::MAX,
-            });
+        }
+        if let Some(f) = fence {
+            self.fence_other_readers(lane, f).await;
         }
         false
+    }
+
+    /// Raises the lane's read fence in the primary and waits until every other process that
+    /// serves reads from it has acknowledged it or lost its lease.
+    async fn fence_other_readers(&self, lane: &Lane, at: ChangeCursor) {
+        if !lane.serves_reads() {
+            return;
+        }
+        let (primary, config) = (&self.shared.primary, &self.shared.config);
+        if let Err(e) = primary.raise_read_fence(&lane.name, at).await {
+            tracing::error!(secondary = %lane.name, error = %e,
+                "could not raise the read fence: other processes may serve the old version until the change is delivered");
+            return;
+        }
+        let deadline = Instant::now() + config.read_lease_ttl * 2;
+        loop {
+            match primary.readers_fenced(&lane.name, &config.holder, at).await {
+                Ok(true) => return,
+                _ if Instant::now() >= deadline => {
+                    tracing::error!(secondary = %lane.name,
+                        "other readers did not acknowledge the read fence in time");
+                    return;
+                }
+                _ => tokio::time::sleep(Duration::from_millis(5)).await,
+            }
+        }
     }
 
     /// Whether `lane` has applied the write with this token.
@@ -422,8 +471,10 @@ impl<P: ResourceStorage + ChangeLog + 'static> CompositeStorage<P> {
             .filter(|l| l.secondary.capabilities().can_search(query) && l.available())
             .filter(|l| {
                 let s = l.lock();
-                let sync_clean =
-                    l.config.mode == SyncMode::Synchronous && s.fence.is_none() && !s.fence_pending;
+                let sync_clean = l.config.mode == SyncMode::Synchronous
+                    && s.fence.is_none()
+                    && !s.fence_pending
+                    && s.shared_fence.is_none_or(|f| s.cursor >= f);
                 sync_clean || s.lag_changes <= l.config.max_lag
             })
             .collect();
@@ -485,7 +536,13 @@ impl<P: ResourceStorage + ChangeLog + 'static> CompositeStorage<P> {
         resource_type: ResourceType,
         id: &LogicalId,
     ) -> Result<(StoredResource, String)> {
-        for lane in self.shared.lanes.iter().filter(|l| l.readable()) {
+        for lane in self.shared.lanes.iter().filter(|l| l.serves_reads()) {
+            if !lane.read_leased() {
+                renew_read_lease(&self.shared, lane).await;
+            }
+            if !lane.readable() {
+                continue;
+            }
             match lane.secondary.read(ctx, resource_type, id).await {
                 Ok(Some(r)) if r.deleted => {
                     return Err(Error::Gone(format!(
@@ -584,6 +641,50 @@ impl<P: ResourceStorage + ChangeLog + 'static> CompositeStorage<P> {
                 lane.wake.notify_one();
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
+/// Renews a lane's read lease, learning the read fence any process raised.
+async fn renew_read_lease<P: ChangeLog>(shared: &Shared<P>, lane: &Lane) {
+    let _one = lane.renewing.lock().await;
+    let started = Instant::now();
+    // Once the renewal commits, a writer waiting on it may return: no read may use the old
+    // fence from then on, so none is served until the answer is applied.
+    lane.lock().read_lease = None;
+    let ttl = shared.config.read_lease_ttl;
+    match shared
+        .primary
+        .renew_reader(&lane.name, &shared.config.holder, ttl)
+        .await
+    {
+        Ok(fence) => {
+            let mut s = lane.lock();
+            if let Some(f) = fence {
+                s.shared_fence = Some(s.shared_fence.map_or(f, |old| old.max(f)));
+            }
+            s.read_lease = Some(started + ttl);
+        }
+        Err(e) => {
+            tracing::debug!(secondary = %lane.name, error = %e, "read lease not renewed; reads go to the primary");
+        }
+    }
+}
+
+/// Keeps a lane's read lease renewed, a third of its life at a time.
+async fn keep_read_lease<P: ChangeLog>(
+    shared: Arc<Shared<P>>,
+    lane: Arc<Lane>,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) {
+    loop {
+        if *shutdown.borrow() {
+            return;
+        }
+        renew_read_lease(&shared, &lane).await;
+        tokio::select! {
+            _ = tokio::time::sleep(shared.config.read_lease_ttl / 3) => {}
+            _ = shutdown.changed() => {}
         }
     }
 }

@@ -147,6 +147,16 @@ impl InFlight<'_> {
             .any(|(name, _)| name == self.consumer))
     }
 
+    /// Waits (at most `wait`) until the secondary has applied everything logged by now, when
+    /// a sync manager feeds it.
+    pub(crate) async fn settle_now(&self) -> Result<()> {
+        if self.tracked().await? {
+            let head = self.log.log_head().await?;
+            self.settle(head).await?;
+        }
+        Ok(())
+    }
+
     async fn settle(&self, head: ChangeCursor) -> Result<()> {
         let deadline = Instant::now() + self.wait;
         while Instant::now() < deadline {
@@ -310,6 +320,16 @@ where
             secondaries,
             settle_wait: std::time::Duration::from_secs(5),
         }
+    }
+
+    pub(crate) fn primary(&self) -> &std::sync::Arc<P> {
+        &self.primary
+    }
+
+    pub(crate) fn secondaries(
+        &self,
+    ) -> impl Iterator<Item = (&str, &std::sync::Arc<dyn Secondary>)> {
+        self.secondaries.iter().map(|(n, s)| (n.as_str(), s))
     }
 
     /// Runs a job: for each requested secondary, tenant and type, the descent, the in-flight

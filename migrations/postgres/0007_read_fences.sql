@@ -1,0 +1,18 @@
+-- Cross-process read fences. A process that failed to apply a change synchronously raises the
+-- consumer's fence to that change's log position; every process serving reads from the
+-- secondary holds a short lease, renewed by acknowledging the fence, and serves no reads while
+-- its known cursor is behind it.
+CREATE TABLE sync_read_fences (
+    consumer TEXT    PRIMARY KEY,
+    major    BIGINT  NOT NULL,
+    minor    BIGINT  NOT NULL
+);
+
+CREATE TABLE sync_readers (
+    consumer   TEXT    NOT NULL,
+    holder     TEXT    NOT NULL,
+    expires_at BIGINT  NOT NULL,
+    seen_major BIGINT  NOT NULL,
+    seen_minor BIGINT  NOT NULL,
+    PRIMARY KEY (consumer, holder)
+);
