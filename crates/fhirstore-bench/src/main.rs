@@ -9,7 +9,9 @@
 //!
 //! `generate`: writes the generated clinical data as NDJSON, for other tools and stores.
 
+mod digests;
 mod generate;
+mod http;
 mod reconcile;
 mod reindex;
 mod search;
@@ -51,6 +53,11 @@ enum Command {
     Sync(sync::SyncArgs),
     /// Reconciler: detect and repair drift against a naive full comparison.
     Reconcile(reconcile::ReconcileArgs),
+    /// The REST server under `wrk` (read, token search, create at several connection counts)
+    /// against the same operations on the library in process.
+    Http(http::HttpArgs),
+    /// What digest maintenance costs writes: the same writes with digests on and off.
+    Digests(digests::DigestArgs),
 }
 
 #[derive(clap::Args)]
@@ -145,6 +152,8 @@ async fn main() -> Result<(), BoxError> {
         Command::Secondaries(args) => secondary::run(args).await,
         Command::Sync(args) => sync::run(args).await,
         Command::Reconcile(args) => reconcile::run(args).await,
+        Command::Http(args) => http::run(args).await,
+        Command::Digests(args) => digests::run(args).await,
     }
 }
 

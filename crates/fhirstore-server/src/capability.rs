@@ -1,0 +1,108 @@
+//! `GET /fhir/{tenant}/metadata`: a CapabilityStatement built from what the stores really do
+//! and the tenant's searchable parameters, so it changes when they do.
+
+use fhirstore_core::ResourceType;
+use serde_json::{json, Value};
+
+use crate::outcome::ApiResult;
+use crate::rest::Req;
+
+const TYPE_INTERACTIONS: [&str; 9] = [
+    "read",
+    "vread",
+    "update",
+    "patch",
+    "delete",
+    "history-instance",
+    "history-type",
+    "create",
+    "search-type",
+];
+
+/// The tenant's CapabilityStatement.
+pub async fn statement(req: &Req<'_>) -> ApiResult<Value> {
+    let storage = req.app.store.storage();
+    let reg = storage.search_parameters(&req.ctx).await?;
+    let caps = storage.capabilities();
+    let interactions: Vec<Value> = TYPE_INTERACTIONS
+        .iter()
+        .map(|c| json!({"code": c}))
+        .collect();
+    let resources: Vec<Value> = ResourceType::all()
+        .map(|rt| {
+            let mut params: Vec<Value> = reg
+                .for_type(rt)
+                .into_iter()
+                .filter(|d| d.is_indexable() && !d.code.starts_with('_'))
+                .map(|d| json!({"name": d.code, "definition": d.url, "type": d.kind.code()}))
+                .collect();
+            params.sort_by(|a, b| a["name"].as_str().cmp(&b["name"].as_str()));
+            let mut r = json!({
+                "type": rt.as_str(),
+                "interaction": interactions,
+                "versioning": "versioned-update",
+                "readHistory": caps.history,
+                "updateCreate": true,
+                "conditionalCreate": true,
+                "conditionalUpdate": true,
+                "conditionalDelete": "multiple",
+                "searchParam": params,
+            });
+            if caps.includes {
+                r["searchInclude"] = json!(["*"]);
+                r["searchRevInclude"] = json!(["*"]);
+            }
+            r
+        })
+        .collect();
+    let mut common: Vec<Value> = [
+        ("_id", "token"),
+        ("_lastUpdated", "date"),
+        ("_tag", "token"),
+        ("_profile", "uri"),
+        ("_security", "token"),
+        ("_source", "uri"),
+    ]
+    .into_iter()
+    .map(|(n, t)| json!({"name": n, "type": t}))
+    .collect();
+    for p in ["_text", "_content"] {
+        if caps.search_params.contains(&p) {
+            common.push(json!({"name": p, "type": "string"}));
+        }
+    }
+    let mut system = vec![json!({"code": "history-system"})];
+    if caps.transaction {
+        system.push(json!({"code": "transaction"}));
+        system.push(json!({"code": "batch"}));
+    }
+    if caps.system_search {
+        system.push(json!({"code": "search-system"}));
+    }
+    let mut rest = json!({
+        "mode": "server",
+        "resource": resources,
+        "interaction": system,
+        "searchParam": common,
+    });
+    if req.app.auth.enabled() {
+        rest["security"] = json!({
+            "description": "Send `Authorization: Bearer <token>`; each token grants one tenant."
+        });
+    }
+    Ok(json!({
+        "resourceType": "CapabilityStatement",
+        "status": "active",
+        "date": fhirstore_core::format_instant(time::OffsetDateTime::now_utc()),
+        "kind": "instance",
+        "software": {"name": "fhirstore", "version": env!("CARGO_PKG_VERSION")},
+        "implementation": {
+            "description": format!("fhirstore on {}", req.app.store.describe()),
+            "url": req.base,
+        },
+        "fhirVersion": "4.0.1",
+        "format": ["application/fhir+json", "json"],
+        "patchFormat": ["application/json-patch+json"],
+        "rest": [rest],
+    }))
+}

@@ -1,0 +1,389 @@
+//! Settings from flags, environment variables and an optional TOML file.
+//!
+//! A flag wins over its environment variable (clap reads both into the same field), and either
+//! wins over the file; the file wins over the built-in default. Every subcommand shares
+//! [`StorageArgs`], so `import`, `reconcile`, `search` and `status` open the very stores
+//! `serve` does.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// How changes reach one secondary, or whether it is used at all.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum ModeArg {
+    /// Applied before a write returns.
+    Sync,
+    /// Applied by the background worker.
+    Async,
+    /// Not configured.
+    Off,
+}
+
+/// The storage flags every subcommand takes.
+#[derive(clap::Args, Clone, Debug, Default)]
+pub struct StorageArgs {
+    /// A TOML file with any of the settings below (flags and environment win over it).
+    #[arg(long, env = "FHIRSTORE_CONFIG", global = true)]
+    pub config: Option<PathBuf>,
+    /// Where the embedded SQLite database and the tantivy index live [default: ./data].
+    #[arg(long, env = "FHIRSTORE_DATA_DIR", global = true)]
+    pub data_dir: Option<PathBuf>,
+    /// Use this PostgreSQL database as the primary instead of the embedded SQLite file.
+    #[arg(long, env = "FHIRSTORE_POSTGRES", global = true)]
+    pub postgres: Option<String>,
+    /// Keep a Redis read cache and lookup index at this `redis://` URL.
+    #[arg(long, env = "FHIRSTORE_REDIS", global = true)]
+    pub redis: Option<String>,
+    /// The first part of every Redis key, so several deployments can share one Redis
+    /// [default: fhirstore].
+    #[arg(long, env = "FHIRSTORE_REDIS_PREFIX", global = true)]
+    pub redis_prefix: Option<String>,
+    /// How writes reach Redis [default: sync].
+    #[arg(long, env = "FHIRSTORE_REDIS_MODE", global = true)]
+    pub redis_mode: Option<ModeArg>,
+    /// How writes reach the tantivy index under the data directory, or `off` [default: async].
+    #[arg(long, env = "FHIRSTORE_INDEX_MODE", global = true)]
+    pub index_mode: Option<ModeArg>,
+}
+
+/// The `serve` flags.
+#[derive(clap::Args, Clone, Debug, Default)]
+pub struct ServeArgs {
+    /// The address to listen on [default: 127.0.0.1:8080].
+    #[arg(long, env = "FHIRSTORE_LISTEN")]
+    pub listen: Option<SocketAddr>,
+    /// The public base URL, when the server sits behind a proxy (the default is taken from
+    /// each request's Host header), such as `https://fhir.example.org`.
+    #[arg(long, env = "FHIRSTORE_PUBLIC_URL")]
+    pub public_url: Option<String>,
+    /// An API token for one tenant, as `TENANT=TOKEN`; repeat for more.
+    #[arg(long = "token", value_name = "TENANT=TOKEN")]
+    pub tokens: Vec<String>,
+    /// The admin token: every tenant, and the admin endpoints.
+    #[arg(long, env = "FHIRSTORE_ADMIN_TOKEN")]
+    pub admin_token: Option<String>,
+    /// Listen on a non-loopback address without any token configured.
+    #[arg(long)]
+    pub allow_unauthenticated: bool,
+    /// The largest request body accepted, in bytes [default: 32 MiB].
+    #[arg(long, env = "FHIRSTORE_MAX_BODY")]
+    pub max_body: Option<usize>,
+    /// Reconcile every secondary this often (`90s`, `15m`, `6h`, `1d`): first the resources
+    /// written in the last `--reconcile-window`, then a full comparison [default: off].
+    #[arg(long, env = "FHIRSTORE_RECONCILE_EVERY", value_parser = parse_duration)]
+    pub reconcile_every: Option<Duration>,
+    /// How far back the first pass of a scheduled reconcile looks [default: the interval].
+    #[arg(long, env = "FHIRSTORE_RECONCILE_WINDOW", value_parser = parse_duration)]
+    pub reconcile_window: Option<Duration>,
+    /// Scheduled reconciles report without repairing.
+    #[arg(long)]
+    pub reconcile_dry_run: bool,
+}
+
+/// `90s`, `15m`, `6h`, `1d`, or plain seconds.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let t = text.trim();
+    let (num, unit) = t.split_at(t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len()));
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{text:?}: expected a number and a unit (s, m, h, d)"))?;
+    let secs = match unit {
+        "" | "s" => n,
+        "m" => n * 60,
+        "h" => n * 3_600,
+        "d" => n * 86_400,
+        _ => return Err(format!("{text:?}: the unit is one of s, m, h, d")),
+    };
+    if secs == 0 {
+        return Err(format!("{text:?}: must be more than zero"));
+    }
+    Ok(Duration::from_secs(secs))
+}
+
+/// The TOML file: the same settings as the flags, with tokens as a table of tenant to tokens.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    data_dir: Option<PathBuf>,
+    postgres: Option<String>,
+    redis: Option<String>,
+    redis_prefix: Option<String>,
+    redis_mode: Option<ModeArg>,
+    index_mode: Option<ModeArg>,
+    listen: Option<SocketAddr>,
+    public_url: Option<String>,
+    admin_token: Option<String>,
+    allow_unauthenticated: Option<bool>,
+    max_body: Option<usize>,
+    reconcile_every: Option<String>,
+    reconcile_window: Option<String>,
+    reconcile_dry_run: Option<bool>,
+    #[serde(default)]
+    tokens: BTreeMap<String, Vec<String>>,
+}
+
+/// A configuration problem, reported before anything is opened.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ConfigError(pub String);
+
+/// Where data lives and which secondaries are kept.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoreSettings {
+    /// The data directory (SQLite file, tantivy index).
+    pub data_dir: PathBuf,
+    /// The PostgreSQL URL, when it is the primary.
+    pub postgres: Option<String>,
+    /// The Redis URL, when Redis is kept.
+    pub redis: Option<String>,
+    /// The Redis key prefix.
+    pub redis_prefix: String,
+    /// Redis's mode (`Off` when no URL).
+    pub redis_mode: ModeArg,
+    /// tantivy's mode.
+    pub index_mode: ModeArg,
+}
+
+/// The HTTP server's settings.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServerSettings {
+    /// The listening address.
+    pub listen: SocketAddr,
+    /// The public base URL, without a trailing slash.
+    pub public_url: Option<String>,
+    /// `(tenant, token)` pairs.
+    pub tokens: Vec<(String, String)>,
+    /// The admin token.
+    pub admin_token: Option<String>,
+    /// Listening beyond loopback without tokens was asked for.
+    pub allow_unauthenticated: bool,
+    /// The largest request body, in bytes.
+    pub max_body: usize,
+    /// Scheduled reconciliation, when configured.
+    pub reconcile: Option<fhirstore_sync::schedule::Schedule>,
+}
+
+impl Default for ServerSettings {
+    fn default() -> Self {
+        ServerSettings {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            public_url: None,
+            tokens: Vec::new(),
+            admin_token: None,
+            allow_unauthenticated: false,
+            max_body: 32 << 20,
+            reconcile: None,
+        }
+    }
+}
+
+impl ServerSettings {
+    /// Whether any token is configured, which turns access control on.
+    pub fn has_tokens(&self) -> bool {
+        self.admin_token.is_some() || !self.tokens.is_empty()
+    }
+
+    /// Refuses to serve an open API beyond loopback unless that was asked for explicitly.
+    pub fn check_exposure(&self) -> Result<(), ConfigError> {
+        if !self.listen.ip().is_loopback() && !self.has_tokens() && !self.allow_unauthenticated {
+            return Err(ConfigError(format!(
+                "refusing to listen on {} without API tokens: configure --token/--admin-token, \
+                 or pass --allow-unauthenticated",
+                self.listen
+            )));
+        }
+        Ok(())
+    }
+}
+
+fn read_file(path: Option<&Path>) -> Result<FileConfig, ConfigError> {
+    let Some(path) = path else {
+        return Ok(FileConfig::default());
+    };
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| ConfigError(format!("reading {}: {e}", path.display())))?;
+    toml::from_str(&text).map_err(|e| ConfigError(format!("{}: {e}", path.display())))
+}
+
+/// Resolves the storage settings, reading the TOML file if one is named.
+pub fn store_settings(args: &StorageArgs) -> Result<StoreSettings, ConfigError> {
+    let file = read_file(args.config.as_deref())?;
+    Ok(resolve_store(args, &file))
+}
+
+fn resolve_store(args: &StorageArgs, file: &FileConfig) -> StoreSettings {
+    let redis = args.redis.clone().or_else(|| file.redis.clone());
+    let redis_mode = match redis {
+        None => ModeArg::Off,
+        Some(_) => args.redis_mode.or(file.redis_mode).unwrap_or(ModeArg::Sync),
+    };
+    StoreSettings {
+        data_dir: args
+            .data_dir
+            .clone()
+            .or_else(|| file.data_dir.clone())
+            .unwrap_or_else(|| PathBuf::from("data")),
+        postgres: args.postgres.clone().or_else(|| file.postgres.clone()),
+        redis: redis.filter(|_| redis_mode != ModeArg::Off),
+        redis_prefix: args
+            .redis_prefix
+            .clone()
+            .or_else(|| file.redis_prefix.clone())
+            .unwrap_or_else(|| "fhirstore".to_owned()),
+        redis_mode,
+        index_mode: args
+            .index_mode
+            .or(file.index_mode)
+            .unwrap_or(ModeArg::Async),
+    }
+}
+
+/// Resolves the storage and server settings for `serve`.
+pub fn serve_settings(
+    storage: &StorageArgs,
+    serve: &ServeArgs,
+) -> Result<(StoreSettings, ServerSettings), ConfigError> {
+    let file = read_file(storage.config.as_deref())?;
+    let defaults = ServerSettings::default();
+    let mut tokens = Vec::new();
+    for (tenant, list) in &file.tokens {
+        for t in list {
+            tokens.push((tenant.clone(), t.clone()));
+        }
+    }
+    for pair in &serve.tokens {
+        let (tenant, token) = pair
+            .split_once('=')
+            .filter(|(a, b)| !a.is_empty() && !b.is_empty())
+            .ok_or_else(|| ConfigError(format!("--token {pair:?}: expected TENANT=TOKEN")))?;
+        tokens.push((tenant.to_owned(), token.to_owned()));
+    }
+    for (tenant, _) in &tokens {
+        fhirstore_core::TenantId::new(tenant.as_str())
+            .map_err(|e| ConfigError(format!("token for {tenant:?}: {e}")))?;
+    }
+    let server = ServerSettings {
+        listen: serve.listen.or(file.listen).unwrap_or(defaults.listen),
+        public_url: serve
+            .public_url
+            .clone()
+            .or_else(|| file.public_url.clone())
+            .map(|u| u.trim_end_matches('/').to_owned()),
+        tokens,
+        admin_token: serve
+            .admin_token
+            .clone()
+            .or_else(|| file.admin_token.clone()),
+        allow_unauthenticated: serve.allow_unauthenticated
+            || file.allow_unauthenticated.unwrap_or(false),
+        max_body: serve
+            .max_body
+            .or(file.max_body)
+            .unwrap_or(defaults.max_body),
+        reconcile: schedule(serve, &file)?,
+    };
+    Ok((resolve_store(storage, &file), server))
+}
+
+fn schedule(
+    serve: &ServeArgs,
+    file: &FileConfig,
+) -> Result<Option<fhirstore_sync::schedule::Schedule>, ConfigError> {
+    let from_file = |v: &Option<String>| v.as_deref().map(parse_duration).transpose();
+    let every = match serve.reconcile_every {
+        Some(d) => Some(d),
+        None => from_file(&file.reconcile_every).map_err(ConfigError)?,
+    };
+    let Some(interval) = every else {
+        return Ok(None);
+    };
+    let window = match serve.reconcile_window {
+        Some(d) => d,
+        None => from_file(&file.reconcile_window)
+            .map_err(ConfigError)?
+            .unwrap_or(interval),
+    };
+    let dry = serve.reconcile_dry_run || file.reconcile_dry_run.unwrap_or(false);
+    Ok(Some(fhirstore_sync::schedule::Schedule {
+        interval,
+        window,
+        mode: if dry {
+            fhirstore_sync::reconcile::ReconcileMode::DryRun
+        } else {
+            fhirstore_sync::reconcile::ReconcileMode::Repair
+        },
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_win_over_the_file_and_the_file_over_defaults() {
+        let file: FileConfig = toml::from_str(
+            r#"
+            data_dir = "/srv/fhir"
+            redis = "redis://cache:6379"
+            index_mode = "sync"
+            listen = "0.0.0.0:9000"
+            [tokens]
+            clinic-a = ["t1", "t2"]
+            "#,
+        )
+        .expect("valid file");
+        let args = StorageArgs {
+            index_mode: Some(ModeArg::Off),
+            ..StorageArgs::default()
+        };
+        let s = resolve_store(&args, &file);
+        assert_eq!(s.data_dir, PathBuf::from("/srv/fhir"));
+        assert_eq!(s.redis.as_deref(), Some("redis://cache:6379"));
+        assert_eq!(s.redis_mode, ModeArg::Sync);
+        assert_eq!(s.index_mode, ModeArg::Off);
+        let none = resolve_store(&StorageArgs::default(), &FileConfig::default());
+        assert_eq!(none.data_dir, PathBuf::from("data"));
+        assert_eq!(
+            (none.redis_mode, none.index_mode),
+            (ModeArg::Off, ModeArg::Async)
+        );
+        assert!(toml::from_str::<FileConfig>("nonsense = 1").is_err());
+    }
+
+    #[test]
+    fn durations_and_the_reconcile_schedule() {
+        assert_eq!(parse_duration("90s"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_duration("15m"), Ok(Duration::from_secs(900)));
+        assert_eq!(parse_duration("2h"), Ok(Duration::from_secs(7_200)));
+        assert_eq!(parse_duration("45"), Ok(Duration::from_secs(45)));
+        for bad in ["", "0s", "1w", "m5", "-3s"] {
+            assert!(parse_duration(bad).is_err(), "{bad}");
+        }
+        let file: FileConfig = toml::from_str("reconcile_every = \"1h\"").expect("file");
+        let s = schedule(&ServeArgs::default(), &file)
+            .expect("ok")
+            .expect("scheduled");
+        assert_eq!(s.interval, Duration::from_secs(3_600));
+        assert_eq!(s.window, s.interval);
+        let off = schedule(&ServeArgs::default(), &FileConfig::default()).expect("ok");
+        assert!(off.is_none(), "off by default");
+    }
+
+    #[test]
+    fn an_open_server_stays_on_loopback_unless_told() {
+        let mut s = ServerSettings::default();
+        assert!(s.check_exposure().is_ok());
+        s.listen = "0.0.0.0:8080".parse().expect("addr");
+        assert!(s.check_exposure().is_err());
+        s.tokens.push(("a".into(), "secret".into()));
+        assert!(s.check_exposure().is_ok());
+        s.tokens.clear();
+        s.allow_unauthenticated = true;
+        assert!(s.check_exposure().is_ok());
+    }
+}

@@ -1,0 +1,848 @@
+//! The FHIR R4 RESTful API under `/fhir/{tenant}`: one dispatcher reads the path's shape, so
+//! unknown paths, unknown types and wrong methods all get an `OperationOutcome`.
+
+use std::sync::Arc;
+
+use axum::body::{Body, Bytes};
+use axum::extract::{Path, State};
+use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use fhirstore_core::bundle::write_ops_in;
+use fhirstore_core::search::Summary;
+use fhirstore_core::{
+    Error, Handling, HistoryRequest, HistoryScope, LogicalId, ResourceType, SearchQuery,
+    StoredResource, TenantContext, VersionId,
+};
+use fhirstore_core::{WriteKind, Written};
+use serde_json::{json, Map, Value};
+
+use crate::bundles;
+use crate::outcome::{operation_outcome, ApiError, ApiResult, FHIR_JSON};
+use crate::App;
+
+/// Which interaction a response answered, for `/metrics`.
+#[derive(Clone, Copy, Debug)]
+pub struct Interaction(pub &'static str);
+
+/// `Prefer: return=…`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Return {
+    Minimal,
+    Representation,
+    Outcome,
+}
+
+/// One request's settled context: the tenant, the base URL and the client's preferences.
+pub(crate) struct Req<'a> {
+    pub app: &'a App,
+    pub ctx: TenantContext,
+    /// `http://host/fhir/{tenant}`, without a trailing slash.
+    pub base: String,
+    headers: &'a HeaderMap,
+    /// The query string, percent-encoded as received, without `_format` and `_pretty`.
+    pub query: String,
+    pretty: bool,
+    ret: Return,
+    handling: Handling,
+}
+
+/// Query parameters about the response format rather than the data.
+const FORMAT_PARAMS: [&str; 2] = ["_format", "_pretty"];
+
+fn wants_json(v: &str) -> bool {
+    v.split(',').any(|t| {
+        let t = t.split(';').next().unwrap_or("").trim();
+        t.is_empty() || t.contains("json") || t == "*/*" || t == "application/*"
+    })
+}
+
+impl<'a> Req<'a> {
+    fn new(
+        app: &'a App,
+        ctx: TenantContext,
+        headers: &'a HeaderMap,
+        uri: &Uri,
+        tenant: &str,
+    ) -> ApiResult<Self> {
+        let raw = uri.query().unwrap_or("");
+        let mut pretty = false;
+        let mut kept = form_urlencoded::Serializer::new(String::new());
+        for (k, v) in form_urlencoded::parse(raw.as_bytes()) {
+            match k.as_ref() {
+                "_format" if !wants_json(&v) || v.contains("xml") => {
+                    return Err(not_acceptable(&v));
+                }
+                "_pretty" => pretty = v == "true",
+                _ if FORMAT_PARAMS.contains(&k.as_ref()) => {}
+                _ => {
+                    kept.append_pair(&k, &v);
+                }
+            }
+        }
+        if let Some(accept) = headers.get(header::ACCEPT).and_then(|v| v.to_str().ok()) {
+            if !wants_json(accept) {
+                return Err(not_acceptable(accept));
+            }
+        }
+        let prefer = headers
+            .get_all("prefer")
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map(|p| p.trim().to_ascii_lowercase())
+            .collect::<Vec<_>>();
+        let ret = if prefer.iter().any(|p| p == "return=minimal") {
+            Return::Minimal
+        } else if prefer.iter().any(|p| p == "return=operationoutcome") {
+            Return::Outcome
+        } else {
+            Return::Representation
+        };
+        let handling = if prefer.iter().any(|p| p == "handling=strict") {
+            Handling::Strict
+        } else {
+            Handling::Lenient
+        };
+        let host = match &app.settings.public_url {
+            Some(u) => u.clone(),
+            None => {
+                let host = headers
+                    .get(header::HOST)
+                    .and_then(|h| h.to_str().ok())
+                    .map(str::to_owned)
+                    .unwrap_or_else(|| app.settings.listen.to_string());
+                format!("http://{host}")
+            }
+        };
+        Ok(Req {
+            app,
+            ctx,
+            base: format!("{host}/fhir/{tenant}"),
+            headers,
+            query: kept.finish(),
+            pretty,
+            ret,
+            handling,
+        })
+    }
+
+    fn header(&self, name: impl axum::http::header::AsHeaderName) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+
+    /// A FHIR JSON response.
+    pub fn json(&self, status: StatusCode, body: &Value) -> Response {
+        let bytes = if self.pretty {
+            serde_json::to_vec_pretty(body)
+        } else {
+            serde_json::to_vec(body)
+        }
+        .unwrap_or_default();
+        let mut r = (status, bytes).into_response();
+        r.headers_mut()
+            .insert(header::CONTENT_TYPE, HeaderValue::from_static(FHIR_JSON));
+        r
+    }
+
+    /// The response to a write or a read of one version: ETag, Last-Modified, Location when
+    /// asked, and the body `Prefer` chose.
+    fn resource(&self, status: StatusCode, r: &StoredResource, location: bool) -> Response {
+        let mut resp = match self.ret {
+            Return::Minimal => status.into_response(),
+            Return::Representation => self.json(status, &r.content),
+            Return::Outcome => self.json(
+                status,
+                &operation_outcome(
+                    "information",
+                    "informational",
+                    &format!("{}/{} version {}", r.key.resource_type, r.key.id, r.version),
+                ),
+            ),
+        };
+        set_version_headers(resp.headers_mut(), r);
+        if location {
+            if let Ok(v) = HeaderValue::from_str(&format!(
+                "{}/{}/{}/_history/{}",
+                self.base, r.key.resource_type, r.key.id, r.version
+            )) {
+                resp.headers_mut().insert(header::LOCATION, v);
+            }
+        }
+        resp
+    }
+
+    fn written(&self, w: &Written) -> Response {
+        let status = match w.kind {
+            WriteKind::Created => StatusCode::CREATED,
+            WriteKind::Updated | WriteKind::Unchanged => StatusCode::OK,
+        };
+        self.resource(status, &w.resource, true)
+    }
+}
+
+fn not_acceptable(what: &str) -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_ACCEPTABLE,
+        "not-supported",
+        format!("{what:?}: this server speaks JSON only (application/fhir+json)"),
+    )
+}
+
+/// `ETag: W/"n"` and `Last-Modified` for one version.
+pub(crate) fn set_version_headers(h: &mut HeaderMap, r: &StoredResource) {
+    if let Ok(v) = HeaderValue::from_str(&etag(r.version)) {
+        h.insert(header::ETAG, v);
+    }
+    if let Ok(v) = HeaderValue::from_str(&http_date(r.last_updated)) {
+        h.insert(header::LAST_MODIFIED, v);
+    }
+}
+
+/// `W/"n"`.
+pub(crate) fn etag(v: VersionId) -> String {
+    format!("W/\"{v}\"")
+}
+
+/// An HTTP date (RFC 9110 IMF-fixdate).
+pub(crate) fn http_date(t: time::OffsetDateTime) -> String {
+    let f = time::macros::format_description!(
+        "[weekday repr:short], [day] [month repr:short] [year] [hour]:[minute]:[second] GMT"
+    );
+    t.to_offset(time::UtcOffset::UTC)
+        .format(&f)
+        .unwrap_or_default()
+}
+
+fn resource_type(name: &str) -> ApiResult<ResourceType> {
+    ResourceType::new(name)
+        .map_err(|_| ApiError::not_found(format!("{name:?} is not an R4 resource type")))
+}
+
+fn logical_id(id: &str) -> ApiResult<LogicalId> {
+    LogicalId::new(id).map_err(|e| ApiError::bad_request(e.to_string()))
+}
+
+fn interaction(method: &Method, segs: &[&str], has_query: bool) -> &'static str {
+    let m = method.as_str();
+    match (m, segs) {
+        ("GET", []) => "search-system",
+        ("POST", []) => "transaction",
+        (_, ["metadata"]) => "capabilities",
+        (_, ["_history"]) => "history-system",
+        (_, ["_search"]) => "search-system",
+        ("GET", [_]) => "search-type",
+        ("POST", [_]) => "create",
+        ("PUT", [_]) if has_query => "conditional-update",
+        ("DELETE", [_]) if has_query => "conditional-delete",
+        (_, [_, "_search"]) => "search-type",
+        (_, [_, "_history"]) => "history-type",
+        ("GET", [_, _]) => "read",
+        ("PUT", [_, _]) => "update",
+        ("DELETE", [_, _]) => "delete",
+        ("PATCH", [_, _]) => "patch",
+        (_, [_, _, "_history"]) => "history-instance",
+        (_, [_, _, "_history", _]) => "vread",
+        _ => "other",
+    }
+}
+
+/// Every request under `/fhir/{tenant}`.
+pub async fn fhir(
+    State(app): State<Arc<App>>,
+    Path(params): Path<Vec<(String, String)>>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let tenant = params
+        .iter()
+        .find(|(k, _)| k == "tenant")
+        .map_or("", |(_, v)| v.as_str());
+    let rest = params
+        .iter()
+        .find(|(k, _)| k == "rest")
+        .map_or("", |(_, v)| v.as_str());
+    let segs: Vec<&str> = rest.split('/').filter(|s| !s.is_empty()).collect();
+    let label = interaction(&method, &segs, uri.query().is_some_and(|q| !q.is_empty()));
+    let result = async {
+        let ctx = app.auth.tenant(&headers, tenant)?;
+        let req = Req::new(&app, ctx, &headers, &uri, tenant)?;
+        dispatch(&req, &method, &segs, body).await
+    }
+    .await;
+    let mut resp = result.unwrap_or_else(IntoResponse::into_response);
+    resp.extensions_mut().insert(Interaction(label));
+    resp
+}
+
+fn method_not_allowed(method: &Method, allow: &'static str) -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "not-supported",
+        format!("{method} is not allowed here (allowed: {allow})"),
+    )
+}
+
+async fn dispatch(req: &Req<'_>, method: &Method, segs: &[&str], body: Body) -> ApiResult {
+    let m = method.as_str();
+    if let Some(op) = segs.iter().find(|s| s.starts_with('$')) {
+        return Err(ApiError::new(
+            StatusCode::NOT_IMPLEMENTED,
+            "not-supported",
+            format!("the operation {op} is not supported"),
+        ));
+    }
+    match segs {
+        [] => match m {
+            "GET" => search(req, None, req.query.clone()).await,
+            "POST" => bundle(req, body).await,
+            _ => Err(method_not_allowed(method, "GET, POST")),
+        },
+        ["metadata"] => match m {
+            "GET" => Ok(req.json(StatusCode::OK, &crate::capability::statement(req).await?)),
+            _ => Err(method_not_allowed(method, "GET")),
+        },
+        ["_history"] => match m {
+            "GET" => history(req, HistoryScope::System).await,
+            _ => Err(method_not_allowed(method, "GET")),
+        },
+        ["_search"] => match m {
+            "GET" => search(req, None, req.query.clone()).await,
+            "POST" => search(req, None, form_query(req, body).await?).await,
+            _ => Err(method_not_allowed(method, "GET, POST")),
+        },
+        [t, rest @ ..] => {
+            let rt = resource_type(t)?;
+            match (m, rest) {
+                ("GET", []) => search(req, Some(rt), req.query.clone()).await,
+                ("POST", []) => create(req, rt, body).await,
+                ("PUT", []) => conditional_update(req, rt, body).await,
+                ("DELETE", []) => conditional_delete(req, rt).await,
+                (_, []) => Err(method_not_allowed(method, "GET, POST, PUT, DELETE")),
+                ("GET" | "POST", ["_search"]) => {
+                    let q = if m == "POST" {
+                        form_query(req, body).await?
+                    } else {
+                        req.query.clone()
+                    };
+                    search(req, Some(rt), q).await
+                }
+                (_, ["_search"]) => Err(method_not_allowed(method, "GET, POST")),
+                ("GET", ["_history"]) => history(req, HistoryScope::Type(rt)).await,
+                ("GET", [id]) => read(req, rt, &logical_id(id)?).await,
+                ("PUT", [id]) => update(req, rt, logical_id(id)?, body).await,
+                ("DELETE", [id]) => delete(req, rt, &logical_id(id)?).await,
+                ("PATCH", [id]) => patch(req, rt, logical_id(id)?, body).await,
+                (_, [_]) => Err(method_not_allowed(method, "GET, PUT, DELETE, PATCH")),
+                ("GET", [id, "_history"]) => {
+                    history(req, HistoryScope::Instance(rt, logical_id(id)?)).await
+                }
+                ("GET", [id, "_history", v]) => vread(req, rt, &logical_id(id)?, v).await,
+                (_, [_, "_history"] | [_, "_history", _]) => Err(method_not_allowed(method, "GET")),
+                _ => Err(ApiError::not_found(format!(
+                    "no FHIR interaction at {}",
+                    segs.join("/")
+                ))),
+            }
+        }
+    }
+}
+
+/// The request body, refused with 413 beyond the configured limit.
+pub(crate) async fn body_bytes(req: &Req<'_>, body: Body) -> ApiResult<Bytes> {
+    let limit = req.app.settings.max_body;
+    let too_large = || {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too-long",
+            format!("the request body is larger than {limit} bytes"),
+        )
+    };
+    if req
+        .header(header::CONTENT_LENGTH)
+        .and_then(|l| l.parse::<usize>().ok())
+        .is_some_and(|l| l > limit)
+    {
+        return Err(too_large());
+    }
+    axum::body::to_bytes(body, limit)
+        .await
+        .map_err(|_| too_large())
+}
+
+/// A FHIR JSON body: 415 for another media type, 400 for bad JSON or not an object.
+async fn json_body(req: &Req<'_>, body: Body) -> ApiResult<Value> {
+    if let Some(ct) = req.header(header::CONTENT_TYPE) {
+        let media = ct.split(';').next().unwrap_or("").trim();
+        if !matches!(
+            media,
+            "application/fhir+json" | "application/json" | "application/json+fhir" | "text/json"
+        ) {
+            return Err(ApiError::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "not-supported",
+                format!("content type {media:?}: send application/fhir+json"),
+            ));
+        }
+    }
+    let bytes = body_bytes(req, body).await?;
+    let v: Value = serde_json::from_slice(&bytes)
+        .map_err(|e| ApiError::bad_request(format!("the body is not valid JSON: {e}")))?;
+    if !v.is_object() {
+        return Err(ApiError::bad_request("the body is not a JSON object"));
+    }
+    Ok(v)
+}
+
+/// A resource body of type `rt`: a body of another type is a 400.
+async fn resource_body(req: &Req<'_>, rt: ResourceType, body: Body) -> ApiResult<Value> {
+    let v = json_body(req, body).await?;
+    match v.get("resourceType").and_then(Value::as_str) {
+        Some(t) if t == rt.as_str() => Ok(v),
+        Some(t) => Err(ApiError::bad_request(format!(
+            "the body is a {t}, the URL names {rt}"
+        ))),
+        None => Err(ApiError::bad_request("the body has no resourceType")),
+    }
+}
+
+/// `POST …/_search`: the form body's parameters joined to the URL's.
+async fn form_query(req: &Req<'_>, body: Body) -> ApiResult<String> {
+    if let Some(ct) = req.header(header::CONTENT_TYPE) {
+        if !ct.starts_with("application/x-www-form-urlencoded") {
+            return Err(ApiError::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "not-supported",
+                "POST _search takes application/x-www-form-urlencoded",
+            ));
+        }
+    }
+    let bytes = body_bytes(req, body).await?;
+    let form = std::str::from_utf8(&bytes)
+        .map_err(|_| ApiError::bad_request("the form body is not UTF-8"))?
+        .trim();
+    Ok(match (req.query.is_empty(), form.is_empty()) {
+        (true, _) => form.to_owned(),
+        (false, true) => req.query.clone(),
+        (false, false) => format!("{}&{form}", req.query),
+    })
+}
+
+/// Criteria for a conditional interaction: strict, since ignoring a criterion would widen
+/// what the write touches.
+async fn criteria(req: &Req<'_>, rt: ResourceType, query: &str) -> ApiResult<SearchQuery> {
+    let reg = req.app.store.storage().search_parameters(&req.ctx).await?;
+    Ok(SearchQuery::parse_in(
+        &reg,
+        Some(rt),
+        query.trim_start_matches('?'),
+        Handling::Strict,
+    )?)
+}
+
+async fn create(req: &Req<'_>, rt: ResourceType, body: Body) -> ApiResult {
+    let resource = resource_body(req, rt, body).await?;
+    let storage = req.app.store.storage();
+    let w = match req.header("if-none-exist") {
+        Some(q) => {
+            let q = criteria(req, rt, q).await?;
+            storage
+                .conditional_create(&req.ctx, rt, &q, resource)
+                .await?
+        }
+        None => storage.create(&req.ctx, rt, resource).await?,
+    };
+    req.app.after_write(&req.ctx, &[rt]);
+    Ok(req.written(&w))
+}
+
+fn if_match(req: &Req<'_>) -> ApiResult<Option<VersionId>> {
+    req.header(header::IF_MATCH)
+        .map(|t| VersionId::from_etag(t).map_err(|e| ApiError::bad_request(e.to_string())))
+        .transpose()
+}
+
+async fn update(req: &Req<'_>, rt: ResourceType, id: LogicalId, body: Body) -> ApiResult {
+    let resource = resource_body(req, rt, body).await?;
+    match resource.get("id").and_then(Value::as_str) {
+        Some(body_id) if body_id == id.as_str() => {}
+        Some(body_id) => {
+            return Err(ApiError::bad_request(format!(
+                "the body's id {body_id:?} is not the URL's {id:?}"
+            )))
+        }
+        None => return Err(ApiError::bad_request("an update's body must carry its id")),
+    }
+    let w = req
+        .app
+        .store
+        .storage()
+        .update(&req.ctx, rt, &id, resource, if_match(req)?)
+        .await?;
+    req.app.after_write(&req.ctx, &[rt]);
+    Ok(req.written(&w))
+}
+
+async fn conditional_update(req: &Req<'_>, rt: ResourceType, body: Body) -> ApiResult {
+    if req.query.is_empty() {
+        return Err(method_not_allowed(
+            &Method::PUT,
+            "PUT Type/id, or PUT Type?criteria",
+        ));
+    }
+    let q = criteria(req, rt, &req.query).await?;
+    let resource = resource_body(req, rt, body).await?;
+    let w = req
+        .app
+        .store
+        .storage()
+        .conditional_update(&req.ctx, rt, &q, resource)
+        .await?;
+    req.app.after_write(&req.ctx, &[rt]);
+    Ok(req.written(&w))
+}
+
+fn deleted_response(req: &Req<'_>, d: &fhirstore_core::Deleted) -> Response {
+    let mut resp = match req.ret {
+        Return::Outcome => req.json(
+            StatusCode::OK,
+            &operation_outcome(
+                "information",
+                "informational",
+                &format!("{} resource(s) deleted", d.deleted.len()),
+            ),
+        ),
+        _ => StatusCode::NO_CONTENT.into_response(),
+    };
+    if let [(_, v)] = d.deleted.as_slice() {
+        if let Ok(v) = HeaderValue::from_str(&etag(*v)) {
+            resp.headers_mut().insert(header::ETAG, v);
+        }
+    }
+    resp
+}
+
+async fn delete(req: &Req<'_>, rt: ResourceType, id: &LogicalId) -> ApiResult {
+    let d = req.app.store.storage().delete(&req.ctx, rt, id).await?;
+    req.app.after_write(&req.ctx, &[rt]);
+    Ok(deleted_response(req, &d))
+}
+
+async fn conditional_delete(req: &Req<'_>, rt: ResourceType) -> ApiResult {
+    if req.query.is_empty() {
+        return Err(ApiError::new(
+            StatusCode::PRECONDITION_FAILED,
+            "multiple-matches",
+            "a conditional delete needs criteria",
+        ));
+    }
+    let q = criteria(req, rt, &req.query).await?;
+    let d = req
+        .app
+        .store
+        .storage()
+        .conditional_delete(&req.ctx, rt, &q)
+        .await?;
+    req.app.after_write(&req.ctx, &[rt]);
+    Ok(deleted_response(req, &d))
+}
+
+/// JSON Patch (RFC 6902) against the current version, written with that version as the
+/// `If-Match`, so a concurrent write makes the patch fail (412) instead of being lost.
+async fn patch(req: &Req<'_>, rt: ResourceType, id: LogicalId, body: Body) -> ApiResult {
+    let media = req
+        .header(header::CONTENT_TYPE)
+        .and_then(|c| c.split(';').next())
+        .map(str::trim);
+    if media != Some("application/json-patch+json") {
+        return Err(ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "not-supported",
+            "PATCH takes a JSON Patch (application/json-patch+json)",
+        ));
+    }
+    let bytes = body_bytes(req, body).await?;
+    let ops: json_patch::Patch = serde_json::from_slice(&bytes)
+        .map_err(|e| ApiError::bad_request(format!("not a JSON Patch document: {e}")))?;
+    let storage = req.app.store.storage();
+    let current = storage.read(&req.ctx, rt, &id).await?;
+    if let Some(v) = if_match(req)? {
+        if v != current.version {
+            return Err(Error::VersionConflict {
+                key: format!("{rt}/{id}"),
+                expected: v.get(),
+                current: current.version.get(),
+            }
+            .into());
+        }
+    }
+    let mut doc = current.content.clone();
+    json_patch::patch(&mut doc, &ops).map_err(|e| {
+        ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "processing",
+            format!("the patch does not apply: {e}"),
+        )
+    })?;
+    if doc.get("resourceType") != current.content.get("resourceType")
+        || doc.get("id") != current.content.get("id")
+    {
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "processing",
+            "a patch may not change resourceType or id",
+        ));
+    }
+    let w = storage
+        .update(&req.ctx, rt, &id, doc, Some(current.version))
+        .await?;
+    req.app.after_write(&req.ctx, &[rt]);
+    Ok(req.written(&w))
+}
+
+async fn read(req: &Req<'_>, rt: ResourceType, id: &LogicalId) -> ApiResult {
+    let r = req.app.store.storage().read(&req.ctx, rt, id).await?;
+    if req
+        .header(header::IF_NONE_MATCH)
+        .is_some_and(|t| VersionId::from_etag(t).ok() == Some(r.version))
+    {
+        let mut resp = StatusCode::NOT_MODIFIED.into_response();
+        set_version_headers(resp.headers_mut(), &r);
+        return Ok(resp);
+    }
+    let (summary, elements) = shaping(&req.query)?;
+    let mut resp = req.json(StatusCode::OK, &shape(&r.content, summary, &elements));
+    set_version_headers(resp.headers_mut(), &r);
+    Ok(resp)
+}
+
+async fn vread(req: &Req<'_>, rt: ResourceType, id: &LogicalId, v: &str) -> ApiResult {
+    let version = v
+        .parse::<u64>()
+        .ok()
+        .and_then(VersionId::new)
+        .ok_or_else(|| ApiError::not_found(format!("{v:?} is not a version number")))?;
+    let r = req
+        .app
+        .store
+        .storage()
+        .vread(&req.ctx, rt, id, version)
+        .await?;
+    if r.deleted {
+        let mut resp = ApiError::new(
+            StatusCode::GONE,
+            "deleted",
+            format!("{rt}/{id} version {version} is a deletion"),
+        )
+        .into_response();
+        set_version_headers(resp.headers_mut(), &r);
+        return Ok(resp);
+    }
+    let mut resp = req.json(StatusCode::OK, &r.content);
+    set_version_headers(resp.headers_mut(), &r);
+    Ok(resp)
+}
+
+/// `_summary` and `_elements` from a read's query.
+fn shaping(query: &str) -> ApiResult<(Option<Summary>, Vec<String>)> {
+    let mut q = SearchQuery::default();
+    for (k, v) in form_urlencoded::parse(query.as_bytes()) {
+        if k == "_summary" || k == "_elements" {
+            q.add_param(&k, &v, Handling::Strict)?;
+        }
+    }
+    Ok((q.summary, q.elements))
+}
+
+/// Applies `_summary` (`text`, `data`) and `_elements`, marking a cut-down resource
+/// `SUBSETTED` as R4 asks. `_summary=true` returns the whole resource: the R4 summary flags
+/// are not among the definitions this server carries.
+pub(crate) fn shape(resource: &Value, summary: Option<Summary>, elements: &[String]) -> Value {
+    let Some(obj) = resource.as_object() else {
+        return resource.clone();
+    };
+    let keep = |k: &str| matches!(k, "resourceType" | "id" | "meta");
+    let out: Map<String, Value> = match summary {
+        Some(Summary::Text) => obj
+            .iter()
+            .filter(|(k, _)| keep(k) || *k == "text")
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
+        Some(Summary::Data) => obj
+            .iter()
+            .filter(|(k, _)| *k != "text")
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
+        _ if !elements.is_empty() => obj
+            .iter()
+            .filter(|(k, _)| keep(k) || elements.iter().any(|e| e == *k))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
+        _ => return resource.clone(),
+    };
+    let mut out = Value::Object(out);
+    let tag = json!({"system": "http://terminology.hl7.org/CodeSystem/v3-ObservationValue",
+                     "code": "SUBSETTED"});
+    if let Some(meta) = out
+        .as_object_mut()
+        .map(|o| o.entry("meta").or_insert_with(|| json!({})))
+    {
+        if let Some(m) = meta.as_object_mut() {
+            let tags = m.entry("tag").or_insert_with(|| json!([]));
+            if let Some(t) = tags.as_array_mut() {
+                t.push(tag);
+            }
+        }
+    }
+    out
+}
+
+async fn search(req: &Req<'_>, rt: Option<ResourceType>, query: String) -> ApiResult {
+    let reg = req.app.store.storage().search_parameters(&req.ctx).await?;
+    let mut q = SearchQuery::parse_in(&reg, rt, &query, req.handling)?;
+    if q.count == Some(0) {
+        // R4: `_count=0` asks for the total alone.
+        q.summary = Some(Summary::Count);
+    }
+    let routed = req.app.store.search_routed(&req.ctx, &q).await?;
+    let body = bundles::searchset(&req.base, rt, &query, &q, &routed.page);
+    Ok(req.json(StatusCode::OK, &body))
+}
+
+async fn history(req: &Req<'_>, scope: HistoryScope) -> ApiResult {
+    let mut h = HistoryRequest::new(scope.clone());
+    for (k, v) in form_urlencoded::parse(req.query.as_bytes()) {
+        match k.as_ref() {
+            "_count" => {
+                h.count = Some(v.parse().map_err(|_| {
+                    ApiError::bad_request(format!("_count={v:?} is not a non-negative integer"))
+                })?)
+            }
+            "_since" => {
+                h.since = Some(
+                    time::OffsetDateTime::parse(&v, &time::format_description::well_known::Rfc3339)
+                        .map_err(|_| {
+                            ApiError::bad_request(format!("_since={v:?} is not an instant"))
+                        })?,
+                )
+            }
+            "_cursor" => h.cursor = Some(v.into_owned()),
+            _ if req.handling == Handling::Strict => {
+                return Err(ApiError::bad_request(format!(
+                    "history does not take the parameter {k:?}"
+                )))
+            }
+            _ => {}
+        }
+    }
+    let page = req.app.store.storage().history(&req.ctx, &h).await?;
+    let path = match &scope {
+        HistoryScope::System => "_history".to_owned(),
+        HistoryScope::Type(rt) => format!("{rt}/_history"),
+        HistoryScope::Instance(rt, id) => format!("{rt}/{id}/_history"),
+    };
+    if page.entries.is_empty() {
+        if let HistoryScope::Instance(rt, id) = &scope {
+            if h.cursor.is_none() && h.since.is_none() {
+                return Err(ApiError::not_found(format!("{rt}/{id} has no history")));
+            }
+        }
+    }
+    Ok(req.json(StatusCode::OK, &bundles::history(req, &path, &page)))
+}
+
+/// A `batch` or `transaction` Bundle posted to the base.
+async fn bundle(req: &Req<'_>, body: Body) -> ApiResult {
+    let b = json_body(req, body).await?;
+    if b.get("resourceType").and_then(Value::as_str) != Some("Bundle") {
+        return Err(ApiError::bad_request(
+            "POST to the base takes a batch or transaction Bundle",
+        ));
+    }
+    let kind = b.get("type").and_then(Value::as_str).unwrap_or("");
+    let reg = req.app.store.storage().search_parameters(&req.ctx).await?;
+    let storage = req.app.store.storage();
+    match kind {
+        "transaction" => {
+            let ops = write_ops_in(&reg, &b).map_err(bundle_error)?;
+            let types = op_types(&ops);
+            let outcomes = storage.transaction(&req.ctx, ops).await?;
+            req.app.after_write(&req.ctx, &types);
+            let entries = outcomes
+                .iter()
+                .map(|o| Ok(bundles::response_entry(req, o)))
+                .collect::<Vec<ApiResult<Value>>>();
+            Ok(req.json(
+                StatusCode::OK,
+                &bundles::response_bundle("transaction-response", entries),
+            ))
+        }
+        "batch" => {
+            // Each entry stands alone: one that cannot be read fails only itself.
+            let entries = b.get("entry").and_then(Value::as_array);
+            let mut parsed = Vec::new();
+            for e in entries.into_iter().flatten() {
+                let one = json!({"resourceType": "Bundle", "entry": [e]});
+                parsed.push(write_ops_in(&reg, &one).map_err(bundle_error));
+            }
+            let mut ops = Vec::new();
+            for o in parsed.iter_mut().flatten() {
+                ops.append(o);
+            }
+            let types = op_types(&ops);
+            let mut results = storage.batch(&req.ctx, ops).await?.into_iter();
+            req.app.after_write(&req.ctx, &types);
+            let entries = parsed
+                .into_iter()
+                .map(|p| match p {
+                    Err(e) => Err(e),
+                    Ok(_) => match results.next() {
+                        Some(Ok(o)) => Ok(bundles::response_entry(req, &o)),
+                        Some(Err(e)) => Err(ApiError::from(e)),
+                        None => Err(ApiError::new(
+                            StatusCode::INTERNAL_SERVER_ERROR,
+                            "exception",
+                            "the batch returned fewer results than entries",
+                        )),
+                    },
+                })
+                .collect();
+            Ok(req.json(
+                StatusCode::OK,
+                &bundles::response_bundle("batch-response", entries),
+            ))
+        }
+        other => Err(ApiError::bad_request(format!(
+            "Bundle type {other:?}: POST to the base takes batch or transaction"
+        ))),
+    }
+}
+
+/// A Bundle entry that cannot become a write is the request's fault (400), not the
+/// resource's (422).
+fn bundle_error(e: Error) -> ApiError {
+    match e {
+        Error::InvalidResource(m) => ApiError::bad_request(m),
+        other => other.into(),
+    }
+}
+
+fn op_types(ops: &[fhirstore_core::WriteOp]) -> Vec<ResourceType> {
+    use fhirstore_core::WriteOp as W;
+    ops.iter()
+        .map(|o| match o {
+            W::Create { resource_type, .. }
+            | W::Update { resource_type, .. }
+            | W::ConditionalUpdate { resource_type, .. }
+            | W::Delete { resource_type, .. }
+            | W::ConditionalDelete { resource_type, .. } => *resource_type,
+        })
+        .collect()
+}
+
+/// Whether a Bundle response entry carries the resource (`Prefer: return=representation`,
+/// the default).
+pub(crate) fn wants_resource(req: &Req<'_>) -> bool {
+    req.ret == Return::Representation
+}

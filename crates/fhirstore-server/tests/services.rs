@@ -1,0 +1,144 @@
+//! The server on PostgreSQL with Redis and tantivy, as `--postgres` and `--redis` configure it.
+
+mod support;
+
+use std::time::Duration;
+
+use axum::http::StatusCode;
+use fhirstore_core::changelog::ChangeLog;
+use fhirstore_core::secondary::Secondary;
+use fhirstore_server::config::{ModeArg, ServerSettings, StoreSettings};
+use serde_json::json;
+
+fn env_or(name: &str, default: &str) -> String {
+    std::env::var(name).unwrap_or_else(|_| default.to_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_primary_with_redis_and_tantivy() {
+    let unique = uuid::Uuid::now_v7().simple().to_string();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let stores = StoreSettings {
+        data_dir: dir.path().to_owned(),
+        postgres: Some(env_or(
+            "FHIRSTORE_TEST_POSTGRES_URL",
+            "postgres://postgres@127.0.0.1:5432/test",
+        )),
+        redis: Some(env_or("FHIRSTORE_TEST_REDIS_URL", "redis://127.0.0.1:6379")),
+        redis_prefix: format!("fhirstore-srv-{unique}"),
+        redis_mode: ModeArg::Sync,
+        index_mode: ModeArg::Async,
+    };
+    // Both secondaries start built, with their cursors at the log's head: on the shared test
+    // database a new secondary would otherwise be rebuilt from every earlier run's data.
+    let ready = async {
+        let pg = fhirstore_sql::PostgresStore::connect(
+            stores.postgres.as_deref().unwrap_or_default(),
+            fhirstore_sql::SqlConfig::default(),
+        )
+        .await?;
+        let mut config =
+            fhirstore_redis::RedisConfig::new(stores.redis.clone().unwrap_or_default());
+        config.prefix = stores.redis_prefix.clone();
+        let redis = fhirstore_redis::RedisSecondary::connect(&config).await?;
+        redis.mark_built().await?;
+        std::fs::write(dir.path().join("tantivy-consumer-id"), &unique)
+            .map_err(|e| fhirstore_core::Error::backend("id", false, e))?;
+        let index = fhirstore_tantivy::TantivySecondary::open(
+            &dir.path().join("tantivy"),
+            Default::default(),
+        )
+        .await?;
+        index.mark_built().await?;
+        drop(index);
+        let head = pg.log_head().await?;
+        for name in [
+            format!("redis-{}", stores.redis_prefix),
+            format!("tantivy-{unique}"),
+        ] {
+            pg.lease(&name, "test-setup", Duration::from_secs(30))
+                .await?;
+            pg.advance(&name, "test-setup", head, None).await?;
+            pg.release(&name, "test-setup").await?;
+        }
+        Ok::<_, fhirstore_core::Error>(())
+    };
+    if let Err(e) = ready.await {
+        if std::env::var("FHIRSTORE_REQUIRE_SERVICES").as_deref() == Ok("1") {
+            panic!("PostgreSQL or Redis unavailable: {e}");
+        }
+        eprintln!("skipping: PostgreSQL or Redis unavailable: {e}");
+        return;
+    }
+    let s = match support::server_on(dir, &stores, ServerSettings::default()).await {
+        Ok(s) => s,
+        Err(e) if std::env::var("FHIRSTORE_REQUIRE_SERVICES").as_deref() != Ok("1") => {
+            eprintln!("skipping: PostgreSQL or Redis unavailable: {e}");
+            return;
+        }
+        Err(e) => panic!("PostgreSQL or Redis unavailable: {e}"),
+    };
+    let base = format!("/fhir/srv-{}", &unique[..20]);
+    let p = json!({"resourceType": "Patient", "id": "pg1", "name": [{"family": "Postgres"}],
+        "identifier": [{"system": "urn:srv", "value": unique}]});
+    let r = s.put(&format!("{base}/Patient/pg1"), &p).await;
+    assert_eq!(r.status, StatusCode::CREATED);
+    assert_eq!(
+        s.get(&format!("{base}/Patient/pg1")).await.header("etag"),
+        Some("W/\"1\"")
+    );
+    let found = s
+        .get(&format!("{base}/Patient?identifier=urn:srv|{unique}"))
+        .await
+        .json();
+    assert_eq!(found["entry"][0]["resource"]["id"], "pg1");
+
+    let status = s.get("/admin/status").await.json();
+    let names: Vec<&str> = status["secondaries"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|s| s["name"].as_str())
+        .collect();
+    assert!(names.iter().any(|n| n.starts_with("tantivy-")), "{names:?}");
+    assert!(
+        names.contains(&format!("redis-fhirstore-srv-{unique}").as_str()),
+        "{names:?}"
+    );
+    assert!(s
+        .app
+        .store
+        .wait_for_sync(Duration::from_secs(60))
+        .await
+        .expect("sync"));
+    let text = s
+        .get(&format!("{base}/Patient?_content=postgres"))
+        .await
+        .json();
+    assert_eq!(
+        text["entry"][0]["resource"]["id"], "pg1",
+        "tantivy answers full text"
+    );
+
+    let job = s
+        .reconcile(&json!({"tenant": &base[6..], "dryRun": true}))
+        .await;
+    assert_eq!(job["state"], "done", "{job}");
+    assert_eq!(
+        job["report"]["entries"].as_array().map(Vec::len),
+        Some(2),
+        "{job}"
+    );
+    for count in ["missing", "extra", "stale", "ahead"] {
+        assert_eq!(job["report"][count], 0, "{count}: {job}");
+    }
+    s.app.store.shutdown().await;
+    let mut config = fhirstore_redis::RedisConfig::new(stores.redis.clone().unwrap_or_default());
+    config.prefix = stores.redis_prefix.clone();
+    fhirstore_redis::RedisSecondary::connect(&config)
+        .await
+        .expect("redis")
+        .purge()
+        .await
+        .expect("purge");
+}
