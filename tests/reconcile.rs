@@ -4,14 +4,72 @@
 
 use std::sync::Arc;
 
-use fhirstore_core::secondary::{Change, Secondary};
+use fhirstore_core::secondary::{fold_groups, in_groups, Change, DigestSource, Secondary};
 use fhirstore_core::{from_micros, LogicalId, ResourceStorage, ResourceType, VersionId};
 use fhirstore_sync::reconcile::{JobRequest, ReconcileMode, Reconciler, TypeReport};
 use fhirstore_tantivy::{TantivyConfig, TantivySecondary};
 use serde_json::json;
+use std::collections::BTreeSet;
 
 fn pt() -> ResourceType {
     ResourceType::new("Patient").expect("type")
+}
+
+/// An in-memory tantivy index and, when the test Redis is there, a Redis secondary under its own
+/// prefix (also returned, for purging).
+async fn both_secondaries() -> (
+    Vec<(String, Arc<dyn Secondary>)>,
+    Option<fhirstore_redis::RedisSecondary>,
+) {
+    let tantivy = TantivySecondary::in_memory(TantivyConfig::default())
+        .await
+        .expect("index");
+    let mut secondaries: Vec<(String, Arc<dyn Secondary>)> =
+        vec![("tantivy".to_owned(), Arc::new(tantivy))];
+    let redis = fhirstore_integration::redis_secondary().await;
+    if let Some(r) = &redis {
+        secondaries.push(("redis".to_owned(), Arc::new(r.clone())));
+    }
+    (secondaries, redis)
+}
+
+/// A Patient the primary never had, for feeding a secondary an extra key.
+fn stray(tenant: &fhirstore_core::TenantId) -> Change {
+    Change {
+        tenant: tenant.clone(),
+        key: fhirstore_core::ResourceKey {
+            resource_type: pt(),
+            id: LogicalId::new("stray").expect("id"),
+        },
+        version: VersionId::FIRST,
+        last_updated: from_micros(1_700_000_000_000_000),
+        content: Some(json!({"resourceType": "Patient", "id": "stray"})),
+    }
+}
+
+/// Runs a reconcile job to its end over these tenants (every type of theirs when `types` is
+/// `None`), and returns its report.
+async fn job(
+    reconciler: &Reconciler<fhirstore_sql::SqliteStore>,
+    tenants: Vec<fhirstore_core::TenantId>,
+    types: Option<Vec<ResourceType>>,
+    mode: ReconcileMode,
+    self_check: bool,
+) -> fhirstore_sync::reconcile::JobReport {
+    let request = JobRequest {
+        tenants: Some(tenants),
+        types,
+        secondaries: None,
+        mode,
+        max_segments: 10_000,
+        self_check,
+    };
+    let cancel = std::sync::atomic::AtomicBool::new(false);
+    reconciler
+        .run(&request, &|_| {}, &cancel)
+        .await
+        .expect("reconcile")
+        .1
 }
 
 async fn check(secondary: Arc<dyn Secondary>) {
@@ -87,36 +145,16 @@ async fn check(secondary: Arc<dyn Secondary>) {
         .into_iter()
         .filter_map(|mut c| drift(&mut c).then_some(c))
         .collect();
-    fed.push(Change {
-        tenant: ctx.tenant().clone(),
-        key: fhirstore_core::ResourceKey {
-            resource_type: pt(),
-            id: LogicalId::new("stray").expect("id"),
-        },
-        version: VersionId::FIRST,
-        last_updated: from_micros(1_700_000_000_000_000),
-        content: Some(json!({"resourceType": "Patient", "id": "stray"})),
-    });
+    fed.push(stray(ctx.tenant()));
     secondary.apply(&fed).await.expect("feed");
     secondary.flush().await.expect("flush");
 
     let reconciler = Reconciler::new(primary.clone(), vec![("s".to_owned(), secondary.clone())]);
     let run = |mode| {
-        let request = JobRequest {
-            tenants: Some(vec![ctx.tenant().clone(), other.tenant().clone()]),
-            types: None,
-            secondaries: None,
-            mode,
-            max_segments: 10_000,
-            self_check: true,
-        };
         let reconciler = &reconciler;
+        let tenants = vec![ctx.tenant().clone(), other.tenant().clone()];
         async move {
-            let cancel = std::sync::atomic::AtomicBool::new(false);
-            let (_, report) = reconciler
-                .run(&request, &|_| {}, &cancel)
-                .await
-                .expect("reconcile");
+            let report = job(reconciler, tenants, None, mode, true).await;
             assert_eq!(
                 report.primary_segments_repaired, 0,
                 "the primary's digests are right"
@@ -124,10 +162,24 @@ async fn check(secondary: Arc<dyn Secondary>) {
             report.entries
         }
     };
+    // A type this small is compared segment by segment, without groups.
+    let segment_rows = primary
+        .segment_digests_of(ctx.tenant(), pt())
+        .await
+        .expect("segments")
+        .len()
+        + secondary
+            .segment_digests(ctx.tenant(), pt())
+            .await
+            .expect("segments")
+            .len();
+
     let dry: Vec<TypeReport> = run(ReconcileMode::DryRun).await;
     let [a, b] = dry.as_slice() else {
         panic!("one report per tenant: {dry:?}")
     };
+    assert_eq!(a.groups_differing, 0, "{a:?}");
+    assert_eq!(a.digest_rows_read, segment_rows as u64, "{a:?}");
     assert!(b.roots_equal, "the other tenant has no drift: {b:?}");
     assert_eq!(
         (a.missing, a.stale, a.extra, a.ahead, a.repaired),
@@ -226,7 +278,6 @@ async fn reconcile_redis() {
 /// check finds nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn self_check_repairs_the_primary_digests() {
-    use fhirstore_core::secondary::DigestSource;
     let Some(pg) = fhirstore_integration::postgres_store().await else {
         return;
     };
@@ -397,15 +448,7 @@ async fn random_drift_is_found_and_classified_exactly() {
     let raw = sqlx::SqlitePool::connect(&format!("sqlite://{}", path.display()))
         .await
         .expect("raw connection");
-    let tantivy = TantivySecondary::in_memory(TantivyConfig::default())
-        .await
-        .expect("index");
-    let mut secondaries: Vec<(String, Arc<dyn Secondary>)> =
-        vec![("tantivy".to_owned(), Arc::new(tantivy))];
-    let redis = fhirstore_integration::redis_secondary().await;
-    if let Some(r) = &redis {
-        secondaries.push(("redis".to_owned(), Arc::new(r.clone())));
-    }
+    let (secondaries, redis) = both_secondaries().await;
     for (_, s) in &secondaries {
         s.mark_built().await.expect("built");
     }
@@ -670,7 +713,6 @@ async fn scheduled_runs_check_recent_writes_then_everything() {
 /// digest table untouched; the self-check then rebuilds it from the rows.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn digests_left_off_are_rebuilt_by_the_self_check() {
-    use fhirstore_core::secondary::DigestSource;
     let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("digests-off");
     std::fs::create_dir_all(&dir).expect("dir");
     let path = dir.join(format!(
@@ -720,4 +762,230 @@ async fn digests_left_off_are_rebuilt_by_the_self_check() {
     assert!(!want.is_empty());
     assert!(on.self_check(ctx.tenant(), pt()).await.expect("self-check") > 0);
     assert_eq!(on.digest_segments(&ctx, pt()).await.expect("digests"), want);
+}
+
+/// A type larger than `COARSE_ABOVE` is compared by group digests first: the descent reads every
+/// non-empty group of both sides, then the segments of the groups that differ and no others,
+/// and still finds and repairs exactly the drift, on both secondaries.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_types_are_compared_by_group_first() {
+    use fhirstore_core::WriteOp;
+    use fhirstore_sync::reconcile::COARSE_ABOVE;
+    let primary = Arc::new(
+        fhirstore_integration::sqlite_store(env!("CARGO_TARGET_TMPDIR"))
+            .await
+            .expect("sqlite"),
+    );
+    let ctx = fhirstore_testkit::random_tenant();
+    let n = COARSE_ABOVE as usize + 2_000;
+    let ids: Vec<usize> = (0..n).collect();
+    for chunk in ids.chunks(500) {
+        let ops = chunk
+            .iter()
+            .map(|i| WriteOp::Update {
+                resource_type: pt(),
+                id: LogicalId::new(format!("b{i}")).expect("id"),
+                resource: json!({"resourceType": "Patient", "id": format!("b{i}"), "gender": "female"}),
+                if_match: None,
+            })
+            .collect();
+        primary.transaction(&ctx, ops).await.expect("seed");
+    }
+    let state: Vec<Change> = fhirstore_testkit::secondary::primary_state(&*primary)
+        .await
+        .iter()
+        .map(Change::of)
+        .collect();
+    // b7 missing, b1234 with another body under the same version, and one extra key.
+    let mut fed: Vec<Change> = state
+        .into_iter()
+        .filter(|c| c.key.id.as_str() != "b7")
+        .map(|mut c| {
+            if c.key.id.as_str() == "b1234" {
+                c.content =
+                    Some(json!({"resourceType": "Patient", "id": "b1234", "gender": "other"}));
+            }
+            c
+        })
+        .collect();
+    fed.push(stray(ctx.tenant()));
+
+    let (secondaries, redis) = both_secondaries().await;
+    for (name, s) in &secondaries {
+        for chunk in fed.chunks(1000) {
+            s.apply(chunk).await.expect("feed");
+        }
+        s.flush().await.expect("flush");
+        s.mark_built().await.expect("built");
+
+        let p_segs = primary
+            .segment_digests_of(ctx.tenant(), pt())
+            .await
+            .expect("segments");
+        let s_segs = s
+            .segment_digests(ctx.tenant(), pt())
+            .await
+            .expect("segments");
+        let (p_groups, s_groups) = (fold_groups(&p_segs), fold_groups(&s_segs));
+        let diff_groups: Vec<u16> = {
+            let p: BTreeSet<_> = p_groups
+                .iter()
+                .map(|g| (g.group, g.digest.hash, g.digest.count))
+                .collect();
+            let s: BTreeSet<_> = s_groups
+                .iter()
+                .map(|g| (g.group, g.digest.hash, g.digest.count))
+                .collect();
+            let groups: BTreeSet<u16> = p.symmetric_difference(&s).map(|(g, _, _)| *g).collect();
+            groups.into_iter().collect()
+        };
+        assert!(!diff_groups.is_empty() && diff_groups.len() <= 3);
+        let expected_rows = p_groups.len()
+            + s_groups.len()
+            + in_groups(p_segs.clone(), &diff_groups).len()
+            + in_groups(s_segs.clone(), &diff_groups).len();
+        assert!(
+            expected_rows * 2 < p_segs.len() + s_segs.len(),
+            "{name}: groups save reads here: {expected_rows} rows against {} segments",
+            p_segs.len() + s_segs.len()
+        );
+
+        let reconciler = Reconciler::new(primary.clone(), vec![(name.clone(), s.clone())]);
+        let run = |mode| {
+            let reconciler = &reconciler;
+            let tenants = vec![ctx.tenant().clone()];
+            async move {
+                job(reconciler, tenants, Some(vec![pt()]), mode, false)
+                    .await
+                    .entries
+                    .into_iter()
+                    .next()
+                    .expect("one entry")
+            }
+        };
+        let dry = run(ReconcileMode::DryRun).await;
+        assert_eq!(
+            (dry.missing, dry.stale, dry.extra, dry.ahead),
+            (1, 1, 1, 0),
+            "{name}: {dry:?}"
+        );
+        assert_eq!(
+            dry.groups_differing,
+            diff_groups.len() as u64,
+            "{name}: {dry:?}"
+        );
+        assert_eq!(
+            dry.digest_rows_read, expected_rows as u64,
+            "{name}: {dry:?}"
+        );
+        assert!(dry.keys_read_primary < 50, "{name}: {dry:?}");
+
+        let fixed = run(ReconcileMode::Repair).await;
+        assert_eq!(fixed.repaired, 2, "{name}: {fixed:?}");
+        let again = run(ReconcileMode::DryRun).await;
+        assert_eq!(
+            (again.missing, again.stale, again.extra),
+            (0, 0, 1),
+            "{name}: only the extra key remains: {again:?}"
+        );
+    }
+    if let Some(r) = redis {
+        r.purge().await.expect("purge");
+    }
+}
+
+/// SQLite keeps group digests in a table: a database written before the table existed gets it
+/// filled when it opens, and the self-check repairs a damaged group as it does a segment.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_digest_groups_are_filled_on_open_and_repaired_by_the_self_check() {
+    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("digest-groups");
+    std::fs::create_dir_all(&dir).expect("dir");
+    let path = dir.join(format!(
+        "{}.sqlite",
+        fhirstore_testkit::random_tenant().tenant()
+    ));
+    let open = || fhirstore_sql::SqliteStore::open(&path, fhirstore_sql::SqlConfig::default());
+    let store = open().await.expect("open");
+    let (a, b) = (
+        fhirstore_testkit::random_tenant(),
+        fhirstore_testkit::random_tenant(),
+    );
+    for ctx in [&a, &b] {
+        for i in 0..200 {
+            let id = LogicalId::new(format!("g{i}")).expect("id");
+            let body = json!({"resourceType": "Patient", "id": id.as_str()});
+            store
+                .update(ctx, pt(), &id, body, None)
+                .await
+                .expect("write");
+        }
+    }
+    let folded = |segs: &[fhirstore_core::secondary::SegmentDigest]| fold_groups(segs);
+    let want_a = folded(
+        &store
+            .segment_digests_of(a.tenant(), pt())
+            .await
+            .expect("segments"),
+    );
+    let want_b = folded(
+        &store
+            .segment_digests_of(b.tenant(), pt())
+            .await
+            .expect("segments"),
+    );
+    assert_eq!(
+        store
+            .group_digests_of(a.tenant(), pt())
+            .await
+            .expect("groups"),
+        want_a
+    );
+    store.close().await;
+
+    let raw = sqlx::SqlitePool::connect(&format!("sqlite://{}", path.display()))
+        .await
+        .expect("raw connection");
+    sqlx::query("DELETE FROM digest_groups")
+        .execute(&raw)
+        .await
+        .expect("empty the groups, as before migration 0008");
+    let store = open().await.expect("reopen");
+    assert_eq!(
+        store
+            .group_digests_of(a.tenant(), pt())
+            .await
+            .expect("groups"),
+        want_a
+    );
+    assert_eq!(
+        store
+            .group_digests_of(b.tenant(), pt())
+            .await
+            .expect("groups"),
+        want_b
+    );
+
+    let first = want_b.first().expect("a group").group;
+    sqlx::query("UPDATE digest_groups SET h_lo = h_lo + 1 WHERE tenant = ? AND grp = ?")
+        .bind(b.tenant().as_str())
+        .bind(i32::from(first))
+        .execute(&raw)
+        .await
+        .expect("damage one group");
+    assert_ne!(
+        store
+            .group_digests_of(b.tenant(), pt())
+            .await
+            .expect("groups"),
+        want_b
+    );
+    assert_eq!(store.self_check(a.tenant(), pt()).await.expect("check"), 0);
+    assert_eq!(store.self_check(b.tenant(), pt()).await.expect("check"), 1);
+    assert_eq!(
+        store
+            .group_digests_of(b.tenant(), pt())
+            .await
+            .expect("groups"),
+        want_b
+    );
 }

@@ -216,3 +216,65 @@ async fn large_results_page_in_id_order() {
     }
     s.purge().await.expect("purge");
 }
+
+/// Group digests written before groups existed (or damaged) disagree with the root; the first
+/// read of them rebuilds them from the segments, for that tenant and type only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn group_digests_that_disagree_with_the_root_are_rebuilt() {
+    use fhirstore_core::secondary::fold_groups;
+    let Some(s) = redis_secondary().await else {
+        return;
+    };
+    let (a, b) = (
+        fhirstore_testkit::random_tenant(),
+        fhirstore_testkit::random_tenant(),
+    );
+    let pt = ResourceType::new("Patient").expect("type");
+    let changes: Vec<Change> = [&a, &b]
+        .iter()
+        .flat_map(|ctx| (0..300).map(|i| patient(ctx.tenant(), &format!("g{i}"), 1)))
+        .collect();
+    s.apply(&changes).await.expect("apply");
+    let want_a = fold_groups(&s.segment_digests(a.tenant(), pt).await.expect("segments"));
+    let want_b = fold_groups(&s.segment_digests(b.tenant(), pt).await.expect("segments"));
+    assert_eq!(
+        s.group_digests(a.tenant(), pt).await.expect("groups"),
+        want_a
+    );
+
+    let mut conn = raw().await;
+    let groups_key = |t: &fhirstore_core::TenantId| format!("{}:{{{}}}:gg:Patient", s.prefix(), t);
+    // As a Redis filled before groups existed: no group hash at all.
+    let _: () = redis::cmd("DEL")
+        .arg(groups_key(a.tenant()))
+        .query_async(&mut conn)
+        .await
+        .expect("DEL");
+    // Damaged: one group's digest overwritten.
+    let first = want_b.first().expect("a group").group;
+    let _: () = redis::cmd("HSET")
+        .arg(groups_key(b.tenant()))
+        .arg(first.to_string())
+        .arg("1:2:3:4:1")
+        .query_async(&mut conn)
+        .await
+        .expect("HSET");
+
+    assert_eq!(
+        s.group_digests(a.tenant(), pt).await.expect("groups"),
+        want_a
+    );
+    assert_eq!(
+        s.group_digests(b.tenant(), pt).await.expect("groups"),
+        want_b
+    );
+    // Rebuilt, and kept up by later applies.
+    s.apply(&[patient(a.tenant(), "g0", 2)])
+        .await
+        .expect("apply");
+    assert_eq!(
+        s.group_digests(a.tenant(), pt).await.expect("groups"),
+        fold_groups(&s.segment_digests(a.tenant(), pt).await.expect("segments"))
+    );
+    purge(&s).await;
+}

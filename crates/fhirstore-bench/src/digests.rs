@@ -28,6 +28,19 @@ pub struct DigestArgs {
     /// SQLite durability: full or normal.
     #[arg(long, default_value = "full")]
     durability: String,
+    /// Write to one store only (digests `on` or `off`), for counting one side's instructions
+    /// in a process of its own (`valgrind --tool=callgrind`), where timing is too noisy.
+    #[arg(long)]
+    only: Option<Only>,
+}
+
+/// The one store `--only` writes to.
+#[derive(Clone, Copy, clap::ValueEnum, PartialEq, Eq, Debug)]
+pub enum Only {
+    /// Digests maintained.
+    On,
+    /// Digests off.
+    Off,
 }
 
 async fn open(
@@ -88,6 +101,22 @@ async fn write(
 /// Runs the benchmark.
 pub async fn run(args: DigestArgs) -> Result<(), BoxError> {
     let dir = tempfile::tempdir()?;
+    if let Some(only) = args.only {
+        let store = open(&args, only == Only::On, dir.path()).await?;
+        let ctx = TenantContext::full(TenantId::new(format!(
+            "digests-{}",
+            &uuid::Uuid::new_v4().simple().to_string()[..12]
+        ))?);
+        for round in 0..args.rounds {
+            write(&*store, &ctx, round, args.n, args.batch, false).await?;
+            write(&*store, &ctx, round, args.n, args.batch, true).await?;
+        }
+        println!(
+            "digests {only:?}: {} rounds of {} creates and {} updates done",
+            args.rounds, args.n, args.n
+        );
+        return Ok(());
+    }
     let on = open(&args, true, dir.path()).await?;
     let off = open(&args, false, dir.path()).await?;
     let tenant = |s: &str| -> Result<TenantContext, BoxError> {

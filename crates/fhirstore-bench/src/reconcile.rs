@@ -43,17 +43,64 @@ pub struct ReconcileArgs {
 /// Runs the reconcile bench.
 pub async fn run(args: ReconcileArgs) -> Result<(), BoxError> {
     let dir = tempfile::tempdir()?;
-    let primary = match args.store.backend {
-        crate::Backend::Sqlite => Arc::new(
-            fhirstore_sql::SqliteStore::open(dir.path().join("r.sqlite"), Default::default())
-                .await?,
-        ),
+    let tenant = TenantId::new(&format!("bench-{}", uuid::Uuid::new_v4().simple())[..30])?;
+    let result = match args.store.backend {
+        crate::Backend::Sqlite => {
+            let primary = Arc::new(
+                fhirstore_sql::SqliteStore::open(dir.path().join("r.sqlite"), Default::default())
+                    .await?,
+            );
+            measure(&args, primary, &tenant, dir.path()).await
+        }
         crate::Backend::Postgres => {
-            return Err("the reconcile bench runs on SQLite for now".into());
+            let primary = Arc::new(
+                fhirstore_sql::PostgresStore::connect(&args.store.postgres, Default::default())
+                    .await?,
+            );
+            println!("reconcile: PostgreSQL primary at {}", args.store.postgres);
+            measure(&args, primary, &tenant, dir.path()).await
         }
     };
-    let tenant = format!("bench-{}", uuid::Uuid::new_v4().simple());
-    let ctx = TenantContext::full(TenantId::new(&tenant[..30])?);
+    // A shared PostgreSQL keeps no bench tenant, whether the run succeeded or not.
+    crate::purge_tenant(&args.store, &tenant).await?;
+    result
+}
+
+/// The primary's current state of the tenant's Patients, page by page through search.
+async fn tenant_state<P>(primary: &P, ctx: &TenantContext) -> Result<Vec<Change>, BoxError>
+where
+    P: ResourceStorage + ?Sized,
+{
+    let mut out = Vec::new();
+    let mut query = fhirstore_core::SearchQuery::parse(
+        Some(ResourceType::new("Patient")?),
+        "_count=1000&_sort=_id",
+        fhirstore_core::Handling::Strict,
+    )?;
+    loop {
+        let page = primary.search(ctx, &query).await?;
+        out.extend(page.matches.iter().map(Change::of));
+        match page.next_cursor {
+            Some(c) => query.cursor = Some(c),
+            None => return Ok(out),
+        }
+    }
+}
+
+async fn measure<P>(
+    args: &ReconcileArgs,
+    primary: Arc<P>,
+    tenant: &TenantId,
+    dir: &std::path::Path,
+) -> Result<(), BoxError>
+where
+    P: DigestSource
+        + ResourceStorage
+        + fhirstore_core::changelog::ChangeLog
+        + fhirstore_core::changelog::JobLog
+        + 'static,
+{
+    let ctx = TenantContext::full(tenant.clone());
     let pt = ResourceType::new("Patient")?;
     let start = Instant::now();
     for chunk in (0..args.n).collect::<Vec<_>>().chunks(500) {
@@ -76,23 +123,10 @@ pub async fn run(args: ReconcileArgs) -> Result<(), BoxError> {
         start.elapsed().as_secs_f64(),
         args.drift
     );
-    let state = {
-        let mut out: Vec<Change> = Vec::new();
-        let mut after = None;
-        loop {
-            let rows =
-                fhirstore_core::changelog::ChangeLog::snapshot(&*primary, after.as_ref(), 5000)
-                    .await?;
-            let Some(last) = rows.last() else { break };
-            after = Some((
-                last.tenant.clone(),
-                last.key.resource_type,
-                last.key.id.clone(),
-            ));
-            out.extend(rows.iter().map(Change::of));
-        }
-        out
-    };
+    let state = tenant_state(&*primary, &ctx).await?;
+    if state.len() != args.n {
+        return Err(format!("read back {} of {} Patients", state.len(), args.n).into());
+    }
     let q = args.drift / 4;
     let step = (args.n / args.drift.max(1)).max(1);
     let mut fed = Vec::with_capacity(state.len());
@@ -125,8 +159,7 @@ pub async fn run(args: ReconcileArgs) -> Result<(), BoxError> {
     let mut rc = RedisConfig::new(&args.redis.url);
     rc.prefix = format!("fhirstore-bench-{}", uuid::Uuid::new_v4().simple());
     let redis = RedisSecondary::connect(&rc).await?;
-    let tantivy =
-        TantivySecondary::open(&dir.path().join("tantivy"), TantivyConfig::default()).await?;
+    let tantivy = TantivySecondary::open(&dir.join("tantivy"), TantivyConfig::default()).await?;
     let secondaries: Vec<(String, Arc<dyn Secondary>)> = vec![
         ("redis".to_owned(), Arc::new(redis.clone())),
         ("tantivy".to_owned(), Arc::new(tantivy)),
@@ -159,6 +192,7 @@ pub async fn run(args: ReconcileArgs) -> Result<(), BoxError> {
             self_check: false,
         };
         let cancel = AtomicBool::new(false);
+        phases(&*primary, &**s, ctx.tenant(), pt).await?;
         let t = Instant::now();
         let dry = reconciler
             .run(&request(ReconcileMode::DryRun), &|_| {}, &cancel)
@@ -201,5 +235,65 @@ pub async fn run(args: ReconcileArgs) -> Result<(), BoxError> {
         );
     }
     redis.purge().await?;
+    Ok(())
+}
+
+/// Times each digest read the descent can make, on both sides, so a slow detection can be
+/// traced to its step: roots, all groups, all segments, the segments of 100 groups and their
+/// keys.
+async fn phases<P>(
+    primary: &P,
+    s: &dyn Secondary,
+    tenant: &TenantId,
+    rt: ResourceType,
+) -> Result<(), BoxError>
+where
+    P: DigestSource + ?Sized,
+{
+    let ms = |t: Instant| t.elapsed().as_secs_f64() * 1e3;
+    let t = Instant::now();
+    primary.root_digest(tenant, rt).await?;
+    let p_root = ms(t);
+    let t = Instant::now();
+    let p_segs = primary.segment_digests_of(tenant, rt).await?.len();
+    let p_seg_ms = ms(t);
+    let t = Instant::now();
+    s.digest(tenant, rt).await?;
+    let s_root = ms(t);
+    let t = Instant::now();
+    let s_segs = s.segment_digests(tenant, rt).await?.len();
+    let s_seg_ms = ms(t);
+    let t = Instant::now();
+    let p_groups = primary.group_digests_of(tenant, rt).await?.len();
+    let p_group_ms = ms(t);
+    let t = Instant::now();
+    let s_groups = s.group_digests(tenant, rt).await?.len();
+    let s_group_ms = ms(t);
+    let groups: Vec<u16> = (0..100u16).map(|g| g * 40).collect();
+    let t = Instant::now();
+    let p_in = primary.segment_digests_in_of(tenant, rt, &groups).await?;
+    let p_in_ms = ms(t);
+    let t = Instant::now();
+    let s_in = s.segment_digests_in(tenant, rt, &groups).await?;
+    let s_in_ms = ms(t);
+    let segs: Vec<u16> = p_in.iter().map(|x| x.segment).collect();
+    let t = Instant::now();
+    let p_keys = primary.segment_keys_of(tenant, rt, &segs).await?.len();
+    let p_keys_ms = ms(t);
+    let t = Instant::now();
+    let s_keys = s.segment_keys(tenant, rt, &segs).await?.len();
+    let s_keys_ms = ms(t);
+    println!(
+        "  100 groups: primary {} segments {p_in_ms:.1} ms, {p_keys} keys {p_keys_ms:.1} ms; \
+         secondary {} segments {s_in_ms:.1} ms, {s_keys} keys {s_keys_ms:.1} ms",
+        p_in.len(),
+        s_in.len()
+    );
+    println!(
+        "  digest reads: primary root {p_root:.1} ms, {p_groups} groups {p_group_ms:.1} ms, \
+         {p_segs} segments {p_seg_ms:.1} ms; {} root {s_root:.1} ms, {s_groups} groups \
+         {s_group_ms:.1} ms, {s_segs} segments {s_seg_ms:.1} ms",
+        s.name()
+    );
     Ok(())
 }

@@ -14,7 +14,7 @@ use serde_json::Value;
 use time::OffsetDateTime;
 
 use crate::digest::TOMBSTONE_CONTENT_HASH;
-use crate::digest::{canonical_json, content_hash, element_hash, segment, Digest};
+use crate::digest::{canonical_json, content_hash, element_hash, group_of, segment, Digest};
 use crate::error::Result;
 use crate::index::ReferenceEntry;
 use crate::model::{LogicalId, ResourceKey, ResourceType, StoredResource, VersionId};
@@ -147,6 +147,36 @@ pub struct SegmentDigest {
     pub digest: Digest,
 }
 
+/// One group's digest: the XOR and count of its segments' (see [`crate::digest::GROUPS`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GroupDigest {
+    /// Group number, 0..4095.
+    pub group: u16,
+    /// XOR and count of the group's element hashes.
+    pub digest: Digest,
+}
+
+/// Folds segment digests into their groups' digests, non-empty groups only, in group order.
+pub fn fold_groups(segments: &[SegmentDigest]) -> Vec<GroupDigest> {
+    let mut by: std::collections::BTreeMap<u16, Digest> = std::collections::BTreeMap::new();
+    for s in segments {
+        by.entry(group_of(s.segment)).or_default().merge(s.digest);
+    }
+    by.into_iter()
+        .filter(|(_, d)| d.count != 0)
+        .map(|(group, digest)| GroupDigest { group, digest })
+        .collect()
+}
+
+/// The segment digests that lie in `groups`, in segment order.
+pub fn in_groups(segments: Vec<SegmentDigest>, groups: &[u16]) -> Vec<SegmentDigest> {
+    let wanted: std::collections::BTreeSet<u16> = groups.iter().copied().collect();
+    segments
+        .into_iter()
+        .filter(|s| wanted.contains(&group_of(s.segment)))
+        .collect()
+}
+
 /// A key as the reconciler compares it: id, version and element hash.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub struct KeyState {
@@ -183,6 +213,32 @@ pub trait DigestSource: Send + Sync {
         tenant: &TenantId,
         resource_type: ResourceType,
     ) -> Result<Vec<SegmentDigest>>;
+
+    /// Every non-empty group's digest, in group order. The default folds
+    /// [`DigestSource::segment_digests_of`]; a backend that can aggregate where the data lives
+    /// overrides it.
+    async fn group_digests_of(
+        &self,
+        tenant: &TenantId,
+        resource_type: ResourceType,
+    ) -> Result<Vec<GroupDigest>> {
+        Ok(fold_groups(
+            &self.segment_digests_of(tenant, resource_type).await?,
+        ))
+    }
+
+    /// The non-empty segment digests within `groups`, in segment order.
+    async fn segment_digests_in_of(
+        &self,
+        tenant: &TenantId,
+        resource_type: ResourceType,
+        groups: &[u16],
+    ) -> Result<Vec<SegmentDigest>> {
+        Ok(in_groups(
+            self.segment_digests_of(tenant, resource_type).await?,
+            groups,
+        ))
+    }
 
     /// The keys in the given segments, tombstones included, in id order.
     async fn segment_keys_of(
@@ -245,6 +301,31 @@ pub trait Secondary: Send + Sync {
         tenant: &TenantId,
         resource_type: ResourceType,
     ) -> Result<Vec<SegmentDigest>>;
+
+    /// Every non-empty group's digest, in group order; the default folds
+    /// [`Secondary::segment_digests`].
+    async fn group_digests(
+        &self,
+        tenant: &TenantId,
+        resource_type: ResourceType,
+    ) -> Result<Vec<GroupDigest>> {
+        Ok(fold_groups(
+            &self.segment_digests(tenant, resource_type).await?,
+        ))
+    }
+
+    /// The non-empty segment digests within `groups`, in segment order.
+    async fn segment_digests_in(
+        &self,
+        tenant: &TenantId,
+        resource_type: ResourceType,
+        groups: &[u16],
+    ) -> Result<Vec<SegmentDigest>> {
+        Ok(in_groups(
+            self.segment_digests(tenant, resource_type).await?,
+            groups,
+        ))
+    }
 
     /// The keys in the given segments, tombstones included, in id order.
     async fn segment_keys(

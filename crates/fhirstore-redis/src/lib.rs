@@ -15,6 +15,7 @@
 //! |---|---|---|
 //! | `d:{type}:{id}` | hash | `v` version, `lu` last updated (µs), `d` deleted, `b` body, `e` element hash, `ix` the index entries written |
 //! | `g:{type}` | hash | digests: `r` the root, `{segment}` each non-empty segment, as `x0:x1:x2:x3:count` |
+//! | `gg:{type}` | hash | `{group}`: each non-empty group of 16 segments, in the same form |
 //! | `m:{type}:{segment}` | set | ids in the segment, tombstones included |
 //! | `lu:{type}` | sorted set | live ids by last updated: the type's live set |
 //! | `ids:{type}` | sorted set | live ids at score 0, so a lexical range walks them in id order |
@@ -40,8 +41,8 @@ use fhirstore_core::digest::{Digest, SEGMENTS};
 use fhirstore_core::index::{self, IndexEntries};
 use fhirstore_core::search::{CriterionValues, ParamType, Summary, TokenValue, TotalMode};
 use fhirstore_core::secondary::{
-    reference_term, reference_terms, token_term, token_terms, Applied, Change, Health, KeyState,
-    Secondary, SegmentDigest,
+    reference_term, reference_terms, token_term, token_terms, Applied, Change, GroupDigest, Health,
+    KeyState, Secondary, SegmentDigest,
 };
 use fhirstore_core::{
     from_micros, now_micros, to_micros, Capabilities, Error, LogicalId, Permission, ResourceKey,
@@ -86,6 +87,7 @@ pub struct RedisSecondary {
     prefix: String,
     apply: Script,
     search: Script,
+    regroup: Script,
 }
 
 impl std::fmt::Debug for RedisSecondary {
@@ -148,6 +150,35 @@ fn parse_words(text: &str) -> Option<(u128, Vec<i64>)> {
         .take(4)
         .fold(0u128, |acc, w| (acc << 32) | u128::from(*w as i32 as u32));
     (nums.len() >= 4).then_some((hash, nums[4..].to_vec()))
+}
+
+/// The numbered digest fields of a hash reply (`HGETALL`), skipping the root `r`, in number
+/// order.
+fn hash_fields(reply: &RValue) -> Result<Vec<(u16, Digest)>> {
+    let fields = match reply {
+        RValue::Array(a) => a.iter().map(text).collect::<Vec<_>>(),
+        RValue::Map(m) => m
+            .iter()
+            .flat_map(|(k, v)| [text(k), text(v)])
+            .collect::<Vec<_>>(),
+        RValue::Nil => Vec::new(),
+        _ => return Err(bad_data("digest hash reply")),
+    };
+    let mut out = Vec::with_capacity(fields.len() / 2);
+    for pair in fields.chunks(2) {
+        let [Some(field), Some(value)] = pair else {
+            return Err(bad_data("digest hash reply"));
+        };
+        if field == "r" {
+            continue;
+        }
+        let n = field
+            .parse::<u16>()
+            .map_err(|_| bad_data(format!("digest field {field:?}")))?;
+        out.push((n, parse_digest(value)?));
+    }
+    out.sort_by_key(|(n, _)| *n);
+    Ok(out)
 }
 
 fn parse_digest(text: &str) -> Result<Digest> {
@@ -298,6 +329,7 @@ impl RedisSecondary {
             prefix: config.prefix.clone(),
             apply: Script::new(include_str!("lua/apply.lua")),
             search: Script::new(include_str!("lua/search.lua")),
+            regroup: Script::new(include_str!("lua/regroup.lua")),
         })
     }
 
@@ -326,7 +358,7 @@ impl RedisSecondary {
         let mut conn = self.conn.clone();
         match pipe.query_async::<Vec<RValue>>(&mut conn).await {
             Err(e) if e.kind() == redis::ErrorKind::NoScriptError => {
-                for s in [&self.apply, &self.search] {
+                for s in [&self.apply, &self.search, &self.regroup] {
                     s.prepare_invoke()
                         .load_async(&mut conn)
                         .await
@@ -336,6 +368,36 @@ impl RedisSecondary {
             }
             other => other.map_err(redis_err),
         }
+    }
+
+    /// The (tenant, type) root and group digests, read atomically so no apply falls between.
+    async fn root_and_groups(
+        &self,
+        digests: &str,
+        groups: &str,
+    ) -> Result<(Digest, Vec<GroupDigest>)> {
+        let mut pipe = redis::pipe();
+        pipe.atomic();
+        pipe.cmd("HGET").arg(digests).arg("r");
+        pipe.cmd("HGETALL").arg(groups);
+        let replies = self.run(&pipe).await?;
+        // An atomic pipeline answers with one array: the replies of the commands inside.
+        let replies = match replies.as_slice() {
+            [RValue::Array(inner)] => inner.clone(),
+            _ => replies,
+        };
+        let root = match replies.first().and_then(text) {
+            None => Digest::default(),
+            Some(t) => parse_digest(&t)?,
+        };
+        let fields = replies
+            .get(1)
+            .ok_or_else(|| bad_data("group digests reply"))?;
+        let groups = hash_fields(fields)?
+            .into_iter()
+            .map(|(group, digest)| GroupDigest { group, digest })
+            .collect();
+        Ok((root, groups))
     }
 
     fn evalsha(pipe: &mut Pipeline, script: &Script, keys: &[&str], args: &[&str]) {
@@ -645,29 +707,67 @@ impl Secondary for RedisSecondary {
         pipe.cmd("HGETALL")
             .arg(format!("{}g:{resource_type}", self.base(tenant)));
         let replies = self.run(&pipe).await?;
-        let fields = match replies.first() {
-            Some(RValue::Array(a)) => a.iter().map(text).collect::<Vec<_>>(),
-            Some(RValue::Map(m)) => m
-                .iter()
-                .flat_map(|(k, v)| [text(k), text(v)])
-                .collect::<Vec<_>>(),
-            _ => return Err(bad_data("segment digests reply")),
+        let reply = replies
+            .first()
+            .ok_or_else(|| bad_data("segment digests reply"))?;
+        Ok(hash_fields(reply)?
+            .into_iter()
+            .map(|(segment, digest)| SegmentDigest { segment, digest })
+            .collect())
+    }
+
+    async fn group_digests(
+        &self,
+        tenant: &TenantId,
+        resource_type: ResourceType,
+    ) -> Result<Vec<GroupDigest>> {
+        let base = self.base(tenant);
+        let digests = format!("{base}g:{resource_type}");
+        let groups = format!("{base}gg:{resource_type}");
+        let (root, found) = self.root_and_groups(&digests, &groups).await?;
+        let mut folded = Digest::default();
+        found.iter().for_each(|g| folded.merge(g.digest));
+        if folded == root {
+            return Ok(found);
+        }
+        // Groups that disagree with the root were written before groups existed, or damaged:
+        // rebuild them from the segments, atomically, and read them again.
+        tracing::info!(%tenant, %resource_type, "redis group digests disagree with the root; rebuilding them");
+        let mut pipe = redis::pipe();
+        Self::evalsha(&mut pipe, &self.regroup, &[&digests, &groups], &[]);
+        self.run(&pipe).await?;
+        Ok(self.root_and_groups(&digests, &groups).await?.1)
+    }
+
+    async fn segment_digests_in(
+        &self,
+        tenant: &TenantId,
+        resource_type: ResourceType,
+        groups: &[u16],
+    ) -> Result<Vec<SegmentDigest>> {
+        if groups.is_empty() {
+            return Ok(Vec::new());
+        }
+        let fields: Vec<u16> = groups
+            .iter()
+            .flat_map(|g| fhirstore_core::digest::group_segments(*g))
+            .collect();
+        let mut pipe = redis::pipe();
+        pipe.cmd("HMGET")
+            .arg(format!("{}g:{resource_type}", self.base(tenant)))
+            .arg(&fields);
+        let replies = self.run(&pipe).await?;
+        let Some(RValue::Array(values)) = replies.first() else {
+            return Err(bad_data("segment digests reply"));
         };
         let mut out = Vec::new();
-        for pair in fields.chunks(2) {
-            let [Some(field), Some(value)] = pair else {
-                return Err(bad_data("segment digests reply"));
-            };
-            if field == "r" {
-                continue;
+        for (segment, v) in fields.iter().zip(values) {
+            if let Some(t) = text(v) {
+                out.push(SegmentDigest {
+                    segment: *segment,
+                    digest: parse_digest(&t)?,
+                });
             }
-            let segment = field
-                .parse::<u16>()
-                .map_err(|_| bad_data(format!("segment {field:?}")))?;
-            out.push(SegmentDigest {
-                segment,
-                digest: parse_digest(value)?,
-            });
         }
         out.sort_by_key(|s| s.segment);
         Ok(out)

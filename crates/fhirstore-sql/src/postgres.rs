@@ -61,6 +61,30 @@ const BEGIN_WRITE: Option<&str> = None;
 /// deadlock on them. A single write applies its change inline.
 const ALWAYS_INLINE_DIGEST: bool = false;
 
+/// Group digests are aggregated where the rows are (`bit_xor`), so 4,096 rows travel instead of
+/// 65,536. The shift is `fhirstore_core::digest::GROUP_SHIFT`.
+const GROUP_DIGESTS: &str =
+    "SELECT segment >> 4, bit_xor(h_hi), bit_xor(h_lo), sum(count)::bigint FROM digests \
+     WHERE tenant = $1 AND resource_type = $2 GROUP BY 1 HAVING sum(count) <> 0 ORDER BY 1";
+/// Group digests are computed, not kept: nothing for the self-check to repair.
+const GROUP_TABLE: bool = false;
+
+/// A list of integers bound as one parameter: an `int4[]`.
+type IntList = Vec<i32>;
+
+fn int_list(v: &[i32]) -> IntList {
+    v.to_vec()
+}
+
+/// The digests of the segments listed in $3: `= ANY` is an index condition, one primary-key probe
+/// per listed segment, whatever the planner estimates of the type's size.
+const SEGMENTS_LISTED: &str = "SELECT segment, h_hi, h_lo, count FROM digests \
+     WHERE tenant = $1 AND resource_type = $2 AND segment = ANY($3) AND count <> 0";
+
+/// The keys of the segments listed in $3, through `resources_segment` (see `SEGMENTS_LISTED`).
+const KEYS_IN_SEGMENTS: &str = "SELECT id, version, e_hi, e_lo FROM resources \
+     WHERE tenant = $1 AND resource_type = $2 AND segment = ANY($3)";
+
 /// Parameters: $1 tenant, $2 type, $3 id, $4 version, $5 now, $6 deleted, $7 segment, $8 e_hi,
 /// $9 e_lo, $10 op, $11 body, $12 was_live, $13-$15 digest delta high, low and count, $16 whether
 /// to apply it here, then one typed array per column of each index table from $17, in

@@ -54,6 +54,35 @@ const BEGIN_WRITE: Option<&str> = Some("BEGIN IMMEDIATE");
 /// round trip as the rest of the write without deadlock risk.
 const ALWAYS_INLINE_DIGEST: bool = true;
 
+/// SQLite has no XOR aggregate to compute group digests at read time: every write keeps them in
+/// `digest_groups` (migration 0008), beside its segment.
+const GROUP_DIGESTS: &str = "SELECT grp, h_hi, h_lo, count FROM digest_groups \
+     WHERE tenant = $1 AND resource_type = $2 AND count <> 0 ORDER BY grp";
+/// Whether the group digests are a maintained table, which the self-check must also repair.
+const GROUP_TABLE: bool = true;
+
+/// A list of integers bound as one parameter: JSON text, which `json_each` turns into rows.
+type IntList = String;
+
+fn int_list(v: &[i32]) -> IntList {
+    let items: Vec<String> = v.iter().map(i32::to_string).collect();
+    format!("[{}]", items.join(","))
+}
+
+/// The digests of the segments listed in $3. `CROSS JOIN` fixes the join order (the list
+/// outside, a primary-key probe per segment inside): the planner, without statistics for a table
+/// that was empty when they were last gathered, would otherwise scan the type's every segment
+/// once per listed one.
+const SEGMENTS_LISTED: &str = "SELECT d.segment, d.h_hi, d.h_lo, d.count \
+     FROM json_each($3) AS j CROSS JOIN digests AS d \
+     WHERE d.tenant = $1 AND d.resource_type = $2 AND d.segment = j.value AND d.count <> 0";
+
+/// The keys of the segments listed in $3, one index range per segment (see
+/// `SEGMENTS_LISTED` for the `CROSS JOIN`).
+const KEYS_IN_SEGMENTS: &str = "SELECT r.id, r.version, r.e_hi, r.e_lo \
+     FROM json_each($3) AS j CROSS JOIN resources AS r \
+     WHERE r.tenant = $1 AND r.resource_type = $2 AND r.segment = j.value";
+
 /// Parameters: $1 tenant, $2 type, $3 id, $4 version, $5 now, $6 deleted, $7 segment, $8 e_hi,
 /// $9 e_lo, $10 op, $11 body, $12 was_live, $13 digest delta high, $14 digest delta low,
 /// $15 count delta, $16 whether to apply it, then one JSON array of rows per index table from $17
@@ -76,7 +105,13 @@ INSERT INTO digests (tenant, resource_type, segment, h_hi, h_lo, count)
     ON CONFLICT (tenant, resource_type, segment) DO UPDATE SET
     h_hi = (digests.h_hi | excluded.h_hi) - (digests.h_hi & excluded.h_hi),
     h_lo = (digests.h_lo | excluded.h_lo) - (digests.h_lo & excluded.h_lo),
-    count = digests.count + excluded.count;",
+    count = digests.count + excluded.count;
+INSERT INTO digest_groups (tenant, resource_type, grp, h_hi, h_lo, count)
+    SELECT $1, $2, $7 >> 4, $13, $14, $15 WHERE $16
+    ON CONFLICT (tenant, resource_type, grp) DO UPDATE SET
+    h_hi = (digest_groups.h_hi | excluded.h_hi) - (digest_groups.h_hi & excluded.h_hi),
+    h_lo = (digest_groups.h_lo | excluded.h_lo) - (digest_groups.h_lo & excluded.h_lo),
+    count = digest_groups.count + excluded.count;",
         );
         for (i, (table, cols)) in crate::INDEX_TABLES.iter().enumerate() {
             let names: Vec<&str> = cols.iter().map(|c| c.0).collect();
@@ -196,6 +231,7 @@ impl Store {
             .run(&writer)
             .await
             .map_err(|e| Error::backend("running SQLite migrations", false, e))?;
+        fill_digest_groups(&writer).await?;
         let reader = SqlitePoolOptions::new()
             .test_before_acquire(false)
             .max_connections(config.max_connections.max(1))
@@ -222,6 +258,61 @@ impl Store {
         self.writer.close().await;
         self.reader.close().await;
     }
+}
+
+/// Fills `digest_groups` from `digests` in a database written before groups were kept: the table
+/// is empty while segments exist. The check and the fill run in one write transaction, so two
+/// processes opening the file at once fill it once.
+async fn fill_digest_groups(writer: &SqlitePool) -> Result<()> {
+    let mut tx = writer.begin_with("BEGIN IMMEDIATE").await.map_err(db_err)?;
+    let (needed,): (bool,) = sqlx::query_as(
+        "SELECT EXISTS (SELECT 1 FROM digests WHERE count <> 0) \
+         AND NOT EXISTS (SELECT 1 FROM digest_groups)",
+    )
+    .fetch_one(&mut *tx)
+    .await
+    .map_err(db_err)?;
+    if needed {
+        let rows: Vec<(String, String, i32, i64, i64, i64)> = sqlx::query_as(
+            "SELECT tenant, resource_type, segment, h_hi, h_lo, count FROM digests \
+             WHERE count <> 0",
+        )
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(db_err)?;
+        let mut groups: std::collections::BTreeMap<(String, String, i32), Digest> =
+            Default::default();
+        for (tenant, rt, segment, hi, lo, count) in rows {
+            groups
+                .entry((tenant, rt, segment >> fhirstore_core::digest::GROUP_SHIFT))
+                .or_default()
+                .merge(Digest {
+                    hash: join_u128(hi, lo),
+                    count,
+                });
+        }
+        tracing::info!(
+            groups = groups.len(),
+            "filling digest groups from the segments"
+        );
+        for ((tenant, rt, grp), d) in groups {
+            let (hi, lo) = split_u128(d.hash);
+            sqlx::query(
+                "INSERT INTO digest_groups (tenant, resource_type, grp, h_hi, h_lo, count) \
+                 VALUES ($1, $2, $3, $4, $5, $6)",
+            )
+            .bind(tenant)
+            .bind(rt)
+            .bind(grp)
+            .bind(hi)
+            .bind(lo)
+            .bind(d.count)
+            .execute(&mut *tx)
+            .await
+            .map_err(db_err)?;
+        }
+    }
+    tx.commit().await.map_err(db_err)
 }
 
 /// The tenant's parameter generation (see `ParamCache`); the one writer connection already

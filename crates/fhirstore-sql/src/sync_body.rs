@@ -428,10 +428,63 @@ impl ChangeLog for Store {
 impl fhirstore_core::secondary::DigestSource for Store {
     async fn root_digest(&self, tenant: &TenantId, rt: ResourceType) -> Result<Digest> {
         let mut d = Digest::default();
-        for s in self.segment_digests_of(tenant, rt).await? {
-            d.merge(s.digest);
+        for g in self.group_digests_of(tenant, rt).await? {
+            d.merge(g.digest);
         }
         Ok(d)
+    }
+
+    async fn group_digests_of(
+        &self,
+        tenant: &TenantId,
+        rt: ResourceType,
+    ) -> Result<Vec<fhirstore_core::secondary::GroupDigest>> {
+        let rows = sqlx::query(GROUP_DIGESTS)
+            .bind(tenant.as_str())
+            .bind(rt.as_str())
+            .fetch_all(&self.reader)
+            .await
+            .map_err(db_err)?;
+        rows.into_iter()
+            .map(|r| {
+                let s = segment_row(r)?;
+                Ok(fhirstore_core::secondary::GroupDigest {
+                    group: s.segment,
+                    digest: s.digest,
+                })
+            })
+            .collect()
+    }
+
+    async fn segment_digests_in_of(
+        &self,
+        tenant: &TenantId,
+        rt: ResourceType,
+        groups: &[u16],
+    ) -> Result<Vec<SegmentDigest>> {
+        if groups.is_empty() {
+            return Ok(Vec::new());
+        }
+        let list: Vec<i32> = groups
+            .iter()
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .flat_map(|g| fhirstore_core::digest::group_segments(*g))
+            .map(i32::from)
+            .collect();
+        let rows = sqlx::query(SEGMENTS_LISTED)
+            .bind(tenant.as_str())
+            .bind(rt.as_str())
+            .bind(int_list(&list))
+            .fetch_all(&self.reader)
+            .await
+            .map_err(db_err)?;
+        let mut out = rows
+            .into_iter()
+            .map(segment_row)
+            .collect::<Result<Vec<_>>>()?;
+        out.sort_by_key(|s| s.segment);
+        Ok(out)
     }
 
     async fn segment_digests_of(
@@ -450,20 +503,21 @@ impl fhirstore_core::secondary::DigestSource for Store {
         segments: &[u16],
     ) -> Result<Vec<fhirstore_core::secondary::KeyState>> {
         let mut out = Vec::new();
-        for chunk in segments.chunks(500) {
-            let mut qb = QueryBuilder::<Db>::new(
-                "SELECT id, version, e_hi, e_lo FROM resources WHERE tenant = ",
-            );
-            qb.push_bind(tenant.as_str().to_owned());
-            qb.push(" AND resource_type = ");
-            qb.push_bind(rt.as_str());
-            qb.push(" AND segment IN (");
-            let mut sep = qb.separated(", ");
-            for s in chunk {
-                sep.push_bind(i32::from(*s));
-            }
-            qb.push(")");
-            for r in qb.build().fetch_all(&self.reader).await.map_err(db_err)? {
+        let list: Vec<i32> = segments
+            .iter()
+            .map(|s| i32::from(*s))
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        for chunk in list.chunks(4096) {
+            let rows = sqlx::query(KEYS_IN_SEGMENTS)
+                .bind(tenant.as_str())
+                .bind(rt.as_str())
+                .bind(int_list(chunk))
+                .fetch_all(&self.reader)
+                .await
+                .map_err(db_err)?;
+            for r in rows {
                 let id: String = r.try_get(0).map_err(db_err)?;
                 out.push(fhirstore_core::secondary::KeyState {
                     id: LogicalId::new(id).map_err(|e| corrupt(e.to_string()))?,
@@ -509,51 +563,23 @@ impl fhirstore_core::secondary::DigestSource for Store {
                 .or_default()
                 .add(e);
         }
-        let stored = sqlx::query(
-            "SELECT segment, h_hi, h_lo, count FROM digests \
-             WHERE tenant = $1 AND resource_type = $2",
-        )
-        .bind(tenant.as_str())
-        .bind(rt.as_str())
-        .fetch_all(&mut *tx)
-        .await
-        .map_err(db_err)?;
-        let mut have: std::collections::BTreeMap<i32, Digest> = Default::default();
-        for r in stored {
-            let s = segment_row(r)?;
-            if s.digest.count != 0 {
-                have.insert(i32::from(s.segment), s.digest);
+        let mut wrong =
+            rewrite_digest_rows(&mut tx, "digests", "segment", tenant, rt, &want).await?;
+        if GROUP_TABLE {
+            let mut groups: std::collections::BTreeMap<i32, Digest> = Default::default();
+            for (seg, d) in &want {
+                groups
+                    .entry(seg >> fhirstore_core::digest::GROUP_SHIFT)
+                    .or_default()
+                    .merge(*d);
             }
-        }
-        let segments: std::collections::BTreeSet<i32> =
-            want.keys().chain(have.keys()).copied().collect();
-        let mut wrong = 0u64;
-        for seg in segments {
-            let w = want.get(&seg).copied().unwrap_or_default();
-            if have.get(&seg).copied().unwrap_or_default() == w {
-                continue;
-            }
-            wrong += 1;
-            let (hi, lo) = split_u128(w.hash);
-            sqlx::query(
-                "INSERT INTO digests (tenant, resource_type, segment, h_hi, h_lo, count) \
-                 VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (tenant, resource_type, segment) \
-                 DO UPDATE SET h_hi = excluded.h_hi, h_lo = excluded.h_lo, count = excluded.count",
-            )
-            .bind(tenant.as_str())
-            .bind(rt.as_str())
-            .bind(seg)
-            .bind(hi)
-            .bind(lo)
-            .bind(w.count)
-            .execute(&mut *tx)
-            .await
-            .map_err(db_err)?;
+            wrong +=
+                rewrite_digest_rows(&mut tx, "digest_groups", "grp", tenant, rt, &groups).await?;
         }
         tx.commit().await.map_err(db_err)?;
         if wrong > 0 {
             tracing::warn!(tenant = tenant.as_str(), resource_type = %rt, wrong,
-                "digest self-check rewrote segments that disagreed with the rows");
+                "digest self-check rewrote digest rows that disagreed with the resources");
         }
         Ok(wrong)
     }
@@ -571,6 +597,59 @@ impl fhirstore_core::secondary::DigestSource for Store {
             .map(|(t,)| ResourceType::new(&t).map_err(|_| corrupt(format!("type {t:?}"))))
             .collect()
     }
+}
+
+/// Rewrites the rows of a digest table (`digests` by `segment`, `digest_groups` by `grp`) of one
+/// (tenant, type) that disagree with `want`, the digests recomputed from the resources; returns
+/// how many did.
+async fn rewrite_digest_rows(
+    tx: &mut sqlx::Transaction<'_, Db>,
+    table: &str,
+    key: &str,
+    tenant: &TenantId,
+    rt: ResourceType,
+    want: &std::collections::BTreeMap<i32, Digest>,
+) -> Result<u64> {
+    let rows = sqlx::query(&format!(
+        "SELECT {key}, h_hi, h_lo, count FROM {table} WHERE tenant = $1 AND resource_type = $2"
+    ))
+    .bind(tenant.as_str())
+    .bind(rt.as_str())
+    .fetch_all(&mut **tx)
+    .await
+    .map_err(db_err)?;
+    let mut have: std::collections::BTreeMap<i32, Digest> = Default::default();
+    for r in rows {
+        let row = segment_row(r)?;
+        if row.digest.count != 0 {
+            have.insert(i32::from(row.segment), row.digest);
+        }
+    }
+    let keys: std::collections::BTreeSet<i32> = want.keys().chain(have.keys()).copied().collect();
+    let mut wrong = 0;
+    for k in keys {
+        let w = want.get(&k).copied().unwrap_or_default();
+        if have.get(&k).copied().unwrap_or_default() == w {
+            continue;
+        }
+        wrong += 1;
+        let (hi, lo) = split_u128(w.hash);
+        sqlx::query(&format!(
+            "INSERT INTO {table} (tenant, resource_type, {key}, h_hi, h_lo, count) \
+             VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (tenant, resource_type, {key}) \
+             DO UPDATE SET h_hi = excluded.h_hi, h_lo = excluded.h_lo, count = excluded.count"
+        ))
+        .bind(tenant.as_str())
+        .bind(rt.as_str())
+        .bind(k)
+        .bind(hi)
+        .bind(lo)
+        .bind(w.count)
+        .execute(&mut **tx)
+        .await
+        .map_err(db_err)?;
+    }
+    Ok(wrong)
 }
 
 #[async_trait]

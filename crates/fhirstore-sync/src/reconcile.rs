@@ -1,9 +1,10 @@
 //! The reconciler: finds drift between the primary and a secondary by comparing XOR digests
 //! top down, and repairs it through the secondary's version-guarded apply.
 //!
-//! For each (tenant, type): equal roots end the comparison. Otherwise the non-empty segment
-//! digests of both sides are compared, and only the segments that differ have their keys
-//! `(id, version, E)` read, from both sides. Each key there is one of:
+//! For each (tenant, type): equal roots end the comparison. Otherwise the segment digests of both
+//! sides are compared (for a type of more than [`COARSE_ABOVE`] resources, the 4,096 coarse
+//! group digests first, then only the segments within the groups that differ), and only the
+//! segments that differ have their keys `(id, version, E)` read, from both sides. Each key there is one of:
 //! - **missing**: the secondary lacks it;
 //! - **extra**: the primary has no such key;
 //! - **stale**: the secondary holds an older version, or the same version with another `E`;
@@ -19,7 +20,10 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::Instant;
 
 use fhirstore_core::changelog::{ChangeCursor, ChangeLog, JobLog, JobRecord};
-use fhirstore_core::secondary::{Change, DigestSource, KeyState, Secondary, SegmentDigest};
+use fhirstore_core::digest::{group_of, Digest};
+use fhirstore_core::secondary::{
+    Change, DigestSource, GroupDigest, KeyState, Secondary, SegmentDigest,
+};
 use fhirstore_core::{ResourceStorage, ResourceType, Result, TenantContext, TenantId};
 use serde::{Deserialize, Serialize};
 use tracing::Instrument as _;
@@ -44,7 +48,11 @@ pub struct TypeReport {
     pub resource_type: String,
     /// Whether the root digests were equal (nothing else was read).
     pub roots_equal: bool,
-    /// Segments whose digests differ.
+    /// Segment groups whose digests differ (0 when the type was small enough to compare its
+    /// segments directly).
+    #[serde(default)]
+    pub groups_differing: u64,
+    /// Segments whose digests differ (within the differing groups).
     pub segments_differing: u64,
     /// Segments examined (at most `max_segments`).
     pub segments_examined: u64,
@@ -60,6 +68,9 @@ pub struct TypeReport {
     pub repaired: u64,
     /// Segments that still differ after the repair.
     pub still_differing: u64,
+    /// Group and segment digest rows read, both sides.
+    #[serde(default)]
+    pub digest_rows_read: u64,
     /// Key rows read from the primary.
     pub keys_read_primary: u64,
     /// Key rows read from the secondary.
@@ -79,18 +90,31 @@ pub struct ReconcileProgress {
     pub repaired: u64,
 }
 
-fn differing(p: &[SegmentDigest], s: &[SegmentDigest]) -> Vec<u16> {
-    let mut by: BTreeMap<u16, [Option<_>; 2]> = BTreeMap::new();
-    for x in p {
-        by.entry(x.segment).or_default()[0] = Some(x.digest);
+/// The numbers (of segments, or of groups) whose digests differ between the two sides, a
+/// number listed on one side only included.
+fn differing(
+    p: impl IntoIterator<Item = (u16, Digest)>,
+    s: impl IntoIterator<Item = (u16, Digest)>,
+) -> Vec<u16> {
+    let mut by: BTreeMap<u16, [Option<Digest>; 2]> = BTreeMap::new();
+    for (n, d) in p {
+        by.entry(n).or_default()[0] = Some(d);
     }
-    for x in s {
-        by.entry(x.segment).or_default()[1] = Some(x.digest);
+    for (n, d) in s {
+        by.entry(n).or_default()[1] = Some(d);
     }
     by.into_iter()
         .filter(|(_, [a, b])| a != b)
-        .map(|(seg, _)| seg)
+        .map(|(n, _)| n)
         .collect()
+}
+
+fn segments(d: &[SegmentDigest]) -> impl Iterator<Item = (u16, Digest)> + '_ {
+    d.iter().map(|x| (x.segment, x.digest))
+}
+
+fn groups(d: &[GroupDigest]) -> impl Iterator<Item = (u16, Digest)> + '_ {
+    d.iter().map(|x| (x.group, x.digest))
 }
 
 /// Drifted keys by id, with the primary's side (absent for an extra key) and the class.
@@ -171,6 +195,11 @@ impl InFlight<'_> {
     }
 }
 
+/// Above this many elements on either side, the descent compares group digests before
+/// segments. Below it most groups hold a single non-empty segment, so reading the groups first
+/// would only add rows.
+pub const COARSE_ABOVE: i64 = 2 * fhirstore_core::digest::GROUPS as i64;
+
 /// Compares one (tenant, type) and repairs it when asked.
 #[allow(clippy::too_many_arguments)]
 pub async fn reconcile_type<P>(
@@ -193,14 +222,38 @@ where
         resource_type: rt.to_string(),
         ..TypeReport::default()
     };
-    if primary.root_digest(tenant, rt).await? == secondary.digest(tenant, rt).await? {
+    let (p_root, s_root) = (
+        primary.root_digest(tenant, rt).await?,
+        secondary.digest(tenant, rt).await?,
+    );
+    if p_root == s_root {
         report.roots_equal = true;
         report.duration_ms = start.elapsed().as_millis() as u64;
         return Ok(report);
     }
-    let p_segs = primary.segment_digests_of(tenant, rt).await?;
-    let s_segs = secondary.segment_digests(tenant, rt).await?;
-    let diff = differing(&p_segs, &s_segs);
+    let (p_segs, s_segs) = if p_root.count.max(s_root.count) > COARSE_ABOVE {
+        // Coarse groups first: only the segments of groups that differ are read.
+        let p_groups = primary.group_digests_of(tenant, rt).await?;
+        let s_groups = secondary.group_digests(tenant, rt).await?;
+        let diff_groups = differing(groups(&p_groups), groups(&s_groups));
+        report.groups_differing = diff_groups.len() as u64;
+        report.digest_rows_read += (p_groups.len() + s_groups.len()) as u64;
+        (
+            primary
+                .segment_digests_in_of(tenant, rt, &diff_groups)
+                .await?,
+            secondary
+                .segment_digests_in(tenant, rt, &diff_groups)
+                .await?,
+        )
+    } else {
+        (
+            primary.segment_digests_of(tenant, rt).await?,
+            secondary.segment_digests(tenant, rt).await?,
+        )
+    };
+    report.digest_rows_read += (p_segs.len() + s_segs.len()) as u64;
+    let diff = differing(segments(&p_segs), segments(&s_segs));
     report.segments_differing = diff.len() as u64;
     let examined: Vec<u16> = diff.into_iter().take(max_segments.max(1)).collect();
     report.segments_examined = examined.len() as u64;
@@ -261,9 +314,17 @@ where
             report.repaired += applied.applied;
         }
         secondary.flush().await?;
-        let after = secondary.segment_digests(tenant, rt).await?;
-        let p_now = primary.segment_digests_of(tenant, rt).await?;
-        let still: BTreeSet<u16> = differing(&p_now, &after).into_iter().collect();
+        let touched: Vec<u16> = examined
+            .iter()
+            .map(|s| group_of(*s))
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        let after = secondary.segment_digests_in(tenant, rt, &touched).await?;
+        let p_now = primary.segment_digests_in_of(tenant, rt, &touched).await?;
+        let still: BTreeSet<u16> = differing(segments(&p_now), segments(&after))
+            .into_iter()
+            .collect();
         report.still_differing = examined.iter().filter(|s| still.contains(s)).count() as u64;
     }
     report.duration_ms = start.elapsed().as_millis() as u64;

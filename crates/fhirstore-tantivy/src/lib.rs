@@ -505,12 +505,84 @@ impl TantivySecondary {
     }
 }
 
+/// Folds the matching documents' element hashes into digest segments from the three digest fast
+/// fields alone: the cold computation of a type's digests reads no ids and no bodies. The fruit
+/// is one digest per digest segment (all 65,536) and the number of documents lacking a field.
+struct DigestCollector;
+
+/// [`DigestCollector`] over one index segment.
+struct DigestSegmentCollector {
+    segment: tantivy::columnar::Column<u64>,
+    e_hi: tantivy::columnar::Column<u64>,
+    e_lo: tantivy::columnar::Column<u64>,
+    by: Vec<Digest>,
+    missing: u64,
+}
+
+impl tantivy::collector::Collector for DigestCollector {
+    type Fruit = (Vec<Digest>, u64);
+    type Child = DigestSegmentCollector;
+
+    fn for_segment(
+        &self,
+        _ord: tantivy::SegmentOrdinal,
+        reader: &tantivy::SegmentReader,
+    ) -> tantivy::Result<DigestSegmentCollector> {
+        let ff = reader.fast_fields();
+        Ok(DigestSegmentCollector {
+            segment: ff.u64("segment")?,
+            e_hi: ff.u64("e_hi")?,
+            e_lo: ff.u64("e_lo")?,
+            by: vec![Digest::default(); fhirstore_core::digest::SEGMENTS as usize],
+            missing: 0,
+        })
+    }
+
+    fn requires_scoring(&self) -> bool {
+        false
+    }
+
+    fn merge_fruits(&self, fruits: Vec<(Vec<Digest>, u64)>) -> tantivy::Result<(Vec<Digest>, u64)> {
+        let mut out = vec![Digest::default(); fhirstore_core::digest::SEGMENTS as usize];
+        let mut missing = 0;
+        for (by, m) in fruits {
+            missing += m;
+            for (o, d) in out.iter_mut().zip(by) {
+                o.merge(d);
+            }
+        }
+        Ok((out, missing))
+    }
+}
+
+impl tantivy::collector::SegmentCollector for DigestSegmentCollector {
+    type Fruit = (Vec<Digest>, u64);
+
+    fn collect(&mut self, doc: tantivy::DocId, _score: tantivy::Score) {
+        let (Some(s), Some(hi), Some(lo)) = (
+            self.segment.first(doc),
+            self.e_hi.first(doc),
+            self.e_lo.first(doc),
+        ) else {
+            self.missing += 1;
+            return;
+        };
+        match self.by.get_mut(s as usize) {
+            Some(d) => d.add((u128::from(hi) << 64) | u128::from(lo)),
+            None => self.missing += 1,
+        }
+    }
+
+    fn harvest(self) -> (Vec<Digest>, u64) {
+        (self.by, self.missing)
+    }
+}
+
 /// Per-segment fast-field readers, opened once per search.
 struct Columns {
     id: Option<tantivy::columnar::StrColumn>,
     version: tantivy::columnar::Column<u64>,
     lu: tantivy::columnar::Column<i64>,
-    segment: tantivy::columnar::Column<u64>,
     e_hi: tantivy::columnar::Column<u64>,
     e_lo: tantivy::columnar::Column<u64>,
 }
@@ -520,7 +592,6 @@ struct Meta {
     id: String,
     version: u64,
     lu: i64,
-    segment: u64,
     e: u128,
 }
 
@@ -534,7 +605,6 @@ fn columns(searcher: &Searcher) -> Result<Vec<Columns>> {
                 id: ff.str("id").map_err(index_err)?,
                 version: ff.u64("version").map_err(index_err)?,
                 lu: ff.i64("lu").map_err(index_err)?,
-                segment: ff.u64("segment").map_err(index_err)?,
                 e_hi: ff.u64("e_hi").map_err(index_err)?,
                 e_lo: ff.u64("e_lo").map_err(index_err)?,
             })
@@ -558,7 +628,6 @@ fn meta(cols: &[Columns], a: DocAddress) -> Result<Meta> {
         id,
         version: c.version.first(d).ok_or_else(missing)?,
         lu: c.lu.first(d).ok_or_else(missing)?,
-        segment: c.segment.first(d).ok_or_else(missing)?,
         e: (u128::from(c.e_hi.first(d).ok_or_else(missing)?) << 64)
             | u128::from(c.e_lo.first(d).ok_or_else(missing)?),
     })
@@ -1035,11 +1104,27 @@ impl Inner {
         if !w.pending.is_empty() {
             self.commit(&mut w)?;
         }
-        let mut by: BTreeMap<u16, Digest> = BTreeMap::new();
-        for m in self.scan_type(tenant, rt, None)? {
-            let s = u16::try_from(m.segment).map_err(index_err)?;
-            by.entry(s).or_default().add(m.e);
+        let scope: Vec<(Occur, Box<dyn Query>)> = self
+            .scope(tenant, rt)
+            .into_iter()
+            .map(|q| (Occur::Must, q))
+            .collect();
+        let (segments, missing) = self
+            .reader
+            .searcher()
+            .search(&BooleanQuery::new(scope), &DigestCollector)
+            .map_err(index_err)?;
+        if missing > 0 {
+            return Err(index_err(format!(
+                "{missing} documents of {tenant}/{rt} lack their digest fast fields"
+            )));
         }
+        let by: BTreeMap<u16, Digest> = segments
+            .into_iter()
+            .enumerate()
+            .filter(|(_, d)| d.count != 0)
+            .filter_map(|(s, d)| Some((u16::try_from(s).ok()?, d)))
+            .collect();
         lock(&self.digests).insert(key, by.clone());
         Ok(by)
     }

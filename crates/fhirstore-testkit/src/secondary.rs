@@ -154,6 +154,24 @@ async fn assert_holds(
                 .await
                 .expect("segment digests");
             assert_eq!(segs, model.segments(tenant, *t), "{what}: segments of {t}");
+            let groups = secondary
+                .group_digests(tenant, *t)
+                .await
+                .expect("group digests");
+            assert_eq!(
+                groups,
+                fhirstore_core::secondary::fold_groups(&segs),
+                "{what}: groups of {t}"
+            );
+            let some: Vec<u16> = groups.iter().step_by(2).map(|g| g.group).collect();
+            assert_eq!(
+                secondary
+                    .segment_digests_in(tenant, *t, &some)
+                    .await
+                    .expect("segments by group"),
+                fhirstore_core::secondary::in_groups(segs.clone(), &some),
+                "{what}: segments by group of {t}"
+            );
             let numbers: Vec<u16> = segs.iter().map(|s| s.segment).collect();
             assert_eq!(
                 secondary
@@ -783,6 +801,27 @@ impl Secondary for Flaky {
     ) -> fhirstore_core::Result<Vec<SegmentDigest>> {
         self.check()?;
         self.inner.segment_digests(tenant, resource_type).await
+    }
+
+    async fn group_digests(
+        &self,
+        tenant: &TenantId,
+        resource_type: ResourceType,
+    ) -> fhirstore_core::Result<Vec<fhirstore_core::secondary::GroupDigest>> {
+        self.check()?;
+        self.inner.group_digests(tenant, resource_type).await
+    }
+
+    async fn segment_digests_in(
+        &self,
+        tenant: &TenantId,
+        resource_type: ResourceType,
+        groups: &[u16],
+    ) -> fhirstore_core::Result<Vec<SegmentDigest>> {
+        self.check()?;
+        self.inner
+            .segment_digests_in(tenant, resource_type, groups)
+            .await
     }
 
     async fn segment_keys(

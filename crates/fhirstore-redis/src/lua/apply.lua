@@ -1,5 +1,6 @@
 -- Applies one change to one resource, atomically: version compare-and-set, document, index
--- entries (the old version's removed), digest XOR and segment membership.
+-- entries (the old version's removed), digest XOR (root, segment and group) and segment
+-- membership.
 --
 -- KEYS[1]: the document hash. Every other key is derived from ARGV[1], the tenant's key base
 -- (`prefix:{tenant}:`), so all of them share the tenant's hash slot on Redis Cluster.
@@ -24,7 +25,10 @@ if held[1] then
 end
 
 local digests = base .. 'g:' .. rt
+local groups = base .. 'gg:' .. rt
 local segment = ARGV[12]
+-- 16 segments per group (fhirstore_core::digest::GROUP_SHIFT).
+local group = tostring(math.floor(tonumber(segment) / 16))
 
 local function words(text)
   local out = {}
@@ -35,11 +39,11 @@ local function words(text)
 end
 
 -- Folds an element hash into (or, with delta -1, out of) one digest field: 'r' for the root,
--- the segment number for a segment. A field whose count reaches zero is removed, so only
--- non-empty segments are listed.
-local function fold(field, e, delta)
+-- the segment number for a segment (both in `digests`), or the group number (in `groups`). A
+-- field whose count reaches zero is removed, so only non-empty segments and groups are listed.
+local function fold(hash, field, e, delta)
   local d = {0, 0, 0, 0, 0}
-  local cur = redis.call('HGET', digests, field)
+  local cur = redis.call('HGET', hash, field)
   if cur then
     d = words(cur)
   end
@@ -48,22 +52,24 @@ local function fold(field, e, delta)
   end
   d[5] = d[5] + delta
   if d[5] == 0 then
-    redis.call('HDEL', digests, field)
+    redis.call('HDEL', hash, field)
   else
-    redis.call('HSET', digests, field, string.format('%d:%d:%d:%d:%d', d[1], d[2], d[3], d[4], d[5]))
+    redis.call('HSET', hash, field, string.format('%d:%d:%d:%d:%d', d[1], d[2], d[3], d[4], d[5]))
   end
 end
 
 if held[2] then
   local old = words(held[2])
-  fold('r', old, -1)
-  fold(segment, old, -1)
+  fold(digests, 'r', old, -1)
+  fold(digests, segment, old, -1)
+  fold(groups, group, old, -1)
 else
   redis.call('SADD', base .. 'm:' .. rt .. ':' .. segment, id)
   redis.call('SADD', base .. 'types', rt)
 end
-fold('r', e, 1)
-fold(segment, e, 1)
+fold(digests, 'r', e, 1)
+fold(digests, segment, e, 1)
+fold(groups, group, e, 1)
 
 if held[3] then
   for _, entry in ipairs(cjson.decode(held[3])) do
