@@ -381,11 +381,6 @@ impl RedisSecondary {
         pipe.cmd("HGET").arg(digests).arg("r");
         pipe.cmd("HGETALL").arg(groups);
         let replies = self.run(&pipe).await?;
-        // An atomic pipeline answers with one array: the replies of the commands inside.
-        let replies = match replies.as_slice() {
-            [RValue::Array(inner)] => inner.clone(),
-            _ => replies,
-        };
         let root = match replies.first().and_then(text) {
             None => Digest::default(),
             Some(t) => parse_digest(&t)?,

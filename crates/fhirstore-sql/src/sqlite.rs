@@ -280,36 +280,26 @@ async fn fill_digest_groups(writer: &SqlitePool) -> Result<()> {
         .fetch_all(&mut *tx)
         .await
         .map_err(db_err)?;
-        let mut groups: std::collections::BTreeMap<(String, String, i32), Digest> =
-            Default::default();
+        let mut types: std::collections::BTreeMap<
+            (String, String),
+            std::collections::BTreeMap<i32, Digest>,
+        > = Default::default();
         for (tenant, rt, segment, hi, lo, count) in rows {
-            groups
-                .entry((tenant, rt, segment >> fhirstore_core::digest::GROUP_SHIFT))
-                .or_default()
-                .merge(Digest {
-                    hash: join_u128(hi, lo),
-                    count,
-                });
+            let d = Digest {
+                hash: join_u128(hi, lo),
+                count,
+            };
+            types.entry((tenant, rt)).or_default().insert(segment, d);
         }
         tracing::info!(
-            groups = groups.len(),
+            types = types.len(),
             "filling digest groups from the segments"
         );
-        for ((tenant, rt, grp), d) in groups {
-            let (hi, lo) = split_u128(d.hash);
-            sqlx::query(
-                "INSERT INTO digest_groups (tenant, resource_type, grp, h_hi, h_lo, count) \
-                 VALUES ($1, $2, $3, $4, $5, $6)",
-            )
-            .bind(tenant)
-            .bind(rt)
-            .bind(grp)
-            .bind(hi)
-            .bind(lo)
-            .bind(d.count)
-            .execute(&mut *tx)
-            .await
-            .map_err(db_err)?;
+        for ((tenant, rt), segments) in types {
+            let tenant = TenantId::new(&tenant).map_err(|e| corrupt(e.to_string()))?;
+            let rt = ResourceType::new(&rt).map_err(|_| corrupt(format!("type {rt:?}")))?;
+            let groups = fold_segment_map(&segments);
+            rewrite_digest_rows(&mut tx, "digest_groups", "grp", &tenant, rt, &groups).await?;
         }
     }
     tx.commit().await.map_err(db_err)

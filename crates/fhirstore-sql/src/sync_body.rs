@@ -566,13 +566,7 @@ impl fhirstore_core::secondary::DigestSource for Store {
         let mut wrong =
             rewrite_digest_rows(&mut tx, "digests", "segment", tenant, rt, &want).await?;
         if GROUP_TABLE {
-            let mut groups: std::collections::BTreeMap<i32, Digest> = Default::default();
-            for (seg, d) in &want {
-                groups
-                    .entry(seg >> fhirstore_core::digest::GROUP_SHIFT)
-                    .or_default()
-                    .merge(*d);
-            }
+            let groups = fold_segment_map(&want);
             wrong +=
                 rewrite_digest_rows(&mut tx, "digest_groups", "grp", tenant, rt, &groups).await?;
         }
@@ -597,6 +591,20 @@ impl fhirstore_core::secondary::DigestSource for Store {
             .map(|(t,)| ResourceType::new(&t).map_err(|_| corrupt(format!("type {t:?}"))))
             .collect()
     }
+}
+
+/// Segment digests (by segment number) folded into their groups' digests.
+fn fold_segment_map(
+    segments: &std::collections::BTreeMap<i32, Digest>,
+) -> std::collections::BTreeMap<i32, Digest> {
+    let mut groups: std::collections::BTreeMap<i32, Digest> = Default::default();
+    for (seg, d) in segments {
+        groups
+            .entry(seg >> fhirstore_core::digest::GROUP_SHIFT)
+            .or_default()
+            .merge(*d);
+    }
+    groups
 }
 
 /// Rewrites the rows of a digest table (`digests` by `segment`, `digest_groups` by `grp`) of one
