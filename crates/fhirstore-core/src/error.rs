@@ -7,7 +7,7 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// Everything that can go wrong in a storage call.
 ///
-/// The kinds map onto FHIR HTTP outcomes (404, 410, 409/412, 400/422, 403, 501, 5xx), so the REST
+/// The kinds map onto FHIR HTTP outcomes (404, 410, 409/412, 400/422, 403, 5xx), so the REST
 /// layer never needs to parse messages. [`Error::is_temporary`] tells a caller whether retrying
 /// the same call may succeed.
 #[derive(Debug, thiserror::Error)]

@@ -80,7 +80,9 @@ impl From<Error> for ApiError {
             Error::InvalidResource(_) => (StatusCode::UNPROCESSABLE_ENTITY, "processing"),
             Error::InvalidSearch(_) => (StatusCode::BAD_REQUEST, "invalid"),
             Error::TenantDenied(_) => (StatusCode::FORBIDDEN, "forbidden"),
-            Error::Unsupported(_) => (StatusCode::NOT_IMPLEMENTED, "not-supported"),
+            // The client asked for something this server does not do: its request's fault,
+            // not a server failure that a retry could mend.
+            Error::Unsupported(_) => (StatusCode::BAD_REQUEST, "not-supported"),
             e if e.is_temporary() => (StatusCode::SERVICE_UNAVAILABLE, "transient"),
             _ => (StatusCode::INTERNAL_SERVER_ERROR, "exception"),
         };

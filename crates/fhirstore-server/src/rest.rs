@@ -64,21 +64,7 @@ impl<'a> Req<'a> {
         uri: &Uri,
         tenant: &str,
     ) -> ApiResult<Self> {
-        let raw = uri.query().unwrap_or("");
-        let mut pretty = false;
-        let mut kept = form_urlencoded::Serializer::new(String::new());
-        for (k, v) in form_urlencoded::parse(raw.as_bytes()) {
-            match k.as_ref() {
-                "_format" if !wants_json(&v) || v.contains("xml") => {
-                    return Err(not_acceptable(&v));
-                }
-                "_pretty" => pretty = v == "true",
-                _ if FORMAT_PARAMS.contains(&k.as_ref()) => {}
-                _ => {
-                    kept.append_pair(&k, &v);
-                }
-            }
-        }
+        let (query, pretty) = split_format(uri.query().unwrap_or(""))?;
         if let Some(accept) = headers.get(header::ACCEPT).and_then(|v| v.to_str().ok()) {
             if !wants_json(accept) {
                 return Err(not_acceptable(accept));
@@ -119,10 +105,27 @@ impl<'a> Req<'a> {
             ctx,
             base: format!("{host}/fhir/{tenant}"),
             headers,
-            query: kept.finish(),
+            query,
             pretty,
             ret,
             handling,
+        })
+    }
+
+    /// A read made on behalf of a `batch` entry: the same tenant, base and handling, the entry's
+    /// own query and conditional headers, and always the full representation, since the entry's
+    /// `resource` is its answer whatever the batch asked of its writes.
+    fn sub_request<'b>(&'b self, headers: &'b HeaderMap, raw_query: &str) -> ApiResult<Req<'b>> {
+        let (query, _) = split_format(raw_query)?;
+        Ok(Req {
+            app: self.app,
+            ctx: self.ctx.clone(),
+            base: self.base.clone(),
+            headers,
+            query,
+            pretty: false,
+            ret: Return::Representation,
+            handling: self.handling,
         })
     }
 
@@ -178,6 +181,26 @@ impl<'a> Req<'a> {
         };
         self.resource(status, &w.resource, true)
     }
+}
+
+/// The query without its format parameters (`_format`, `_pretty`), and whether `_pretty=true`
+/// was asked; a `_format` other than JSON is a 406.
+fn split_format(raw: &str) -> ApiResult<(String, bool)> {
+    let mut pretty = false;
+    let mut kept = form_urlencoded::Serializer::new(String::new());
+    for (k, v) in form_urlencoded::parse(raw.as_bytes()) {
+        match k.as_ref() {
+            "_format" if !wants_json(&v) || v.contains("xml") => {
+                return Err(not_acceptable(&v));
+            }
+            "_pretty" => pretty = v == "true",
+            _ if FORMAT_PARAMS.contains(&k.as_ref()) => {}
+            _ => {
+                kept.append_pair(&k, &v);
+            }
+        }
+    }
+    Ok((kept.finish(), pretty))
 }
 
 fn not_acceptable(what: &str) -> ApiError {
@@ -284,13 +307,27 @@ fn method_not_allowed(method: &Method, allow: &'static str) -> ApiError {
     )
 }
 
+/// [`dispatch`] as a boxed future: a `batch` entry's read re-enters the dispatcher, and an
+/// async call cycle needs one boxed step.
+fn dispatch_boxed<'a>(
+    req: &'a Req<'a>,
+    method: &'a Method,
+    segs: &'a [&'a str],
+    body: Body,
+) -> std::pin::Pin<Box<dyn std::future::Future<Output = ApiResult> + Send + 'a>> {
+    Box::pin(dispatch(req, method, segs, body))
+}
+
 async fn dispatch(req: &Req<'_>, method: &Method, segs: &[&str], body: Body) -> ApiResult {
     let m = method.as_str();
+    // An operation this server does not define is the client's request for something absent:
+    // a 4xx with `not-supported`, as for any other unknown interaction, never a 5xx that would
+    // read as a server fault and invite retries.
     if let Some(op) = segs.iter().find(|s| s.starts_with('$')) {
         return Err(ApiError::new(
-            StatusCode::NOT_IMPLEMENTED,
+            StatusCode::BAD_REQUEST,
             "not-supported",
-            format!("the operation {op} is not supported"),
+            format!("the operation {op} is not supported by this server"),
         ));
     }
     match segs {
@@ -779,25 +816,33 @@ async fn bundle(req: &Req<'_>, body: Body) -> ApiResult {
             ))
         }
         "batch" => {
-            // Each entry stands alone: one that cannot be read fails only itself.
+            // Each entry stands alone: one that cannot be read fails only itself. Reads (GET)
+            // run after the writes, the order R4 gives for processing a Bundle.
             let entries = b.get("entry").and_then(Value::as_array);
             let mut parsed = Vec::new();
             for e in entries.into_iter().flatten() {
-                let one = json!({"resourceType": "Bundle", "entry": [e]});
-                parsed.push(write_ops_in(&reg, &one).map_err(bundle_error));
+                parsed.push(if is_read_entry(e) {
+                    BatchItem::Read(e)
+                } else {
+                    let one = json!({"resourceType": "Bundle", "entry": [e]});
+                    BatchItem::Write(write_ops_in(&reg, &one).map_err(bundle_error))
+                });
             }
             let mut ops = Vec::new();
-            for o in parsed.iter_mut().flatten() {
-                ops.append(o);
+            for item in &mut parsed {
+                if let BatchItem::Write(Ok(o)) = item {
+                    ops.append(o);
+                }
             }
             let types = op_types(&ops);
             let mut results = storage.batch(&req.ctx, ops).await?.into_iter();
             req.app.after_write(&req.ctx, &types);
-            let entries = parsed
-                .into_iter()
-                .map(|p| match p {
-                    Err(e) => Err(e),
-                    Ok(_) => match results.next() {
+            let mut entries = Vec::with_capacity(parsed.len());
+            for item in parsed {
+                entries.push(match item {
+                    BatchItem::Read(e) => batch_read(req, e).await,
+                    BatchItem::Write(Err(e)) => Err(e),
+                    BatchItem::Write(Ok(_)) => match results.next() {
                         Some(Ok(o)) => Ok(bundles::response_entry(req, &o)),
                         Some(Err(e)) => Err(ApiError::from(e)),
                         None => Err(ApiError::new(
@@ -806,8 +851,8 @@ async fn bundle(req: &Req<'_>, body: Body) -> ApiResult {
                             "the batch returned fewer results than entries",
                         )),
                     },
-                })
-                .collect();
+                });
+            }
             Ok(req.json(
                 StatusCode::OK,
                 &bundles::response_bundle("batch-response", entries),
@@ -817,6 +862,88 @@ async fn bundle(req: &Req<'_>, body: Body) -> ApiResult {
             "Bundle type {other:?}: POST to the base takes batch or transaction"
         ))),
     }
+}
+
+/// One entry of a `batch` Bundle: a read, or what parsing it as a write gave.
+enum BatchItem<'e> {
+    Read(&'e Value),
+    Write(ApiResult<Vec<fhirstore_core::WriteOp>>),
+}
+
+fn is_read_entry(e: &Value) -> bool {
+    e.pointer("/request/method")
+        .and_then(Value::as_str)
+        .is_some_and(|m| m == "GET" || m == "HEAD")
+}
+
+/// A `batch` entry's read (read, vread, search, history) through the same dispatcher as a
+/// direct request, so it answers exactly what `GET {url}` would: its body becomes the entry's
+/// `resource`, its headers the entry's `response`. `ifNoneMatch` works as the header does.
+async fn batch_read(req: &Req<'_>, e: &Value) -> ApiResult<Value> {
+    let request = e.get("request").unwrap_or(&Value::Null);
+    let url = request
+        .get("url")
+        .and_then(Value::as_str)
+        .ok_or_else(|| ApiError::bad_request("the entry's request has no url"))?;
+    let relative = match url.strip_prefix(req.base.as_str()) {
+        Some(rest) if rest.is_empty() || rest.starts_with('/') || rest.starts_with('?') => rest,
+        _ if url.contains("://") => {
+            return Err(ApiError::bad_request(format!(
+                "request url {url:?} is not on this server's base {}",
+                req.base
+            )))
+        }
+        _ => url,
+    };
+    let (path, query) = relative.split_once('?').unwrap_or((relative, ""));
+    let segs: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
+    let mut headers = HeaderMap::new();
+    if let Some(v) = request.get("ifNoneMatch").and_then(Value::as_str) {
+        let v = HeaderValue::from_str(v)
+            .map_err(|_| ApiError::bad_request(format!("request.ifNoneMatch {v:?}")))?;
+        headers.insert(header::IF_NONE_MATCH, v);
+    }
+    let sub = req.sub_request(&headers, query)?;
+    let resp = dispatch_boxed(&sub, &Method::GET, &segs, Body::empty()).await?;
+    let status = resp.status();
+    let mut response = json!({"status": crate::outcome::status_line(status)});
+    for (h, field) in [
+        (header::ETAG, "etag"),
+        (header::LAST_MODIFIED, "lastModified"),
+        (header::LOCATION, "location"),
+    ] {
+        if let Some(v) = resp.headers().get(h).and_then(|v| v.to_str().ok()) {
+            response[field] = json!(v);
+        }
+    }
+    let bytes = axum::body::to_bytes(resp.into_body(), usize::MAX)
+        .await
+        .map_err(|e| {
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "exception",
+                e.to_string(),
+            )
+        })?;
+    let mut entry = json!({ "response": response });
+    if !bytes.is_empty() {
+        let body: Value = serde_json::from_slice(&bytes).map_err(|e| {
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "exception",
+                e.to_string(),
+            )
+        })?;
+        if let Some(id) = body.get("id").and_then(Value::as_str) {
+            if let Some(t) = body.get("resourceType").and_then(Value::as_str) {
+                if t != "Bundle" {
+                    entry["fullUrl"] = json!(format!("{}/{t}/{id}", req.base));
+                }
+            }
+        }
+        entry["resource"] = body;
+    }
+    Ok(entry)
 }
 
 /// A Bundle entry that cannot become a write is the request's fault (400), not the

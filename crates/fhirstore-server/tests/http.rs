@@ -239,7 +239,7 @@ async fn errors_are_operation_outcomes_with_the_right_status() {
             "/fhir/t/Patient/$export".into(),
             vec![],
             String::new(),
-            StatusCode::NOT_IMPLEMENTED,
+            StatusCode::BAD_REQUEST,
             "not-supported",
         ),
         (
@@ -722,6 +722,114 @@ async fn transaction_and_batch_bundles() {
             StatusCode::BAD_REQUEST
         );
     }
+}
+
+#[tokio::test]
+async fn batch_reads_answer_as_the_same_get_would() {
+    let s = open_server().await;
+    let p = json!({"resourceType": "Patient", "id": "br1", "name": [{"family": "Reader"}]});
+    assert_eq!(
+        s.put("/fhir/br/Patient/br1", &p).await.status,
+        StatusCode::CREATED
+    );
+    let p2 = json!({"resourceType": "Patient", "id": "br1", "name": [{"family": "Reader"}], "gender": "female"});
+    assert_eq!(
+        s.put("/fhir/br/Patient/br1", &p2).await.status,
+        StatusCode::OK
+    );
+    // The same id in another tenant, which no entry may reach.
+    let other = json!({"resourceType": "Patient", "id": "only-elsewhere"});
+    s.put("/fhir/br-other/Patient/only-elsewhere", &other).await;
+    s.put(
+        "/fhir/br-other/Patient/br1",
+        &json!({"resourceType": "Patient", "id": "br1", "gender": "male"}),
+    )
+    .await;
+
+    let batch = json!({"resourceType": "Bundle", "type": "batch", "entry": [
+        {"request": {"method": "GET", "url": "Patient/br1"}},
+        {"request": {"method": "GET", "url": "Patient/br1/_history/1"}},
+        {"request": {"method": "GET", "url": "Patient?family=reader&_count=5"}},
+        {"request": {"method": "GET", "url": "Patient/only-elsewhere"}},
+        {"request": {"method": "GET", "url": "Patient/br1", "ifNoneMatch": "W/\"2\""}},
+        {"request": {"method": "GET", "url": "http://fhir.test/fhir/br/Patient/br1/_history"}},
+        {"request": {"method": "GET", "url": "http://elsewhere.example/fhir/Patient/br1"}},
+        {"request": {"method": "GET", "url": "Patient?family=Reader&_sort=nonsense"}},
+        {"resource": {"resourceType": "Patient", "id": "br2", "name": [{"family": "Reader"}]},
+         "request": {"method": "PUT", "url": "Patient/br2"}}
+    ]});
+    let r = s
+        .call(
+            Method::POST,
+            "/fhir/br",
+            &[FHIR, ("prefer", "return=minimal")],
+            batch.to_string(),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK);
+    let b = r.json();
+    let e = |i: usize| b["entry"][i].clone();
+    let statuses: Vec<String> = b["entry"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|e| e["response"]["status"].as_str().unwrap_or("").to_owned())
+        .collect();
+    assert_eq!(
+        statuses,
+        [
+            "200 OK",
+            "200 OK",
+            "200 OK",
+            "404 Not Found",
+            "304 Not Modified",
+            "200 OK",
+            "400 Bad Request",
+            "400 Bad Request",
+            "201 Created"
+        ]
+    );
+    // A read: the current version whatever the batch preferred for its writes, with its
+    // version headers carried into the entry.
+    assert_eq!(e(0)["resource"]["gender"], "female");
+    assert_eq!(e(0)["response"]["etag"], "W/\"2\"");
+    assert!(e(0)["response"]["lastModified"].is_string());
+    assert_eq!(e(0)["fullUrl"], "http://fhir.test/fhir/br/Patient/br1");
+    assert!(e(1)["resource"]["gender"].is_null());
+    assert_eq!(e(1)["response"]["etag"], "W/\"1\"");
+    // Reads run after the batch's writes, so the search sees br2.
+    let search = e(2)["resource"].clone();
+    assert_eq!(search["type"], "searchset");
+    let mut ids: Vec<&str> = search["entry"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|m| m["resource"]["id"].as_str())
+        .collect();
+    ids.sort_unstable();
+    assert_eq!(ids, ["br1", "br2"]);
+    assert_eq!(
+        e(3)["response"]["outcome"]["resourceType"],
+        "OperationOutcome"
+    );
+    assert!(e(4)["resource"].is_null());
+    assert_eq!(e(5)["resource"]["type"], "history");
+    assert_eq!(e(5)["resource"]["entry"].as_array().map(Vec::len), Some(2));
+    assert!(
+        e(8)["resource"].is_null(),
+        "return=minimal still applies to writes"
+    );
+
+    // A transaction is all-or-nothing over its writes; reads in it are refused whole.
+    let tx = json!({"resourceType": "Bundle", "type": "transaction", "entry": [
+        {"resource": {"resourceType": "Patient", "name": [{"family": "TxRead"}]},
+         "request": {"method": "POST", "url": "Patient"}},
+        {"request": {"method": "GET", "url": "Patient/br1"}}
+    ]});
+    let r = s.post("/fhir/br", &tx).await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    assert_eq!(r.issue(), "not-supported");
+    assert_eq!(total(&s, "/fhir/br/Patient?family=TxRead").await, 0);
 }
 
 #[tokio::test]
