@@ -934,6 +934,12 @@ async fn batch_read(req: &Req<'_>, e: &Value) -> ApiResult<Value> {
                 e.to_string(),
             )
         })?;
+        // An error answered as a response (a vread of a deletion: 410 with version headers)
+        // is the entry's outcome, as for an error returned outright.
+        if status.is_client_error() || status.is_server_error() {
+            entry["response"]["outcome"] = body;
+            return Ok(entry);
+        }
         if let Some(id) = body.get("id").and_then(Value::as_str) {
             if let Some(t) = body.get("resourceType").and_then(Value::as_str) {
                 if t != "Bundle" {

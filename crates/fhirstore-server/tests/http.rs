@@ -820,6 +820,22 @@ async fn batch_reads_answer_as_the_same_get_would() {
         "return=minimal still applies to writes"
     );
 
+    // A version that is a deletion: 410, its OperationOutcome as the entry's outcome.
+    assert_eq!(
+        s.delete("/fhir/br/Patient/br2").await.status,
+        StatusCode::NO_CONTENT
+    );
+    let gone = json!({"resourceType": "Bundle", "type": "batch", "entry": [
+        {"request": {"method": "GET", "url": "Patient/br2/_history/2"}}]});
+    let b = s.post("/fhir/br", &gone).await.json();
+    assert_eq!(b["entry"][0]["response"]["status"], "410 Gone");
+    assert_eq!(b["entry"][0]["response"]["etag"], "W/\"2\"");
+    assert_eq!(
+        b["entry"][0]["response"]["outcome"]["resourceType"],
+        "OperationOutcome"
+    );
+    assert!(b["entry"][0]["resource"].is_null());
+
     // A transaction is all-or-nothing over its writes; reads in it are refused whole.
     let tx = json!({"resourceType": "Bundle", "type": "transaction", "entry": [
         {"resource": {"resourceType": "Patient", "name": [{"family": "TxRead"}]},
