@@ -226,14 +226,36 @@ pub(crate) fn etag(v: VersionId) -> String {
     format!("W/\"{v}\"")
 }
 
+/// RFC 9110's IMF-fixdate, the HTTP date form that servers send.
+const IMF_FIXDATE: &[time::format_description::BorrowedFormatItem<'static>] = time::macros::format_description!(
+    "[weekday repr:short], [day] [month repr:short] [year] [hour]:[minute]:[second] GMT"
+);
+
 /// An HTTP date (RFC 9110 IMF-fixdate).
 pub(crate) fn http_date(t: time::OffsetDateTime) -> String {
-    let f = time::macros::format_description!(
-        "[weekday repr:short], [day] [month repr:short] [year] [hour]:[minute]:[second] GMT"
-    );
     t.to_offset(time::UtcOffset::UTC)
-        .format(&f)
+        .format(IMF_FIXDATE)
         .unwrap_or_default()
+}
+
+/// An IMF-fixdate, read as UTC. Other (obsolete) forms are `None`, which RFC 9110 lets a
+/// server treat as an absent condition.
+fn parse_http_date(s: &str) -> Option<time::OffsetDateTime> {
+    time::PrimitiveDateTime::parse(s.trim(), IMF_FIXDATE)
+        .ok()
+        .map(time::PrimitiveDateTime::assume_utc)
+}
+
+/// `If-None-Match` names the current version, or `If-Modified-Since` (consulted only without
+/// `If-None-Match`, as RFC 9110 orders them) is not older than its last change: the client's
+/// copy is current. HTTP dates have whole seconds, so the change time is compared truncated.
+fn not_modified(req: &Req<'_>, r: &StoredResource) -> bool {
+    if let Some(tag) = req.header(header::IF_NONE_MATCH) {
+        return VersionId::from_etag(tag).ok() == Some(r.version);
+    }
+    req.header(header::IF_MODIFIED_SINCE)
+        .and_then(parse_http_date)
+        .is_some_and(|since| r.last_updated.unix_timestamp() <= since.unix_timestamp())
 }
 
 fn resource_type(name: &str) -> ApiResult<ResourceType> {
@@ -640,10 +662,7 @@ async fn patch(req: &Req<'_>, rt: ResourceType, id: LogicalId, body: Body) -> Ap
 
 async fn read(req: &Req<'_>, rt: ResourceType, id: &LogicalId) -> ApiResult {
     let r = req.app.store.storage().read(&req.ctx, rt, id).await?;
-    if req
-        .header(header::IF_NONE_MATCH)
-        .is_some_and(|t| VersionId::from_etag(t).ok() == Some(r.version))
-    {
+    if not_modified(req, &r) {
         let mut resp = StatusCode::NOT_MODIFIED.into_response();
         set_version_headers(resp.headers_mut(), &r);
         return Ok(resp);
@@ -878,7 +897,8 @@ fn is_read_entry(e: &Value) -> bool {
 
 /// A `batch` entry's read (read, vread, search, history) through the same dispatcher as a
 /// direct request, so it answers exactly what `GET {url}` would: its body becomes the entry's
-/// `resource`, its headers the entry's `response`. `ifNoneMatch` works as the header does.
+/// `resource`, its headers the entry's `response`. `ifNoneMatch` and `ifModifiedSince` work as
+/// the headers do.
 async fn batch_read(req: &Req<'_>, e: &Value) -> ApiResult<Value> {
     let request = e.get("request").unwrap_or(&Value::Null);
     let url = request
@@ -898,10 +918,15 @@ async fn batch_read(req: &Req<'_>, e: &Value) -> ApiResult<Value> {
     let (path, query) = relative.split_once('?').unwrap_or((relative, ""));
     let segs: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
     let mut headers = HeaderMap::new();
-    if let Some(v) = request.get("ifNoneMatch").and_then(Value::as_str) {
-        let v = HeaderValue::from_str(v)
-            .map_err(|_| ApiError::bad_request(format!("request.ifNoneMatch {v:?}")))?;
-        headers.insert(header::IF_NONE_MATCH, v);
+    for (field, name) in [
+        ("ifNoneMatch", header::IF_NONE_MATCH),
+        ("ifModifiedSince", header::IF_MODIFIED_SINCE),
+    ] {
+        if let Some(v) = request.get(field).and_then(Value::as_str) {
+            let v = HeaderValue::from_str(v)
+                .map_err(|_| ApiError::bad_request(format!("request.{field} {v:?}")))?;
+            headers.insert(name, v);
+        }
     }
     let sub = req.sub_request(&headers, query)?;
     let resp = dispatch_boxed(&sub, &Method::GET, &segs, Body::empty()).await?;

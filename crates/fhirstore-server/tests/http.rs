@@ -65,6 +65,35 @@ async fn crud_versions_and_headers() {
         )
         .await;
     assert_eq!(cached.status, StatusCode::NOT_MODIFIED);
+    // If-Modified-Since: the resource's own Last-Modified is not modified since; a second
+    // earlier is; an unreadable date is no condition; If-None-Match wins over it.
+    let last_modified = read.header("last-modified").unwrap_or("").to_owned();
+    let earlier = "Mon, 01 Jan 2001 00:00:00 GMT";
+    for (headers, expected) in [
+        (
+            vec![("if-modified-since", last_modified.as_str())],
+            StatusCode::NOT_MODIFIED,
+        ),
+        (vec![("if-modified-since", earlier)], StatusCode::OK),
+        (vec![("if-modified-since", "yesterday")], StatusCode::OK),
+        (
+            vec![
+                ("if-none-match", "W/\"7\""),
+                ("if-modified-since", last_modified.as_str()),
+            ],
+            StatusCode::OK,
+        ),
+    ] {
+        let r = s
+            .call(
+                Method::GET,
+                &format!("/fhir/t1/Patient/{id}"),
+                &headers,
+                Body::empty(),
+            )
+            .await;
+        assert_eq!(r.status, expected, "{headers:?}");
+    }
 
     let mut body = read.json();
     body["gender"] = json!("male");
@@ -756,7 +785,8 @@ async fn batch_reads_answer_as_the_same_get_would() {
         {"request": {"method": "GET", "url": "http://elsewhere.example/fhir/Patient/br1"}},
         {"request": {"method": "GET", "url": "Patient?family=Reader&_sort=nonsense"}},
         {"resource": {"resourceType": "Patient", "id": "br2", "name": [{"family": "Reader"}]},
-         "request": {"method": "PUT", "url": "Patient/br2"}}
+         "request": {"method": "PUT", "url": "Patient/br2"}},
+        {"request": {"method": "GET", "url": "Patient/br1", "ifModifiedSince": "Mon, 01 Jan 2001 00:00:00 GMT"}}
     ]});
     let r = s
         .call(
@@ -786,7 +816,8 @@ async fn batch_reads_answer_as_the_same_get_would() {
             "200 OK",
             "400 Bad Request",
             "400 Bad Request",
-            "201 Created"
+            "201 Created",
+            "200 OK"
         ]
     );
     // A read: the current version whatever the batch preferred for its writes, with its
@@ -819,6 +850,7 @@ async fn batch_reads_answer_as_the_same_get_would() {
         e(8)["resource"].is_null(),
         "return=minimal still applies to writes"
     );
+    assert_eq!(e(9)["resource"]["gender"], "female", "changed since 2001");
 
     // A version that is a deletion: 410, its OperationOutcome as the entry's outcome.
     assert_eq!(
