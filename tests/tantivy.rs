@@ -241,3 +241,33 @@ async fn index_directory_lifecycle() {
     s.mark_built().await.expect("rebuilt (empty)");
     assert_eq!(s.read(&a, obs, &id).await.expect("read"), None);
 }
+
+/// A cursor is client input: any offset, up to the largest number it can spell, is an empty
+/// page or a clear error, never an overflow.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_cursors_cannot_overflow() {
+    let s = tantivy_secondary().await.expect("index");
+    let a = fhirstore_testkit::random_tenant();
+    s.apply(&[change(&a, "Observation", "n1", 1, note("n1", "pain", "x"))])
+        .await
+        .expect("apply");
+    s.mark_built().await.expect("built");
+    for cursor in [
+        "tantivy%3A18446744073709551615",
+        "tantivy%3A18446744073709551614",
+    ] {
+        assert!(ids(&s, &a, &format!("_text=pain&_cursor={cursor}"))
+            .await
+            .is_empty());
+    }
+    let q = SearchQuery::parse(
+        ResourceType::new("Observation").ok(),
+        "_text=pain&_cursor=tantivy%3A99999999999999999999999",
+        Handling::Strict,
+    )
+    .expect("query");
+    assert!(matches!(
+        s.search(&a, &q).await,
+        Err(fhirstore_core::Error::InvalidSearch(_))
+    ));
+}

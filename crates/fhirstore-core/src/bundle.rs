@@ -28,7 +28,18 @@ pub fn write_ops_in(reg: &Registry, bundle: &Value) -> Result<Vec<WriteOp>> {
     }
     let entries = bundle.get("entry").and_then(Value::as_array);
     let mut ops = Vec::with_capacity(entries.map_or(0, Vec::len));
+    // References resolve by fullUrl: two entries with one fullUrl would make every reference
+    // to it ambiguous (bundle.html: fullUrl SHALL be unique within a Bundle, versions aside).
+    let mut full_urls = HashMap::new();
     for (i, e) in entries.into_iter().flatten().enumerate() {
+        if let Some(url) = e.get("fullUrl").and_then(Value::as_str) {
+            if let Some(first) = full_urls.insert(url, i) {
+                return Err(Error::InvalidResource(format!(
+                    "fullUrl {url:?} is also entry {first}'s; each entry needs its own"
+                ))
+                .in_entry(i));
+            }
+        }
         ops.push(entry_op(reg, e).map_err(|err| err.in_entry(i))?);
     }
     Ok(ops)
@@ -180,6 +191,24 @@ mod tests {
                 write_ops(&json!({"resourceType": "Bundle", "entry": [entry]})).expect_err(want);
             assert!(e.to_string().contains(want), "{e} lacks {want}");
         }
+    }
+
+    #[test]
+    fn a_full_url_names_one_entry() {
+        let entry = |u: &str| {
+            json!({"fullUrl": u, "resource": {"resourceType": "Patient"},
+                   "request": {"method": "POST", "url": "Patient"}})
+        };
+        let b = json!({"resourceType": "Bundle", "type": "transaction",
+            "entry": [entry("urn:uuid:1"), entry("urn:uuid:2"), entry("urn:uuid:1")]});
+        let e = write_ops(&b).expect_err("duplicate fullUrl");
+        assert!(
+            e.to_string().contains("entry 2") && e.to_string().contains("entry 0's"),
+            "{e}"
+        );
+        let b = json!({"resourceType": "Bundle", "type": "transaction",
+            "entry": [entry("urn:uuid:1"), entry("urn:uuid:2")]});
+        assert_eq!(write_ops(&b).expect("distinct").len(), 2);
     }
 
     #[test]

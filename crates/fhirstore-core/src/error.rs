@@ -41,6 +41,14 @@ pub enum Error {
     /// The search is malformed; the message names the parameter and value.
     #[error("invalid search: {0}")]
     InvalidSearch(String),
+    /// A size limit was exceeded (a resource's bytes, a Bundle's entries, a response's bytes);
+    /// the message names the limit and its configured value. Nothing was stored.
+    #[error("too large: {0}")]
+    TooLarge(String),
+    /// A request would cost more than a configured limit allows (criteria, chain depth, sort
+    /// keys, OR values, includes); the message names the limit and its value.
+    #[error("too costly: {0}")]
+    TooCostly(String),
     /// The caller's tenant context does not permit this operation.
     #[error("tenant denied: {0}")]
     TenantDenied(String),
@@ -133,6 +141,8 @@ impl Error {
             Error::InvalidSearch(m) => Error::InvalidSearch(at(m)),
             Error::TenantDenied(m) => Error::TenantDenied(at(m)),
             Error::Unsupported(m) => Error::Unsupported(at(m)),
+            Error::TooLarge(m) => Error::TooLarge(at(m)),
+            Error::TooCostly(m) => Error::TooCostly(at(m)),
             Error::Backend {
                 message,
                 temporary,

@@ -378,14 +378,11 @@ fn tokens(param: &'static str, node: &Node<'_>, out: &mut Vec<TokenEntry>) {
                     str_field(&node.value, "code"),
                 );
             } else if let Some(value) = o.get("value").and_then(Value::as_str) {
-                // An Identifier is searched as system|value. A ContactPoint (whose `system` is
-                // one of these seven codes, not a URI) is searched by value alone.
-                let system = str_field(&node.value, "system");
-                let contact = matches!(
-                    system,
-                    "phone" | "fax" | "email" | "pager" | "url" | "sms" | "other"
-                );
-                push(if contact { "" } else { system }, value);
+                // An Identifier is searched as system|value, and so is a ContactPoint, whose
+                // system is one of seven codes (`phone|555-2003`, `email|a@b.org`), as the
+                // servers clients compare us with (HAPI, Helios) index it. A bare value still
+                // matches whatever the system.
+                push(str_field(&node.value, "system"), value);
             }
         }
         _ => {}
@@ -655,8 +652,9 @@ mod tests {
         assert!(has_token(&e, "identifier", "", "x"));
         assert!(has_token(&e, "gender", "", "female"));
         assert!(has_token(&e, "active", "", "true"));
-        assert!(has_token(&e, "email", "", "p@x.org"));
-        assert!(has_token(&e, "phone", "", "(03) 5555 6473"));
+        assert!(has_token(&e, "email", "email", "p@x.org"));
+        assert!(has_token(&e, "phone", "phone", "(03) 5555 6473"));
+        assert!(has_token(&e, "telecom", "email", "p@x.org"));
         assert!(
             !e.tokens.iter().any(|t| t.param == "_id"),
             "_id is answered natively"

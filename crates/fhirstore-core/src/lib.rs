@@ -8,6 +8,7 @@
 //! - [`search`]: the typed search model; [`index`]: index-value extraction.
 //! - [`registry`]: the official R4 search parameters, with [`fhirpath`] to evaluate them.
 //! - [`digest`]: the element hashes and XOR segment digests used to find drift.
+//! - [`json`]: JSON reading that refuses duplicate keys.
 //! - [`secondary`]: the contract of a secondary store (version-guarded apply, digests).
 
 pub mod bundle;
@@ -17,6 +18,7 @@ pub mod digest;
 mod error;
 pub mod fhirpath;
 pub mod index;
+pub mod json;
 mod model;
 pub mod registry;
 pub mod resource;

@@ -69,7 +69,34 @@ pub fn check_body(resource_type: ResourceType, body: &Value, ids: IdRule<'_>) ->
             return Err(Error::InvalidResource("meta must be a JSON object".into()));
         }
     }
+    if let Some(path) = nul_at(body) {
+        return Err(Error::InvalidResource(format!(
+            "{path} holds a NUL character, which FHIR strings may not contain"
+        )));
+    }
     Ok(())
+}
+
+/// The JSON path of the first string or key holding U+0000, if any. FHIR strings exclude it,
+/// PostgreSQL's text cannot hold it, and a search for it would match every value on SQLite.
+pub fn nul_at(v: &Value) -> Option<String> {
+    fn walk(v: &Value) -> Option<String> {
+        match v {
+            Value::String(s) if s.contains('\0') => Some(String::new()),
+            Value::Object(o) => o.iter().find_map(|(k, v)| {
+                if k.contains('\0') {
+                    return Some(format!("/{}", k.escape_debug()));
+                }
+                walk(v).map(|p| format!("/{k}{p}"))
+            }),
+            Value::Array(items) => items
+                .iter()
+                .enumerate()
+                .find_map(|(i, v)| walk(v).map(|p| format!("/{i}{p}"))),
+            _ => None,
+        }
+    }
+    walk(v).map(|p| if p.is_empty() { "/".to_owned() } else { p })
 }
 
 /// A body ready to store: its canonical bytes and their content hash.
@@ -109,8 +136,8 @@ pub fn prepare_body(
     );
     let canonical = canonical_json(&body);
     if canonical.len() > max_bytes {
-        return Err(Error::InvalidResource(format!(
-            "the resource is {} bytes; the limit is {max_bytes}",
+        return Err(Error::TooLarge(format!(
+            "the resource is {} bytes; the limit (max_resource_bytes) is {max_bytes}",
             canonical.len()
         )));
     }
@@ -168,6 +195,10 @@ mod tests {
                 "{body}: got {err}"
             );
         }
+        let nul = json!({"resourceType": "Patient", "id": "p1",
+            "name": [{"family": "a\u{0}b"}]});
+        let err = check_body(patient(), &nul, IdRule::Optional).expect_err("NUL refused");
+        assert!(err.to_string().contains("/name/0/family"), "{err}");
         let bad_id = json!({"resourceType": "Patient", "id": "a b"});
         assert!(check_body(patient(), &bad_id, IdRule::Optional).is_err());
     }
@@ -195,6 +226,6 @@ mod tests {
         let body = json!({"resourceType": "Patient", "text": {"div": "x".repeat(2000)}});
         let err =
             prepare_body(body, &id, VersionId::FIRST, from_micros(0), 1000).expect_err("too large");
-        assert!(matches!(err, Error::InvalidResource(m) if m.contains("limit is 1000")));
+        assert!(matches!(err, Error::TooLarge(m) if m.contains("is 1000")));
     }
 }

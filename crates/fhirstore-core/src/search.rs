@@ -16,6 +16,45 @@ pub const MAX_PAGE_SIZE: u32 = 1_000;
 /// The page size when `_count` is not given.
 pub const DEFAULT_PAGE_SIZE: u32 = 50;
 
+/// Bounds on what one search may ask for, so that no query costs without limit. A query beyond
+/// one fails with [`Error::TooCostly`] naming the limit and its value; the HTTP layer answers
+/// 400 `too-costly`. Every field is configurable; the defaults are far above what clinical
+/// queries use.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SearchLimits {
+    /// Criteria (parameters that filter) in one query, chained ones included.
+    pub max_criteria: usize,
+    /// Links in one chain (`a.b.c=` has two; each `_has:` is one).
+    pub max_chain_depth: usize,
+    /// `_sort` keys.
+    pub max_sort_keys: usize,
+    /// Values OR-ed in one criterion (`code=a,b,c` has three).
+    pub max_or_values: usize,
+    /// `_include` and `_revinclude` parameters together.
+    pub max_includes: usize,
+    /// Bytes of one parameter value.
+    pub max_value_bytes: usize,
+}
+
+impl Default for SearchLimits {
+    fn default() -> Self {
+        SearchLimits {
+            max_criteria: 100,
+            max_chain_depth: 4,
+            max_sort_keys: 8,
+            max_or_values: 1_000,
+            max_includes: 32,
+            max_value_bytes: 8_192,
+        }
+    }
+}
+
+fn exceeded(limit: &str, value: usize, what: String) -> Error {
+    Error::TooCostly(format!(
+        "{what}, beyond the limit {limit} = {value}; narrow the search or split it"
+    ))
+}
+
 /// How unknown or unsupported parameters are treated (`Prefer: handling=…`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Handling {
@@ -115,6 +154,27 @@ pub enum CriterionValues {
     /// Composite values: for each value, one single-valued entry per component, in the
     /// definition's order, all of which must hold for the same element.
     Composite(Vec<Vec<CriterionValues>>),
+}
+
+impl CriterionValues {
+    /// How many values are OR-ed (a `:missing` criterion has one).
+    pub fn len(&self) -> usize {
+        match self {
+            CriterionValues::Token(v) => v.len(),
+            CriterionValues::Date(v) => v.len(),
+            CriterionValues::String(v) | CriterionValues::Uri(v) => v.len(),
+            CriterionValues::Number(v) => v.len(),
+            CriterionValues::Quantity(v) => v.len(),
+            CriterionValues::Reference(v) => v.len(),
+            CriterionValues::Missing(..) => 1,
+            CriterionValues::Composite(v) => v.len(),
+        }
+    }
+
+    /// Whether there is no value at all.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
 }
 
 /// A search modifier the stores understand.
@@ -354,11 +414,81 @@ impl SearchQuery {
         query: &str,
         handling: Handling,
     ) -> Result<Self> {
+        Self::parse_limited(
+            reg,
+            resource_type,
+            query,
+            handling,
+            &SearchLimits::default(),
+        )
+    }
+
+    /// [`SearchQuery::parse_in`] within `limits` instead of the default ones.
+    pub fn parse_limited(
+        reg: &Registry,
+        resource_type: Option<ResourceType>,
+        query: &str,
+        handling: Handling,
+        limits: &SearchLimits,
+    ) -> Result<Self> {
         let mut q = SearchQuery::all(resource_type);
         for (name, value) in form_urlencoded::parse(query.as_bytes()) {
+            if value.len() > limits.max_value_bytes {
+                return Err(exceeded(
+                    "max_value_bytes",
+                    limits.max_value_bytes,
+                    format!("{name}: a value of {} bytes", value.len()),
+                ));
+            }
             q.add_param_in(reg, &name, &value, handling)?;
+            // Checked as the query grows, so a huge query fails before it is all parsed.
+            q.check_limits(limits)?;
         }
         Ok(q)
+    }
+
+    /// Fails with [`Error::TooCostly`] when the query is beyond one of `limits`.
+    pub fn check_limits(&self, limits: &SearchLimits) -> Result<()> {
+        if self.criteria.len() > limits.max_criteria {
+            return Err(exceeded(
+                "max_criteria",
+                limits.max_criteria,
+                format!("{} criteria", self.criteria.len()),
+            ));
+        }
+        if self.sort.len() > limits.max_sort_keys {
+            return Err(exceeded(
+                "max_sort_keys",
+                limits.max_sort_keys,
+                format!("{} _sort keys", self.sort.len()),
+            ));
+        }
+        let includes = self.includes.len() + self.revincludes.len();
+        if includes > limits.max_includes {
+            return Err(exceeded(
+                "max_includes",
+                limits.max_includes,
+                format!("{includes} _include and _revinclude parameters"),
+            ));
+        }
+        for c in &self.criteria {
+            if c.chain.len() > limits.max_chain_depth {
+                return Err(exceeded(
+                    "max_chain_depth",
+                    limits.max_chain_depth,
+                    format!("{}: a chain of {} links", c.param, c.chain.len()),
+                ));
+            }
+            let n = c.values.len();
+            if n > limits.max_or_values {
+                return Err(exceeded(
+                    "max_or_values",
+                    limits.max_or_values,
+                    format!("{}: {n} values", c.param),
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// Adds one `name=value` pair, with `name` possibly carrying a `:modifier`, parsed against
@@ -375,6 +505,13 @@ impl SearchQuery {
         value: &str,
         handling: Handling,
     ) -> Result<()> {
+        if name.contains('\0') || value.contains('\0') {
+            // No FHIR string holds NUL; on SQLite `:contains` of it would match every value.
+            return Err(Error::InvalidSearch(format!(
+                "{}: a NUL character cannot be searched for",
+                name.escape_debug()
+            )));
+        }
         let (base, modifier) = match name.split_once(':') {
             Some((b, m)) => (b, Some(m)),
             None => (name, None),
@@ -1236,5 +1373,76 @@ mod tests {
         let q = SearchQuery::parse(pt(), "_count=100000", Handling::Strict).expect("parses");
         assert_eq!(q.page_size(), MAX_PAGE_SIZE);
         assert_eq!(SearchQuery::all(pt()).page_size(), DEFAULT_PAGE_SIZE);
+    }
+
+    #[test]
+    fn limits_name_what_was_exceeded() {
+        let too_costly =
+            |query: String, limit: &str| match SearchQuery::parse(pt(), &query, Handling::Strict) {
+                Err(Error::TooCostly(m)) => assert!(m.contains(limit), "{m} lacks {limit}"),
+                other => panic!("{limit}: {other:?}"),
+            };
+        let d = SearchLimits::default();
+        let many = |n: usize, each: &dyn Fn(usize) -> String| {
+            (0..n).map(each).collect::<Vec<_>>().join("&")
+        };
+        too_costly(
+            many(d.max_criteria + 1, &|i| format!("family=f{i}")),
+            "max_criteria",
+        );
+        too_costly(
+            format!("_sort={}", vec!["family"; d.max_sort_keys + 1].join(",")),
+            "max_sort_keys",
+        );
+        too_costly(
+            format!(
+                "gender={}",
+                (0..=d.max_or_values)
+                    .map(|i| i.to_string())
+                    .collect::<Vec<_>>()
+                    .join(",")
+            ),
+            "max_or_values",
+        );
+        too_costly(
+            many(d.max_includes + 1, &|_| {
+                "_include=Patient:organization".into()
+            }),
+            "max_includes",
+        );
+        too_costly(
+            concat!(
+                "general-practitioner:Practitioner._has:PractitionerRole:practitioner:",
+                "practitioner._has:PractitionerRole:practitioner:practitioner.active=true"
+            )
+            .to_owned(),
+            "max_chain_depth",
+        );
+        too_costly(
+            format!("family={}", "x".repeat(d.max_value_bytes + 1)),
+            "max_value_bytes",
+        );
+        // At the limit is fine, and a caller may raise a limit.
+        let at = many(d.max_criteria, &|i| format!("family=f{i}"));
+        assert!(SearchQuery::parse(pt(), &at, Handling::Strict).is_ok());
+        let raised = SearchLimits {
+            max_criteria: 500,
+            ..SearchLimits::default()
+        };
+        let q = many(400, &|i| format!("family=f{i}"));
+        assert!(
+            SearchQuery::parse_limited(Registry::r4(), pt(), &q, Handling::Strict, &raised).is_ok()
+        );
+    }
+
+    #[test]
+    fn nul_is_refused_in_names_and_values() {
+        for q in ["family=a%00b", "name:contains=%00", "fam%00ily=x"] {
+            let e = SearchQuery::parse(pt(), q, Handling::Lenient).expect_err(q);
+            assert!(
+                matches!(e, Error::InvalidSearch(ref m) if m.contains("NUL")),
+                "{q}: {e}"
+            );
+        }
     }
 }

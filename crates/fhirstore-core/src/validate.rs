@@ -50,8 +50,9 @@ impl SchemaValidator {
     pub fn r4() -> Result<&'static SchemaValidator> {
         static R4: OnceLock<std::result::Result<SchemaValidator, String>> = OnceLock::new();
         R4.get_or_init(|| {
-            let schema: Value = serde_json::from_str(R4_SCHEMA).map_err(|e| e.to_string())?;
-            let validator = jsonschema::validator_for(&schema).map_err(|e| e.to_string())?;
+            let mut schema: Value = serde_json::from_str(R4_SCHEMA).map_err(|e| e.to_string())?;
+            tighten(&mut schema);
+            let validator = build(&schema)?;
             Ok(SchemaValidator {
                 validator,
                 schema,
@@ -111,10 +112,78 @@ impl SchemaValidator {
             "definitions": definitions,
             "$ref": format!("#/definitions/{resource_type}"),
         });
-        let v = std::sync::Arc::new(jsonschema::validator_for(&schema).ok()?);
+        let v = std::sync::Arc::new(build(&schema).ok()?);
         cache.insert(resource_type.to_owned(), v.clone());
         Some(v)
     }
+}
+
+/// The `format` that [`tighten`] gives the date primitives.
+const CALENDAR_DATE: &str = "fhir-calendar-date";
+
+/// Closes two gaps of the published schema, which checks shapes a FHIR server must refuse:
+/// - its complex types (`Extension`, `HumanName`, every resource) list `properties` without
+///   `"type": "object"`, and JSON Schema applies `properties` to objects only, so
+///   `"extension": [1]` or `"name": [[…]]` passed;
+/// - its `date`, `dateTime` and `instant` patterns accept any day 01–31 in any month, so
+///   `2021-02-30` passed, and was then indexed as a range no search could find.
+fn tighten(schema: &mut Value) {
+    let Some(defs) = schema.get_mut("definitions").and_then(Value::as_object_mut) else {
+        return;
+    };
+    // Choice elements (`effectiveDateTime`) repeat the date patterns inline instead of naming
+    // the primitive, so the patterns are what identifies a date.
+    let date_patterns: Vec<Value> = ["date", "dateTime", "instant"]
+        .iter()
+        .filter_map(|t| defs.get(*t)?.get("pattern").cloned())
+        .collect();
+    for def in defs.values_mut() {
+        if let Some(def) = def.as_object_mut() {
+            if def.contains_key("properties") && !def.contains_key("type") {
+                def.insert("type".into(), Value::String("object".into()));
+            }
+        }
+    }
+    mark_dates(schema, &date_patterns);
+}
+
+/// Gives every schema whose `pattern` is a date pattern the calendar check.
+fn mark_dates(v: &mut Value, patterns: &[Value]) {
+    match v {
+        Value::Object(o) => {
+            if o.get("pattern").is_some_and(|p| patterns.contains(p)) {
+                o.insert("format".into(), Value::String(CALENDAR_DATE.into()));
+            }
+            o.values_mut().for_each(|c| mark_dates(c, patterns));
+        }
+        Value::Array(items) => items.iter_mut().for_each(|c| mark_dates(c, patterns)),
+        _ => {}
+    }
+}
+
+fn build(schema: &Value) -> std::result::Result<jsonschema::Validator, String> {
+    jsonschema::options()
+        .with_format(CALENDAR_DATE, is_calendar_date)
+        .should_validate_formats(true)
+        .build(schema)
+        .map_err(|e| e.to_string())
+}
+
+/// Whether the `YYYY-MM-DD` prefix of a FHIR date, dateTime or instant names a real day (the
+/// schema's pattern has already checked the digits); a value with only a year or a month is.
+fn is_calendar_date(s: &str) -> bool {
+    let field = |range: std::ops::Range<usize>| s.get(range).and_then(|d| d.parse::<u32>().ok());
+    let (Some(year), Some(month), Some(day)) = (field(0..4), field(5..7), field(8..10)) else {
+        return true;
+    };
+    let leap = year % 4 == 0 && (year % 100 != 0 || year % 400 == 0);
+    let days = match month {
+        2 if leap => 29,
+        2 => 28,
+        4 | 6 | 9 | 11 => 30,
+        _ => 31,
+    };
+    (1..=days).contains(&day)
 }
 
 #[cfg(test)]
@@ -129,6 +198,10 @@ mod tests {
             &json!({"resourceType": "Patient", "gender": "female", "birthDate": "1974-12-25"}),
         )
         .expect("valid");
+        for d in ["2024-02-29", "2000-02-29", "1974-12", "1974", "2021-04-30"] {
+            v.validate(&json!({"resourceType": "Patient", "birthDate": d}))
+                .unwrap_or_else(|e| panic!("{d}: {e}"));
+        }
         let cases = [
             (json!({"resourceType": "Patient", "gender": 5}), "/gender"),
             (
@@ -142,6 +215,31 @@ mod tests {
             (
                 json!({"resourceType": "Observation", "status": "final"}),
                 "code",
+            ),
+            (
+                json!({"resourceType": "Patient", "extension": [1]}),
+                "/extension/0",
+            ),
+            (
+                json!({"resourceType": "Patient", "extension": ["x"]}),
+                "/extension/0",
+            ),
+            (
+                json!({"resourceType": "Patient", "name": [[{"family": 5}]]}),
+                "/name/0",
+            ),
+            (
+                json!({"resourceType": "Patient", "birthDate": "2021-02-30"}),
+                "/birthDate",
+            ),
+            (
+                json!({"resourceType": "Patient", "birthDate": "2023-02-29"}),
+                "/birthDate",
+            ),
+            (
+                json!({"resourceType": "Observation", "status": "final", "code": {"text": "x"},
+                       "effectiveDateTime": "2021-04-31T10:00:00Z"}),
+                "/effectiveDateTime",
             ),
         ];
         for (body, want) in cases {

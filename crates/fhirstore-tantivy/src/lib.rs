@@ -1073,7 +1073,8 @@ impl Inner {
                 content: serde_json::from_str(body).map_err(index_err)?,
             });
         }
-        let next = offset + page;
+        // An offset from a client's cursor can be anything up to usize::MAX.
+        let next = offset.saturating_add(page);
         Ok(SearchPage {
             matches,
             included: Vec::new(),

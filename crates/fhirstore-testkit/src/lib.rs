@@ -39,6 +39,7 @@ macro_rules! conformance_tests {
             delete_writes_tombstone,
             update_after_delete_recreates,
             bad_input_changes_nothing,
+            decimals_keep_their_precision,
             history_all_scopes,
             history_paging_is_stable_under_writes,
             count_counts_live_resources,
