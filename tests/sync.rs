@@ -871,6 +871,28 @@ async fn backfill_resumes_after_a_crash() {
     two.shutdown().await;
 }
 
+/// The versions a routed search found, and who answered.
+async fn versions_found<P>(
+    p: &CompositeStorage<P>,
+    ctx: &fhirstore_core::TenantContext,
+    qs: &str,
+) -> (Vec<u64>, String)
+where
+    P: ResourceStorage + ChangeLog + 'static,
+{
+    let routed = p
+        .search_routed(ctx, &query(qs), None)
+        .await
+        .expect("search");
+    let found = routed
+        .page
+        .matches
+        .iter()
+        .map(|r| r.version.get())
+        .collect();
+    (found, routed.backend)
+}
+
 /// Two processes share one primary and one Redis. Process A's synchronous apply fails, so
 /// Redis keeps the old version; A's write returns only once B has heard of the read fence, so
 /// B's next read comes from the primary instead of returning the old version from Redis.
@@ -945,6 +967,17 @@ where
         r.version
     );
     assert_eq!(from, "primary");
+    // Searches keep the guarantee reads keep, in both processes: Redis still indexes v1 (the
+    // old family), so it may not answer until its worker has delivered v2.
+    for (p, who) in [(&a, "A"), (&b, "B")] {
+        let (found, backend) = versions_found(p, &ctx, "_id=fenced").await;
+        assert_eq!(found, [2], "{who}: _id answered {found:?} from {backend}");
+        let (found, backend) = versions_found(p, &ctx, "family=One").await;
+        assert!(
+            found.is_empty(),
+            "{who}: the old value matched in {backend}"
+        );
+    }
 
     flaky_a.set_down(false);
     a.abort();

@@ -1,7 +1,7 @@
 //! The Bundles the API returns: `searchset`, `history`, and `batch`/`transaction` responses.
 
 use axum::http::StatusCode;
-use fhirstore_core::{HistoryPage, OpOutcome, SearchPage, WriteKind};
+use fhirstore_core::{HistoryPage, OpOutcome, WriteKind};
 use fhirstore_core::{ResourceType, SearchQuery, StoredResource};
 use serde_json::{json, Value};
 
@@ -46,15 +46,17 @@ fn link(path: &str, pairs: &[(String, String)], cursor: Option<&str>) -> String 
 }
 
 /// A `searchset`: matches, then included resources, then an `OperationOutcome` naming any
-/// parameter that was ignored. The `self` link leaves ignored parameters out, as R4 asks; the
-/// `next` link carries the store's cursor, which stays valid while data changes.
+/// parameter that was ignored, and saying when the backend that answered had not caught up
+/// (`routed.behind`). The `self` link leaves ignored parameters out, as R4 asks; the `next`
+/// link carries the store's cursor, which stays valid while data changes.
 pub fn searchset(
     base: &str,
     rt: Option<ResourceType>,
     query: &str,
     q: &SearchQuery,
-    page: &SearchPage,
+    routed: &fhirstore_sync::Routed,
 ) -> Value {
+    let page = &routed.page;
     let pairs: Vec<(String, String)> = form_urlencoded::parse(query.as_bytes())
         .into_owned()
         .filter(|(k, _)| !q.ignored.iter().any(|i| i == k))
@@ -86,13 +88,22 @@ pub fn searchset(
             }));
         }
     }
+    let mut issues = Vec::new();
     if !q.ignored.is_empty() {
+        issues.push(json!({"severity": "warning", "code": "not-supported",
+            "diagnostics": format!("ignored search parameters: {}", q.ignored.join(", "))}));
+    }
+    if routed.behind {
+        issues.push(json!({"severity": "warning", "code": "incomplete",
+        "diagnostics": format!(
+            "answered by {}, which had not yet applied every change committed before this \
+             search; the most recent writes may be missing",
+            routed.backend
+        )}));
+    }
+    if !issues.is_empty() {
         entries.push(json!({
-            "resource": crate::outcome::operation_outcome(
-                "warning",
-                "not-supported",
-                &format!("ignored search parameters: {}", q.ignored.join(", ")),
-            ),
+            "resource": {"resourceType": "OperationOutcome", "issue": issues},
             "search": {"mode": "outcome"},
         }));
     }

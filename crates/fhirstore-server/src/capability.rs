@@ -97,7 +97,7 @@ pub async fn statement(req: &Req<'_>) -> ApiResult<Value> {
         "kind": "instance",
         "software": {"name": "fhirstore", "version": env!("CARGO_PKG_VERSION")},
         "implementation": {
-            "description": format!("fhirstore on {}", req.app.store.describe()),
+            "description": format!("fhirstore on {}", req.app.store.summary()),
             "url": req.base,
         },
         "fhirVersion": "4.0.1",

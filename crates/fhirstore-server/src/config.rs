@@ -83,6 +83,124 @@ pub struct ServeArgs {
     /// Scheduled reconciles report without repairing.
     #[arg(long)]
     pub reconcile_dry_run: bool,
+    /// What one request may ask for.
+    #[command(flatten)]
+    pub limits: LimitArgs,
+}
+
+/// Bounds on what one request may ask for; each is a flag, an environment variable, or a key
+/// of the TOML file's `[limits]` table. A request beyond one is refused (413 for sizes, 400
+/// `too-costly` for searches) with an `OperationOutcome` naming the limit.
+#[derive(clap::Args, Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitArgs {
+    /// Entries in one batch or transaction Bundle [default: 10000].
+    #[arg(long, env = "FHIRSTORE_MAX_BUNDLE_ENTRIES")]
+    pub max_bundle_entries: Option<usize>,
+    /// Bytes of one batch response, reads included; entries past it answer 413 [default: 64 MiB].
+    #[arg(long, env = "FHIRSTORE_MAX_RESPONSE_BYTES")]
+    pub max_response_bytes: Option<usize>,
+    /// Bytes of a request's URL; beyond it, 414 [default: 32 KiB]. The HTTP parser itself
+    /// refuses a request line over 65,534 bytes, with a bare 414.
+    #[arg(long, env = "FHIRSTORE_MAX_URI_BYTES")]
+    pub max_uri_bytes: Option<usize>,
+    /// Bytes of a request's headers together; beyond it, 431 [default: 64 KiB].
+    #[arg(long, env = "FHIRSTORE_MAX_HEADER_BYTES")]
+    pub max_header_bytes: Option<usize>,
+    /// Criteria in one search [default: 100].
+    #[arg(long, env = "FHIRSTORE_MAX_SEARCH_CRITERIA")]
+    pub max_search_criteria: Option<usize>,
+    /// Links in one chained parameter [default: 4].
+    #[arg(long, env = "FHIRSTORE_MAX_CHAIN_DEPTH")]
+    pub max_chain_depth: Option<usize>,
+    /// `_sort` keys in one search [default: 8].
+    #[arg(long, env = "FHIRSTORE_MAX_SORT_KEYS")]
+    pub max_sort_keys: Option<usize>,
+    /// Comma-separated values in one search parameter [default: 1000].
+    #[arg(long, env = "FHIRSTORE_MAX_OR_VALUES")]
+    pub max_or_values: Option<usize>,
+    /// `_include` and `_revinclude` parameters in one search [default: 32].
+    #[arg(long, env = "FHIRSTORE_MAX_INCLUDES")]
+    pub max_includes: Option<usize>,
+}
+
+impl LimitArgs {
+    /// These limits, each from the flags (`self`), else the file, else the default.
+    fn resolve(&self, file: &LimitArgs) -> Limits {
+        let d = Limits::default();
+        let pick = |flag: Option<usize>, file: Option<usize>, default: usize| {
+            flag.or(file).unwrap_or(default)
+        };
+        Limits {
+            max_bundle_entries: pick(
+                self.max_bundle_entries,
+                file.max_bundle_entries,
+                d.max_bundle_entries,
+            ),
+            max_response_bytes: pick(
+                self.max_response_bytes,
+                file.max_response_bytes,
+                d.max_response_bytes,
+            ),
+            max_uri_bytes: pick(self.max_uri_bytes, file.max_uri_bytes, d.max_uri_bytes),
+            max_header_bytes: pick(
+                self.max_header_bytes,
+                file.max_header_bytes,
+                d.max_header_bytes,
+            ),
+            search: fhirstore_core::search::SearchLimits {
+                max_criteria: pick(
+                    self.max_search_criteria,
+                    file.max_search_criteria,
+                    d.search.max_criteria,
+                ),
+                max_chain_depth: pick(
+                    self.max_chain_depth,
+                    file.max_chain_depth,
+                    d.search.max_chain_depth,
+                ),
+                max_sort_keys: pick(
+                    self.max_sort_keys,
+                    file.max_sort_keys,
+                    d.search.max_sort_keys,
+                ),
+                max_or_values: pick(
+                    self.max_or_values,
+                    file.max_or_values,
+                    d.search.max_or_values,
+                ),
+                max_includes: pick(self.max_includes, file.max_includes, d.search.max_includes),
+                ..d.search
+            },
+        }
+    }
+}
+
+/// The limits in force; see [`LimitArgs`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// Entries in one batch or transaction Bundle.
+    pub max_bundle_entries: usize,
+    /// Bytes of one batch response.
+    pub max_response_bytes: usize,
+    /// Bytes of a request's URL.
+    pub max_uri_bytes: usize,
+    /// Bytes of a request's headers together.
+    pub max_header_bytes: usize,
+    /// What one search may ask for.
+    pub search: fhirstore_core::search::SearchLimits,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_bundle_entries: 10_000,
+            max_response_bytes: 64 << 20,
+            max_uri_bytes: 32 << 10,
+            max_header_bytes: 64 << 10,
+            search: Default::default(),
+        }
+    }
 }
 
 /// `90s`, `15m`, `6h`, `1d`, or plain seconds.
@@ -125,6 +243,8 @@ pub struct FileConfig {
     reconcile_dry_run: Option<bool>,
     #[serde(default)]
     tokens: BTreeMap<String, Vec<String>>,
+    #[serde(default)]
+    limits: LimitArgs,
 }
 
 /// A configuration problem, reported before anything is opened.
@@ -166,6 +286,8 @@ pub struct ServerSettings {
     pub max_body: usize,
     /// Scheduled reconciliation, when configured.
     pub reconcile: Option<fhirstore_sync::schedule::Schedule>,
+    /// What one request may ask for.
+    pub limits: Limits,
 }
 
 impl Default for ServerSettings {
@@ -178,6 +300,7 @@ impl Default for ServerSettings {
             allow_unauthenticated: false,
             max_body: 32 << 20,
             reconcile: None,
+            limits: Limits::default(),
         }
     }
 }
@@ -208,6 +331,37 @@ fn read_file(path: Option<&Path>) -> Result<FileConfig, ConfigError> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| ConfigError(format!("reading {}: {e}", path.display())))?;
     toml::from_str(&text).map_err(|e| ConfigError(format!("{}: {e}", path.display())))
+}
+
+/// A URL as it may be shown in a log, a status page or an error: a password in its userinfo
+/// or in a `password=` query parameter becomes `***`.
+pub fn redact_url(url: &str) -> String {
+    let mut out = url.to_owned();
+    if let Some(scheme_end) = out.find("://") {
+        let rest = scheme_end + 3;
+        let authority_end = out[rest..]
+            .find(['/', '?', '#'])
+            .map_or(out.len(), |i| rest + i);
+        if let Some(at) = out[rest..authority_end].rfind('@') {
+            let userinfo = &out[rest..rest + at];
+            let shown = match userinfo.split_once(':') {
+                Some((user, _)) => format!("{user}:***"),
+                None => "***".to_owned(),
+            };
+            out.replace_range(rest..rest + at, &shown);
+        }
+    }
+    if let Some(q) = out.find('?') {
+        let redacted: Vec<String> = out[q + 1..]
+            .split('&')
+            .map(|pair| match pair.split_once('=') {
+                Some((k, _)) if k.eq_ignore_ascii_case("password") => format!("{k}=***"),
+                _ => pair.to_owned(),
+            })
+            .collect();
+        out = format!("{}?{}", &out[..q], redacted.join("&"));
+    }
+    out
 }
 
 /// Resolves the storage settings, reading the TOML file if one is named.
@@ -286,6 +440,7 @@ pub fn serve_settings(
             .or(file.max_body)
             .unwrap_or(defaults.max_body),
         reconcile: schedule(serve, &file)?,
+        limits: serve.limits.resolve(&file.limits),
     };
     Ok((resolve_store(storage, &file), server))
 }
@@ -385,5 +540,41 @@ mod tests {
         s.tokens.clear();
         s.allow_unauthenticated = true;
         assert!(s.check_exposure().is_ok());
+    }
+
+    #[test]
+    fn passwords_never_show() {
+        for (url, shown) in [
+            ("redis://:s3cret@host:6379/0", "redis://:***@host:6379/0"),
+            ("redis://user:s3cret@host/0", "redis://user:***@host/0"),
+            ("postgres://token@db/x", "postgres://***@db/x"),
+            (
+                "postgres://u@db/x?sslmode=require&password=s3cret",
+                "postgres://***@db/x?sslmode=require&password=***",
+            ),
+            ("redis://127.0.0.1:6379", "redis://127.0.0.1:6379"),
+            ("redis://h/0?x=a@b", "redis://h/0?x=a@b"),
+        ] {
+            assert_eq!(redact_url(url), shown);
+            assert!(!redact_url(url).contains("s3cret"));
+        }
+    }
+
+    #[test]
+    fn limits_come_from_flags_then_file_then_defaults() {
+        let file: FileConfig = toml::from_str(
+            "[limits]\nmax_bundle_entries = 50\nmax_search_criteria = 7\nmax_sort_keys = 3\n",
+        )
+        .expect("toml");
+        let flags = LimitArgs {
+            max_search_criteria: Some(9),
+            ..LimitArgs::default()
+        };
+        let l = flags.resolve(&file.limits);
+        assert_eq!(l.max_bundle_entries, 50);
+        assert_eq!(l.search.max_criteria, 9);
+        assert_eq!(l.search.max_sort_keys, 3);
+        assert_eq!(l.max_response_bytes, Limits::default().max_response_bytes);
+        assert!(toml::from_str::<FileConfig>("[limits]\nmax_nope = 1\n").is_err());
     }
 }

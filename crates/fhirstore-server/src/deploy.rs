@@ -47,13 +47,18 @@ pub trait Deployment: Send + Sync {
     async fn wait_for_sync(&self, timeout: Duration) -> Result<bool>;
     /// Stops the sync workers cleanly.
     async fn shutdown(&self);
-    /// What was opened, for the start-up log.
+    /// What was opened, for the start-up log and the admin status: paths, and URLs with any
+    /// password redacted.
     fn describe(&self) -> &str;
+    /// What kinds of store serve, for anyone to see (the CapabilityStatement): no paths, no
+    /// hosts, no URLs.
+    fn summary(&self) -> &str;
 }
 
 struct Opened<P> {
     composite: CompositeStorage<P>,
     description: String,
+    summary: String,
 }
 
 #[async_trait]
@@ -104,6 +109,9 @@ where
     fn describe(&self) -> &str {
         &self.description
     }
+    fn summary(&self) -> &str {
+        &self.summary
+    }
 }
 
 /// The sync consumer name of the tantivy index. With SQLite the index sits beside the one
@@ -144,6 +152,24 @@ fn mode(m: ModeArg) -> SyncMode {
     }
 }
 
+fn opened<P>(
+    primary: Arc<P>,
+    secondaries: Vec<(String, Arc<dyn Secondary>, SecondaryConfig)>,
+    config: SyncConfig,
+    parts: &[(String, String)],
+) -> Result<Arc<dyn Deployment>>
+where
+    P: ResourceStorage + ChangeLog + DigestSource + JobLog + 'static,
+{
+    let join =
+        |f: fn(&(String, String)) -> &str| parts.iter().map(f).collect::<Vec<_>>().join(" + ");
+    Ok(Arc::new(Opened {
+        composite: CompositeStorage::new(primary, secondaries, config)?,
+        description: join(|p| &p.0),
+        summary: join(|p| &p.1),
+    }))
+}
+
 /// Opens the primary and the secondaries the settings name, and starts the sync workers.
 pub async fn open(settings: &StoreSettings) -> Result<Arc<dyn Deployment>> {
     std::fs::create_dir_all(&settings.data_dir).map_err(|e| {
@@ -154,7 +180,8 @@ pub async fn open(settings: &StoreSettings) -> Result<Arc<dyn Deployment>> {
         )
     })?;
     let mut secondaries: Vec<(String, Arc<dyn Secondary>, SecondaryConfig)> = Vec::new();
-    let mut parts = Vec::new();
+    // (for the operator, for everyone)
+    let mut parts: Vec<(String, String)> = Vec::new();
     if settings.index_mode != ModeArg::Off {
         let dir = settings.data_dir.join("tantivy");
         let index = fhirstore_tantivy::TantivySecondary::open(&dir, Default::default()).await?;
@@ -166,15 +193,21 @@ pub async fn open(settings: &StoreSettings) -> Result<Arc<dyn Deployment>> {
                 ..SecondaryConfig::index()
             },
         ));
-        parts.push(format!(
-            "tantivy {} ({:?})",
-            dir.display(),
-            settings.index_mode
+        parts.push((
+            format!("tantivy {} ({:?})", dir.display(), settings.index_mode),
+            format!("tantivy ({:?})", settings.index_mode),
         ));
     }
     if let Some(url) = &settings.redis {
         secondaries.push(redis_secondary(url, &settings.redis_prefix, settings.redis_mode).await?);
-        parts.push(format!("redis {url} ({:?})", settings.redis_mode));
+        parts.push((
+            format!(
+                "redis {} ({:?})",
+                crate::config::redact_url(url),
+                settings.redis_mode
+            ),
+            format!("redis ({:?})", settings.redis_mode),
+        ));
     }
     let config = SyncConfig::default();
     let deployment: Arc<dyn Deployment> = match &settings.postgres {
@@ -182,11 +215,8 @@ pub async fn open(settings: &StoreSettings) -> Result<Arc<dyn Deployment>> {
         None => {
             let path = settings.data_dir.join("fhirstore.sqlite");
             let store = SqliteStore::open(&path, SqlConfig::default()).await?;
-            parts.insert(0, format!("sqlite {}", path.display()));
-            Arc::new(Opened {
-                composite: CompositeStorage::new(Arc::new(store), secondaries, config)?,
-                description: parts.join(" + "),
-            })
+            parts.insert(0, (format!("sqlite {}", path.display()), "sqlite".into()));
+            opened(Arc::new(store), secondaries, config, &parts)?
         }
     };
     Ok(deployment)
@@ -197,14 +227,17 @@ async fn postgres(
     url: &str,
     secondaries: Vec<(String, Arc<dyn Secondary>, SecondaryConfig)>,
     config: SyncConfig,
-    mut parts: Vec<String>,
+    mut parts: Vec<(String, String)>,
 ) -> Result<Arc<dyn Deployment>> {
     let store = fhirstore_sql::PostgresStore::connect(url, SqlConfig::default()).await?;
-    parts.insert(0, "postgres".to_owned());
-    Ok(Arc::new(Opened {
-        composite: CompositeStorage::new(Arc::new(store), secondaries, config)?,
-        description: parts.join(" + "),
-    }))
+    parts.insert(
+        0,
+        (
+            format!("postgres {}", crate::config::redact_url(url)),
+            "postgres".into(),
+        ),
+    );
+    opened(Arc::new(store), secondaries, config, &parts)
 }
 
 #[cfg(not(feature = "postgres"))]
@@ -212,7 +245,7 @@ async fn postgres(
     _url: &str,
     _secondaries: Vec<(String, Arc<dyn Secondary>, SecondaryConfig)>,
     _config: SyncConfig,
-    _parts: Vec<String>,
+    _parts: Vec<(String, String)>,
 ) -> Result<Arc<dyn Deployment>> {
     Err(Error::Unsupported(
         "this build has no PostgreSQL support (feature `postgres`)".into(),

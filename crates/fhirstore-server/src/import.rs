@@ -279,7 +279,7 @@ async fn ndjson_file(w: &mut Writer<'_>, file: &Path) -> Result<(), ImportError>
             continue;
         }
         let at = format!("line {n}");
-        let v: Value = match serde_json::from_str(&line) {
+        let v: Value = match fhirstore_core::json::from_slice_strict(line.as_bytes()) {
             Ok(v) => v,
             Err(e) => {
                 // Keep what came before the bad line.

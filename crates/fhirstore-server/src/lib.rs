@@ -177,6 +177,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/health", get(health))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
+        .layer(axum::middleware::from_fn_with_state(app.clone(), bounds))
         .layer(axum::middleware::from_fn_with_state(app.clone(), track))
         .layer(tower_http::compression::CompressionLayer::new().gzip(true))
         .with_state(app)
@@ -362,7 +363,9 @@ pub async fn serve(
             app.store.run_scheduled(&schedule, &record, &stop).await;
         })
     });
-    let served = serve_router(store, router(app), listener, shutdown).await;
+    let limits = &app.settings.limits;
+    let buffer = head_buffer(limits.max_uri_bytes + limits.max_header_bytes);
+    let served = serve_with(store, router(app), listener, buffer, shutdown).await;
     stop.store(true, std::sync::atomic::Ordering::SeqCst);
     if let Some(task) = scheduled {
         let _ = task.await;
@@ -377,9 +380,93 @@ pub async fn serve_router(
     listener: tokio::net::TcpListener,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let served = axum::serve(listener, routes)
-        .with_graceful_shutdown(shutdown)
-        .await;
+    let limits = config::Limits::default();
+    let buffer = head_buffer(limits.max_uri_bytes + limits.max_header_bytes);
+    serve_with(store, routes, listener, buffer, shutdown).await
+}
+
+/// How much of a request's head the HTTP parser holds. Well beyond the limits the router
+/// checks, so a URL or header over them reaches the router and gets an `OperationOutcome`
+/// naming the limit; only a head larger still gets the parser's own bare 414 or 431.
+fn head_buffer(limits: usize) -> usize {
+    limits.saturating_mul(4).max(4 << 20)
+}
+
+/// Accepts connections until `shutdown`, then lets every request in flight finish.
+async fn serve_with(
+    store: Arc<dyn Deployment>,
+    routes: Router,
+    listener: tokio::net::TcpListener,
+    head_buffer: usize,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    // Out of file descriptors, a connection reset before it was accepted:
+                    // the listener itself is fine, so keep serving after a breath.
+                    tracing::warn!(error = %e, "accepting a connection failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        let service = hyper_util::service::TowerToHyperService::new(routes.clone());
+        let connection = hyper::server::conn::http1::Builder::new()
+            .timer(TokioTimer::new())
+            .max_buf_size(head_buffer)
+            .serve_connection(TokioIo::new(stream), service);
+        let watched = graceful.watch(connection);
+        tokio::spawn(async move {
+            if let Err(e) = watched.await {
+                tracing::debug!(error = %e, "connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    graceful.shutdown().await;
     store.shutdown().await;
-    served
+    Ok(())
+}
+
+/// Refuses a URL or a header block beyond the configured limits with an `OperationOutcome`,
+/// before any routing or body reading.
+async fn bounds(State(app): State<Arc<App>>, req: Request, next: Next) -> Response {
+    let limits = &app.settings.limits;
+    let uri = req.uri().to_string().len();
+    if uri > limits.max_uri_bytes {
+        return ApiError::new(
+            StatusCode::URI_TOO_LONG,
+            "too-long",
+            format!(
+                "the URL is {uri} bytes, beyond the limit max_uri_bytes = {}; \
+                 POST the search to _search instead",
+                limits.max_uri_bytes
+            ),
+        )
+        .into_response();
+    }
+    let headers: usize = req
+        .headers()
+        .iter()
+        .map(|(k, v)| k.as_str().len() + v.len() + 4)
+        .sum();
+    if headers > limits.max_header_bytes {
+        return ApiError::new(
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            "too-long",
+            format!(
+                "the headers are {headers} bytes, beyond the limit max_header_bytes = {}",
+                limits.max_header_bytes
+            ),
+        )
+        .into_response();
+    }
+    next.run(req).await
 }

@@ -27,7 +27,7 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Serve the FHIR REST API (by default on 127.0.0.1:8080, SQLite + tantivy under ./data).
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Import JSON (a resource or a Bundle) and NDJSON files, or folders of them.
     Import {
         /// The tenant to import into.
@@ -275,7 +275,7 @@ async fn search(storage: &StorageArgs, tenant: &str, query: &str) -> Result<(), 
             rt,
             q,
             &parsed,
-            &routed.page,
+            &routed,
         ))
     })
     .await?;

@@ -79,6 +79,8 @@ impl From<Error> for ApiError {
             Error::PreconditionFailed(_) => (StatusCode::PRECONDITION_FAILED, "multiple-matches"),
             Error::InvalidResource(_) => (StatusCode::UNPROCESSABLE_ENTITY, "processing"),
             Error::InvalidSearch(_) => (StatusCode::BAD_REQUEST, "invalid"),
+            Error::TooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "too-long"),
+            Error::TooCostly(_) => (StatusCode::BAD_REQUEST, "too-costly"),
             Error::TenantDenied(_) => (StatusCode::FORBIDDEN, "forbidden"),
             // The client asked for something this server does not do: its request's fault,
             // not a server failure that a retry could mend.

@@ -446,8 +446,8 @@ async fn json_body(req: &Req<'_>, body: Body) -> ApiResult<Value> {
         }
     }
     let bytes = body_bytes(req, body).await?;
-    let v: Value = serde_json::from_slice(&bytes)
-        .map_err(|e| ApiError::bad_request(format!("the body is not valid JSON: {e}")))?;
+    let v = fhirstore_core::json::from_slice_strict(&bytes)
+        .map_err(|e| ApiError::bad_request(format!("the body is not valid FHIR JSON: {e}")))?;
     if !v.is_object() {
         return Err(ApiError::bad_request("the body is not a JSON object"));
     }
@@ -492,11 +492,12 @@ async fn form_query(req: &Req<'_>, body: Body) -> ApiResult<String> {
 /// what the write touches.
 async fn criteria(req: &Req<'_>, rt: ResourceType, query: &str) -> ApiResult<SearchQuery> {
     let reg = req.app.store.storage().search_parameters(&req.ctx).await?;
-    Ok(SearchQuery::parse_in(
+    Ok(SearchQuery::parse_limited(
         &reg,
         Some(rt),
         query.trim_start_matches('?'),
         Handling::Strict,
+        &req.app.settings.limits.search,
     )?)
 }
 
@@ -756,13 +757,14 @@ pub(crate) fn shape(resource: &Value, summary: Option<Summary>, elements: &[Stri
 
 async fn search(req: &Req<'_>, rt: Option<ResourceType>, query: String) -> ApiResult {
     let reg = req.app.store.storage().search_parameters(&req.ctx).await?;
-    let mut q = SearchQuery::parse_in(&reg, rt, &query, req.handling)?;
+    let limits = &req.app.settings.limits.search;
+    let mut q = SearchQuery::parse_limited(&reg, rt, &query, req.handling, limits)?;
     if q.count == Some(0) {
         // R4: `_count=0` asks for the total alone.
         q.summary = Some(Summary::Count);
     }
     let routed = req.app.store.search_routed(&req.ctx, &q).await?;
-    let body = bundles::searchset(&req.base, rt, &query, &q, &routed.page);
+    let body = bundles::searchset(&req.base, rt, &query, &q, &routed);
     Ok(req.json(StatusCode::OK, &body))
 }
 
@@ -817,6 +819,19 @@ async fn bundle(req: &Req<'_>, body: Body) -> ApiResult {
         ));
     }
     let kind = b.get("type").and_then(Value::as_str).unwrap_or("");
+    let limits = &req.app.settings.limits;
+    let n = b.get("entry").and_then(Value::as_array).map_or(0, Vec::len);
+    if n > limits.max_bundle_entries {
+        return Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too-long",
+            format!(
+                "the Bundle has {n} entries, beyond the limit max_bundle_entries = {}; \
+                 split it",
+                limits.max_bundle_entries
+            ),
+        ));
+    }
     let reg = req.app.store.storage().search_parameters(&req.ctx).await?;
     let storage = req.app.store.storage();
     match kind {
@@ -857,9 +872,13 @@ async fn bundle(req: &Req<'_>, body: Body) -> ApiResult {
             let mut results = storage.batch(&req.ctx, ops).await?.into_iter();
             req.app.after_write(&req.ctx, &types);
             let mut entries = Vec::with_capacity(parsed.len());
+            // Reads can answer far more than the batch asked with (a search, the
+            // CapabilityStatement): once the response reaches its limit, the reads left answer
+            // 413 on their own, and the writes, already done, still report.
+            let mut budget = ResponseBudget::new(limits.max_response_bytes);
             for item in parsed {
                 entries.push(match item {
-                    BatchItem::Read(e) => batch_read(req, e).await,
+                    BatchItem::Read(e) => budget.take(batch_read(req, e).await),
                     BatchItem::Write(Err(e)) => Err(e),
                     BatchItem::Write(Ok(_)) => match results.next() {
                         Some(Ok(o)) => Ok(bundles::response_entry(req, &o)),
@@ -880,6 +899,46 @@ async fn bundle(req: &Req<'_>, body: Body) -> ApiResult {
         other => Err(ApiError::bad_request(format!(
             "Bundle type {other:?}: POST to the base takes batch or transaction"
         ))),
+    }
+}
+
+/// What is left of a batch response's byte limit.
+struct ResponseBudget {
+    limit: usize,
+    used: usize,
+}
+
+impl ResponseBudget {
+    fn new(limit: usize) -> Self {
+        ResponseBudget { limit, used: 0 }
+    }
+
+    /// The read's entry while the response stays within the limit, else a 413 in its place.
+    fn take(&mut self, entry: ApiResult<Value>) -> ApiResult<Value> {
+        let over = || {
+            ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "too-long",
+                format!(
+                    "this read would take the batch response beyond the limit \
+                     max_response_bytes = {}; ask for it on its own",
+                    self.limit
+                ),
+            )
+        };
+        if self.used >= self.limit {
+            return Err(over());
+        }
+        let size = match &entry {
+            Ok(v) => serde_json::to_vec(v).map_or(0, |b| b.len()),
+            Err(_) => 0,
+        };
+        if self.used + size > self.limit {
+            self.used = self.limit;
+            return Err(over());
+        }
+        self.used += size;
+        entry
     }
 }
 

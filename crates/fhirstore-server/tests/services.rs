@@ -133,12 +133,5 @@ async fn postgres_primary_with_redis_and_tantivy() {
         assert_eq!(job["report"][count], 0, "{count}: {job}");
     }
     s.app.store.shutdown().await;
-    let mut config = fhirstore_redis::RedisConfig::new(stores.redis.clone().unwrap_or_default());
-    config.prefix = stores.redis_prefix.clone();
-    fhirstore_redis::RedisSecondary::connect(&config)
-        .await
-        .expect("redis")
-        .purge()
-        .await
-        .expect("purge");
+    support::purge_redis(&stores).await;
 }

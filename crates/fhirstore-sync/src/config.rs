@@ -96,6 +96,11 @@ pub struct SyncConfig {
     /// How long a read with a consistency token waits for a secondary before the primary
     /// answers instead.
     pub token_wait: Duration,
+    /// How long a search routed to an asynchronous secondary waits for it to apply every
+    /// change committed before the search began (the log's head at request time). Past it, the
+    /// primary answers if it can; else the secondary answers as it stands, and says so
+    /// ([`crate::Routed::behind`]).
+    pub search_wait: Duration,
     /// How long this process may serve reads from a synchronous secondary without hearing
     /// from the primary. Renewed every third of it; a write whose synchronous apply failed
     /// waits (at most about this long) until every other process has heard of it.
@@ -135,6 +140,7 @@ impl Default for SyncConfig {
             primary_search_cost: 15,
             sync_timeout: Duration::from_secs(2),
             token_wait: Duration::from_millis(500),
+            search_wait: Duration::from_secs(2),
             read_lease_ttl: Duration::from_secs(2),
             prune: true,
             holder: format!("fhirstore-{}", uuid::Uuid::now_v7().simple()),

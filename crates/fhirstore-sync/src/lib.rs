@@ -82,6 +82,21 @@ pub struct Routed {
     pub page: SearchPage,
     /// `primary` or a secondary's name.
     pub backend: String,
+    /// The secondary that answered had not applied every change committed before the search
+    /// began, and waited [`SyncConfig::search_wait`] in vain: recent writes may be missing.
+    /// Only when no other backend could answer.
+    pub behind: bool,
+}
+
+/// Whether a lane may answer a search now (see [`CompositeStorage::search_routed`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Fit {
+    /// It holds every write that returned before the search began.
+    Current,
+    /// It is still missing some: only when nothing else can answer, and said so.
+    Behind,
+    /// It may not answer.
+    No,
 }
 
 /// Per-operation overrides.
@@ -460,29 +475,27 @@ impl<P: ResourceStorage + ChangeLog + 'static> CompositeStorage<P> {
                 return Ok(Routed {
                     page,
                     backend: lane.name.clone(),
+                    behind: false,
                 });
             }
             return self.on_primary(ctx, query).await;
         }
-        let mut candidates: Vec<&Arc<Lane>> = self
+        let primary_can = self.shared.primary.capabilities().can_search(query);
+        let mut head = None;
+        let mut capable: Vec<&Arc<Lane>> = self
             .shared
             .lanes
             .iter()
-            .filter(|l| l.secondary.capabilities().can_search(query) && l.available())
-            .filter(|l| {
-                let s = l.lock();
-                let sync_clean = l.config.mode == SyncMode::Synchronous
-                    && s.fence.is_none()
-                    && !s.fence_pending
-                    && s.shared_fence.is_none_or(|f| s.cursor >= f);
-                sync_clean || s.lag_changes <= l.config.max_lag
-            })
+            .filter(|l| l.secondary.capabilities().can_search(query))
             .collect();
-        candidates.sort_by_key(|l| l.config.search_cost);
-        let primary_can = self.shared.primary.capabilities().can_search(query);
-        for lane in candidates {
+        capable.sort_by_key(|l| l.config.search_cost);
+        for lane in capable {
             if primary_can && lane.config.search_cost >= self.shared.config.primary_search_cost {
                 break;
+            }
+            let fit = self.may_search(lane, &mut head, primary_can).await?;
+            if fit == Fit::No || (fit == Fit::Behind && primary_can) {
+                continue;
             }
             if let Some(t) = token {
                 if !self.wait_for_token(lane, t).await? {
@@ -491,10 +504,15 @@ impl<P: ResourceStorage + ChangeLog + 'static> CompositeStorage<P> {
             }
             match lane.secondary.search(ctx, query).await {
                 Ok(page) => {
+                    if fit == Fit::Behind {
+                        tracing::warn!(secondary = %lane.name,
+                            "search answered by a secondary that has not caught up");
+                    }
                     return Ok(Routed {
                         page,
                         backend: lane.name.clone(),
-                    })
+                        behind: fit == Fit::Behind,
+                    });
                 }
                 Err(e) if !primary_can => return Err(e),
                 Err(e) => {
@@ -505,10 +523,71 @@ impl<P: ResourceStorage + ChangeLog + 'static> CompositeStorage<P> {
         self.on_primary(ctx, query).await
     }
 
+    /// Whether a lane's view is current enough to answer a search now.
+    ///
+    /// A synchronous secondary stands for "every write that returned is here", so searches
+    /// follow the rule reads by id follow: none while a failed apply, in this process or
+    /// another, lies ahead of its cursor. Its lag does not excuse it: a write that returned
+    /// after a failed apply is exactly what a lagging search would miss. Other processes'
+    /// fences arrive with the read lease, renewed here as for a read. An asynchronous
+    /// secondary must have applied every change committed before the search began (`head`,
+    /// read from the log once per search): the search waits for it, waking its worker, for at
+    /// most `search_wait`, unless the primary can answer instead and the secondary is
+    /// unavailable or known to be more than `max_lag` behind.
+    async fn may_search(
+        &self,
+        lane: &Lane,
+        head: &mut Option<ChangeCursor>,
+        primary_can: bool,
+    ) -> Result<Fit> {
+        let fit = |ok: bool| if ok { Fit::Current } else { Fit::No };
+        if (lane.config.mode == SyncMode::Synchronous || primary_can) && !lane.available() {
+            return Ok(Fit::No);
+        }
+        if lane.config.mode == SyncMode::Synchronous {
+            if lane.serves_reads() {
+                if !lane.read_leased() {
+                    renew_read_lease(&self.shared, lane).await;
+                }
+                return Ok(fit(lane.readable()));
+            }
+            let s = lane.lock();
+            return Ok(fit(s.fence.is_none()
+                && !s.fence_pending
+                && s.shared_fence.is_none_or(|f| s.cursor >= f)));
+        }
+        if primary_can && lane.lock().lag_changes > lane.config.max_lag {
+            return Ok(Fit::No);
+        }
+        let target = match *head {
+            Some(h) => h,
+            None => *head.insert(self.shared.primary.log_head().await?),
+        };
+        let deadline = Instant::now() + self.shared.config.search_wait;
+        loop {
+            let moved = lane.moved.notified();
+            // Only the secondary can answer: one still starting (not yet probed, or being
+            // built) is worth the same bounded wait.
+            let available = lane.available();
+            if available && lane.lock().cursor >= target {
+                return Ok(Fit::Current);
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Ok(if available { Fit::Behind } else { Fit::No });
+            }
+            // The worker applies and commits a batch as soon as it wakes: a waiting search
+            // need not sit out its poll interval or the index's commit timer.
+            lane.wake.notify_one();
+            let _ = tokio::time::timeout(left.min(Duration::from_millis(50)), moved).await;
+        }
+    }
+
     async fn on_primary(&self, ctx: &TenantContext, query: &SearchQuery) -> Result<Routed> {
         Ok(Routed {
             page: self.shared.primary.search(ctx, query).await?,
             backend: PRIMARY.to_owned(),
+            behind: false,
         })
     }
 

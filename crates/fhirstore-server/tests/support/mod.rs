@@ -82,6 +82,18 @@ pub async fn server_on(
     })
 }
 
+/// Deletes every Redis key the stores' prefix owns.
+pub async fn purge_redis(stores: &StoreSettings) {
+    let mut config = fhirstore_redis::RedisConfig::new(stores.redis.clone().unwrap_or_default());
+    config.prefix = stores.redis_prefix.clone();
+    fhirstore_redis::RedisSecondary::connect(&config)
+        .await
+        .expect("redis")
+        .purge()
+        .await
+        .expect("purge");
+}
+
 pub async fn open_server() -> Srv {
     server(ServerSettings::default()).await
 }
