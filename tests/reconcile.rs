@@ -55,6 +55,7 @@ async fn job(
     types: Option<Vec<ResourceType>>,
     mode: ReconcileMode,
     self_check: bool,
+    deep: bool,
 ) -> fhirstore_sync::reconcile::JobReport {
     let request = JobRequest {
         tenants: Some(tenants),
@@ -63,6 +64,8 @@ async fn job(
         mode,
         max_segments: 10_000,
         self_check,
+        deep,
+        deep_keys_per_second: 0,
     };
     let cancel = std::sync::atomic::AtomicBool::new(false);
     reconciler
@@ -154,7 +157,7 @@ async fn check(secondary: Arc<dyn Secondary>) {
         let reconciler = &reconciler;
         let tenants = vec![ctx.tenant().clone(), other.tenant().clone()];
         async move {
-            let report = job(reconciler, tenants, None, mode, true).await;
+            let report = job(reconciler, tenants, None, mode, true, false).await;
             assert_eq!(
                 report.primary_segments_repaired, 0,
                 "the primary's digests are right"
@@ -205,6 +208,8 @@ async fn check(secondary: Arc<dyn Secondary>) {
         mode: ReconcileMode::DryRun,
         max_segments: 10_000,
         self_check: false,
+        deep: false,
+        deep_keys_per_second: 0,
     };
     let stop = |_: &fhirstore_sync::reconcile::ReconcileProgress| {
         cancel.store(true, std::sync::atomic::Ordering::SeqCst)
@@ -394,6 +399,8 @@ async fn writes_in_flight_are_not_drift() {
             mode,
             max_segments: 10_000,
             self_check: false,
+            deep: false,
+            deep_keys_per_second: 0,
         };
         let (_, report) = reconciler
             .run(&request, &|_| {}, &cancel)
@@ -563,6 +570,8 @@ async fn random_drift_is_found_and_classified_exactly() {
                 mode,
                 max_segments: 10_000,
                 self_check,
+                deep: false,
+                deep_keys_per_second: 0,
             };
             let reconciler = &reconciler;
             async move {
@@ -691,6 +700,7 @@ async fn scheduled_runs_check_recent_writes_then_everything() {
         interval: std::time::Duration::from_millis(50),
         window: std::time::Duration::from_secs(3_600),
         mode: ReconcileMode::Repair,
+        deep: None,
     };
     let record = |run: &ScheduledRun| {
         runs.lock().expect("lock").push(run.clone());
@@ -857,7 +867,7 @@ async fn large_types_are_compared_by_group_first() {
             let reconciler = &reconciler;
             let tenants = vec![ctx.tenant().clone()];
             async move {
-                job(reconciler, tenants, Some(vec![pt()]), mode, false)
+                job(reconciler, tenants, Some(vec![pt()]), mode, false, false)
                     .await
                     .entries
                     .into_iter()
@@ -990,4 +1000,209 @@ async fn sqlite_digest_groups_are_filled_on_open_and_repaired_by_the_self_check(
             .expect("groups"),
         want_b
     );
+}
+
+/// Redis keys lost or damaged out of band (an eviction, an operator's `DEL`, garbage or a
+/// truncated body written over a document) leave Redis's maintained digests unchanged, so the
+/// ordinary comparison sees nothing. The deep scrub hashes what Redis holds again, reports
+/// lost, unreadable and corrupted keys apart, and with repair removes them and rewrites the
+/// digests, so the comparison that follows restores each one from the primary.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deep_scrub_finds_and_repairs_what_redis_lost_out_of_band() {
+    let Some(redis) = fhirstore_integration::redis_secondary().await else {
+        return;
+    };
+    let primary = Arc::new(
+        fhirstore_integration::sqlite_store(env!("CARGO_TARGET_TMPDIR"))
+            .await
+            .expect("sqlite"),
+    );
+    let ctx = fhirstore_testkit::random_tenant();
+    let mut changes = Vec::new();
+    for i in 0..60 {
+        let id = LogicalId::new(format!("s{i:02}")).expect("id");
+        let body = json!({"resourceType": "Patient", "id": id.as_str(), "gender": "female"});
+        let w = primary
+            .update(&ctx, pt(), &id, body, None)
+            .await
+            .expect("seed");
+        changes.push(Change::of(&w.resource));
+    }
+    redis.apply(&changes).await.expect("apply");
+    redis.mark_built().await.expect("built");
+    let reconciler = Reconciler::new(
+        primary.clone(),
+        vec![(
+            "redis".to_owned(),
+            Arc::new(redis.clone()) as Arc<dyn Secondary>,
+        )],
+    );
+
+    let client = redis::Client::open(fhirstore_integration::redis_url()).expect("client");
+    let mut conn = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connection");
+    let doc = |i: usize| format!("{}:{{{}}}:d:Patient:s{i:02}", redis.prefix(), ctx.tenant());
+    for i in 0..10 {
+        let _: () = redis::cmd("DEL")
+            .arg(doc(i))
+            .query_async(&mut conn)
+            .await
+            .expect("del");
+    }
+    for i in [10, 11] {
+        let _: () = redis::cmd("SET")
+            .arg(doc(i))
+            .arg("\u{1}garbage")
+            .query_async(&mut conn)
+            .await
+            .expect("set");
+    }
+    let damage = [
+        (12, r#"{"resourceType":"Pat"#.to_owned()),
+        (
+            13,
+            r#"{"gender":"other","id":"s13","resourceType":"Patient"}"#.to_owned(),
+        ),
+        (
+            14,
+            r#"{"gender":"other","id":"s14","resourceType":"Patient"}"#.to_owned(),
+        ),
+    ];
+    for (i, body) in &damage {
+        let _: () = redis::cmd("HSET")
+            .arg(doc(*i))
+            .arg("b")
+            .arg(body)
+            .query_async(&mut conn)
+            .await
+            .expect("hset");
+    }
+
+    let tenants = vec![ctx.tenant().clone()];
+    let run = |mode, deep| {
+        let (reconciler, tenants) = (&reconciler, tenants.clone());
+        async move {
+            let report = job(reconciler, tenants, Some(vec![pt()]), mode, false, deep).await;
+            report.entries.into_iter().next().expect("one entry")
+        }
+    };
+    let plain = run(ReconcileMode::Repair, false).await;
+    assert!(plain.roots_equal, "the ordinary comparison cannot see it");
+
+    let dry = run(ReconcileMode::DryRun, true).await;
+    let scrub = dry.scrub.clone().expect("scrubbed");
+    assert!(scrub.supported);
+    assert_eq!(
+        (scrub.lost, scrub.unreadable, scrub.corrupted),
+        (10, 3, 2),
+        "{scrub:?}"
+    );
+    assert_eq!(scrub.keys_read, 60);
+    assert!(scrub.examples.iter().any(|e| e == "lost Patient/s00"));
+    assert!(scrub.examples.iter().any(|e| e == "corrupted Patient/s13"));
+    assert!(scrub.examples.iter().any(|e| e == "unreadable Patient/s12"));
+    assert_eq!(dry.repaired, 0, "a dry run changes nothing");
+    let again = run(ReconcileMode::DryRun, true).await;
+    assert_eq!(again.scrub.map(|s| s.lost), Some(10));
+
+    let fixed = run(ReconcileMode::Repair, true).await;
+    let scrub = fixed.scrub.clone().expect("scrubbed");
+    assert_eq!((scrub.lost, scrub.unreadable, scrub.corrupted), (10, 3, 2));
+    assert_eq!((fixed.missing, fixed.repaired), (15, 15), "{fixed:?}");
+    assert_eq!(fixed.still_differing, 0);
+
+    let after = run(ReconcileMode::DryRun, true).await;
+    let scrub = after.scrub.clone().expect("scrubbed");
+    assert_eq!(
+        (
+            scrub.lost,
+            scrub.unreadable,
+            scrub.corrupted,
+            scrub.segments_rewritten
+        ),
+        (0, 0, 0, 0)
+    );
+    assert!(after.roots_equal);
+    for i in 0..15 {
+        let id = LogicalId::new(format!("s{i:02}")).expect("id");
+        let held = redis
+            .read(&ctx, pt(), &id)
+            .await
+            .expect("read")
+            .expect("restored");
+        let truth = primary.read(&ctx, pt(), &id).await.expect("primary");
+        assert_eq!(held.content, truth.content, "s{i:02}");
+    }
+    // Searches through Redis see the restored keys, and not the damaged bodies' values.
+    let q = fhirstore_core::SearchQuery::parse(
+        Some(pt()),
+        "gender=female&_count=100",
+        fhirstore_core::Handling::Strict,
+    )
+    .expect("query");
+    assert_eq!(
+        redis.search(&ctx, &q).await.expect("search").matches.len(),
+        60
+    );
+    let q = fhirstore_core::SearchQuery::parse(
+        Some(pt()),
+        "gender=other",
+        fhirstore_core::Handling::Strict,
+    )
+    .expect("query");
+    assert!(redis
+        .search(&ctx, &q)
+        .await
+        .expect("search")
+        .matches
+        .is_empty());
+    redis.purge().await.expect("purge");
+}
+
+/// A secondary that keeps no digest apart from its data says the scrub does not apply to it,
+/// and the comparison runs as usual.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deep_scrub_is_reported_unsupported_where_it_cannot_run() {
+    let primary = Arc::new(
+        fhirstore_integration::sqlite_store(env!("CARGO_TARGET_TMPDIR"))
+            .await
+            .expect("sqlite"),
+    );
+    let tantivy = TantivySecondary::in_memory(TantivyConfig::default())
+        .await
+        .expect("index");
+    tantivy.mark_built().await.expect("built");
+    let ctx = fhirstore_testkit::random_tenant();
+    let id = LogicalId::new("t1").expect("id");
+    primary
+        .update(
+            &ctx,
+            pt(),
+            &id,
+            json!({"resourceType": "Patient", "id": "t1"}),
+            None,
+        )
+        .await
+        .expect("seed");
+    let reconciler = Reconciler::new(
+        primary.clone(),
+        vec![(
+            "tantivy".to_owned(),
+            Arc::new(tantivy) as Arc<dyn Secondary>,
+        )],
+    );
+    let report = job(
+        &reconciler,
+        vec![ctx.tenant().clone()],
+        Some(vec![pt()]),
+        ReconcileMode::Repair,
+        false,
+        true,
+    )
+    .await;
+    let entry = &report.entries[0];
+    assert_eq!(entry.scrub.as_ref().map(|s| s.supported), Some(false));
+    assert_eq!((entry.missing, entry.repaired), (1, 1));
 }

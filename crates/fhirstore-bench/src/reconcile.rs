@@ -190,6 +190,8 @@ where
             mode,
             max_segments: 65_536,
             self_check: false,
+            deep: false,
+            deep_keys_per_second: 0,
         };
         let cancel = AtomicBool::new(false);
         phases(&*primary, &**s, ctx.tenant(), pt).await?;

@@ -188,6 +188,23 @@ pub struct KeyState {
     pub e: u128,
 }
 
+/// What a deep scrub found in a secondary's own data (see [`Secondary::scrub`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Scrub {
+    /// Keys read.
+    pub keys_read: u64,
+    /// Keys the secondary lists (in a segment) whose document is gone.
+    pub lost: Vec<LogicalId>,
+    /// Documents whose body no longer hashes to the element hash kept beside it.
+    pub corrupted: Vec<LogicalId>,
+    /// Documents that cannot be read at all: not a document, or a body, version or hash
+    /// that does not parse.
+    pub unreadable: Vec<LogicalId>,
+    /// Segments whose maintained digest disagreed with what the secondary holds (rewritten
+    /// when fixing).
+    pub segments_rewritten: u64,
+}
+
 /// A secondary's health, as its probe sees it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Health {
@@ -334,6 +351,32 @@ pub trait Secondary: Send + Sync {
         resource_type: ResourceType,
         segments: &[u16],
     ) -> Result<Vec<KeyState>>;
+
+    /// Deep scrub of `segments`: recomputes each one's digest from the documents the secondary
+    /// actually holds (each body hashed again, not the hash kept beside it) and compares it
+    /// with the digest it maintains. Drift that bypassed `apply` (a key evicted or deleted out
+    /// of band, garbage or a truncated body written over a document) leaves the maintained
+    /// digests unchanged, so the ordinary comparison with the primary cannot see it; this can.
+    ///
+    /// With `fix`, what is lost, corrupted or unreadable is removed and the maintained digests
+    /// are rewritten to what is left, so the ordinary comparison then finds those keys missing
+    /// and repairs them from the primary through the same version-guarded path. A key written
+    /// again meanwhile is left alone.
+    ///
+    /// The default is [`crate::Error::Unsupported`]: a backend that keeps no digest apart
+    /// from its data has nothing to scrub.
+    async fn scrub(
+        &self,
+        _tenant: &TenantId,
+        _resource_type: ResourceType,
+        _segments: &[u16],
+        _fix: bool,
+    ) -> Result<Scrub> {
+        Err(crate::Error::Unsupported(format!(
+            "{} has no deep scrub",
+            self.name()
+        )))
+    }
 
     /// Removes everything of one tenant, for a rebuild.
     async fn clear(&self, tenant: &TenantId) -> Result<()>;

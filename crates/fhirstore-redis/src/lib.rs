@@ -42,7 +42,7 @@ use fhirstore_core::index::{self, IndexEntries};
 use fhirstore_core::search::{CriterionValues, ParamType, Summary, TokenValue, TotalMode};
 use fhirstore_core::secondary::{
     reference_term, reference_terms, token_term, token_terms, Applied, Change, GroupDigest, Health,
-    KeyState, Secondary, SegmentDigest,
+    KeyState, Scrub, Secondary, SegmentDigest,
 };
 use fhirstore_core::{
     from_micros, now_micros, to_micros, Capabilities, Error, LogicalId, Permission, ResourceKey,
@@ -88,6 +88,8 @@ pub struct RedisSecondary {
     apply: Script,
     search: Script,
     regroup: Script,
+    scrub_read: Script,
+    scrub_fix: Script,
 }
 
 impl std::fmt::Debug for RedisSecondary {
@@ -222,6 +224,59 @@ fn index_ops(rt: ResourceType, id: &str, content: &Value, last_updated: i64) -> 
     ops
 }
 
+/// What a deep scrub found wrong with one document.
+enum Damage {
+    Lost,
+    Corrupted,
+    Unreadable,
+}
+
+/// Checks one row of `scrub_read.lua` (`status, v, e, d, b, lu`): the element hash the body
+/// hashes to again, or what is wrong with it.
+fn scrub_row(
+    tenant: &TenantId,
+    rt: ResourceType,
+    id: &LogicalId,
+    row: &[String],
+) -> std::result::Result<u128, Damage> {
+    let [status, v, e, d, b, lu] = row else {
+        return Err(match row.first().map(String::as_str) {
+            Some("missing") => Damage::Lost,
+            _ => Damage::Unreadable,
+        });
+    };
+    if status != "ok" {
+        return Err(Damage::Unreadable);
+    }
+    let version = parse_version(v, rt, id.as_str()).map_err(|_| Damage::Unreadable)?;
+    let kept = parse_words(e)
+        .filter(|(_, rest)| rest.is_empty())
+        .map(|(hash, _)| hash)
+        .ok_or(Damage::Unreadable)?;
+    let last_updated = lu.parse::<i64>().map_err(|_| Damage::Unreadable)?;
+    let content = match d.as_str() {
+        "1" => None,
+        "0" => Some(serde_json::from_str::<Value>(b).map_err(|_| Damage::Unreadable)?),
+        _ => return Err(Damage::Unreadable),
+    };
+    let again = Change {
+        tenant: tenant.clone(),
+        key: ResourceKey {
+            resource_type: rt,
+            id: id.clone(),
+        },
+        version,
+        last_updated: from_micros(last_updated),
+        content,
+    }
+    .element_hash();
+    if again == kept {
+        Ok(kept)
+    } else {
+        Err(Damage::Corrupted)
+    }
+}
+
 /// One criterion's alternatives, as the search script takes them.
 fn alternatives(
     rt: ResourceType,
@@ -330,6 +385,8 @@ impl RedisSecondary {
             apply: Script::new(include_str!("lua/apply.lua")),
             search: Script::new(include_str!("lua/search.lua")),
             regroup: Script::new(include_str!("lua/regroup.lua")),
+            scrub_read: Script::new(include_str!("lua/scrub_read.lua")),
+            scrub_fix: Script::new(include_str!("lua/scrub_fix.lua")),
         })
     }
 
@@ -358,7 +415,13 @@ impl RedisSecondary {
         let mut conn = self.conn.clone();
         match pipe.query_async::<Vec<RValue>>(&mut conn).await {
             Err(e) if e.kind() == redis::ErrorKind::NoScriptError => {
-                for s in [&self.apply, &self.search, &self.regroup] {
+                for s in [
+                    &self.apply,
+                    &self.search,
+                    &self.regroup,
+                    &self.scrub_read,
+                    &self.scrub_fix,
+                ] {
                     s.prepare_invoke()
                         .load_async(&mut conn)
                         .await
@@ -487,6 +550,92 @@ impl RedisSecondary {
         }
         tracing::debug!(applied = out.applied, skipped = out.skipped, "redis apply");
         Ok(out)
+    }
+
+    /// Scrubs one chunk of segments; see [`Secondary::scrub`].
+    async fn scrub_chunk(
+        &self,
+        tenant: &TenantId,
+        rt: ResourceType,
+        segments: &[u16],
+        fix: bool,
+        out: &mut Scrub,
+    ) -> Result<()> {
+        let base = self.base(tenant);
+        let digests = format!("{base}g:{rt}");
+        let mut args = vec![base.clone(), rt.to_string()];
+        args.extend(segments.iter().map(u16::to_string));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let mut pipe = redis::pipe();
+        Self::evalsha(&mut pipe, &self.scrub_read, &[&digests], &args);
+        let replies = self.run(&pipe).await?;
+        let [RValue::Array(segs)] = replies.as_slice() else {
+            return Err(bad_data("scrub reply"));
+        };
+        let mut fixes = redis::pipe();
+        let mut pending = 0;
+        for seg in segs {
+            let RValue::Array(parts) = seg else {
+                return Err(bad_data("scrub segment"));
+            };
+            let [number, maintained, RValue::Array(rows)] = parts.as_slice() else {
+                return Err(bad_data("scrub segment"));
+            };
+            let number = text(number).ok_or_else(|| bad_data("scrub segment number"))?;
+            let maintained = match text(maintained).as_deref() {
+                None | Some("") => Digest::default(),
+                // A maintained digest that does not parse is wrong by definition.
+                Some(t) => parse_digest(t).unwrap_or(Digest { hash: 1, count: -1 }),
+            };
+            let mut held = Digest::default();
+            let mut evict: Vec<String> = Vec::new();
+            for row in rows {
+                let RValue::Array(f) = row else {
+                    return Err(bad_data("scrub row"));
+                };
+                let f: Vec<String> = f.iter().map(|v| text(v).unwrap_or_default()).collect();
+                let Some(id) = f.first().and_then(|i| LogicalId::new(i.as_str()).ok()) else {
+                    continue;
+                };
+                out.keys_read += 1;
+                match scrub_row(tenant, rt, &id, &f[1..]) {
+                    Ok(e) => held.merge(Digest { hash: e, count: 1 }),
+                    Err(kind) => {
+                        let seen = match kind {
+                            Damage::Lost => {
+                                out.lost.push(id.clone());
+                                String::new()
+                            }
+                            Damage::Corrupted => {
+                                out.corrupted.push(id.clone());
+                                f.get(2).cloned().unwrap_or_default()
+                            }
+                            Damage::Unreadable => {
+                                out.unreadable.push(id.clone());
+                                f.get(2).cloned().unwrap_or_default()
+                            }
+                        };
+                        evict.push(id.to_string());
+                        evict.push(seen);
+                    }
+                }
+            }
+            if held == maintained && evict.is_empty() {
+                continue;
+            }
+            out.segments_rewritten += 1;
+            if fix {
+                pending += 1;
+                let mut args = vec![base.clone(), rt.to_string(), number];
+                args.append(&mut evict);
+                let args: Vec<&str> = args.iter().map(String::as_str).collect();
+                Self::evalsha(&mut fixes, &self.scrub_fix, &[&digests], &args);
+            }
+        }
+        if pending > 0 {
+            self.run(&fixes).await?;
+        }
+        Ok(())
     }
 
     /// Fails unless the `built` marker is there; see the module documentation.
@@ -813,6 +962,22 @@ impl Secondary for RedisSecondary {
                 let id = LogicalId::new(id.as_str()).map_err(|_| bad_data("segment id"))?;
                 out.push(KeyState { id, version, e });
             }
+        }
+        Ok(out)
+    }
+
+    async fn scrub(
+        &self,
+        tenant: &TenantId,
+        resource_type: ResourceType,
+        segments: &[u16],
+        fix: bool,
+    ) -> Result<Scrub> {
+        let mut out = Scrub::default();
+        // A chunk is one script call: small enough not to hold Redis for long.
+        for chunk in segments.chunks(32) {
+            self.scrub_chunk(tenant, resource_type, chunk, fix, &mut out)
+                .await?;
         }
         Ok(out)
     }

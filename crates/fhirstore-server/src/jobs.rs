@@ -25,6 +25,13 @@ pub struct ReconcileAsk {
     /// Report without repairing.
     #[serde(default)]
     pub dry_run: bool,
+    /// Deep-scrub each secondary first: hash what it holds again, to find keys lost or damaged
+    /// out of band.
+    #[serde(default)]
+    pub deep: bool,
+    /// The deep scrub's pace in documents a second (absent or 0: unbounded).
+    #[serde(default)]
+    pub deep_keys_per_second: Option<u64>,
 }
 
 impl ReconcileAsk {
@@ -51,6 +58,8 @@ impl ReconcileAsk {
             },
             max_segments: 10_000,
             self_check: false,
+            deep: self.deep,
+            deep_keys_per_second: self.deep_keys_per_second.unwrap_or(0),
         })
     }
 }

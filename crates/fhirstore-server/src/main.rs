@@ -48,6 +48,13 @@ enum Command {
         /// Report without repairing.
         #[arg(long)]
         dry_run: bool,
+        /// Deep scrub first: hash what each secondary holds again, to find keys lost or
+        /// damaged out of band, which leave its digests unchanged.
+        #[arg(long)]
+        deep: bool,
+        /// The deep scrub's pace, in documents a second [default: unbounded].
+        #[arg(long)]
+        deep_rate: Option<u64>,
         /// Print the report as JSON.
         #[arg(long)]
         json: bool,
@@ -103,8 +110,12 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             resource_type,
             dry_run,
             json,
+            deep,
+            deep_rate,
         } => {
             let ask = ReconcileAsk {
+                deep,
+                deep_keys_per_second: deep_rate,
                 tenant,
                 resource_type,
                 secondary: None,
@@ -237,6 +248,20 @@ async fn reconcile(
     }
     println!("reconcile job {id}");
     for e in &report.entries {
+        if let Some(scrub) = e.scrub.as_ref().filter(|s| s.supported) {
+            if scrub.lost + scrub.corrupted + scrub.unreadable > 0 {
+                println!(
+                    "  {} {}/{}: deep scrub of {} keys: lost {}, corrupted {}, unreadable {}",
+                    e.secondary,
+                    e.tenant,
+                    e.resource_type,
+                    scrub.keys_read,
+                    scrub.lost,
+                    scrub.corrupted,
+                    scrub.unreadable
+                );
+            }
+        }
         if e.roots_equal {
             continue;
         }

@@ -257,6 +257,7 @@ async fn scheduled_reconcile_runs_while_serving() {
             interval: Duration::from_millis(50),
             window: Duration::from_secs(3_600),
             mode: fhirstore_sync::reconcile::ReconcileMode::Repair,
+            deep: Some(0),
         }),
         ..ServerSettings::default()
     };

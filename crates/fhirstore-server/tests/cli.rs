@@ -121,6 +121,7 @@ fn import_the_r4_examples_then_search_reconcile_and_status() {
             "--type",
             "Patient",
             "--dry-run",
+            "--deep",
         ],
     ));
     assert!(

@@ -77,6 +77,104 @@ pub struct TypeReport {
     pub keys_read_secondary: u64,
     /// How long it took.
     pub duration_ms: u64,
+    /// The deep scrub that ran first, when the job asked for one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scrub: Option<ScrubReport>,
+}
+
+/// What a deep scrub of one (secondary, tenant, type) found; see [`Secondary::scrub`]. Keys
+/// it removed are then repaired by the comparison that follows, and counted there as missing.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ScrubReport {
+    /// Whether the secondary can be scrubbed at all (one that keeps no digest apart from its
+    /// data cannot).
+    pub supported: bool,
+    /// Segments scrubbed.
+    pub segments: u64,
+    /// Documents read and hashed again.
+    pub keys_read: u64,
+    /// Keys listed whose document was gone.
+    pub lost: u64,
+    /// Documents whose body no longer matched their element hash.
+    pub corrupted: u64,
+    /// Documents that could not be read at all.
+    pub unreadable: u64,
+    /// Segments whose maintained digest disagreed with what was held.
+    pub segments_rewritten: u64,
+    /// The first ids of each kind, for a person to look at.
+    pub examples: Vec<String>,
+}
+
+/// How many damaged ids a scrub report lists.
+const SCRUB_EXAMPLES: usize = 100;
+
+/// Deep-scrubs every segment either side lists for one (tenant, type), in chunks, at most
+/// `keys_per_second` documents a second (0: unbounded), fixing what it finds when `fix`.
+pub async fn scrub_type<P>(
+    primary: &P,
+    secondary: &dyn Secondary,
+    tenant: &TenantId,
+    rt: ResourceType,
+    fix: bool,
+    keys_per_second: u64,
+) -> Result<ScrubReport>
+where
+    P: DigestSource + ?Sized,
+{
+    let mut segments: BTreeSet<u16> = primary
+        .segment_digests_of(tenant, rt)
+        .await?
+        .iter()
+        .map(|s| s.segment)
+        .collect();
+    segments.extend(
+        secondary
+            .segment_digests(tenant, rt)
+            .await?
+            .iter()
+            .map(|s| s.segment),
+    );
+    let segments: Vec<u16> = segments.into_iter().collect();
+    let mut report = ScrubReport {
+        supported: true,
+        ..ScrubReport::default()
+    };
+    let start = Instant::now();
+    for chunk in segments.chunks(256) {
+        let found = match secondary.scrub(tenant, rt, chunk, fix).await {
+            Err(fhirstore_core::Error::Unsupported(_)) => {
+                return Ok(ScrubReport::default());
+            }
+            other => other?,
+        };
+        report.segments += chunk.len() as u64;
+        report.keys_read += found.keys_read;
+        report.lost += found.lost.len() as u64;
+        report.corrupted += found.corrupted.len() as u64;
+        report.unreadable += found.unreadable.len() as u64;
+        report.segments_rewritten += found.segments_rewritten;
+        for (kind, ids) in [
+            ("lost", &found.lost),
+            ("corrupted", &found.corrupted),
+            ("unreadable", &found.unreadable),
+        ] {
+            for id in ids {
+                if report.examples.len() < SCRUB_EXAMPLES {
+                    report.examples.push(format!("{kind} {rt}/{id}"));
+                }
+            }
+        }
+        if keys_per_second > 0 {
+            // Rate-limited so a scrub of a large secondary does not crowd out live traffic.
+            let due = std::time::Duration::from_secs_f64(
+                report.keys_read as f64 / keys_per_second as f64,
+            );
+            if let Some(wait) = due.checked_sub(start.elapsed()) {
+                tokio::time::sleep(wait).await;
+            }
+        }
+    }
+    Ok(report)
 }
 
 /// Progress after each (secondary, tenant, type).
@@ -349,6 +447,11 @@ pub struct JobRequest {
     pub max_segments: usize,
     /// Recompute the primary's digests from its rows first, repairing the digest table.
     pub self_check: bool,
+    /// Deep-scrub each secondary before comparing (see [`scrub_type`]): finds keys lost or
+    /// damaged out of band, which leave the maintained digests unchanged.
+    pub deep: bool,
+    /// The deep scrub's pace in documents a second; 0 is unbounded.
+    pub deep_keys_per_second: u64,
 }
 
 /// A job's report.
@@ -448,6 +551,8 @@ where
             steps,
             mode: request.mode,
             max_segments: request.max_segments,
+            deep: request.deep,
+            deep_keys_per_second: request.deep_keys_per_second,
         };
         let job = JobRecord {
             id: format!("reconcile-{}", uuid::Uuid::now_v7().simple()),
@@ -513,7 +618,24 @@ where
                 wait: self.settle_wait,
             };
             let span = tracing::info_span!("reconcile", secondary = %step.secondary, tenant = %step.tenant, resource_type = %step.resource_type);
-            let r = reconcile_type(
+            let scrub = if plan.deep {
+                let fix = plan.mode == ReconcileMode::Repair;
+                Some(
+                    scrub_type(
+                        &*self.primary,
+                        &**secondary,
+                        &tenant,
+                        rt,
+                        fix,
+                        plan.deep_keys_per_second,
+                    )
+                    .instrument(span.clone())
+                    .await?,
+                )
+            } else {
+                None
+            };
+            let mut r = reconcile_type(
                 &*self.primary,
                 &**secondary,
                 &step.secondary,
@@ -525,6 +647,7 @@ where
             )
             .instrument(span)
             .await?;
+            r.scrub = scrub;
             seen.segments_compared += r.segments_examined;
             seen.keys_fetched += r.keys_read_primary + r.keys_read_secondary;
             seen.repaired += r.repaired;
@@ -563,6 +686,11 @@ struct Plan {
     steps: Vec<Step>,
     mode: ReconcileMode,
     max_segments: usize,
+    /// Absent in jobs recorded before deep scrubs existed.
+    #[serde(default)]
+    deep: bool,
+    #[serde(default)]
+    deep_keys_per_second: u64,
 }
 
 fn to_json<T: Serialize>(v: &T) -> Result<String> {

@@ -26,6 +26,9 @@ pub struct Schedule {
     pub window: Duration,
     /// Report only, or repair too.
     pub mode: ReconcileMode,
+    /// Deep-scrub the secondaries in the full pass (see [`crate::reconcile::scrub_type`]), at
+    /// most this many documents a second (0: unbounded); `None`: no scrub.
+    pub deep: Option<u64>,
 }
 
 /// What one scheduled run found: the recent pass's report, then the full job's.
@@ -261,6 +264,8 @@ where
                 mode: schedule.mode,
                 max_segments: 10_000,
                 self_check: false,
+                deep: schedule.deep.is_some(),
+                deep_keys_per_second: schedule.deep.unwrap_or(0),
             };
             let progress = |_: &ReconcileProgress| {};
             match self.run(&request, &progress, stop).await {
