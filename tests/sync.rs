@@ -41,6 +41,26 @@ async fn sqlite() -> Arc<fhirstore_sql::SqliteStore> {
     )
 }
 
+/// A SQLite primary that does not wait for the disk at each commit: for tests whose crashes
+/// are of the process, where what a commit wrote is in the operating system either way.
+async fn sqlite_unsynced() -> Arc<fhirstore_sql::SqliteStore> {
+    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("fhirstore-sqlite");
+    std::fs::create_dir_all(&dir).expect("test dir");
+    let path = dir.join(format!(
+        "{}.sqlite",
+        fhirstore_testkit::random_tenant().tenant()
+    ));
+    let config = fhirstore_sql::SqlConfig {
+        durability: fhirstore_sql::Durability::Normal,
+        ..Default::default()
+    };
+    Arc::new(
+        fhirstore_sql::SqliteStore::open(&path, config)
+            .await
+            .expect("sqlite"),
+    )
+}
+
 /// Settings that make tests fast: short leases, waits and backoff.
 fn quick(holder: &str) -> SyncConfig {
     SyncConfig {
@@ -83,15 +103,21 @@ fn query(qs: &str) -> SearchQuery {
     SearchQuery::parse(Some(pt()), qs, Handling::Strict).expect("query")
 }
 
-/// Random creates, updates, deletes and transactions in two tenants while the secondaries go
-/// down and come back, reject nothing, and the process "crashes" at every delivery step
+/// Ten thousand random creates, updates, deletes and transactions in two tenants while the
+/// secondaries go down and come back, reject nothing, and the process "crashes" at every
+/// delivery step
 /// (failpoints between primary commit, apply and cursor advance; the workers die without
 /// releasing their leases and a new instance takes over). After recovery and
 /// `wait_for_sync`, every secondary holds exactly the primary's state, digests included.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn model_based_convergence_through_outages_and_crashes() {
     let Some(redis) = redis().await else { return };
-    let primary = sqlite().await;
+    let primary = sqlite_unsynced().await;
+    // 10,000 by default; `FHIRSTORE_MODEL_STEPS` runs a longer (or shorter) soak.
+    let rounds: u32 = std::env::var("FHIRSTORE_MODEL_STEPS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(10_000);
     let flaky_redis = Arc::new(Flaky::new(Arc::new(redis.clone())));
     let flaky_tantivy = Arc::new(Flaky::new(Arc::new(tantivy().await)));
     let tenants = [
@@ -100,13 +126,19 @@ async fn model_based_convergence_through_outages_and_crashes() {
     ];
     let crash_at: Arc<std::sync::Mutex<Option<&'static str>>> = Default::default();
     let crashed = Arc::new(AtomicBool::new(false));
+    let fired: Arc<std::sync::Mutex<std::collections::BTreeMap<&'static str, u32>>> =
+        Default::default();
     let start = |generation: u32| {
         let mut config = quick(&format!("proc-{generation}"));
-        let (crash_at, crashed) = (crash_at.clone(), crashed.clone());
+        // A crashed generation's read lease holds up a failed synchronous apply until it
+        // runs out: short leases keep thousands of crashes cheap.
+        config.read_lease_ttl = Duration::from_millis(150);
+        let (crash_at, crashed, fired) = (crash_at.clone(), crashed.clone(), fired.clone());
         config.failpoint = Some(Arc::new(move |step| {
             let mut at = crash_at.lock().expect("lock");
             if *at == Some(step) {
                 *at = None;
+                *fired.lock().expect("lock").entry(step).or_default() += 1;
                 crashed.store(true, Ordering::SeqCst);
                 return true;
             }
@@ -134,7 +166,8 @@ async fn model_based_convergence_through_outages_and_crashes() {
     let mut composite = start(generation);
     let mut rng = Rng::new(20261122);
     let steps = ["commit", "apply", "applied", "advanced"];
-    for round in 0..500 {
+    let started = std::time::Instant::now();
+    for round in 0..rounds {
         let ctx = &tenants[rng.below(2)];
         let id = LogicalId::new(format!("k{}", rng.below(12))).expect("id");
         match rng.below(10) {
@@ -207,8 +240,23 @@ async fn model_based_convergence_through_outages_and_crashes() {
     for s in [&flaky_redis as &Arc<Flaky>, &flaky_tantivy] {
         assert_mirrors(&*primary, &**s, &tenants).await;
     }
-    eprintln!("generations (crashes + 1): {}", generation + 1);
-    assert!(generation >= 3, "the run should have crashed a few times");
+    eprintln!(
+        "{rounds} operations in {:.1} s; generations (crashes + 1): {}",
+        started.elapsed().as_secs_f64(),
+        generation + 1
+    );
+    let fired = fired.lock().expect("lock").clone();
+    eprintln!("crashes by failpoint: {fired:?}");
+    assert!(
+        generation >= rounds / 200,
+        "the run should have crashed often"
+    );
+    if rounds >= 2_000 {
+        assert!(
+            steps.iter().all(|s| fired.get(s).is_some_and(|n| *n > 0)),
+            "every failpoint should have crashed the process: {fired:?}"
+        );
+    }
     composite.shutdown().await;
     redis.purge().await.expect("purge");
 }
