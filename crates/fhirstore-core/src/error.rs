@@ -49,6 +49,10 @@ pub enum Error {
     /// keys, OR values, includes); the message names the limit and its value.
     #[error("too costly: {0}")]
     TooCostly(String),
+    /// The store has no room left (its disk is full); nothing of the write was stored, and
+    /// what was stored before is intact. Writes succeed again once space is freed.
+    #[error("storage full: {0}")]
+    StorageFull(String),
     /// The caller's tenant context does not permit this operation.
     #[error("tenant denied: {0}")]
     TenantDenied(String),
@@ -143,6 +147,7 @@ impl Error {
             Error::Unsupported(m) => Error::Unsupported(at(m)),
             Error::TooLarge(m) => Error::TooLarge(at(m)),
             Error::TooCostly(m) => Error::TooCostly(at(m)),
+            Error::StorageFull(m) => Error::StorageFull(at(m)),
             Error::Backend {
                 message,
                 temporary,

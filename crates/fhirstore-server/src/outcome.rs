@@ -81,6 +81,7 @@ impl From<Error> for ApiError {
             Error::InvalidSearch(_) => (StatusCode::BAD_REQUEST, "invalid"),
             Error::TooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "too-long"),
             Error::TooCostly(_) => (StatusCode::BAD_REQUEST, "too-costly"),
+            Error::StorageFull(_) => (StatusCode::INSUFFICIENT_STORAGE, "no-store"),
             Error::TenantDenied(_) => (StatusCode::FORBIDDEN, "forbidden"),
             // The client asked for something this server does not do: its request's fault,
             // not a server failure that a retry could mend.
@@ -119,3 +120,33 @@ impl IntoResponse for ApiError {
 
 /// The result of every handler.
 pub type ApiResult<T = Response> = std::result::Result<T, ApiError>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn limits_and_a_full_disk_have_their_statuses() {
+        for (e, status, code) in [
+            (
+                Error::TooLarge("x".into()),
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "too-long",
+            ),
+            (
+                Error::TooCostly("x".into()),
+                StatusCode::BAD_REQUEST,
+                "too-costly",
+            ),
+            (
+                Error::StorageFull("x".into()),
+                StatusCode::INSUFFICIENT_STORAGE,
+                "no-store",
+            ),
+        ] {
+            let a = ApiError::from(e);
+            assert_eq!((a.status, a.code), (status, code));
+            assert_eq!(a.outcome()["resourceType"], "OperationOutcome");
+        }
+    }
+}

@@ -503,6 +503,12 @@ pub(crate) fn classify(err: sqlx::Error, dialect: Dialect) -> Error {
     let temporary = match &err {
         sqlx::Error::Database(db) => {
             let code = db.code().map(|c| c.into_owned()).unwrap_or_default();
+            if is_disk_full(dialect, &code) {
+                // Not retried here: only an operator freeing space helps.
+                return Error::StorageFull(format!(
+                    "the database's disk is full; nothing was stored ({err})"
+                ));
+            }
             is_temporary_code(dialect, &code)
         }
         sqlx::Error::Io(_)
@@ -512,6 +518,14 @@ pub(crate) fn classify(err: sqlx::Error, dialect: Dialect) -> Error {
         _ => false,
     };
     Error::backend(format!("database: {err}"), temporary, err)
+}
+
+/// SQLITE_FULL (with its extended codes), or PostgreSQL's `disk_full`.
+fn is_disk_full(dialect: Dialect, code: &str) -> bool {
+    match dialect {
+        Dialect::Postgres => code == "53100",
+        Dialect::Sqlite => code.parse::<i32>().is_ok_and(|c| c & 0xff == 13),
+    }
 }
 
 /// SQLSTATE (PostgreSQL) or result code (SQLite) values worth retrying.

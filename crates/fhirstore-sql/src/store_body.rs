@@ -1621,11 +1621,43 @@ impl Store {
     }
 
     async fn begin_write(&self) -> Result<sqlx::Transaction<'static, Db>> {
-        match BEGIN_WRITE {
-            Some(sql) => self.writer.begin_with(sql).await,
-            None => self.writer.begin().await,
+        let begin = || async {
+            match BEGIN_WRITE {
+                Some(sql) => self.writer.begin_with(sql).await,
+                None => self.writer.begin().await,
+            }
+        };
+        match begin().await {
+            Err(sqlx::Error::InvalidSavePointStatement) => {
+                self.drop_stuck_writers().await?;
+                begin().await.map_err(db_err)
+            }
+            other => other.map_err(db_err),
         }
-        .map_err(db_err)
+    }
+
+    /// Closes every idle writer connection that sqlx still counts as inside a transaction.
+    /// SQLite rolls a transaction back by itself on some errors (a full disk); sqlx's
+    /// `ROLLBACK` then fails and it keeps counting the transaction open, so every later
+    /// `BEGIN` on that connection would fail. The pool opens a fresh connection instead.
+    async fn drop_stuck_writers(&self) -> Result<()> {
+        use sqlx::Connection as _;
+        let mut held = Vec::new();
+        for _ in 0..=self.writer.size() {
+            let Ok(Ok(mut conn)) =
+                tokio::time::timeout(std::time::Duration::from_millis(100), self.writer.acquire())
+                    .await
+            else {
+                break;
+            };
+            if conn.is_in_transaction() {
+                tracing::warn!("closing a writer connection left inside a failed transaction");
+                conn.close_on_drop();
+            } else {
+                held.push(conn);
+            }
+        }
+        Ok(())
     }
 
     /// Runs `ops` in one transaction, retrying the whole transaction on temporary failures

@@ -322,9 +322,34 @@ struct Writer {
     pending: HashMap<String, (u64, u128)>,
 }
 
-struct Inner {
+/// The index and its reader: replaced whole when the index starts over (see
+/// [`Inner::start_over`]).
+struct Engine {
     index: Index,
     reader: IndexReader,
+}
+
+impl Engine {
+    /// An engine over `index`, with the writer that goes with it.
+    fn new(index: Index, config: &TantivyConfig) -> Result<(Engine, IndexWriter)> {
+        let analyzer = TextAnalyzer::builder(SimpleTokenizer::default())
+            .filter(RemoveLongFilter::limit(64))
+            .filter(LowerCaser)
+            .filter(AsciiFoldingFilter)
+            .build();
+        index.tokenizers().register(TEXT_ANALYZER, analyzer);
+        let writer = TantivySecondary::writer(&index, config)?;
+        let reader = index
+            .reader_builder()
+            .reload_policy(ReloadPolicy::Manual)
+            .try_into()
+            .map_err(index_err)?;
+        Ok((Engine { index, reader }, writer))
+    }
+}
+
+struct Inner {
+    engine: std::sync::RwLock<Engine>,
     writer: Mutex<Writer>,
     f: Fields,
     config: TantivyConfig,
@@ -418,22 +443,10 @@ impl TantivySecondary {
     }
 
     fn start(index: Index, dir: Option<PathBuf>, config: TantivyConfig, why: &str) -> Result<Self> {
-        let analyzer = TextAnalyzer::builder(SimpleTokenizer::default())
-            .filter(RemoveLongFilter::limit(64))
-            .filter(LowerCaser)
-            .filter(AsciiFoldingFilter)
-            .build();
-        index.tokenizers().register(TEXT_ANALYZER, analyzer);
         let (_, f) = schema();
-        let writer = Self::writer(&index, &config)?;
-        let reader = index
-            .reader_builder()
-            .reload_policy(ReloadPolicy::Manual)
-            .try_into()
-            .map_err(index_err)?;
+        let (engine, writer) = Engine::new(index, &config)?;
         let inner = Arc::new(Inner {
-            index,
-            reader,
+            engine: std::sync::RwLock::new(engine),
             writer: Mutex::new(Writer {
                 writer,
                 pending: HashMap::new(),
@@ -651,8 +664,50 @@ impl Inner {
 
     fn commit(&self, w: &mut Writer) -> Result<()> {
         w.writer.commit().map_err(index_err)?;
-        self.reader.reload().map_err(index_err)?;
+        self.engine().reader.reload().map_err(index_err)?;
         w.pending.clear();
+        Ok(())
+    }
+
+    fn engine(&self) -> std::sync::RwLockReadGuard<'_, Engine> {
+        // Replaced whole or not at all: a panic elsewhere cannot leave it half-written.
+        self.engine
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn searcher(&self) -> tantivy::Searcher {
+        self.engine().reader.searcher()
+    }
+
+    /// Starts over empty in `dir`, which lost the index (deleted, or its volume replaced)
+    /// while the process ran: whatever the index still answers from its open files would not
+    /// survive a restart, so it is emptied, unmarked and rebuilt like a new one. The writer
+    /// lock is held throughout, so no apply interleaves.
+    fn start_over(&self, dir: &Path, why: &str) -> Result<()> {
+        let mut w = lock(&self.writer);
+        if !self.built.load(Ordering::Acquire) {
+            // Another probe got here first.
+            return Ok(());
+        }
+        tracing::warn!(dir = %dir.display(), %why, "the tantivy index starts over empty and needs a rebuild");
+        self.built.store(false, Ordering::Release);
+        *lock(&self.why_unbuilt) = why.to_owned();
+        // Whatever is left of the old files is not to be trusted: a new index in their place.
+        // The old writer's lock file went with the directory, so the new writer can lock.
+        let _ = std::fs::remove_dir_all(dir);
+        std::fs::create_dir_all(dir).map_err(index_err)?;
+        let (schema, _) = schema();
+        let index = Index::create_in_dir(dir, schema).map_err(index_err)?;
+        let (engine, writer) = Engine::new(index, &self.config)?;
+        let old = std::mem::replace(&mut w.writer, writer);
+        w.pending.clear();
+        *self
+            .engine
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = engine;
+        lock(&self.digests).clear();
+        drop(old);
         Ok(())
     }
 
@@ -755,7 +810,7 @@ impl Inner {
 
     fn apply(&self, changes: &[Change], repair: bool) -> Result<Applied> {
         let mut w = lock(&self.writer);
-        let searcher = self.reader.searcher();
+        let searcher = self.searcher();
         let cols = columns(&searcher)?;
         let mut out = Applied::default();
         for c in changes {
@@ -813,7 +868,11 @@ impl Inner {
         match (p, c.modifier, &c.values) {
             ("_text" | "_content", None, CriterionValues::String(texts)) => {
                 let field = if p == "_text" { f.text } else { f.content };
-                let mut analyzer = self.index.tokenizer_for_field(field).map_err(index_err)?;
+                let mut analyzer = self
+                    .engine()
+                    .index
+                    .tokenizer_for_field(field)
+                    .map_err(index_err)?;
                 let alts = texts
                     .iter()
                     .map(|text| {
@@ -969,7 +1028,7 @@ impl Inner {
             clauses.push(self.criterion_query(c, now, &mut verify)?);
         }
         let q = BooleanQuery::new(clauses);
-        let searcher = self.reader.searcher();
+        let searcher = self.searcher();
         let cols = columns(&searcher)?;
         let count_only = query.summary == Some(Summary::Count);
         if count_only && verify.is_empty() {
@@ -1111,7 +1170,6 @@ impl Inner {
             .map(|q| (Occur::Must, q))
             .collect();
         let (segments, missing) = self
-            .reader
             .searcher()
             .search(&BooleanQuery::new(scope), &DigestCollector)
             .map_err(index_err)?;
@@ -1152,7 +1210,7 @@ impl Inner {
                 ),
             ));
         }
-        let searcher = self.reader.searcher();
+        let searcher = self.searcher();
         let cols = columns(&searcher)?;
         if segments.is_some_and(<[u16]>::is_empty) {
             return Ok(Vec::new());
@@ -1220,7 +1278,7 @@ impl Secondary for TantivySecondary {
         let id = id.clone();
         self.blocking(move |inner| {
             inner.commit_if_pending()?;
-            let searcher = inner.reader.searcher();
+            let searcher = inner.searcher();
             let key = key_of(&tenant, resource_type, id.as_str());
             let q = TermQuery::new(
                 Term::from_field_text(inner.f.key, &key),
@@ -1351,6 +1409,23 @@ impl Secondary for TantivySecondary {
     }
 
     async fn health(&self) -> Health {
+        if let Some(dir) = self.inner.dir.clone() {
+            // The marker is written when a build completes and removed with the directory: a
+            // built index without it lost its files under the running process.
+            if self.inner.built.load(Ordering::Acquire) && !dir.join(BUILT_MARKER).exists() {
+                let why = if dir.join("meta.json").exists() {
+                    "the index's built marker was removed"
+                } else {
+                    "the index directory was deleted"
+                };
+                let reset = self
+                    .blocking(move |inner| inner.start_over(&dir, why))
+                    .await;
+                if let Err(e) = reset {
+                    return Health::Unavailable(format!("the index cannot start over: {e}"));
+                }
+            }
+        }
         if self.inner.built.load(Ordering::Acquire) {
             Health::Healthy
         } else {
