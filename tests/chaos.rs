@@ -361,14 +361,7 @@ async fn redis_paused_then_killed() {
         }
     }
     signal(server.child.id(), "-CONT");
-    assert!(
-        composite
-            .wait_for_sync(Duration::from_secs(30))
-            .await
-            .expect("wait"),
-        "{:?}",
-        composite.status().await
-    );
+    caught_up(&composite).await;
     assert_mirrors(&*primary, &redis, std::slice::from_ref(&ctx)).await;
 
     // Killed and back empty: the secondary is rebuilt while writes go on.
@@ -376,14 +369,7 @@ async fn redis_paused_then_killed() {
     write_load(&composite, &ctx, "q", 30, 10, &acked, &done).await;
     let mut server = OwnRedis::start(port).expect("restart redis");
     write_load(&composite, &ctx, "q", 30, 10, &acked, &done).await;
-    assert!(
-        composite
-            .wait_for_sync(Duration::from_secs(60))
-            .await
-            .expect("wait"),
-        "{:?}",
-        composite.status().await
-    );
+    caught_up(&composite).await;
     assert_mirrors(&*primary, &redis, std::slice::from_ref(&ctx)).await;
     assert_acked(&composite, &ctx, &acked.into_inner().expect("lock")).await;
     composite.shutdown().await;
