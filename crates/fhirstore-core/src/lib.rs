@@ -13,6 +13,7 @@
 
 pub mod bundle;
 pub mod changelog;
+pub mod compartment;
 pub mod date;
 pub mod digest;
 mod error;

@@ -329,6 +329,9 @@ pub struct SearchQuery {
     pub revincludes: Vec<Include>,
     /// Parameters that were ignored under [`Handling::Lenient`], as written.
     pub ignored: Vec<String>,
+    /// Only resources in this compartment (`GET Patient/p1/Observation`); with no resource
+    /// type, every member type of the scope.
+    pub compartment: Option<crate::compartment::CompartmentScope>,
 }
 
 /// The type of a parameter from the R4 registry, or `None` when it is not defined for

@@ -44,6 +44,8 @@ pub struct Capabilities {
     pub sort_any: bool,
     /// Parameters `_sort` may name beyond that (`_score` where there is relevance).
     pub sort_params: Vec<&'static str>,
+    /// Searches restricted to a compartment ([`SearchQuery::compartment`]).
+    pub compartments: bool,
 }
 
 impl Capabilities {
@@ -57,6 +59,9 @@ impl Capabilities {
     pub fn can_search_in(&self, reg: &Registry, query: &SearchQuery) -> bool {
         use crate::search::CriterionValues;
         if query.resource_type.is_none() && !self.system_search {
+            return false;
+        }
+        if query.compartment.is_some() && !self.compartments {
             return false;
         }
         let includes = !(query.includes.is_empty() && query.revincludes.is_empty());

@@ -2,7 +2,7 @@
 
 use axum::http::StatusCode;
 use fhirstore_core::{HistoryPage, OpOutcome, WriteKind};
-use fhirstore_core::{ResourceType, SearchQuery, StoredResource};
+use fhirstore_core::{SearchQuery, StoredResource};
 use serde_json::{json, Value};
 
 use crate::outcome::{status_line, ApiResult};
@@ -48,10 +48,11 @@ fn link(path: &str, pairs: &[(String, String)], cursor: Option<&str>) -> String 
 /// A `searchset`: matches, then included resources, then an `OperationOutcome` naming any
 /// parameter that was ignored, and saying when the backend that answered had not caught up
 /// (`routed.behind`). The `self` link leaves ignored parameters out, as R4 asks; the `next`
-/// link carries the store's cursor, which stays valid while data changes.
+/// link carries the store's cursor, which stays valid while data changes. `path` is what
+/// followed the base in the request (`Patient`, `Patient/p1/Observation`, or nothing).
 pub fn searchset(
     base: &str,
-    rt: Option<ResourceType>,
+    path: &str,
     query: &str,
     q: &SearchQuery,
     routed: &fhirstore_sync::Routed,
@@ -61,9 +62,10 @@ pub fn searchset(
         .into_owned()
         .filter(|(k, _)| !q.ignored.iter().any(|i| i == k))
         .collect();
-    let path = match rt {
-        Some(t) => format!("{base}/{t}"),
-        None => base.to_owned(),
+    let path = if path.is_empty() {
+        base.to_owned()
+    } else {
+        format!("{base}/{path}")
     };
     let mut b = bundle("searchset");
     let total = page.total.or_else(|| {

@@ -1,6 +1,7 @@
 //! `GET /fhir/{tenant}/metadata`: a CapabilityStatement built from what the stores really do
 //! and the tenant's searchable parameters, so it changes when they do.
 
+use fhirstore_core::compartment::Compartments;
 use fhirstore_core::ResourceType;
 use serde_json::{json, Value};
 
@@ -52,6 +53,12 @@ pub async fn statement(req: &Req<'_>) -> ApiResult<Value> {
                 r["searchInclude"] = json!(["*"]);
                 r["searchRevInclude"] = json!(["*"]);
             }
+            if caps.compartments && matches!(rt.as_str(), "Patient" | "Encounter") {
+                r["operation"] = json!([{
+                    "name": "everything",
+                    "definition": format!("http://hl7.org/fhir/OperationDefinition/{rt}-everything"),
+                }]);
+            }
             r
         })
         .collect();
@@ -85,6 +92,17 @@ pub async fn statement(req: &Req<'_>) -> ApiResult<Value> {
         "interaction": system,
         "searchParam": common,
     });
+    if caps.compartments {
+        rest["compartment"] = Compartments::r4()
+            .types()
+            .map(|t| {
+                let mut name = t.as_str().to_owned();
+                name[..1].make_ascii_lowercase();
+                json!(format!("http://hl7.org/fhir/CompartmentDefinition/{name}"))
+            })
+            .collect::<Vec<Value>>()
+            .into();
+    }
     if req.app.auth.enabled() {
         rest["security"] = json!({
             "description": "Send `Authorization: Bearer <token>`; each token grants one tenant."

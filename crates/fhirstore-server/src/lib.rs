@@ -14,6 +14,7 @@ pub mod bundles;
 mod capability;
 pub mod config;
 pub mod deploy;
+mod everything;
 pub mod import;
 pub mod jobs;
 pub mod metrics;

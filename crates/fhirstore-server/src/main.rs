@@ -297,7 +297,7 @@ async fn search(storage: &StorageArgs, tenant: &str, query: &str) -> Result<(), 
         eprintln!("answered by {}", routed.backend);
         Ok(fhirstore_server::bundles::searchset(
             &format!("http://127.0.0.1:8080/fhir/{tenant}"),
-            rt,
+            path.trim_matches('/'),
             q,
             &parsed,
             &routed,

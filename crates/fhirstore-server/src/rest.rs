@@ -8,6 +8,7 @@ use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use fhirstore_core::bundle::write_ops_in;
+use fhirstore_core::compartment::{CompartmentScope, Compartments};
 use fhirstore_core::search::Summary;
 use fhirstore_core::{
     Error, Handling, HistoryRequest, HistoryScope, LogicalId, ResourceType, SearchQuery,
@@ -131,6 +132,11 @@ impl<'a> Req<'a> {
 
     fn header(&self, name: impl axum::http::header::AsHeaderName) -> Option<&str> {
         self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+
+    /// The client's `Prefer: handling`.
+    pub(crate) fn handling(&self) -> Handling {
+        self.handling
     }
 
     /// A FHIR JSON response.
@@ -258,12 +264,12 @@ fn not_modified(req: &Req<'_>, r: &StoredResource) -> bool {
         .is_some_and(|since| r.last_updated.unix_timestamp() <= since.unix_timestamp())
 }
 
-fn resource_type(name: &str) -> ApiResult<ResourceType> {
+pub(crate) fn resource_type(name: &str) -> ApiResult<ResourceType> {
     ResourceType::new(name)
         .map_err(|_| ApiError::not_found(format!("{name:?} is not an R4 resource type")))
 }
 
-fn logical_id(id: &str) -> ApiResult<LogicalId> {
+pub(crate) fn logical_id(id: &str) -> ApiResult<LogicalId> {
     LogicalId::new(id).map_err(|e| ApiError::bad_request(e.to_string()))
 }
 
@@ -345,6 +351,19 @@ async fn dispatch(req: &Req<'_>, method: &Method, segs: &[&str], body: Body) -> 
     // An operation this server does not define is the client's request for something absent:
     // a 4xx with `not-supported`, as for any other unknown interaction, never a 5xx that would
     // read as a server fault and invite retries.
+    match (m, segs) {
+        ("GET" | "POST", [t @ ("Patient" | "Encounter"), rest @ ..])
+            if rest.last() == Some(&"$everything") && rest.len() <= 2 =>
+        {
+            let rt = resource_type(t)?;
+            let id = match rest {
+                [id, _] => Some(logical_id(id)?),
+                _ => None,
+            };
+            return crate::everything::everything(req, rt, id).await;
+        }
+        _ => {}
+    }
     if let Some(op) = segs.iter().find(|s| s.starts_with('$')) {
         return Err(ApiError::new(
             StatusCode::BAD_REQUEST,
@@ -398,6 +417,15 @@ async fn dispatch(req: &Req<'_>, method: &Method, segs: &[&str], body: Body) -> 
                     history(req, HistoryScope::Instance(rt, logical_id(id)?)).await
                 }
                 ("GET", [id, "_history", v]) => vread(req, rt, &logical_id(id)?, v).await,
+                ("GET", [id, member]) if *member == "*" || ResourceType::new(member).is_ok() => {
+                    if Compartments::r4().get(rt).is_none() {
+                        return Err(ApiError::not_found(format!(
+                            "{rt} has no compartment: no FHIR interaction at {}",
+                            segs.join("/")
+                        )));
+                    }
+                    compartment_search(req, rt, &logical_id(id)?, member).await
+                }
                 (_, [_, "_history"] | [_, "_history", _]) => Err(method_not_allowed(method, "GET")),
                 _ => Err(ApiError::not_found(format!(
                     "no FHIR interaction at {}",
@@ -756,16 +784,51 @@ pub(crate) fn shape(resource: &Value, summary: Option<Summary>, elements: &[Stri
 }
 
 async fn search(req: &Req<'_>, rt: Option<ResourceType>, query: String) -> ApiResult {
+    let path = rt.map(|t| t.to_string()).unwrap_or_default();
+    search_in(req, rt, None, &path, query).await
+}
+
+/// A search, within a compartment when `compartment` names one; `path` is the request's path
+/// after the base, for the Bundle's links.
+async fn search_in(
+    req: &Req<'_>,
+    rt: Option<ResourceType>,
+    compartment: Option<CompartmentScope>,
+    path: &str,
+    query: String,
+) -> ApiResult {
     let reg = req.app.store.storage().search_parameters(&req.ctx).await?;
     let limits = &req.app.settings.limits.search;
     let mut q = SearchQuery::parse_limited(&reg, rt, &query, req.handling, limits)?;
+    q.compartment = compartment;
     if q.count == Some(0) {
         // R4: `_count=0` asks for the total alone.
         q.summary = Some(Summary::Count);
     }
     let routed = req.app.store.search_routed(&req.ctx, &q).await?;
-    let body = bundles::searchset(&req.base, rt, &query, &q, &routed);
+    let body = bundles::searchset(&req.base, path, &query, &q, &routed);
     Ok(req.json(StatusCode::OK, &body))
+}
+
+/// `GET [base]/Patient/p1/Observation?…` and `GET [base]/Patient/p1/*?…` (R4 3.1.0.10.1): a
+/// search within the compartment of `Patient/p1`.
+async fn compartment_search(
+    req: &Req<'_>,
+    owner: ResourceType,
+    id: &LogicalId,
+    member: &str,
+) -> ApiResult {
+    let rt = match member {
+        "*" => None,
+        t => Some(resource_type(t)?),
+    };
+    let scope = CompartmentScope::new(
+        owner,
+        Some(id.clone()),
+        rt.as_ref().map(std::slice::from_ref),
+    )?;
+    let path = format!("{owner}/{id}/{member}");
+    search_in(req, rt, Some(scope), &path, req.query.clone()).await
 }
 
 async fn history(req: &Req<'_>, scope: HistoryScope) -> ApiResult {

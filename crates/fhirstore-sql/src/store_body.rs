@@ -526,7 +526,85 @@ fn push_criteria(
     for c in &query.criteria {
         push_criterion(qb, &scope, c, &c.chain, now)?;
     }
+    if let Some(c) = &query.compartment {
+        push_compartment(qb, &scope, c);
+    }
     Ok(())
+}
+
+/// Appends `AND (...)`: the resource is in the compartment. Membership is read from the
+/// reference index, where the write put it: one uncorrelated subquery over the rows that point
+/// at the focal resource (`search_reference_target`), or, for a search of one type, over that
+/// type's compartment parameters (`search_reference_lookup`); the focal resource itself is a
+/// member by identity.
+fn push_compartment(
+    qb: &mut QueryBuilder<'_, Db>,
+    scope: &Scope<'_>,
+    c: &fhirstore_core::compartment::CompartmentScope,
+) {
+    let r = scope.alias;
+    let members: Vec<&(ResourceType, Vec<String>)> = c
+        .members
+        .iter()
+        .filter(|(t, _)| scope.rt.is_none_or(|rt| *t == rt))
+        .collect();
+    if members.is_empty() {
+        qb.push(" AND 1 = 0");
+        return;
+    }
+    if scope.rt.is_none() {
+        qb.push(format_args!(" AND {r}.resource_type IN ("));
+        let mut sep = qb.separated(", ");
+        for (t, _) in &members {
+            sep.push_bind(t.as_str());
+        }
+        qb.push(")");
+    }
+    qb.push(" AND (");
+    let mut or = "";
+    if members.iter().any(|(t, _)| *t == c.owner_type) {
+        qb.push(format_args!("({r}.resource_type = "));
+        qb.push_bind(c.owner_type.as_str());
+        if let Some(id) = &c.owner_id {
+            qb.push(format_args!(" AND {r}.id = "));
+            qb.push_bind(id.as_str().to_owned());
+        }
+        qb.push(")");
+        or = " OR ";
+    }
+    let by_param: Vec<&&(ResourceType, Vec<String>)> =
+        members.iter().filter(|(_, p)| !p.is_empty()).collect();
+    if !by_param.is_empty() {
+        qb.push(format_args!(
+            "{or}({r}.resource_type, {r}.id) IN (SELECT m.resource_type, m.id \
+             FROM search_reference m WHERE m.tenant = "
+        ));
+        qb.push_bind(scope.tenant.as_str().to_owned());
+        qb.push(" AND m.target_type = ");
+        qb.push_bind(c.owner_type.as_str());
+        if let Some(id) = &c.owner_id {
+            qb.push(" AND m.target_id = ");
+            qb.push_bind(id.as_str().to_owned());
+        }
+        qb.push(" AND (");
+        for (i, (t, params)) in by_param.iter().enumerate() {
+            if i > 0 {
+                qb.push(" OR ");
+            }
+            qb.push("(m.resource_type = ");
+            qb.push_bind(t.as_str());
+            qb.push(" AND m.param IN (");
+            let mut sep = qb.separated(", ");
+            for p in params {
+                sep.push_bind(p.clone());
+            }
+            qb.push("))");
+        }
+        qb.push("))");
+    } else if or.is_empty() {
+        qb.push("1 = 0");
+    }
+    qb.push(")");
 }
 
 /// Appends `AND (...)` for one criterion over the resource aliased `r` (of type `rt`), first
@@ -1931,6 +2009,7 @@ impl ResourceStorage for Store {
         caps.chaining = true;
         caps.includes = true;
         caps.system_search = true;
+        caps.compartments = true;
         caps.sort_any = true;
         caps.sort_params = NATIVE_PARAMS.to_vec();
         caps

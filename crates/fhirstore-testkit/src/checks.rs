@@ -1,7 +1,7 @@
 //! The conformance checks. Each builds its own data in a fresh tenant and asserts behaviour the
 //! FHIR R4 spec or the fhirstore contract requires.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use fhirstore_core::search::{Criterion, CriterionValues, TokenValue};
 use fhirstore_core::{
@@ -455,6 +455,143 @@ pub async fn decimals_keep_their_precision(store: &dyn ResourceStorage) {
         ],
     )
     .await;
+}
+
+/// Compartment searches equal the searches they stand for: over the official examples, for
+/// every Patient (and a few Encounters and Practitioners), each member type's compartment
+/// search returns exactly the union of that type's searches by each compartment parameter,
+/// and the whole compartment (`Patient/p/*`) the union over every type plus the patient
+/// itself. A second tenant holds the same ids with other data and never shows through.
+pub async fn compartments_equal_the_equivalent_searches(store: &dyn ResourceStorage) {
+    use fhirstore_core::compartment::{CompartmentScope, Compartments};
+    let (a, b) = (random_tenant(), random_tenant());
+    let mut seeded: BTreeMap<ResourceType, Vec<LogicalId>> = BTreeMap::new();
+    for (_, body) in crate::fixtures::r4_examples() {
+        let Some(t) = body["resourceType"]
+            .as_str()
+            .and_then(|t| ResourceType::new(t).ok())
+        else {
+            continue;
+        };
+        let Some(id) = body["id"].as_str().and_then(|i| LogicalId::new(i).ok()) else {
+            continue;
+        };
+        if t.as_str() == "Bundle" {
+            continue;
+        }
+        store
+            .update(&a, t, &id, body.clone(), None)
+            .await
+            .expect("seed a");
+        seeded.entry(t).or_default().push(id);
+    }
+    // Tenant b: the same Patient ids, each with an Observation of its own.
+    for id in seeded.get(&patient()).into_iter().flatten() {
+        put_patient(store, &b, id, "Other").await;
+        store
+            .create(
+                &b,
+                rt("Observation"),
+                json!({"resourceType": "Observation", "status": "final", "code": {"text": "b"},
+                       "subject": {"reference": format!("Patient/{id}")}}),
+            )
+            .await
+            .expect("seed b");
+    }
+    let keys = |rs: Vec<StoredResource>| -> BTreeSet<String> {
+        rs.into_iter()
+            .map(|r| {
+                assert_eq!(&r.tenant, a.tenant(), "another tenant's resource");
+                format!("{}/{}", r.key.resource_type, r.key.id)
+            })
+            .collect()
+    };
+    let owners: Vec<(ResourceType, LogicalId)> = ["Patient", "Encounter", "Practitioner"]
+        .into_iter()
+        .flat_map(|t| {
+            let t = rt(t);
+            let ids = seeded.get(&t).cloned().unwrap_or_default();
+            let n = if t == patient() { ids.len() } else { 3 };
+            ids.into_iter().take(n).map(move |i| (t, i))
+        })
+        .collect();
+    assert!(owners.len() > 10, "the examples hold patients");
+    let mut failures = Vec::new();
+    let mut nonempty = 0;
+    for (owner, id) in &owners {
+        let c = Compartments::r4().get(*owner).expect("compartment");
+        let mut whole = BTreeSet::from([format!("{owner}/{id}")]);
+        for (member, params) in &c.members {
+            let mut scoped = SearchQuery::all(Some(*member));
+            scoped.compartment = Some(
+                CompartmentScope::new(*owner, Some(id.clone()), Some(&[*member])).expect("scope"),
+            );
+            let got = keys(all_matches(store, &a, scoped).await);
+            let mut want = BTreeSet::new();
+            if member == owner {
+                want.insert(format!("{owner}/{id}"));
+            }
+            for p in params {
+                let qs = format!("{p}={owner}/{id}");
+                // A compartment parameter that is not a reference search of this type
+                // cannot place anything in the compartment.
+                let Ok(q) = SearchQuery::parse(Some(*member), &qs, Handling::Strict) else {
+                    continue;
+                };
+                want.extend(keys(all_matches(store, &a, q).await));
+            }
+            if got != want {
+                failures.push(format!("{owner}/{id}/{member}: got {got:?}, want {want:?}"));
+            }
+            nonempty += usize::from(!got.is_empty());
+            whole.extend(want);
+        }
+        let mut all = SearchQuery::all(None);
+        all.compartment =
+            Some(CompartmentScope::new(*owner, Some(id.clone()), None).expect("scope"));
+        let got = keys(all_matches(store, &a, all).await);
+        if got != whole {
+            failures.push(format!("{owner}/{id}/*: got {got:?}, want {whole:?}"));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    assert!(nonempty > 20, "the examples fill compartments: {nonempty}");
+    // With criteria and a sort, as `Patient/p/Observation?code=…` is searched.
+    let p = &owners[0].1;
+    let mut q = SearchQuery::parse(
+        Some(rt("Observation")),
+        "status=final&_sort=-date",
+        Handling::Strict,
+    )
+    .expect("query");
+    q.compartment = Some(
+        CompartmentScope::new(patient(), Some(p.clone()), Some(&[rt("Observation")]))
+            .expect("scope"),
+    );
+    let scoped = keys(all_matches(store, &a, q).await);
+    let mut plain = keys(
+        all_matches(
+            store,
+            &a,
+            query(
+                Some(rt("Observation")),
+                &format!("status=final&subject=Patient/{p}"),
+            ),
+        )
+        .await,
+    );
+    plain.extend(keys(
+        all_matches(
+            store,
+            &a,
+            query(
+                Some(rt("Observation")),
+                &format!("status=final&performer=Patient/{p}"),
+            ),
+        )
+        .await,
+    ));
+    assert_eq!(scoped, plain);
 }
 
 /// History at instance, type and system scope: newest first, tombstones included, `_since`

@@ -40,6 +40,7 @@ macro_rules! conformance_tests {
             update_after_delete_recreates,
             bad_input_changes_nothing,
             decimals_keep_their_precision,
+            compartments_equal_the_equivalent_searches,
             history_all_scopes,
             history_paging_is_stable_under_writes,
             count_counts_live_resources,

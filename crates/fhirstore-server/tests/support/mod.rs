@@ -153,9 +153,23 @@ impl Srv {
 
     /// Every id a search finds, following `next` links to the end.
     pub async fn all_ids(&self, uri: &str) -> Vec<String> {
-        let mut ids = Vec::new();
+        self.all_entries(uri)
+            .await
+            .into_iter()
+            .filter(|(mode, _)| mode == "match")
+            .map(|(_, r)| r["id"].as_str().unwrap_or("").to_owned())
+            .collect()
+    }
+
+    /// Every entry of a searchset, following `next` links to the end: its search mode and
+    /// its resource.
+    pub async fn all_entries(&self, uri: &str) -> Vec<(String, Value)> {
+        let mut out = Vec::new();
         let mut next = Some(uri.to_owned());
+        let mut pages = 0;
         while let Some(u) = next.take() {
+            pages += 1;
+            assert!(pages < 1_000, "paging does not end");
             let r = self.get(&u).await;
             assert_eq!(
                 r.status,
@@ -165,9 +179,8 @@ impl Srv {
             );
             let b = r.json();
             for e in b["entry"].as_array().into_iter().flatten() {
-                if e["search"]["mode"] == "match" {
-                    ids.push(e["resource"]["id"].as_str().unwrap_or("").to_owned());
-                }
+                let mode = e["search"]["mode"].as_str().unwrap_or("").to_owned();
+                out.push((mode, e["resource"].clone()));
             }
             next = b["link"]
                 .as_array()
@@ -177,7 +190,7 @@ impl Srv {
                 .and_then(|l| l["url"].as_str())
                 .map(|u| u.trim_start_matches("http://fhir.test").to_owned());
         }
-        ids
+        out
     }
 }
 
