@@ -93,6 +93,10 @@ pub struct ServeArgs {
     /// What one request may ask for.
     #[command(flatten)]
     pub limits: LimitArgs,
+    /// How long bulk export files are kept after the kick-off (`90s`, `15m`, `6h`, `1d`)
+    /// [default: 1d].
+    #[arg(long, env = "FHIRSTORE_EXPORT_TTL", value_parser = parse_duration)]
+    pub export_ttl: Option<Duration>,
 }
 
 /// Bounds on what one request may ask for; each is a flag, an environment variable, or a key
@@ -250,6 +254,7 @@ pub struct FileConfig {
     reconcile_dry_run: Option<bool>,
     reconcile_deep: Option<bool>,
     reconcile_deep_rate: Option<u64>,
+    export_ttl: Option<String>,
     #[serde(default)]
     tokens: BTreeMap<String, Vec<String>>,
     #[serde(default)]
@@ -297,6 +302,11 @@ pub struct ServerSettings {
     pub reconcile: Option<fhirstore_sync::schedule::Schedule>,
     /// What one request may ask for.
     pub limits: Limits,
+    /// Where bulk export files are written (`{data_dir}/exports` for `serve`); `None`: no
+    /// bulk export.
+    pub export_dir: Option<PathBuf>,
+    /// How long an export's files are kept after its kick-off.
+    pub export_ttl: Duration,
 }
 
 impl Default for ServerSettings {
@@ -310,6 +320,8 @@ impl Default for ServerSettings {
             max_body: 32 << 20,
             reconcile: None,
             limits: Limits::default(),
+            export_dir: None,
+            export_ttl: Duration::from_secs(24 * 3_600),
         }
     }
 }
@@ -454,8 +466,24 @@ pub fn serve_settings(
             .unwrap_or(defaults.max_body),
         reconcile: schedule(serve, &file)?,
         limits: serve.limits.resolve(&file.limits),
+        export_dir: None,
+        export_ttl: match serve.export_ttl {
+            Some(d) => d,
+            None => file
+                .export_ttl
+                .as_deref()
+                .map(parse_duration)
+                .transpose()
+                .map_err(ConfigError)?
+                .unwrap_or(defaults.export_ttl),
+        },
     };
-    Ok((resolve_store(storage, &file), server))
+    let stores = resolve_store(storage, &file);
+    let server = ServerSettings {
+        export_dir: Some(stores.data_dir.join("exports")),
+        ..server
+    };
+    Ok((stores, server))
 }
 
 fn schedule(

@@ -15,6 +15,7 @@ mod capability;
 pub mod config;
 pub mod deploy;
 mod everything;
+pub mod export;
 pub mod import;
 pub mod jobs;
 pub mod metrics;
@@ -54,6 +55,8 @@ pub struct App {
     pub settings: ServerSettings,
     /// Reconcile jobs started over HTTP.
     pub jobs: Jobs,
+    /// Bulk export jobs this process runs.
+    pub exports: export::Exports,
     /// Tenants with a reindex running, and whether another pass was asked for meanwhile.
     reindexing: Mutex<HashMap<TenantId, bool>>,
     /// Itself, for the background tasks it starts.
@@ -69,6 +72,7 @@ impl App {
             metrics: Metrics::default(),
             settings,
             jobs: Jobs::default(),
+            exports: export::Exports::default(),
             reindexing: Mutex::default(),
             me: me.clone(),
         })
@@ -355,6 +359,19 @@ pub async fn serve(
     if let Err(e) = app.resume_reindexing().await {
         tracing::warn!(error = %e, "could not look for pending reindex jobs");
     }
+    export::recover(&app);
+    // Expired export files go even when no client asks about them.
+    let sweeper = {
+        let weak = Arc::downgrade(&app);
+        let every = (app.settings.export_ttl / 4).min(std::time::Duration::from_secs(600));
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                let Some(app) = weak.upgrade() else { break };
+                export::sweep_all(&app);
+            }
+        })
+    };
     let store = app.store.clone();
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let scheduled = app.settings.reconcile.clone().map(|schedule| {
@@ -367,6 +384,7 @@ pub async fn serve(
     let limits = &app.settings.limits;
     let buffer = head_buffer(limits.max_uri_bytes + limits.max_header_bytes);
     let served = serve_with(store, router(app), listener, buffer, shutdown).await;
+    sweeper.abort();
     stop.store(true, std::sync::atomic::Ordering::SeqCst);
     if let Some(task) = scheduled {
         let _ = task.await;

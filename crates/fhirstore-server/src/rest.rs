@@ -39,6 +39,8 @@ pub(crate) struct Req<'a> {
     pub ctx: TenantContext,
     /// `http://host/fhir/{tenant}`, without a trailing slash.
     pub base: String,
+    /// The request's path after the base (`/Patient/$export`), empty for a batch entry.
+    path: String,
     headers: &'a HeaderMap,
     /// The query string, percent-encoded as received, without `_format` and `_pretty`.
     pub query: String,
@@ -101,10 +103,16 @@ impl<'a> Req<'a> {
                 format!("http://{host}")
             }
         };
+        let path = uri
+            .path()
+            .strip_prefix(&format!("/fhir/{tenant}"))
+            .unwrap_or("")
+            .to_owned();
         Ok(Req {
             app,
             ctx,
             base: format!("{host}/fhir/{tenant}"),
+            path,
             headers,
             query,
             pretty,
@@ -122,6 +130,7 @@ impl<'a> Req<'a> {
             app: self.app,
             ctx: self.ctx.clone(),
             base: self.base.clone(),
+            path: String::new(),
             headers,
             query,
             pretty: false,
@@ -132,6 +141,21 @@ impl<'a> Req<'a> {
 
     fn header(&self, name: impl axum::http::header::AsHeaderName) -> Option<&str> {
         self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+
+    /// Whether a `Prefer` header holds `token` (`respond-async`).
+    pub(crate) fn prefers(&self, token: &str) -> bool {
+        self.headers
+            .get_all("prefer")
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|p| p.trim().eq_ignore_ascii_case(token))
+    }
+
+    /// The request's URL without its query.
+    pub(crate) fn url(&self) -> String {
+        format!("{}{}", self.base, self.path)
     }
 
     /// The client's `Prefer: handling`.
@@ -351,7 +375,23 @@ async fn dispatch(req: &Req<'_>, method: &Method, segs: &[&str], body: Body) -> 
     // An operation this server does not define is the client's request for something absent:
     // a 4xx with `not-supported`, as for any other unknown interaction, never a 5xx that would
     // read as a server fault and invite retries.
+    if let Some(level) = crate::export::level(segs) {
+        return match m {
+            "GET" => crate::export::kick_off(req, level, &req.query).await,
+            "POST" => {
+                let query = export_parameters(req, body).await?;
+                crate::export::kick_off(req, level, &query).await
+            }
+            _ => Err(method_not_allowed(method, "GET, POST")),
+        };
+    }
     match (m, segs) {
+        ("GET", ["$export-status", id]) => return crate::export::status(req, id).await,
+        ("DELETE", ["$export-status", id]) => return crate::export::cancel(req, id).await,
+        ("GET", ["$export-file", id, file]) => return crate::export::file(req, id, file).await,
+        (_, ["$export-status", _] | ["$export-file", _, _]) => {
+            return Err(method_not_allowed(method, "GET, DELETE"))
+        }
         ("GET" | "POST", [t @ ("Patient" | "Encounter"), rest @ ..])
             if rest.last() == Some(&"$everything") && rest.len() <= 2 =>
         {
@@ -492,6 +532,34 @@ async fn resource_body(req: &Req<'_>, rt: ResourceType, body: Body) -> ApiResult
         ))),
         None => Err(ApiError::bad_request("the body has no resourceType")),
     }
+}
+
+/// A POSTed `$export` kick-off: its `Parameters` body as the query string GET would carry.
+async fn export_parameters(req: &Req<'_>, body: Body) -> ApiResult<String> {
+    let p = json_body(req, body).await?;
+    if p.get("resourceType").and_then(Value::as_str) != Some("Parameters") {
+        return Err(ApiError::bad_request(
+            "POST $export takes a Parameters resource",
+        ));
+    }
+    let mut query = form_urlencoded::Serializer::new(req.query.clone());
+    for param in p["parameter"].as_array().into_iter().flatten() {
+        let name = param["name"].as_str().unwrap_or("");
+        let value = ["valueString", "valueInstant", "valueCode", "valueUri"]
+            .iter()
+            .find_map(|f| param[*f].as_str());
+        match (name, value) {
+            ("_outputFormat" | "_since" | "_type" | "_typeFilter", Some(v)) => {
+                query.append_pair(name, v);
+            }
+            _ => {
+                return Err(ApiError::bad_request(format!(
+                    "$export parameter {name:?}: not supported, or without a value"
+                )))
+            }
+        }
+    }
+    Ok(query.finish())
 }
 
 /// `POST …/_search`: the form body's parameters joined to the URL's.

@@ -91,12 +91,8 @@ fn start_server(data: &Path) -> (Server, u16) {
 /// The probes this server fails on purpose, with the reason. `MUST/silent-ignore` wants a 4xx
 /// for an unknown search parameter; R4 (search.html#errors) says a server SHOULD ignore unknown
 /// parameters unless the client sends `Prefer: handling=strict`, and this server does that (the
-/// HTTP tests check both behaviours). `MAY/bulk-data-export` asks for the Bulk Data IG's
-/// `$export`, which this server does not implement; it answers 400 `not-supported`.
-const EXPECTED_FAILURES: [&str; 2] = [
-    "fhir-r4-base/MUST/silent-ignore.json",
-    "fhir-r4-base/MAY/bulk-data-export.json",
-];
+/// HTTP tests check both behaviours).
+const EXPECTED_FAILURES: [&str; 1] = ["fhir-r4-base/MUST/silent-ignore.json"];
 
 /// The probe set and its runner: `FHIRSTORE_CONFORMANCE_DIR` (which must then hold them), else
 /// `shared/conformance` beside the checkout, when it is there.

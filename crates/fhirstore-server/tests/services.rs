@@ -93,6 +93,72 @@ async fn postgres_primary_with_redis_and_tantivy() {
         .json();
     assert_eq!(found["entry"][0]["resource"]["id"], "pg1");
 
+    // Clinical access on PostgreSQL: the compartment, $everything and a Patient export.
+    let o = json!({"resourceType": "Observation", "id": "pgo", "status": "final",
+        "code": {"text": "x"}, "subject": {"reference": "Patient/pg1"}});
+    assert_eq!(
+        s.put(&format!("{base}/Observation/pgo"), &o).await.status,
+        StatusCode::CREATED
+    );
+    let ids = |b: &serde_json::Value| -> Vec<String> {
+        b["entry"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|e| {
+                format!(
+                    "{}/{}",
+                    e["resource"]["resourceType"].as_str().unwrap_or(""),
+                    e["resource"]["id"].as_str().unwrap_or("")
+                )
+            })
+            .collect()
+    };
+    let compartment = s
+        .get(&format!("{base}/Patient/pg1/Observation"))
+        .await
+        .json();
+    assert_eq!(ids(&compartment), ["Observation/pgo"]);
+    let everything = s
+        .get(&format!("{base}/Patient/pg1/$everything"))
+        .await
+        .json();
+    assert_eq!(ids(&everything), ["Patient/pg1", "Observation/pgo"]);
+    let kick = s
+        .call(
+            axum::http::Method::GET,
+            &format!("{base}/Patient/$export"),
+            &[("prefer", "respond-async")],
+            axum::body::Body::empty(),
+        )
+        .await;
+    assert_eq!(kick.status, StatusCode::ACCEPTED);
+    let poll = kick
+        .header("content-location")
+        .unwrap_or("")
+        .trim_start_matches("http://fhir.test")
+        .to_owned();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let manifest = loop {
+        let r = s.get(&poll).await;
+        if r.status == StatusCode::OK {
+            break r.json();
+        }
+        assert_eq!(r.status, StatusCode::ACCEPTED);
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the export never finished"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let types: Vec<&str> = manifest["output"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|o| o["type"].as_str())
+        .collect();
+    assert_eq!(types, ["Observation", "Patient"], "{manifest}");
+
     let status = s.get("/admin/status").await.json();
     let names: Vec<&str> = status["secondaries"]
         .as_array()
@@ -126,7 +192,7 @@ async fn postgres_primary_with_redis_and_tantivy() {
     assert_eq!(job["state"], "done", "{job}");
     assert_eq!(
         job["report"]["entries"].as_array().map(Vec::len),
-        Some(2),
+        Some(4),
         "{job}"
     );
     for count in ["missing", "extra", "stale", "ahead"] {

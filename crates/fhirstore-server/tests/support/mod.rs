@@ -74,6 +74,12 @@ pub async fn server_on(
     settings: ServerSettings,
 ) -> fhirstore_core::Result<Srv> {
     let store = deploy::open(stores).await?;
+    let settings = ServerSettings {
+        export_dir: settings
+            .export_dir
+            .or_else(|| Some(stores.data_dir.join("exports"))),
+        ..settings
+    };
     let app = App::new(store, settings);
     Ok(Srv {
         router: router(app.clone()),
