@@ -332,6 +332,8 @@ pub struct SearchQuery {
     /// Only resources in this compartment (`GET Patient/p1/Observation`); with no resource
     /// type, every member type of the scope.
     pub compartment: Option<crate::compartment::CompartmentScope>,
+    /// `_type` of a system-level search: only these types (empty: every type).
+    pub types: Vec<ResourceType>,
 }
 
 /// The type of a parameter from the R4 registry, or `None` when it is not defined for
@@ -542,6 +544,25 @@ impl SearchQuery {
             }
             "_cursor" => {
                 self.cursor = Some(value.to_owned());
+                return Ok(());
+            }
+            "_type" => {
+                for t in value.split(',').map(str::trim).filter(|t| !t.is_empty()) {
+                    let t = ResourceType::new(t)
+                        .map_err(|_| Error::InvalidSearch(format!("_type: unknown type {t:?}")))?;
+                    match self.resource_type {
+                        // A type-level search (or a system search of one `_type`, parsed as
+                        // that type's) already is of it.
+                        Some(rt) if rt == t => {}
+                        Some(rt) => {
+                            return Err(Error::InvalidSearch(format!(
+                                "_type={t} in a search of {rt}"
+                            )))
+                        }
+                        None if self.types.contains(&t) => {}
+                        None => self.types.push(t),
+                    }
+                }
                 return Ok(());
             }
             "_sort" => {
@@ -1447,5 +1468,22 @@ mod tests {
                 "{q}: {e}"
             );
         }
+    }
+
+    #[test]
+    fn type_lists_a_system_search_s_types() {
+        let q = SearchQuery::parse(
+            None,
+            "_type=Patient,Observation&_type=Patient",
+            Handling::Strict,
+        )
+        .expect("parses");
+        assert_eq!(
+            q.types.iter().map(|t| t.as_str()).collect::<Vec<_>>(),
+            ["Patient", "Observation"]
+        );
+        assert!(SearchQuery::parse(None, "_type=Nope", Handling::Lenient).is_err());
+        assert!(SearchQuery::parse(pt(), "_type=Patient", Handling::Strict).is_ok());
+        assert!(SearchQuery::parse(pt(), "_type=Observation", Handling::Lenient).is_err());
     }
 }

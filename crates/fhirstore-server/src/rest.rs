@@ -853,7 +853,27 @@ pub(crate) fn shape(resource: &Value, summary: Option<Summary>, elements: &[Stri
 
 async fn search(req: &Req<'_>, rt: Option<ResourceType>, query: String) -> ApiResult {
     let path = rt.map(|t| t.to_string()).unwrap_or_default();
-    search_in(req, rt, None, &path, query).await
+    // A system search of one `_type` is that type's search, so its own parameters apply
+    // (R4 search contexts).
+    let single = rt.is_none().then(|| single_type(&query)).flatten();
+    search_in(req, rt.or(single), None, &path, query).await
+}
+
+/// The one type a query's `_type` names, if it names exactly one.
+fn single_type(query: &str) -> Option<ResourceType> {
+    let mut named = form_urlencoded::parse(query.as_bytes())
+        .filter(|(k, _)| k == "_type")
+        .flat_map(|(_, v)| {
+            v.split(',')
+                .filter(|t| !t.is_empty())
+                .map(str::to_owned)
+                .collect::<Vec<_>>()
+        });
+    let first = named.next()?;
+    if named.next().is_some() {
+        return None;
+    }
+    ResourceType::new(&first).ok()
 }
 
 /// A search, within a compartment when `compartment` names one; `path` is the request's path

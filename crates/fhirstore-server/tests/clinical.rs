@@ -278,3 +278,61 @@ async fn everything_pages_a_whole_record() {
     assert_eq!(enc.first().map(String::as_str), Some("Encounter/e1"));
     assert_eq!(enc.len(), 1 + (0..1_500).filter(|i| i % 40 == 1).count());
 }
+
+/// `GET [base]?_type=…` searches those types only (one type: with that type's parameters);
+/// a transaction's conditional reference that matches nothing is a 412 naming the entry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn system_search_by_type_and_conditional_references() {
+    let s = open_server().await;
+    put_all(
+        &s,
+        "t",
+        vec![
+            json!({"resourceType": "Patient", "id": "p1", "name": [{"family": "Typed"}],
+                   "identifier": [{"system": "urn:mrn", "value": "42"}]}),
+            obs("o1", "Patient/p1", "x", json!({})),
+            json!({"resourceType": "Organization", "id": "org", "name": "Clinic"}),
+        ],
+    )
+    .await;
+    let keys = |e: Vec<(String, String)>| -> BTreeSet<String> { matches(&e).into_iter().collect() };
+    assert_eq!(
+        keys(all_entries(&s, "/fhir/t?_type=Patient,Observation").await),
+        ["Observation/o1", "Patient/p1"]
+            .iter()
+            .map(|k| k.to_string())
+            .collect()
+    );
+    assert_eq!(
+        keys(all_entries(&s, "/fhir/t?_type=Patient&family=typ").await),
+        ["Patient/p1".to_string()].into_iter().collect()
+    );
+    assert_eq!(
+        s.get("/fhir/t?_type=Nope").await.status,
+        StatusCode::BAD_REQUEST
+    );
+
+    let tx = |reference: &str| {
+        json!({"resourceType": "Bundle", "type": "transaction", "entry": [
+            {"resource": {"resourceType": "Organization", "name": "Side"},
+             "request": {"method": "POST", "url": "Organization"}},
+            {"resource": {"resourceType": "Observation", "status": "final", "code": {"text": "y"},
+                          "subject": {"reference": reference}},
+             "request": {"method": "POST", "url": "Observation"}}]})
+    };
+    let r = s
+        .post("/fhir/t", &tx("Patient?identifier=urn:mrn|42"))
+        .await;
+    assert_eq!(r.status, StatusCode::OK);
+    let created = &r.json()["entry"][1]["resource"];
+    assert_eq!(created["subject"]["reference"], "Patient/p1");
+    let r = s
+        .post("/fhir/t", &tx("Patient?identifier=urn:mrn|nobody"))
+        .await;
+    assert_eq!(r.status, StatusCode::PRECONDITION_FAILED);
+    let text = String::from_utf8_lossy(&r.body);
+    assert!(
+        text.contains("entry 1") && text.contains("matches no resource"),
+        "{text}"
+    );
+}

@@ -789,6 +789,13 @@ fn push_search_from(
     if let Some(rt) = query.resource_type {
         qb.push(" AND r.resource_type = ");
         qb.push_bind(rt.as_str());
+    } else if !query.types.is_empty() {
+        qb.push(" AND r.resource_type IN (");
+        let mut sep = qb.separated(", ");
+        for t in &query.types {
+            sep.push_bind(t.as_str());
+        }
+        qb.push(")");
     }
     // A literal, not a bind: the planner can then use indexes restricted to live rows.
     qb.push(" AND NOT r.deleted");
@@ -1158,12 +1165,36 @@ async fn apply_ops(
     let mut order: Vec<usize> = (0..ops.len()).collect();
     order.sort_by_key(|i| ops[*i].processing_rank());
     let mut outcomes: Vec<Option<OpOutcome>> = vec![None; ops.len()];
+    let search_params = w.params.search.clone();
     let body = |resource: &Value| {
         let mut b = resource.clone();
         rewrite_references(&mut b, &urls);
         b
     };
     for i in order {
+        // Conditional references resolve when their entry is written, so what entries before
+        // it wrote in this transaction can match.
+        let source = match &ops[i] {
+            WriteOp::Create { resource, .. }
+                if create_ids
+                    .get(&i)
+                    .is_some_and(|(_, existing)| existing.is_none()) =>
+            {
+                Some(resource)
+            }
+            WriteOp::Update { resource, .. } | WriteOp::ConditionalUpdate { resource, .. } => {
+                Some(resource)
+            }
+            _ => None,
+        };
+        let mut pre = match source {
+            Some(resource) => Some(
+                resolved_body(conn, tenant, &search_params, body(resource))
+                    .await
+                    .map_err(at(i))?,
+            ),
+            None => None,
+        };
         let outcome = match &ops[i] {
             WriteOp::Create {
                 resource_type,
@@ -1184,7 +1215,7 @@ async fn apply_ops(
                         &mut w,
                         *resource_type,
                         &id,
-                        body(resource),
+                        pre.take().unwrap_or_else(|| body(resource)),
                         None,
                         true,
                     )
@@ -1202,7 +1233,7 @@ async fn apply_ops(
                 &mut w,
                 *resource_type,
                 id,
-                body(resource),
+                pre.take().unwrap_or_else(|| body(resource)),
                 *if_match,
                 false,
             )
@@ -1237,7 +1268,7 @@ async fn apply_ops(
                     &mut w,
                     *resource_type,
                     &id,
-                    body(resource),
+                    pre.take().unwrap_or_else(|| body(resource)),
                     None,
                     known_new,
                 )
@@ -1286,6 +1317,85 @@ async fn apply_ops(
 }
 
 /// A create or update: writes the version and wraps it as the op's outcome.
+/// `body` with its conditional references (`Patient?identifier=urn:mrn|42`, R4 3.1.0.11.2)
+/// replaced by the one resource each matches, searched inside the write's own transaction, so
+/// a match written earlier in it counts. None or several matches fail the write with 412.
+async fn resolved_body(
+    conn: &mut DbConn,
+    tenant: &TenantId,
+    reg: &fhirstore_core::registry::Registry,
+    mut body: Value,
+) -> Result<Value> {
+    let mut found: Vec<String> = Vec::new();
+    collect_conditional_references(&body, &mut found);
+    if found.is_empty() {
+        return Ok(body);
+    }
+    let mut resolved = HashMap::new();
+    for reference in found {
+        if resolved.contains_key(&reference) {
+            continue;
+        }
+        let Some((t, criteria)) = reference.split_once('?') else {
+            continue;
+        };
+        let rt = ResourceType::new(t)?;
+        let q = SearchQuery::parse_in(
+            reg,
+            Some(rt),
+            criteria,
+            fhirstore_core::search::Handling::Strict,
+        )?;
+        if q.criteria.is_empty() {
+            return Err(Error::InvalidResource(format!(
+                "conditional reference {reference:?} has no criteria"
+            )));
+        }
+        let keys = find_keys(conn, tenant, &q, 2).await?;
+        let target = match keys.as_slice() {
+            [key] => format!("{}/{}", key.resource_type, key.id),
+            [] => {
+                return Err(Error::PreconditionFailed(format!(
+                    "conditional reference {reference:?} matches no resource"
+                )))
+            }
+            _ => {
+                return Err(Error::PreconditionFailed(format!(
+                    "conditional reference {reference:?} matches more than one resource"
+                )))
+            }
+        };
+        resolved.insert(reference, target);
+    }
+    rewrite_references(&mut body, &resolved);
+    Ok(body)
+}
+
+/// Every `reference` of `v` of the form `Type?criteria`.
+fn collect_conditional_references(v: &Value, out: &mut Vec<String>) {
+    match v {
+        Value::Object(o) => {
+            for (k, v) in o {
+                match v {
+                    Value::String(s) if k == "reference" => {
+                        let conditional = s
+                            .split_once('?')
+                            .is_some_and(|(t, _)| ResourceType::new(t).is_ok());
+                        if conditional {
+                            out.push(s.clone());
+                        }
+                    }
+                    other => collect_conditional_references(other, out),
+                }
+            }
+        }
+        Value::Array(items) => items
+            .iter()
+            .for_each(|i| collect_conditional_references(i, out)),
+        _ => {}
+    }
+}
+
 async fn put_written(
     conn: &mut DbConn,
     w: &mut WriteScope<'_>,

@@ -594,6 +594,101 @@ pub async fn compartments_equal_the_equivalent_searches(store: &dyn ResourceStor
     assert_eq!(scoped, plain);
 }
 
+/// Conditional references in a transaction (R4 3.1.0.11.2): `Patient?identifier=…` becomes
+/// the one match's `Patient/id`, a match written earlier in the same transaction included; no
+/// match or several fail the whole transaction with a precondition error naming the entry.
+pub async fn transaction_resolves_conditional_references(store: &dyn ResourceStorage) {
+    let ctx = random_tenant();
+    let obs = rt("Observation");
+    let with_mrn = |mrn: &str| json!({"resourceType": "Patient", "identifier": [{"system": "urn:mrn", "value": mrn}]});
+    let one = store
+        .create(&ctx, patient(), with_mrn("1"))
+        .await
+        .expect("p1");
+    for _ in 0..2 {
+        store
+            .create(&ctx, patient(), with_mrn("dup"))
+            .await
+            .expect("dup");
+    }
+    let observation = |reference: &str| WriteOp::Create {
+        resource_type: obs,
+        resource: json!({"resourceType": "Observation", "status": "final", "code": {"text": "x"},
+                         "subject": {"reference": reference},
+                         "performer": [{"reference": reference}]}),
+        if_none_exist: None,
+        full_url: None,
+    };
+    let out = store
+        .transaction(&ctx, vec![observation("Patient?identifier=urn:mrn|1")])
+        .await
+        .expect("resolved");
+    let OpOutcome::Written(w) = &out[0] else {
+        panic!("{out:?}")
+    };
+    let want = format!("Patient/{}", one.resource.key.id);
+    assert_eq!(w.resource.content["subject"]["reference"], want.as_str());
+    assert_eq!(
+        w.resource.content["performer"][0]["reference"],
+        want.as_str()
+    );
+
+    let before = store.count(&ctx, None).await.expect("count");
+    for (reference, why) in [
+        ("Patient?identifier=urn:mrn|none", "matches no resource"),
+        ("Patient?identifier=urn:mrn|dup", "more than one"),
+    ] {
+        let e = store
+            .transaction(
+                &ctx,
+                vec![
+                    WriteOp::Create {
+                        resource_type: patient(),
+                        resource: with_mrn("side"),
+                        if_none_exist: None,
+                        full_url: None,
+                    },
+                    observation(reference),
+                ],
+            )
+            .await
+            .expect_err(why);
+        assert!(
+            matches!(&e, Error::PreconditionFailed(m) if m.contains(why) && m.contains("entry 1")),
+            "{e:?}"
+        );
+    }
+    assert_eq!(
+        store.count(&ctx, None).await.expect("count"),
+        before,
+        "a failed transaction wrote nothing"
+    );
+
+    // Written earlier in the same transaction.
+    let out = store
+        .transaction(
+            &ctx,
+            vec![
+                WriteOp::Create {
+                    resource_type: patient(),
+                    resource: with_mrn("new"),
+                    if_none_exist: None,
+                    full_url: None,
+                },
+                observation("Patient?identifier=urn:mrn|new"),
+            ],
+        )
+        .await
+        .expect("same transaction");
+    let (OpOutcome::Written(p), OpOutcome::Written(o)) = (&out[0], &out[1]) else {
+        panic!("{out:?}")
+    };
+    assert_eq!(
+        o.resource.content["subject"]["reference"],
+        format!("Patient/{}", p.resource.key.id).as_str()
+    );
+}
+
 /// History at instance, type and system scope: newest first, tombstones included, `_since`
 /// honoured, and paging returns every version exactly once.
 pub async fn history_all_scopes(store: &dyn ResourceStorage) {

@@ -61,6 +61,7 @@ macro_rules! conformance_tests {
             conditional_delete,
             transaction_is_atomic,
             transaction_resolves_urn_uuid_references,
+            transaction_resolves_conditional_references,
             batch_entries_stand_alone,
             permissions_are_enforced,
             tenant_isolation_reads,
