@@ -23,14 +23,37 @@ pub fn write_ops(bundle: &Value) -> Result<Vec<WriteOp>> {
 /// [`write_ops`], with conditional criteria parsed against `reg` (a tenant's searchable
 /// parameters).
 pub fn write_ops_in(reg: &Registry, bundle: &Value) -> Result<Vec<WriteOp>> {
+    let (ops, reads) = transaction_ops_in(reg, bundle)?;
+    if let Some(i) = reads.first() {
+        return Err(
+            Error::Unsupported("reads inside a Bundle are not supported".into()).in_entry(*i),
+        );
+    }
+    Ok(ops)
+}
+
+/// The writes of a `transaction` Bundle, and the indexes of its read entries (`GET`,
+/// `HEAD`), which R4 processes after every write.
+pub fn transaction_ops_in(reg: &Registry, bundle: &Value) -> Result<(Vec<WriteOp>, Vec<usize>)> {
     if bundle.get("resourceType").and_then(Value::as_str) != Some("Bundle") {
         return Err(Error::InvalidResource("not a Bundle".into()));
     }
     let entries = bundle.get("entry").and_then(Value::as_array);
     let mut ops = Vec::with_capacity(entries.map_or(0, Vec::len));
+    let mut reads = Vec::new();
     // References resolve by fullUrl: two entries with one fullUrl would make every reference
     // to it ambiguous (bundle.html: fullUrl SHALL be unique within a Bundle, versions aside).
     let mut full_urls = HashMap::new();
+    // Entries created here, by absolute fullUrl: a relative reference elsewhere in the Bundle
+    // that resolves to one of them points at the new resource (bundle.html, resolving
+    // references in Bundles).
+    let posted: std::collections::HashSet<&str> = entries
+        .into_iter()
+        .flatten()
+        .filter(|e| e.pointer("/request/method").and_then(Value::as_str) == Some("POST"))
+        .filter_map(|e| e.get("fullUrl").and_then(Value::as_str))
+        .filter(|u| u.starts_with("http://") || u.starts_with("https://"))
+        .collect();
     for (i, e) in entries.into_iter().flatten().enumerate() {
         if let Some(url) = e.get("fullUrl").and_then(Value::as_str) {
             if let Some(first) = full_urls.insert(url, i) {
@@ -40,12 +63,21 @@ pub fn write_ops_in(reg: &Registry, bundle: &Value) -> Result<Vec<WriteOp>> {
                 .in_entry(i));
             }
         }
-        ops.push(entry_op(reg, e).map_err(|err| err.in_entry(i))?);
+        let method = e.pointer("/request/method").and_then(Value::as_str);
+        if matches!(method, Some("GET" | "HEAD")) {
+            reads.push(i);
+            continue;
+        }
+        ops.push(entry_op(reg, e, &posted).map_err(|err| err.in_entry(i))?);
     }
-    Ok(ops)
+    Ok((ops, reads))
 }
 
-fn entry_op(reg: &Registry, e: &Value) -> Result<WriteOp> {
+fn entry_op(
+    reg: &Registry,
+    e: &Value,
+    posted: &std::collections::HashSet<&str>,
+) -> Result<WriteOp> {
     let bad = |what: &str| Error::InvalidResource(what.to_owned());
     let request = e
         .get("request")
@@ -68,10 +100,19 @@ fn entry_op(reg: &Registry, e: &Value) -> Result<WriteOp> {
         )));
     }
     let search = |q: &str| SearchQuery::parse_in(reg, Some(resource_type), q, Handling::Strict);
+    let base = e
+        .get("fullUrl")
+        .and_then(Value::as_str)
+        .and_then(full_url_base);
     let resource = || {
-        e.get("resource")
+        let mut r = e
+            .get("resource")
             .cloned()
-            .ok_or_else(|| bad(&format!("{method} {url}: the entry has no resource")))
+            .ok_or_else(|| bad(&format!("{method} {url}: the entry has no resource")))?;
+        if let (Some(base), false) = (base, posted.is_empty()) {
+            absolute_to_posted(&mut r, base, posted);
+        }
+        Ok::<_, Error>(r)
     };
     Ok(match (method, id, criteria) {
         ("POST", None, None) => WriteOp::Create {
@@ -115,6 +156,49 @@ fn entry_op(reg: &Registry, e: &Value) -> Result<WriteOp> {
             )))
         }
     })
+}
+
+/// The base of an absolute RESTful fullUrl (`http://x/fhir/Patient/1` → `http://x/fhir/`),
+/// which the entry's relative references are relative to.
+fn full_url_base(full_url: &str) -> Option<&str> {
+    if !(full_url.starts_with("http://") || full_url.starts_with("https://")) {
+        return None;
+    }
+    let path = full_url.split(['?', '#']).next()?;
+    let segs: Vec<&str> = path.rsplitn(5, '/').collect();
+    // `…/Type/id` or `…/Type/id/_history/v`.
+    let type_at = match segs.as_slice() {
+        [_, "_history", _, t, _] if ResourceType::new(t).is_ok() => 3,
+        [_, t, ..] if ResourceType::new(t).is_ok() => 1,
+        _ => return None,
+    };
+    let tail: usize = segs[..=type_at].iter().map(|s| s.len() + 1).sum();
+    path.get(..path.len() + 1 - tail)
+}
+
+/// Turns each relative `Type/id` reference of `body` that, against `base`, names an entry
+/// the Bundle creates into that entry's absolute fullUrl, which the store then maps to the
+/// new resource like any fullUrl.
+fn absolute_to_posted(body: &mut Value, base: &str, posted: &std::collections::HashSet<&str>) {
+    match body {
+        Value::Object(obj) => {
+            for (k, v) in obj.iter_mut() {
+                match v {
+                    Value::String(s) if k == "reference" && !s.contains(':') => {
+                        let absolute = format!("{base}{s}");
+                        if posted.contains(absolute.as_str()) {
+                            *s = absolute;
+                        }
+                    }
+                    other => absolute_to_posted(other, base, posted),
+                }
+            }
+        }
+        Value::Array(items) => items
+            .iter_mut()
+            .for_each(|i| absolute_to_posted(i, base, posted)),
+        _ => {}
+    }
 }
 
 /// Rewrites every `reference` string in `body` that names a key of `map` (a Bundle entry's
@@ -226,5 +310,43 @@ mod tests {
         assert_eq!(body["performer"][0]["reference"], "Practitioner/q");
         assert_eq!(body["performer"][1]["reference"], "Practitioner/x");
         assert_eq!(body["note"][0]["text"], "urn:uuid:1");
+    }
+
+    #[test]
+    fn relative_references_resolve_against_the_full_url_base() {
+        assert_eq!(
+            full_url_base("http://example.com/fhir/Patient/0"),
+            Some("http://example.com/fhir/")
+        );
+        assert_eq!(
+            full_url_base("https://x.org/Patient/0/_history/2"),
+            Some("https://x.org/")
+        );
+        assert_eq!(full_url_base("urn:uuid:1"), None);
+        assert_eq!(full_url_base("http://example.com/fhir/Nope/0"), None);
+        let b = json!({"resourceType": "Bundle", "type": "transaction", "entry": [
+            {"fullUrl": "http://example.com/fhir/Patient/0",
+             "resource": {"resourceType": "Patient"},
+             "request": {"method": "POST", "url": "Patient"}},
+            {"fullUrl": "http://example.com/fhir/Observation/0",
+             "resource": {"resourceType": "Observation", "subject": {"reference": "Patient/0"},
+                          "performer": [{"reference": "Practitioner/9"}]},
+             "request": {"method": "POST", "url": "Observation"}},
+            {"fullUrl": "http://other.org/fhir/Observation/1",
+             "resource": {"resourceType": "Observation", "subject": {"reference": "Patient/0"}},
+             "request": {"method": "POST", "url": "Observation"}}
+        ]});
+        let ops = write_ops(&b).expect("writes");
+        let subject = |i: usize| match &ops[i] {
+            WriteOp::Create { resource, .. } => resource["subject"]["reference"].clone(),
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(subject(1), "http://example.com/fhir/Patient/0");
+        // Another base: Patient/0 there is not the entry created here.
+        assert_eq!(subject(2), "Patient/0");
+        let WriteOp::Create { resource, .. } = &ops[1] else {
+            panic!()
+        };
+        assert_eq!(resource["performer"][0]["reference"], "Practitioner/9");
     }
 }

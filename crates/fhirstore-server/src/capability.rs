@@ -34,7 +34,13 @@ pub async fn statement(req: &Req<'_>) -> ApiResult<Value> {
             let mut params: Vec<Value> = reg
                 .for_type(rt)
                 .into_iter()
-                .filter(|d| d.is_indexable() && !d.code.starts_with('_'))
+                // `special` parameters (Location's `near`) have no search behind them here:
+                // advertised, they would be refused.
+                .filter(|d| {
+                    d.is_indexable()
+                        && !d.code.starts_with('_')
+                        && d.kind != fhirstore_core::search::ParamType::Special
+                })
                 .map(|d| json!({"name": d.code, "definition": d.url, "type": d.kind.code()}))
                 .collect();
             params.sort_by(|a, b| a["name"].as_str().cmp(&b["name"].as_str()));

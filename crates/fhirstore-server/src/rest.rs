@@ -7,7 +7,7 @@ use axum::body::{Body, Bytes};
 use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
-use fhirstore_core::bundle::write_ops_in;
+use fhirstore_core::bundle::{transaction_ops_in, write_ops_in};
 use fhirstore_core::compartment::{CompartmentScope, Compartments};
 use fhirstore_core::search::Summary;
 use fhirstore_core::{
@@ -47,6 +47,9 @@ pub(crate) struct Req<'a> {
     pretty: bool,
     ret: Return,
     handling: Handling,
+    /// A Binary's own media type was asked for (`Accept` without JSON): a read of it answers
+    /// with its content, not the resource (R4 binary.html).
+    native: bool,
 }
 
 /// Query parameters about the response format rather than the data.
@@ -68,9 +71,17 @@ impl<'a> Req<'a> {
         tenant: &str,
     ) -> ApiResult<Self> {
         let (query, pretty) = split_format(uri.query().unwrap_or(""))?;
+        let binary = uri
+            .path()
+            .strip_prefix(&format!("/fhir/{tenant}/Binary"))
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'));
+        let mut native = false;
         if let Some(accept) = headers.get(header::ACCEPT).and_then(|v| v.to_str().ok()) {
             if !wants_json(accept) {
-                return Err(not_acceptable(accept));
+                if !binary {
+                    return Err(not_acceptable(accept));
+                }
+                native = true;
             }
         }
         let prefer = headers
@@ -118,6 +129,7 @@ impl<'a> Req<'a> {
             pretty,
             ret,
             handling,
+            native,
         })
     }
 
@@ -136,6 +148,7 @@ impl<'a> Req<'a> {
             pretty: false,
             ret: Return::Representation,
             handling: self.handling,
+            native: false,
         })
     }
 
@@ -598,7 +611,10 @@ async fn criteria(req: &Req<'_>, rt: ResourceType, query: &str) -> ApiResult<Sea
 }
 
 async fn create(req: &Req<'_>, rt: ResourceType, body: Body) -> ApiResult {
-    let resource = resource_body(req, rt, body).await?;
+    let resource = match native_binary(req, rt, body).await? {
+        Native::Resource(r) => r,
+        Native::Fhir(body) => resource_body(req, rt, body).await?,
+    };
     let storage = req.app.store.storage();
     let w = match req.header("if-none-exist") {
         Some(q) => {
@@ -620,7 +636,13 @@ fn if_match(req: &Req<'_>) -> ApiResult<Option<VersionId>> {
 }
 
 async fn update(req: &Req<'_>, rt: ResourceType, id: LogicalId, body: Body) -> ApiResult {
-    let resource = resource_body(req, rt, body).await?;
+    let resource = match native_binary(req, rt, body).await? {
+        Native::Resource(mut r) => {
+            r["id"] = json!(id.as_str());
+            r
+        }
+        Native::Fhir(body) => resource_body(req, rt, body).await?,
+    };
     match resource.get("id").and_then(Value::as_str) {
         Some(body_id) if body_id == id.as_str() => {}
         Some(body_id) => {
@@ -764,6 +786,9 @@ async fn read(req: &Req<'_>, rt: ResourceType, id: &LogicalId) -> ApiResult {
         set_version_headers(resp.headers_mut(), &r);
         return Ok(resp);
     }
+    if req.native && rt.as_str() == "Binary" {
+        return binary_content(&r);
+    }
     let (summary, elements) = shaping(&req.query)?;
     let mut resp = req.json(StatusCode::OK, &shape(&r.content, summary, &elements));
     set_version_headers(resp.headers_mut(), &r);
@@ -794,6 +819,58 @@ async fn vread(req: &Req<'_>, rt: ResourceType, id: &LogicalId, v: &str) -> ApiR
     }
     let mut resp = req.json(StatusCode::OK, &r.content);
     set_version_headers(resp.headers_mut(), &r);
+    Ok(resp)
+}
+
+/// A request body for a Binary in its own media type, or any other body as it came.
+enum Native {
+    Resource(Value),
+    Fhir(Body),
+}
+
+/// R4 binary.html: a Binary may be written in its native content type (`POST Binary` with
+/// `Content-Type: application/pdf`); it is stored as a Binary resource holding the bytes.
+async fn native_binary(req: &Req<'_>, rt: ResourceType, body: Body) -> ApiResult<Native> {
+    let media = req
+        .header(header::CONTENT_TYPE)
+        .and_then(|c| c.split(';').next())
+        .map(str::trim)
+        .unwrap_or("");
+    let fhir = matches!(
+        media,
+        "" | "application/fhir+json" | "application/json" | "application/json+fhir" | "text/json"
+    );
+    if rt.as_str() != "Binary" || fhir {
+        return Ok(Native::Fhir(body));
+    }
+    use base64::Engine as _;
+    let bytes = body_bytes(req, body).await?;
+    Ok(Native::Resource(json!({
+        "resourceType": "Binary",
+        "contentType": media,
+        "data": base64::engine::general_purpose::STANDARD.encode(&bytes),
+    })))
+}
+
+/// A Binary's content in its own media type.
+fn binary_content(r: &StoredResource) -> ApiResult {
+    use base64::Engine as _;
+    let content_type = r.content["contentType"]
+        .as_str()
+        .unwrap_or("application/octet-stream");
+    let data = base64::engine::general_purpose::STANDARD
+        .decode(r.content["data"].as_str().unwrap_or(""))
+        .map_err(|e| {
+            ApiError::from(fhirstore_core::Error::backend_msg(
+                format!("Binary/{} holds data that is not base64: {e}", r.key.id),
+                false,
+            ))
+        })?;
+    let mut resp = (StatusCode::OK, data).into_response();
+    if let Ok(v) = HeaderValue::from_str(content_type) {
+        resp.headers_mut().insert(header::CONTENT_TYPE, v);
+    }
+    set_version_headers(resp.headers_mut(), r);
     Ok(resp)
 }
 
@@ -987,14 +1064,34 @@ async fn bundle(req: &Req<'_>, body: Body) -> ApiResult {
     let storage = req.app.store.storage();
     match kind {
         "transaction" => {
-            let ops = write_ops_in(&reg, &b).map_err(bundle_error)?;
+            let (ops, reads) = transaction_ops_in(&reg, &b).map_err(bundle_error)?;
             let types = op_types(&ops);
-            let outcomes = storage.transaction(&req.ctx, ops).await?;
+            let outcomes = if ops.is_empty() {
+                Vec::new()
+            } else {
+                storage.transaction(&req.ctx, ops).await?
+            };
             req.app.after_write(&req.ctx, &types);
-            let entries = outcomes
-                .iter()
-                .map(|o| Ok(bundles::response_entry(req, o)))
-                .collect::<Vec<ApiResult<Value>>>();
+            // Reads run after every write (R4's processing order), once the writes are
+            // committed: each sees them, and answers in its own entry, as in a batch.
+            let all = b.get("entry").and_then(Value::as_array);
+            let mut outcomes = outcomes.iter();
+            let mut entries = Vec::new();
+            let mut budget = ResponseBudget::new(limits.max_response_bytes);
+            for (i, e) in all.into_iter().flatten().enumerate() {
+                entries.push(if reads.contains(&i) {
+                    budget.take(batch_read(req, e).await)
+                } else {
+                    match outcomes.next() {
+                        Some(o) => Ok(bundles::response_entry(req, o)),
+                        None => Err(ApiError::new(
+                            StatusCode::INTERNAL_SERVER_ERROR,
+                            "exception",
+                            "the transaction returned fewer results than entries",
+                        )),
+                    }
+                });
+            }
             Ok(req.json(
                 StatusCode::OK,
                 &bundles::response_bundle("transaction-response", entries),

@@ -336,3 +336,80 @@ async fn system_search_by_type_and_conditional_references() {
         "{text}"
     );
 }
+
+/// A Binary is written and read in its own media type (R4 binary.html); other types keep
+/// answering 406 for a media type that is not FHIR JSON.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn binaries_in_their_own_media_type() {
+    use axum::body::Body;
+    use axum::http::Method;
+    let s = open_server().await;
+    let pdf: &[u8] = b"%PDF-1.4\n\x00\xff binary \x01 bytes";
+    let r = s
+        .call(
+            Method::POST,
+            "/fhir/t/Binary",
+            &[("content-type", "application/pdf")],
+            pdf.to_vec(),
+        )
+        .await;
+    assert_eq!(
+        r.status,
+        StatusCode::CREATED,
+        "{}",
+        String::from_utf8_lossy(&r.body)
+    );
+    let location = r.header("location").expect("location").to_owned();
+    let id = location.split('/').nth_back(2).expect("id").to_owned();
+    let raw = s
+        .call(
+            Method::GET,
+            &format!("/fhir/t/Binary/{id}"),
+            &[("accept", "application/pdf")],
+            Body::empty(),
+        )
+        .await;
+    assert_eq!(raw.status, StatusCode::OK);
+    assert_eq!(raw.header("content-type"), Some("application/pdf"));
+    assert_eq!(raw.body, pdf);
+    let resource = s.get(&format!("/fhir/t/Binary/{id}")).await.json();
+    assert_eq!(resource["resourceType"], "Binary");
+    assert_eq!(resource["contentType"], "application/pdf");
+    let r = s
+        .call(
+            Method::PUT,
+            "/fhir/t/Binary/b1",
+            &[("content-type", "image/png")],
+            b"\x89PNG".to_vec(),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED);
+    let missing = s
+        .call(
+            Method::GET,
+            "/fhir/t/Binary/none",
+            &[("accept", "application/pdf")],
+            Body::empty(),
+        )
+        .await;
+    assert_eq!(missing.status, StatusCode::NOT_FOUND);
+    let other = s
+        .call(
+            Method::GET,
+            "/fhir/t/Patient/x",
+            &[("accept", "application/pdf")],
+            Body::empty(),
+        )
+        .await;
+    assert_eq!(other.status, StatusCode::NOT_ACCEPTABLE);
+    // `near` has no search behind it, so it is not advertised.
+    let caps = s.get("/fhir/t/metadata").await.json();
+    let location = caps["rest"][0]["resource"]
+        .as_array()
+        .expect("resources")
+        .iter()
+        .find(|r| r["type"] == "Location")
+        .expect("Location")
+        .to_string();
+    assert!(!location.contains("\"near\""), "{location}");
+}

@@ -265,7 +265,7 @@ async fn errors_are_operation_outcomes_with_the_right_status() {
         ),
         (
             Method::GET,
-            "/fhir/t/Patient/$export".into(),
+            "/fhir/t/Patient/$match".into(),
             vec![],
             String::new(),
             StatusCode::BAD_REQUEST,
@@ -868,16 +868,57 @@ async fn batch_reads_answer_as_the_same_get_would() {
     );
     assert!(b["entry"][0]["resource"].is_null());
 
-    // A transaction is all-or-nothing over its writes; reads in it are refused whole.
+    // A transaction's reads run after its writes, and see them (R4's processing order),
+    // whatever their place in the Bundle.
     let tx = json!({"resourceType": "Bundle", "type": "transaction", "entry": [
+        {"request": {"method": "GET", "url": "Patient?family=TxRead"}},
         {"resource": {"resourceType": "Patient", "name": [{"family": "TxRead"}]},
          "request": {"method": "POST", "url": "Patient"}},
         {"request": {"method": "GET", "url": "Patient/br1"}}
     ]});
     let r = s.post("/fhir/br", &tx).await;
-    assert_eq!(r.status, StatusCode::BAD_REQUEST);
-    assert_eq!(r.issue(), "not-supported");
-    assert_eq!(total(&s, "/fhir/br/Patient?family=TxRead").await, 0);
+    assert_eq!(r.status, StatusCode::OK);
+    let b = r.json();
+    assert_eq!(b["type"], "transaction-response");
+    assert_eq!(
+        b["entry"][0]["resource"]["total"], 1,
+        "the search saw the write"
+    );
+    assert_eq!(b["entry"][1]["response"]["status"], "201 Created");
+    assert_eq!(b["entry"][2]["resource"]["id"], "br1");
+    assert_eq!(total(&s, "/fhir/br/Patient?family=TxRead").await, 1);
+    // An invalid write still fails the whole transaction, reads and all.
+    let bad = json!({"resourceType": "Bundle", "type": "transaction", "entry": [
+        {"resource": {"resourceType": "Patient", "name": [{"family": "TxRead2"}]},
+         "request": {"method": "POST", "url": "Patient"}},
+        {"resource": {"resourceType": "Patient", "gender": 5},
+         "request": {"method": "POST", "url": "Patient"}},
+        {"request": {"method": "GET", "url": "Patient/br1"}}
+    ]});
+    assert!(s.post("/fhir/br", &bad).await.status.is_client_error());
+    assert_eq!(total(&s, "/fhir/br/Patient?family=TxRead2").await, 0);
+
+    // A relative reference that resolves, against its entry's fullUrl, to an entry created
+    // in the Bundle points at the new resource (bundle.html).
+    let tx = json!({"resourceType": "Bundle", "type": "transaction", "entry": [
+        {"fullUrl": "http://example.com/fhir/Patient/0",
+         "resource": {"resourceType": "Patient", "name": [{"family": "Based"}]},
+         "request": {"method": "POST", "url": "Patient"}},
+        {"fullUrl": "http://example.com/fhir/Observation/0",
+         "resource": {"resourceType": "Observation", "status": "final", "code": {"text": "x"},
+                      "subject": {"reference": "Patient/0"}},
+         "request": {"method": "POST", "url": "Observation"}}
+    ]});
+    let b = s.post("/fhir/br", &tx).await.json();
+    let patient = b["entry"][0]["resource"]["id"]
+        .as_str()
+        .expect("id")
+        .to_owned();
+    assert_ne!(patient, "0");
+    assert_eq!(
+        b["entry"][1]["resource"]["subject"]["reference"],
+        format!("Patient/{patient}").as_str()
+    );
 }
 
 #[tokio::test]
