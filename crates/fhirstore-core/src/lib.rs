@@ -27,6 +27,7 @@ mod resource_types;
 pub mod search;
 pub mod secondary;
 mod storage;
+pub mod summary;
 mod tenant;
 #[cfg(feature = "validation")]
 pub mod validate;

@@ -885,18 +885,28 @@ fn shaping(query: &str) -> ApiResult<(Option<Summary>, Vec<String>)> {
     Ok((q.summary, q.elements))
 }
 
-/// Applies `_summary` (`text`, `data`) and `_elements`, marking a cut-down resource
-/// `SUBSETTED` as R4 asks. `_summary=true` returns the whole resource: the R4 summary flags
-/// are not among the definitions this server carries.
+/// Applies `_summary` (`true`, `text`, `data`) and `_elements`, marking a cut-down resource
+/// `SUBSETTED` as R4 asks. What `true` and `text` keep comes from the official definitions'
+/// `isSummary` flags and mandatory elements ([`fhirstore_core::summary`]).
 pub(crate) fn shape(resource: &Value, summary: Option<Summary>, elements: &[String]) -> Value {
     let Some(obj) = resource.as_object() else {
         return resource.clone();
     };
     let keep = |k: &str| matches!(k, "resourceType" | "id" | "meta");
+    let rt = obj
+        .get("resourceType")
+        .and_then(Value::as_str)
+        .unwrap_or("");
+    let flags = fhirstore_core::summary::SummaryElements::r4();
     let out: Map<String, Value> = match summary {
+        Some(Summary::True) => obj
+            .iter()
+            .filter(|(k, _)| flags.in_summary(rt, k))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
         Some(Summary::Text) => obj
             .iter()
-            .filter(|(k, _)| keep(k) || *k == "text")
+            .filter(|(k, _)| flags.in_text_summary(rt, k))
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect(),
         Some(Summary::Data) => obj

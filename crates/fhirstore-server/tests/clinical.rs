@@ -413,3 +413,64 @@ async fn binaries_in_their_own_media_type() {
         .to_string();
     assert!(!location.contains("\"near\""), "{location}");
 }
+
+/// `_summary=true|text|data|false` on reads and searches, from the definitions' `isSummary`
+/// flags and mandatory elements, tagged `SUBSETTED` when cut down; `_elements` still works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn summary_modes_follow_the_definitions() {
+    let s = open_server().await;
+    let text = json!({"status": "generated", "div": "<div xmlns=\"http://www.w3.org/1999/xhtml\">x</div>"});
+    put_all(
+        &s,
+        "t",
+        vec![
+            json!({"resourceType": "Patient", "id": "p", "text": text, "gender": "female",
+                   "name": [{"family": "Summary"}], "maritalStatus": {"text": "single"},
+                   "contact": [{"name": {"family": "Kin"}}], "deceasedBoolean": false}),
+            obs(
+                "o",
+                "Patient/p",
+                "x",
+                json!({"text": text, "valueQuantity": {"value": 1}}),
+            ),
+        ],
+    )
+    .await;
+    let keys = |v: &Value| -> BTreeSet<String> {
+        v.as_object()
+            .map(|o| o.keys().cloned().collect())
+            .unwrap_or_default()
+    };
+    let subsetted = |v: &Value| v["meta"]["tag"].to_string().contains("SUBSETTED");
+    let set = |k: &[&str]| k.iter().map(|k| k.to_string()).collect::<BTreeSet<_>>();
+
+    let p = s.get("/fhir/t/Patient/p?_summary=true").await.json();
+    assert_eq!(
+        keys(&p),
+        set(&[
+            "resourceType",
+            "id",
+            "meta",
+            "gender",
+            "name",
+            "deceasedBoolean"
+        ])
+    );
+    assert!(subsetted(&p));
+    let p = s.get("/fhir/t/Patient/p?_summary=text").await.json();
+    assert_eq!(keys(&p), set(&["resourceType", "id", "meta", "text"]));
+    let o = s.get("/fhir/t/Observation/o?_summary=text").await.json();
+    assert_eq!(
+        keys(&o),
+        set(&["resourceType", "id", "meta", "text", "status", "code"])
+    );
+    let o = s.get("/fhir/t/Observation/o?_summary=data").await.json();
+    assert!(!keys(&o).contains("text") && keys(&o).contains("valueQuantity"));
+    let p = s.get("/fhir/t/Patient/p?_summary=false").await.json();
+    assert!(keys(&p).contains("contact") && !subsetted(&p));
+    let b = s.get("/fhir/t/Patient?_summary=true").await.json();
+    let entry = &b["entry"][0]["resource"];
+    assert!(!keys(entry).contains("contact") && subsetted(entry));
+    let p = s.get("/fhir/t/Patient/p?_elements=gender").await.json();
+    assert_eq!(keys(&p), set(&["resourceType", "id", "meta", "gender"]));
+}
