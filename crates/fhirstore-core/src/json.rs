@@ -23,61 +23,159 @@ pub fn from_slice_strict(bytes: &[u8]) -> Result<Value, String> {
 /// The first key that repeats within one object of well-formed JSON text, with the byte offset
 /// of its second occurrence.
 pub fn duplicate_key(bytes: &[u8]) -> Option<(String, usize)> {
-    /// One open container: for an object, the keys seen so far and whether the next string is
-    /// a key.
-    enum Open {
-        Object {
-            keys: std::collections::HashSet<String>,
-            expect_key: bool,
-        },
-        Array,
+    let mut scanner = DuplicateKeys::default();
+    scanner.feed(bytes);
+    scanner.found()
+}
+
+/// One open container: for an object, the keys seen so far and whether the next string is a
+/// key.
+#[derive(Debug)]
+enum Open {
+    Object {
+        keys: std::collections::HashSet<String>,
+        expect_key: bool,
+    },
+    Array,
+}
+
+/// [`duplicate_key`] over text that arrives in pieces (a file as it is read), in memory that
+/// grows with the nesting and the keys of the open objects only.
+#[derive(Debug, Default)]
+pub struct DuplicateKeys {
+    stack: Vec<Open>,
+    /// Inside a string: its bytes so far (kept only for a key), and whether the last byte was
+    /// a backslash.
+    string: Option<(Vec<u8>, bool)>,
+    escaped_key: bool,
+    start: usize,
+    offset: usize,
+    found: Option<(String, usize)>,
+}
+
+impl DuplicateKeys {
+    /// Scans the next piece of the text.
+    pub fn feed(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            if self.found.is_some() {
+                return;
+            }
+            self.step(b);
+            self.offset += 1;
+        }
     }
-    let mut stack: Vec<Open> = Vec::new();
-    let mut i = 0;
-    while i < bytes.len() {
-        match bytes[i] {
-            b'{' => stack.push(Open::Object {
+
+    /// The first repeated key and the offset of its second occurrence, once seen.
+    pub fn found(&self) -> Option<(String, usize)> {
+        self.found.clone()
+    }
+
+    fn step(&mut self, b: u8) {
+        if let Some((buf, escape)) = &mut self.string {
+            let in_key = matches!(
+                self.stack.last(),
+                Some(Open::Object {
+                    expect_key: true,
+                    ..
+                })
+            );
+            if *escape {
+                *escape = false;
+            } else if b == b'\\' {
+                *escape = true;
+                self.escaped_key |= in_key;
+            } else if b == b'"' {
+                let raw = std::mem::take(buf);
+                self.string = None;
+                if in_key {
+                    self.end_key(raw);
+                }
+                return;
+            }
+            if in_key {
+                buf.push(b);
+            }
+            return;
+        }
+        match b {
+            b'{' => self.stack.push(Open::Object {
                 keys: Default::default(),
                 expect_key: true,
             }),
-            b'[' => stack.push(Open::Array),
+            b'[' => self.stack.push(Open::Array),
             b'}' | b']' => {
-                stack.pop();
+                self.stack.pop();
             }
             b',' => {
-                if let Some(Open::Object { expect_key, .. }) = stack.last_mut() {
+                if let Some(Open::Object { expect_key, .. }) = self.stack.last_mut() {
                     *expect_key = true;
                 }
             }
             b'"' => {
-                let start = i;
-                i += 1;
-                let mut escaped = false;
-                while i < bytes.len() && bytes[i] != b'"' {
-                    escaped |= bytes[i] == b'\\';
-                    i += if bytes[i] == b'\\' { 2 } else { 1 };
-                }
-                if let Some(Open::Object { keys, expect_key }) = stack.last_mut() {
-                    if *expect_key {
-                        *expect_key = false;
-                        let raw = bytes.get(start..=i)?;
-                        // Escapes spell one key several ways: compare what they decode to.
-                        let key = if escaped {
-                            serde_json::from_slice::<String>(raw).ok()?
-                        } else {
-                            String::from_utf8_lossy(&raw[1..raw.len() - 1]).into_owned()
-                        };
-                        if !keys.insert(key.clone()) {
-                            return Some((key, start));
-                        }
-                    }
-                }
+                self.start = self.offset;
+                self.escaped_key = false;
+                self.string = Some((Vec::new(), false));
             }
             _ => {}
         }
-        i += 1;
     }
-    None
+
+    fn end_key(&mut self, raw: Vec<u8>) {
+        let escaped = self.escaped_key;
+        let start = self.start;
+        let Some(Open::Object { keys, expect_key }) = self.stack.last_mut() else {
+            return;
+        };
+        *expect_key = false;
+        // Escapes spell one key several ways: compare what they decode to.
+        let key = if escaped {
+            let mut quoted = Vec::with_capacity(raw.len() + 2);
+            quoted.push(b'"');
+            quoted.extend_from_slice(&raw);
+            quoted.push(b'"');
+            match serde_json::from_slice::<String>(&quoted) {
+                Ok(k) => k,
+                Err(_) => return,
+            }
+        } else {
+            String::from_utf8_lossy(&raw).into_owned()
+        };
+        if !keys.insert(key.clone()) {
+            self.found = Some((key, start));
+        }
+    }
+}
+
+/// A reader that fails with [`std::io::ErrorKind::InvalidData`] as soon as the JSON text
+/// through it names a key twice in one object, so a streaming parser stops there.
+#[derive(Debug)]
+pub struct NoDuplicateKeys<R> {
+    inner: R,
+    scanner: DuplicateKeys,
+}
+
+impl<R> NoDuplicateKeys<R> {
+    /// Wraps `inner`.
+    pub fn new(inner: R) -> Self {
+        NoDuplicateKeys {
+            inner,
+            scanner: DuplicateKeys::default(),
+        }
+    }
+}
+
+impl<R: std::io::Read> std::io::Read for NoDuplicateKeys<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.scanner.feed(&buf[..n]);
+        if let Some((key, at)) = self.scanner.found() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("the key {key:?} appears twice in one object (byte {at})"),
+            ));
+        }
+        Ok(n)
+    }
 }
 
 #[cfg(test)]
@@ -123,5 +221,23 @@ mod tests {
         let v = from_slice_strict(text.as_bytes()).expect("parses");
         assert_eq!(serde_json::to_string(&v).expect("serialises"), text);
         assert_eq!(crate::digest::canonical_json(&v), text.as_bytes());
+    }
+
+    #[test]
+    fn pieces_find_what_the_whole_finds() {
+        let text = br#"{"a":{"x\u0062":1,"xb":2},"a2":[{"k":1,"k":2}]}"#;
+        let whole = duplicate_key(text);
+        assert_eq!(whole.as_ref().map(|d| d.0.as_str()), Some("xb"));
+        for size in 1..text.len() {
+            let mut s = DuplicateKeys::default();
+            for piece in text.chunks(size) {
+                s.feed(piece);
+            }
+            assert_eq!(s.found(), whole, "pieces of {size}");
+        }
+        let mut r = NoDuplicateKeys::new(&br#"{"a":1,"a":2}"#[..]);
+        let mut out = Vec::new();
+        let e = std::io::Read::read_to_end(&mut r, &mut out).expect_err("duplicate");
+        assert_eq!(e.kind(), std::io::ErrorKind::InvalidData);
     }
 }

@@ -8,8 +8,14 @@
 //! one chunk of resources only. Resources with an id keep it (an update, or update-as-create),
 //! so references between imported files hold; those without get a new one.
 //!
+//! Resources from single-resource files, NDJSON lines and Bundles imported entry by entry are
+//! written in chunks of [`CHUNK`] per transaction, across file boundaries, so a folder of
+//! small files costs one commit per chunk, not per file.
+//!
 //! On bad input the import stops with the file and entry (or line) named, having stored
-//! everything before it: a chunk that fails is retried entry by entry up to the bad one.
+//! everything before it: a chunk that fails is retried entry by entry up to the bad one. With
+//! [`ImportOptions::keep_going`] it records what it could not take instead ([`Rejection`]:
+//! file, entry or line, HTTP-style status and `OperationOutcome`) and imports the rest.
 
 use std::path::{Path, PathBuf};
 
@@ -44,6 +50,64 @@ pub struct ImportStats {
     pub resources: u64,
     /// Transactions and batches committed.
     pub commits: u64,
+    /// Resources, lines, entries or files not taken (with [`ImportOptions::keep_going`]).
+    pub rejected: u64,
+}
+
+/// How an import treats bad input.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ImportOptions {
+    /// Record what cannot be imported and go on, instead of stopping at it.
+    pub keep_going: bool,
+}
+
+/// Something the import could not take, as a server would have answered it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Rejection {
+    /// The file.
+    pub file: PathBuf,
+    /// `entry N`, `line N` or `the transaction`; `None` for the whole file.
+    pub at: Option<String>,
+    /// The HTTP status a server would have answered (400, 412, 422, …).
+    pub status: u16,
+    /// The `OperationOutcome` it would have answered with.
+    pub outcome: Value,
+}
+
+impl Rejection {
+    /// One line of the report.
+    pub fn to_json(&self) -> Value {
+        serde_json::json!({
+            "file": self.file.display().to_string(),
+            "at": self.at,
+            "status": self.status,
+            "outcome": self.outcome,
+        })
+    }
+}
+
+/// What went wrong with one item: a store error, or input that is not what it should be.
+enum Fault {
+    Store(Error),
+    Input(String),
+}
+
+impl Fault {
+    fn message(&self) -> String {
+        match self {
+            Fault::Store(e) => e.to_string(),
+            Fault::Input(m) => m.clone(),
+        }
+    }
+}
+
+/// The result of an import: its counts and what it did not take.
+#[derive(Clone, Debug, Default)]
+pub struct ImportReport {
+    /// The counts.
+    pub stats: ImportStats,
+    /// Each rejection, in the order met.
+    pub rejections: Vec<Rejection>,
 }
 
 /// The JSON and NDJSON files under `paths`, in name order.
@@ -95,9 +159,14 @@ fn is_data(p: &Path) -> bool {
 struct Writer<'a> {
     store: &'a dyn ResourceStorage,
     ctx: &'a TenantContext,
-    pending: Vec<(WriteOp, String)>,
+    /// Each pending write with its file and place, across files.
+    pending: Vec<(WriteOp, PathBuf, String)>,
+    /// The resources `pending` updates, each at most once per transaction.
+    pending_keys: std::collections::HashSet<(ResourceType, LogicalId)>,
     file: PathBuf,
     stats: ImportStats,
+    options: ImportOptions,
+    rejections: Vec<Rejection>,
     progress: &'a (dyn Fn(&ImportStats) + Send + Sync),
 }
 
@@ -110,44 +179,114 @@ impl Writer<'_> {
         }
     }
 
+    /// Something in `file` at `at` could not be taken: recorded when the import keeps going,
+    /// else the error that stops it.
+    fn reject(
+        &mut self,
+        file: PathBuf,
+        at: Option<String>,
+        fault: Fault,
+    ) -> Result<(), ImportError> {
+        if !self.options.keep_going {
+            return Err(ImportError {
+                file,
+                at,
+                message: fault.message(),
+            });
+        }
+        let api = match fault {
+            Fault::Store(e) => crate::outcome::ApiError::from(e),
+            Fault::Input(m) => crate::outcome::ApiError::bad_request(m),
+        };
+        self.rejections.push(Rejection {
+            file,
+            at,
+            status: api.status.as_u16(),
+            outcome: api.outcome(),
+        });
+        self.stats.rejected += 1;
+        (self.progress)(&self.stats);
+        Ok(())
+    }
+
     async fn push(&mut self, resource: Value, at: String) -> Result<(), ImportError> {
-        let op = resource_op(resource).map_err(|e| self.fail(Some(at.clone()), e.to_string()))?;
-        self.pending.push((op, at));
+        match resource_op(resource) {
+            Ok(op) => {
+                // One transaction writes a resource once: a second version of it (the same
+                // example in two files) starts the next chunk.
+                if let WriteOp::Update {
+                    resource_type, id, ..
+                } = &op
+                {
+                    if !self.pending_keys.insert((*resource_type, id.clone())) {
+                        self.flush().await?;
+                        self.pending_keys.insert((*resource_type, id.clone()));
+                    }
+                }
+                self.pending.push((op, self.file.clone(), at));
+            }
+            Err(e) => self.reject(self.file.clone(), Some(at), Fault::Store(e))?,
+        }
         if self.pending.len() >= CHUNK {
             self.flush().await?;
         }
         Ok(())
     }
 
-    /// Commits the pending chunk; if it fails, commits its entries one by one up to the one
-    /// that fails, and reports that one.
+    /// Commits the pending chunk; if it fails, commits its entries one by one, and reports
+    /// (or, keeping going, records) each one that fails.
     async fn flush(&mut self) -> Result<(), ImportError> {
         if self.pending.is_empty() {
             return Ok(());
         }
         let chunk = std::mem::take(&mut self.pending);
-        let ops: Vec<WriteOp> = chunk.iter().map(|(op, _)| op.clone()).collect();
-        match self.store.transaction(self.ctx, ops).await {
-            Ok(outcomes) => {
-                self.stats.resources += outcomes.len() as u64;
-                self.stats.commits += 1;
-                (self.progress)(&self.stats);
-                Ok(())
+        self.pending_keys.clear();
+        self.commit(chunk).await?;
+        (self.progress)(&self.stats);
+        Ok(())
+    }
+
+    /// Commits `chunk` as one transaction; one that fails is split in halves, so a bad
+    /// entry among hundreds costs a few commits, not one per entry. Without keep-going, the
+    /// entries before the first bad one are committed, and it stops there.
+    fn commit(
+        &mut self,
+        chunk: Vec<(WriteOp, PathBuf, String)>,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), ImportError>> + Send + '_>>
+    {
+        Box::pin(async move {
+            if chunk.is_empty() {
+                return Ok(());
             }
-            Err(e) if e.is_temporary() => Err(self.fail(None, e.to_string())),
-            Err(_) => {
-                for (op, at) in chunk {
-                    self.store
-                        .transaction(self.ctx, vec![op])
-                        .await
-                        .map_err(|e| self.fail(Some(at), e.to_string()))?;
-                    self.stats.resources += 1;
+            let ops: Vec<WriteOp> = chunk.iter().map(|(op, _, _)| op.clone()).collect();
+            match self.store.transaction(self.ctx, ops).await {
+                Ok(outcomes) => {
+                    self.stats.resources += outcomes.len() as u64;
                     self.stats.commits += 1;
+                    Ok(())
                 }
-                (self.progress)(&self.stats);
-                Ok(())
+                Err(e) if e.is_temporary() => {
+                    let (_, file, at) = &chunk[0];
+                    Err(ImportError {
+                        file: file.clone(),
+                        at: Some(at.clone()),
+                        message: e.to_string(),
+                    })
+                }
+                Err(e) if chunk.len() == 1 => {
+                    let Some((_, file, at)) = chunk.into_iter().next() else {
+                        return Ok(());
+                    };
+                    self.reject(file, Some(at), Fault::Store(e))
+                }
+                Err(_) => {
+                    let mut first = chunk;
+                    let second = first.split_off(first.len() / 2);
+                    self.commit(first).await?;
+                    self.commit(second).await
+                }
             }
-        }
+        })
     }
 
     /// A transaction or batch Bundle, as one call.
@@ -162,32 +301,36 @@ impl Writer<'_> {
                 )
             });
         }
-        let ops = write_ops(&bundle).map_err(|e| self.fail(None, e.to_string()))?;
+        let ops = match write_ops(&bundle) {
+            Ok(ops) => ops,
+            Err(e) => return self.reject(self.file.clone(), None, Fault::Store(e)),
+        };
         let n = ops.len() as u64;
         if transaction {
-            self.store
-                .transaction(self.ctx, ops)
-                .await
-                .map_err(|e| self.fail(None, format!("the transaction failed: {e}")))?;
-            self.stats.resources += n;
+            match self.store.transaction(self.ctx, ops).await {
+                Ok(_) => self.stats.resources += n,
+                Err(e) if e.is_temporary() => {
+                    return Err(self.fail(None, format!("the transaction failed: {e}")))
+                }
+                Err(e) => {
+                    let file = self.file.clone();
+                    return self.reject(file, Some("the transaction".into()), Fault::Store(e));
+                }
+            }
         } else {
             let results = self
                 .store
                 .batch(self.ctx, ops)
                 .await
                 .map_err(|e| self.fail(None, e.to_string()))?;
-            let mut first_bad = None;
-            for (i, r) in results.iter().enumerate() {
+            for (i, r) in results.into_iter().enumerate() {
                 match r {
                     Ok(_) => self.stats.resources += 1,
-                    Err(e) if first_bad.is_none() => {
-                        first_bad = Some(self.fail(Some(format!("entry {i}")), e.to_string()))
+                    Err(e) => {
+                        let file = self.file.clone();
+                        self.reject(file, Some(format!("entry {i}")), Fault::Store(e))?;
                     }
-                    Err(_) => {}
                 }
-            }
-            if let Some(e) = first_bad {
-                return Err(e);
             }
         }
         self.stats.commits += 1;
@@ -229,20 +372,25 @@ enum Item {
     Bad(String),
 }
 
-/// Imports every file under `paths` into the tenant. `progress` is called after each commit.
+/// Imports every file under `paths` into the tenant. `progress` is called after each commit
+/// and each rejection.
 pub async fn import(
     store: &dyn ResourceStorage,
     ctx: &TenantContext,
     paths: &[PathBuf],
+    options: ImportOptions,
     progress: &(dyn Fn(&ImportStats) + Send + Sync),
-) -> Result<ImportStats, ImportError> {
+) -> Result<ImportReport, ImportError> {
     let files = files(paths)?;
     let mut w = Writer {
         store,
         ctx,
         pending: Vec::new(),
+        pending_keys: Default::default(),
         file: PathBuf::new(),
         stats: ImportStats::default(),
+        options,
+        rejections: Vec::new(),
         progress,
     };
     for file in files {
@@ -256,11 +404,15 @@ pub async fn import(
         } else {
             json_file(&mut w, &file).await?;
         }
-        w.flush().await?;
         w.stats.files += 1;
         progress(&w.stats);
     }
-    Ok(w.stats)
+    w.flush().await?;
+    progress(&w.stats);
+    Ok(ImportReport {
+        stats: w.stats,
+        rejections: w.rejections,
+    })
 }
 
 async fn ndjson_file(w: &mut Writer<'_>, file: &Path) -> Result<(), ImportError> {
@@ -279,15 +431,15 @@ async fn ndjson_file(w: &mut Writer<'_>, file: &Path) -> Result<(), ImportError>
             continue;
         }
         let at = format!("line {n}");
-        let v: Value = match fhirstore_core::json::from_slice_strict(line.as_bytes()) {
-            Ok(v) => v,
+        match fhirstore_core::json::from_slice_strict(line.as_bytes()) {
+            Ok(v) => w.push(v, at).await?,
             Err(e) => {
                 // Keep what came before the bad line.
                 w.flush().await?;
-                return Err(w.fail(Some(at), format!("not JSON: {e}")));
+                let file = w.file.clone();
+                w.reject(file, Some(at), Fault::Input(format!("not JSON: {e}")))?;
             }
-        };
-        w.push(v, at).await?;
+        }
     }
     Ok(())
 }
@@ -296,7 +448,9 @@ async fn json_file(w: &mut Writer<'_>, file: &Path) -> Result<(), ImportError> {
     let f = std::fs::File::open(file).map_err(|e| w.fail(None, e.to_string()))?;
     let (tx, mut rx) = mpsc::channel::<Item>(256);
     let parser = tokio::task::spawn_blocking(move || {
-        let mut de = serde_json::Deserializer::from_reader(std::io::BufReader::new(f));
+        // Duplicate keys stop the parse where they are, as any other malformed JSON does.
+        let reader = fhirstore_core::json::NoDuplicateKeys::new(std::io::BufReader::new(f));
+        let mut de = serde_json::Deserializer::from_reader(reader);
         let result = FileSeed { tx: &tx }
             .deserialize(&mut de)
             .and_then(|()| de.end());
@@ -321,7 +475,8 @@ async fn json_file(w: &mut Writer<'_>, file: &Path) -> Result<(), ImportError> {
             }
             Item::Bad(e) => {
                 w.flush().await?;
-                Err(w.fail(None, format!("not valid JSON: {e}")))
+                let file = w.file.clone();
+                w.reject(file, None, Fault::Input(format!("not valid JSON: {e}")))
             }
         };
         if let Err(e) = step {

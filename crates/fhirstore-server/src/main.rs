@@ -36,6 +36,14 @@ enum Command {
         /// Files or folders.
         #[arg(required = true)]
         paths: Vec<PathBuf>,
+        /// Import everything that can be imported, and write what could not to the report
+        /// (the exit status is then non-zero).
+        #[arg(long)]
+        keep_going: bool,
+        /// Where `--keep-going` writes its report: NDJSON, one line per rejection (file, entry
+        /// or line, HTTP-style status, OperationOutcome).
+        #[arg(long, default_value = "fhirstore-import-report.ndjson")]
+        report: PathBuf,
     },
     /// Compare every secondary with the primary, and repair what drifted.
     Reconcile {
@@ -104,7 +112,15 @@ fn main() -> ExitCode {
 async fn run(cli: Cli) -> Result<(), Failure> {
     match cli.command {
         Command::Serve(args) => serve(&cli.storage, &args).await,
-        Command::Import { tenant, paths } => import_cmd(&cli.storage, &tenant, &paths).await,
+        Command::Import {
+            tenant,
+            paths,
+            keep_going,
+            report,
+        } => {
+            let options = import::ImportOptions { keep_going };
+            import_cmd(&cli.storage, &tenant, &paths, options, &report).await
+        }
         Command::Reconcile {
             tenant,
             resource_type,
@@ -191,21 +207,28 @@ async fn with_store<T>(
     result
 }
 
-async fn import_cmd(storage: &StorageArgs, tenant: &str, paths: &[PathBuf]) -> Result<(), Failure> {
+async fn import_cmd(
+    storage: &StorageArgs,
+    tenant: &str,
+    paths: &[PathBuf],
+    options: import::ImportOptions,
+    report_path: &std::path::Path,
+) -> Result<(), Failure> {
     let ctx = TenantContext::full(TenantId::new(tenant)?);
     let bar = spinner("{spinner} {pos} resources imported ({per_sec}), {msg} [{elapsed}]");
     let started = std::time::Instant::now();
-    let stats = with_store(storage, async |store| {
+    let report = with_store(storage, async |store| {
         let bar2 = bar.clone();
         let progress = move |s: &import::ImportStats| {
             bar2.set_position(s.resources);
-            bar2.set_message(format!("{} files", s.files));
+            bar2.set_message(format!("{} files, {} rejected", s.files, s.rejected));
         };
-        let r = import::import(store.storage(), &ctx, paths, &progress).await;
+        let r = import::import(store.storage(), &ctx, paths, options, &progress).await;
         bar.finish_and_clear();
         Ok(r?)
     })
     .await?;
+    let stats = &report.stats;
     let secs = started.elapsed().as_secs_f64();
     println!(
         "imported {} resources from {} files in {} commits, {:.1}s ({:.0} resources/s)",
@@ -215,6 +238,20 @@ async fn import_cmd(storage: &StorageArgs, tenant: &str, paths: &[PathBuf]) -> R
         secs,
         stats.resources as f64 / secs.max(1e-9)
     );
+    if !report.rejections.is_empty() {
+        let mut text = String::new();
+        for r in &report.rejections {
+            text.push_str(&r.to_json().to_string());
+            text.push('\n');
+        }
+        std::fs::write(report_path, text)?;
+        return Err(format!(
+            "{} rejected; the report is {}",
+            report.rejections.len(),
+            report_path.display()
+        )
+        .into());
+    }
     Ok(())
 }
 

@@ -204,12 +204,116 @@ fn import_stops_at_bad_input_naming_it_and_keeps_what_came_before() {
         ],
     );
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("t.json: the transaction failed"));
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(err.contains("t.json, the transaction: "), "{err}");
     assert!(ids(&search(&data, "bad", "Patient?family=Tx")).is_empty());
 
     let missing = fhirstore(&data, &["import", "/no/such/file.json"]);
     assert!(!missing.status.success());
     assert!(String::from_utf8_lossy(&missing.stderr).contains("/no/such/file.json"));
+}
+
+/// `import --keep-going` over the whole official examples folder (Bundles included) and a
+/// folder of bad files: it imports everything it can, batching single-resource files into
+/// chunks, writes one report line for exactly each thing it could not take, and exits
+/// non-zero.
+#[test]
+fn import_keeps_going_and_reports_exactly_what_it_could_not_take() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let data = dir.path().join("data");
+    let bad = dir.path().join("bad");
+    std::fs::create_dir_all(&bad).expect("mkdir");
+    std::fs::write(
+        bad.join("lines.ndjson"),
+        concat!(
+            r#"{"resourceType": "Patient", "id": "kg1", "name": [{"family": "KeepGoing"}]}"#,
+            "\n{broken\n",
+            r#"{"resourceType": "Patient", "id": "kg2", "gender": 5}"#,
+            "\n",
+            r#"{"resourceType": "Patient", "id": "kg3", "name": [{"family": "KeepGoing"}]}"#,
+            "\n"
+        ),
+    )
+    .expect("write");
+    std::fs::write(bad.join("not-json.json"), "{nope").expect("write");
+    std::fs::write(
+        bad.join("twice.json"),
+        r#"{"resourceType": "Patient", "id": "kg4", "gender": "male", "gender": "female"}"#,
+    )
+    .expect("write");
+    let report = dir.path().join("report.ndjson");
+    let out = fhirstore(
+        &data,
+        &[
+            "import",
+            "--tenant",
+            "kg",
+            "--keep-going",
+            "--report",
+            report.to_str().expect("utf-8"),
+            examples().to_str().expect("utf-8"),
+            bad.to_str().expect("utf-8"),
+        ],
+    );
+    assert!(
+        !out.status.success(),
+        "a rejection makes the exit status fail"
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(stderr.contains("rejected; the report is"), "{stderr}");
+    let lines: Vec<Value> = std::fs::read_to_string(&report)
+        .expect("report")
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("a JSON line"))
+        .collect();
+    let place = |v: &Value| {
+        let file = v["file"].as_str().unwrap_or("");
+        let name = Path::new(file)
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("")
+            .to_owned();
+        (name, v["at"].as_str().map(str::to_owned))
+    };
+    let ours: Vec<(String, Option<String>)> = lines
+        .iter()
+        .map(place)
+        .filter(|(f, _)| matches!(f.as_str(), "lines.ndjson" | "not-json.json" | "twice.json"))
+        .collect();
+    assert_eq!(
+        ours,
+        [
+            ("lines.ndjson".to_owned(), Some("line 2".to_owned())),
+            ("lines.ndjson".to_owned(), Some("line 3".to_owned())),
+            ("not-json.json".to_owned(), None),
+            ("twice.json".to_owned(), None),
+        ]
+    );
+    for l in &lines {
+        let status = l["status"].as_u64().unwrap_or(0);
+        assert!((400..500).contains(&status), "{l}");
+        assert_eq!(l["outcome"]["resourceType"], "OperationOutcome", "{l}");
+    }
+    // The rest is in: the good lines around the bad ones, and every example file.
+    assert_eq!(
+        ids(&search(&data, "kg", "Patient?family=KeepGoing")),
+        ["kg1", "kg3"]
+    );
+    let example = search(&data, "kg", "Patient?_id=example");
+    assert_eq!(ids(&example), ["example"]);
+    // Single-resource files share commits.
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let number = |after: &str| -> u64 {
+        stdout
+            .split(after)
+            .next()
+            .and_then(|s| s.split_whitespace().last())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0)
+    };
+    let (files, commits) = (number(" files in"), number(" commits"));
+    assert!(files > 600, "{stdout}");
+    assert!(commits * 4 < files, "{stdout}");
 }
 
 #[test]
