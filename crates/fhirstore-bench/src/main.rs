@@ -9,6 +9,7 @@
 //!
 //! `generate`: writes the generated clinical data as NDJSON, for other tools and stores.
 
+mod clinical;
 mod digests;
 mod generate;
 mod http;
@@ -58,6 +59,8 @@ enum Command {
     Http(http::HttpArgs),
     /// What digest maintenance costs writes: the same writes with digests on and off.
     Digests(digests::DigestArgs),
+    /// Bulk Data `$export` against paged searches, and `$everything` of one large record.
+    Clinical(clinical::ClinicalArgs),
 }
 
 #[derive(clap::Args)]
@@ -153,6 +156,7 @@ async fn main() -> Result<(), BoxError> {
         Command::Sync(args) => sync::run(args).await,
         Command::Reconcile(args) => reconcile::run(args).await,
         Command::Http(args) => http::run(args).await,
+        Command::Clinical(args) => clinical::run(args).await,
         Command::Digests(args) => digests::run(args).await,
     }
 }
