@@ -94,14 +94,22 @@ struct Output {
     count: u64,
 }
 
-/// The export jobs this process runs: their cancel flags.
+/// One job this process runs.
+#[derive(Default)]
+struct Running {
+    cancel: AtomicBool,
+    /// Signalled once the job has stopped and left the map.
+    finished: tokio::sync::Notify,
+}
+
+/// The export jobs this process runs.
 #[derive(Default)]
 pub struct Exports {
-    running: Mutex<HashMap<(String, String), Arc<AtomicBool>>>,
+    running: Mutex<HashMap<(String, String), Arc<Running>>>,
 }
 
 impl Exports {
-    fn running(&self) -> std::sync::MutexGuard<'_, HashMap<(String, String), Arc<AtomicBool>>> {
+    fn running(&self) -> std::sync::MutexGuard<'_, HashMap<(String, String), Arc<Running>>> {
         // A map of flags: a panic elsewhere cannot leave it half-written.
         self.running
             .lock()
@@ -255,17 +263,18 @@ pub(crate) async fn kick_off(req: &Req<'_>, level: Level, query: &str) -> ApiRes
         done: 0,
     };
     write_record(&dir, &job).map_err(|e| io("record", e))?;
-    let cancel = Arc::new(AtomicBool::new(false));
+    let running = Arc::new(Running::default());
     req.app
         .exports
         .running()
-        .insert((job.tenant.clone(), id.clone()), cancel.clone());
+        .insert((job.tenant.clone(), id.clone()), running.clone());
     if let Some(app) = req.app.me.upgrade() {
         let ctx = TenantContext::full(tenant);
         tokio::spawn(async move {
             let key = (job.tenant.clone(), job.id.clone());
-            run(&app, &ctx, &dir, job, &cancel).await;
+            run(&app, &ctx, &dir, job, &running.cancel).await;
             app.exports.running().remove(&key);
+            running.finished.notify_waiters();
         });
     }
     let mut resp = StatusCode::ACCEPTED.into_response();
@@ -628,11 +637,21 @@ pub(crate) async fn cancel(req: &Req<'_>, id: &str) -> ApiResult {
         return Err(ApiError::not_found(format!("no export job {id}")));
     }
     let key = (req.ctx.tenant().to_string(), id.to_owned());
-    if let Some(flag) = req.app.exports.running().get(&key) {
-        // The job removes its directory itself once it sees the flag.
-        flag.store(true, Ordering::SeqCst);
+    let running = req.app.exports.running().get(&key).cloned();
+    if let Some(job) = running {
+        // The job stops at its next page and removes its directory itself; wait for it, so
+        // nothing it writes outlives the answer.
+        let finished = job.finished.notified();
+        job.cancel.store(true, Ordering::SeqCst);
+        if req.app.exports.running().contains_key(&key) {
+            let _ = tokio::time::timeout(Duration::from_secs(30), finished).await;
+        }
     }
-    std::fs::remove_dir_all(&dir).map_err(|e| io("removal", e))?;
+    match std::fs::remove_dir_all(&dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io("removal", e)),
+    }
     Ok(StatusCode::ACCEPTED.into_response())
 }
 
@@ -672,8 +691,8 @@ fn sweep(app: &App, root: &Path) {
         let age = Duration::from_micros(u64::try_from(now - job.transaction_time).unwrap_or(0));
         if age > ttl {
             let key = (job.tenant.clone(), job.id.clone());
-            if let Some(flag) = app.exports.running().get(&key) {
-                flag.store(true, Ordering::SeqCst);
+            if let Some(job) = app.exports.running().get(&key) {
+                job.cancel.store(true, Ordering::SeqCst);
             }
             let _ = std::fs::remove_dir_all(&dir);
         }

@@ -575,10 +575,18 @@ fn push_compartment(
     let by_param: Vec<&&(ResourceType, Vec<String>)> =
         members.iter().filter(|(_, p)| !p.is_empty()).collect();
     if !by_param.is_empty() {
-        qb.push(format_args!(
-            "{or}({r}.resource_type, {r}.id) IN (SELECT m.resource_type, m.id \
-             FROM search_reference m WHERE m.tenant = "
-        ));
+        // One type: the same single-column `IN` a reference criterion uses, which the planners
+        // drive from the (small) membership set; several: pairs of type and id.
+        if scope.rt.is_some() {
+            qb.push(format_args!(
+                "{or}{r}.id IN (SELECT m.id FROM search_reference m WHERE m.tenant = "
+            ));
+        } else {
+            qb.push(format_args!(
+                "{or}({r}.resource_type, {r}.id) IN (SELECT m.resource_type, m.id \
+                 FROM search_reference m WHERE m.tenant = "
+            ));
+        }
         qb.push_bind(scope.tenant.as_str().to_owned());
         qb.push(" AND m.target_type = ");
         qb.push_bind(c.owner_type.as_str());
