@@ -1486,6 +1486,7 @@ async fn linked_keys(
     reverse: bool,
 ) -> Result<Vec<ResourceKey>> {
     let mut out = Vec::new();
+    let mut seen = HashSet::new();
     // One statement per type among `from`, each with its ids in an IN list.
     let mut by_type: std::collections::BTreeMap<ResourceType, Vec<&str>> = Default::default();
     for k in from {
@@ -1498,10 +1499,13 @@ async fn linked_keys(
         if !reverse && inc.source.is_some_and(|s| s != rt) {
             continue;
         }
+        // No DISTINCT on the forward lookup: SQLite would read it in the order of the target
+        // index, every reference of the tenant (19 ms for 100 ids in a 60k store, growing with
+        // it), instead of probing the primary key once per id (0.4 ms). Duplicates go below.
         let mut qb = QueryBuilder::<Db>::new(if reverse {
             "SELECT DISTINCT t.resource_type, t.id FROM search_reference t WHERE t.tenant = "
         } else {
-            "SELECT DISTINCT t.target_type, t.target_id FROM search_reference t WHERE t.tenant = "
+            "SELECT t.target_type, t.target_id FROM search_reference t WHERE t.tenant = "
         });
         qb.push_bind(tenant.as_str().to_owned());
         if reverse {
@@ -1535,7 +1539,10 @@ async fn linked_keys(
             let id: String = row.try_get(1).map_err(db_err)?;
             // A reference to a type or id that is not valid cannot name a stored resource.
             if let (Ok(t), Ok(id)) = (ResourceType::new(&t), LogicalId::new(id)) {
-                out.push(ResourceKey::new(t, id));
+                let key = ResourceKey::new(t, id);
+                if seen.insert(key.clone()) {
+                    out.push(key);
+                }
             }
         }
     }
