@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use fhirstore_core::{LogicalId, ResourceType, TenantContext, TenantId, WriteOp};
-use fhirstore_server::config::{ModeArg, ServerSettings, StoreSettings};
+use fhirstore_server::config::{ModeArg, ServerSettings};
 use serde_json::{json, Value};
 use tower::ServiceExt as _;
 
@@ -166,14 +166,7 @@ async fn write(
 /// Runs the benchmark.
 pub async fn run(args: ClinicalArgs) -> Result<(), BoxError> {
     let dir = tempfile::tempdir()?;
-    let settings = StoreSettings {
-        data_dir: dir.path().to_owned(),
-        postgres: None,
-        redis: None,
-        redis_prefix: "fhirstore".to_owned(),
-        redis_mode: ModeArg::Off,
-        index_mode: ModeArg::Off,
-    };
+    let settings = crate::embedded_settings(dir.path(), ModeArg::Off);
     let store = fhirstore_server::deploy::open(&settings).await?;
     let ctx = TenantContext::full(TenantId::new("bench")?);
     let started = Instant::now();

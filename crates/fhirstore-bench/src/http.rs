@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use fhirstore_core::{
     Handling, LogicalId, ResourceType, SearchQuery, TenantContext, TenantId, WriteOp,
 };
-use fhirstore_server::config::{ModeArg, ServerSettings, StoreSettings};
+use fhirstore_server::config::{ModeArg, ServerSettings};
 use fhirstore_server::deploy::{self, Deployment};
 use serde_json::json;
 
@@ -178,14 +178,7 @@ async fn library(
 /// Runs the benchmark.
 pub async fn run(args: HttpArgs) -> Result<(), BoxError> {
     let dir = tempfile::tempdir()?;
-    let settings = StoreSettings {
-        data_dir: dir.path().to_owned(),
-        postgres: None,
-        redis: None,
-        redis_prefix: "fhirstore".to_owned(),
-        redis_mode: ModeArg::Off,
-        index_mode: ModeArg::Async,
-    };
+    let settings = crate::embedded_settings(dir.path(), ModeArg::Async);
     let store = deploy::open(&settings).await?;
     let ctx = TenantContext::full(TenantId::new("bench")?);
     let patient = ResourceType::new("Patient")?;

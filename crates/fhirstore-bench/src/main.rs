@@ -27,6 +27,22 @@ use fhirstore_core::{LogicalId, ResourceStorage, ResourceType, TenantContext, Te
 use fhirstore_sql::{Durability, PostgresStore, SqlConfig, SqliteStore};
 use serde_json::{json, Value};
 
+/// The server's stores in `dir` as a user's first run has them: the embedded SQLite file, and
+/// the tantivy index as `index_mode` says; no PostgreSQL, no Redis.
+pub(crate) fn embedded_settings(
+    dir: &std::path::Path,
+    index_mode: fhirstore_server::config::ModeArg,
+) -> fhirstore_server::config::StoreSettings {
+    fhirstore_server::config::StoreSettings {
+        data_dir: dir.to_owned(),
+        postgres: None,
+        redis: None,
+        redis_prefix: "fhirstore".to_owned(),
+        redis_mode: fhirstore_server::config::ModeArg::Off,
+        index_mode,
+    }
+}
+
 #[derive(Parser)]
 #[command(about = "fhirstore benchmarks")]
 struct Cli {
