@@ -9,7 +9,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -30,14 +30,6 @@ fn patient(id: &str, family: &str) -> serde_json::Value {
     json!({"resourceType": "Patient", "id": id, "name": [{"family": family}],
            "text": {"status": "generated",
                     "div": format!("<div xmlns=\"http://www.w3.org/1999/xhtml\">{family} chart</div>")}})
-}
-
-/// A loopback port no one listens on now.
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
 }
 
 fn run(cmd: &mut Command) -> Result<(), String> {
@@ -74,49 +66,6 @@ impl Scratch {
 impl Drop for Scratch {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// A Redis server of this test's own, on its own port.
-struct OwnRedis {
-    port: u16,
-    child: Child,
-}
-
-impl OwnRedis {
-    fn start(port: u16) -> Option<Self> {
-        let child = Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn();
-        let child = match child {
-            Ok(c) => c,
-            Err(e) => return fhirstore_testkit::service_unavailable("redis-server", e),
-        };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "redis-server did not come up");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Some(OwnRedis { port, child })
-    }
-
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
-    }
-
-    fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for OwnRedis {
-    fn drop(&mut self) {
-        // A paused server must be resumed to die of anything but SIGKILL; SIGKILL it is.
-        self.kill();
     }
 }
 
@@ -203,7 +152,7 @@ async fn postgres_restarted_mid_load() {
         return fhirstore_testkit::service_unavailable("a PostgreSQL of the test's own", e)
             .unwrap_or(());
     }
-    let port = free_port();
+    let port = fhirstore_testkit::loopback_port();
     let options = format!(
         "-p {port} -k {} -c listen_addresses=127.0.0.1",
         scratch.0.display()
@@ -295,8 +244,8 @@ async fn postgres_restarted_mid_load() {
 /// to mirror the primary exactly.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_paused_then_killed() {
-    let port = free_port();
-    let Some(mut server) = OwnRedis::start(port) else {
+    let port = fhirstore_testkit::loopback_port();
+    let Some(mut server) = fhirstore_testkit::OwnRedis::start(port) else {
         return;
     };
     let scratch = Scratch::new("redis");
@@ -341,7 +290,7 @@ async fn redis_paused_then_killed() {
 
     // Paused: writes go on (their synchronous apply times out), and reads and searches keep
     // up with what the writes returned.
-    signal(server.child.id(), "-STOP");
+    signal(server.pid(), "-STOP");
     let paused = Instant::now();
     while paused.elapsed() < Duration::from_millis(1_500) {
         write_load(&composite, &ctx, "p", 10, 10, &acked, &done).await;
@@ -360,14 +309,14 @@ async fn redis_paused_then_killed() {
             assert!(found >= *v, "search {id}: v{found} from {}", routed.backend);
         }
     }
-    signal(server.child.id(), "-CONT");
+    signal(server.pid(), "-CONT");
     caught_up(&composite).await;
     assert_mirrors(&*primary, &redis, std::slice::from_ref(&ctx)).await;
 
     // Killed and back empty: the secondary is rebuilt while writes go on.
     server.kill();
     write_load(&composite, &ctx, "q", 30, 10, &acked, &done).await;
-    let mut server = OwnRedis::start(port).expect("restart redis");
+    let mut server = fhirstore_testkit::OwnRedis::start(port).expect("restart redis");
     write_load(&composite, &ctx, "q", 30, 10, &acked, &done).await;
     caught_up(&composite).await;
     assert_mirrors(&*primary, &redis, std::slice::from_ref(&ctx)).await;

@@ -12,7 +12,7 @@ mod reindex;
 pub mod secondary;
 mod services;
 
-pub use services::{require_services, service_unavailable};
+pub use services::{loopback_port, require_services, service_unavailable, OwnRedis};
 
 use fhirstore_core::{TenantContext, TenantId};
 
