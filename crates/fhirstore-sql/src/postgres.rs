@@ -49,10 +49,6 @@ static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../../migrations/post
 /// the tenant, parameter or code: 34 ms instead of 7 ms for a 5,000-match token search.
 const PERSISTENT_SEARCH_PLANS: bool = false;
 
-/// Text sort keys compare bytewise, whatever the database's default collation, so ORDER BY
-/// and the keyset condition of the next page agree.
-const TEXT_KEY_COLLATE: &str = " COLLATE \"C\"";
-
 /// Plain `BEGIN` (READ COMMITTED): row locks taken by the write path order the writers.
 const BEGIN_WRITE: Option<&str> = None;
 
@@ -265,13 +261,6 @@ const LOCK_PARAMS_EXCLUSIVE: Option<&str> = Some("SELECT pg_advisory_xact_lock(7
 /// A reindex batch locks the current rows it rewrites, so a concurrent write of one of them
 /// waits, then indexes the new body itself.
 const LOCK_REINDEX_BATCH: &str = " FOR UPDATE OF r";
-
-/// A selective criterion's ids are collected once, as an array, before the outer scan:
-/// `id = ANY(ARRAY(SELECT …))` (`<> ALL` for `:not`). As `IN (SELECT …)`, PostgreSQL chose a
-/// nested loop that rescanned the criterion's rows of the whole tenant for each resource
-/// whenever its statistics put a small tenant at one row (one large tenant beside many small
-/// ones does that): a reference search over 800 Observations ran for minutes.
-const ID_SET_FROM_ARRAY: Option<(&str, &str)> = Some(("= ANY", "<> ALL"));
 
 /// The change log's order key and its bounds: the log is read in (transaction id, seq) order,
 /// below the oldest running transaction (see `fhirstore_core::changelog`).

@@ -41,9 +41,6 @@ static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../../migrations/sqli
 /// statement saves re-parsing.
 const PERSISTENT_SEARCH_PLANS: bool = true;
 
-/// Text sort keys compare bytewise: SQLite's default BINARY collation already does.
-const TEXT_KEY_COLLATE: &str = "";
-
 /// Write transactions take SQLite's write lock up front, so a second process's writer waits on
 /// the busy timeout. A deferred transaction that read before another connection committed
 /// would fail with SQLITE_BUSY_SNAPSHOT instead; the retry loop recovers from that, but only
@@ -314,9 +311,6 @@ const LOCK_PARAMS_EXCLUSIVE: Option<&str> = None;
 /// A reindex batch runs on the writer connection, so no write can slip between its read of a
 /// body and its rewrite of that body's rows.
 const LOCK_REINDEX_BATCH: &str = "";
-
-/// SQLite plans `IN (SELECT …)` from the subquery's own index either way.
-const ID_SET_FROM_ARRAY: Option<(&str, &str)> = None;
 
 /// The change log's order key and its bounds: one writer hands out `seq` in commit order, so
 /// `seq` alone orders the log (both halves of the cursor).

@@ -9,15 +9,12 @@ use std::collections::{HashMap, HashSet};
 
 use async_trait::async_trait;
 use fhirstore_core::bundle::rewrite_references;
-use fhirstore_core::date::InstantPredicate;
 use fhirstore_core::digest::{
     element_hash, join_u128, segment, split_u128, Digest, SEGMENTS, TOMBSTONE_CONTENT_HASH,
 };
 use fhirstore_core::index;
 use fhirstore_core::resource::{check_body, prepare_body, IdRule};
-use fhirstore_core::search::{
-    CriterionValues, Modifier, NumberValue, ParamType, Prefix, ReferenceValue, TotalMode,
-};
+use fhirstore_core::search::{ParamType, TotalMode};
 use fhirstore_core::{
     from_micros, now_micros, Capabilities, Deleted, Error, HistoryPage, HistoryRequest,
     HistoryScope, LogicalId, OpOutcome, Permission, ResourceKey, ResourceStorage, ResourceType,
@@ -28,9 +25,10 @@ use serde_json::Value;
 use sqlx::{Acquire, QueryBuilder, Row};
 use tracing::instrument;
 
+use crate::search;
 use crate::{
-    corrupt, parse_history_cursor, parse_search_cursor, search_cursor, DigestDeltas, OutboxEntry,
-    SegmentDigest, VersionRow,
+    corrupt, parse_history_cursor, search_cursor, DigestDeltas, OutboxEntry, SegmentDigest,
+    VersionRow,
 };
 
 /// Parameters answered from the resources table's own columns.
@@ -128,686 +126,38 @@ fn stored(
     })
 }
 
+/// A planned statement with its values bound, ready to run.
+fn bound(sql: &search::Sql) -> sqlx::query::Query<'_, Db, <Db as sqlx::Database>::Arguments<'_>> {
+    let mut q = sqlx::query(sql.text());
+    for b in sql.binds() {
+        q = match b {
+            search::Bind::Text(t) => q.bind(t.as_str()),
+            search::Bind::Int(n) => q.bind(*n),
+            search::Bind::Real(x) => q.bind(*x),
+        };
+    }
+    q
+}
+
+/// A sort key's value, column `i` of a page row.
+fn read_key(
+    kind: search::KeyKind,
+    row: &<Db as sqlx::Database>::Row,
+    i: usize,
+) -> Result<search::KeyValue> {
+    use search::{KeyKind, KeyValue};
+    Ok(match kind {
+        KeyKind::Text => KeyValue::Text(row.try_get(i).map_err(db_err)?),
+        KeyKind::Int => KeyValue::Int(row.try_get(i).map_err(db_err)?),
+        KeyKind::Real => KeyValue::Real(row.try_get(i).map_err(db_err)?),
+    })
+}
+
 fn key_from_row(rt: &str, id: String) -> Result<ResourceKey> {
     Ok(ResourceKey::new(
         ResourceType::new(rt).map_err(|_| corrupt(format!("resource type {rt:?}")))?,
         LogicalId::new(id).map_err(|e| corrupt(e.to_string()))?,
     ))
-}
-
-/// The index table holding a parameter type's rows.
-fn index_table(kind: ParamType) -> Option<&'static str> {
-    Some(match kind {
-        ParamType::Token => "search_token",
-        ParamType::String => "search_string",
-        ParamType::Date => "search_date",
-        ParamType::Number | ParamType::Quantity => "search_quantity",
-        ParamType::Reference => "search_reference",
-        ParamType::Uri => "search_uri",
-        ParamType::Composite => "search_composite",
-        ParamType::Special => return None,
-    })
-}
-
-/// Opens the subquery that restricts the resources aliased `r` to those with a matching row in
-/// `table` for `param`; the caller adds the value predicates and closes it with `)`.
-///
-/// Selective criteria (tokens, strings, references, uris, exact numbers) become
-/// `r.id [NOT] IN (SELECT t.id … WHERE t.tenant = ? AND t.resource_type = ? AND t.param = ?`:
-/// tenant and type are bound, not correlated, so the planner starts from the lookup index and
-/// fetches matches by key. A correlated EXISTS made SQLite probe the index once per resource of
-/// the type: 38 identifier searches/s at 10k Patients, 14,600/s this way.
-///
-/// Range criteria (`correlated`) stay a correlated EXISTS: one bound of a range usually matches
-/// most resources, and materialising that set cost a one-year birthdate window 5× (506 → 101
-/// searches/s); probing per resource stops at the page limit, and beside a selective criterion
-/// the planner drives from that one.
-///
-/// Returns what closes the subquery once the caller has pushed its value predicates.
-fn push_in(
-    qb: &mut QueryBuilder<'_, Db>,
-    scope: &Scope<'_>,
-    table: &str,
-    param: &str,
-    negate: bool,
-    correlated: bool,
-) -> &'static str {
-    let mut close = ")";
-    let not = if negate { " NOT" } else { "" };
-    let r = scope.alias;
-    if correlated {
-        qb.push(format_args!(
-            " AND{not} EXISTS (SELECT 1 FROM {table} t WHERE t.tenant = {r}.tenant \
-             AND t.resource_type = {r}.resource_type AND t.id = {r}.id"
-        ));
-    } else {
-        match scope.rt {
-            Some(rt) => {
-                match ID_SET_FROM_ARRAY {
-                    Some((any, all)) => {
-                        let op = if negate { all } else { any };
-                        qb.push(format_args!(
-                            " AND {r}.id {op}(ARRAY(SELECT t.id FROM {table} t WHERE t.tenant = "
-                        ));
-                        close = "))";
-                    }
-                    None => {
-                        qb.push(format_args!(
-                            " AND {r}.id{not} IN (SELECT t.id FROM {table} t WHERE t.tenant = "
-                        ));
-                    }
-                }
-                qb.push_bind(scope.tenant.as_str().to_owned());
-                qb.push(" AND t.resource_type = ");
-                qb.push_bind(rt.as_str());
-            }
-            None => {
-                qb.push(format_args!(
-                    " AND ({r}.resource_type, {r}.id){not} IN (SELECT t.resource_type, t.id \
-                     FROM {table} t WHERE t.tenant = "
-                ));
-                qb.push_bind(scope.tenant.as_str().to_owned());
-            }
-        }
-    }
-    qb.push(" AND t.param = ");
-    qb.push_bind(param.to_owned());
-    close
-}
-
-/// Where a criterion applies: the tenant, the type of the resources aliased `alias` (when
-/// known), and that alias.
-struct Scope<'a> {
-    tenant: &'a TenantId,
-    rt: Option<ResourceType>,
-    alias: &'a str,
-}
-
-/// Pushes `(p1 OR p2 …)`, one alternative per value.
-fn push_any<T>(
-    qb: &mut QueryBuilder<'_, Db>,
-    values: &[T],
-    mut each: impl FnMut(&mut QueryBuilder<'_, Db>, &T),
-) {
-    qb.push(" AND (");
-    for (i, v) in values.iter().enumerate() {
-        if i > 0 {
-            qb.push(" OR ");
-        }
-        qb.push("(");
-        each(qb, v);
-        qb.push(")");
-    }
-    qb.push(")");
-}
-
-/// Escapes `%`, `_` and `\` for a LIKE pattern with `ESCAPE '\'`.
-fn like_escape(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for c in s.chars() {
-        if matches!(c, '%' | '_' | '\\') {
-            out.push('\\');
-        }
-        out.push(c);
-    }
-    out
-}
-
-/// A stored range `[{t}.low, {t}.high)` against a searched range, by prefix (R4 search
-/// §3.1.1.4.3; the same rules as `DateValue::matches`).
-fn push_range_predicate(
-    qb: &mut QueryBuilder<'_, Db>,
-    t: &str,
-    d: &fhirstore_core::date::DateValue,
-    now: i64,
-) {
-    use fhirstore_core::date::Prefix;
-    let (ql, qh) = (d.range.low, d.range.high);
-    let within = |qb: &mut QueryBuilder<'_, Db>| {
-        qb.push(format_args!("({t}.low >= "));
-        qb.push_bind(ql);
-        qb.push(format_args!(" AND {t}.high <= "));
-        qb.push_bind(qh);
-        qb.push(")");
-    };
-    let bound = |qb: &mut QueryBuilder<'_, Db>, column: &str, op: &str, v: i64| {
-        qb.push(format_args!("{t}.{column} {op} "));
-        qb.push_bind(v);
-    };
-    match d.prefix {
-        Prefix::Eq => within(qb),
-        Prefix::Ne => {
-            qb.push("NOT ");
-            within(qb);
-        }
-        Prefix::Gt => bound(qb, "high", ">", qh),
-        Prefix::Lt => bound(qb, "low", "<", ql),
-        Prefix::Ge => {
-            bound(qb, "high", ">", qh);
-            qb.push(" OR ");
-            within(qb);
-        }
-        Prefix::Le => {
-            bound(qb, "low", "<", ql);
-            qb.push(" OR ");
-            within(qb);
-        }
-        Prefix::Sa => bound(qb, "low", ">=", qh),
-        Prefix::Eb => bound(qb, "high", "<=", ql),
-        Prefix::Ap => {
-            let a = d.approximate_bounds(now);
-            bound(qb, "low", "<", a.high);
-            qb.push(" AND ");
-            bound(qb, "high", ">", a.low);
-        }
-    }
-}
-
-/// A stored number `{t}.value` against a searched number: `eq` uses the searched value's
-/// implicit precision range, the ordering prefixes its exact value, `ap` ±10%.
-fn push_number_predicate(qb: &mut QueryBuilder<'_, Db>, t: &str, n: &NumberValue) {
-    let op = match n.prefix {
-        Prefix::Eq | Prefix::Ne => {
-            qb.push(if n.prefix == Prefix::Ne { "NOT " } else { "" });
-            qb.push(format_args!("({t}.value >= "));
-            qb.push_bind(n.low);
-            qb.push(format_args!(" AND {t}.value < "));
-            qb.push_bind(n.high);
-            qb.push(")");
-            return;
-        }
-        Prefix::Ap => {
-            let pad = (n.value.abs() * 0.1).max(n.high - n.low);
-            qb.push(format_args!("{t}.value >= "));
-            qb.push_bind(n.value - pad);
-            qb.push(format_args!(" AND {t}.value <= "));
-            qb.push_bind(n.value + pad);
-            return;
-        }
-        Prefix::Gt | Prefix::Sa => " > ",
-        Prefix::Lt | Prefix::Eb => " < ",
-        Prefix::Ge => " >= ",
-        Prefix::Le => " <= ",
-    };
-    qb.push(format_args!("{t}.value"));
-    qb.push(op);
-    qb.push_bind(n.value);
-}
-
-/// Pushes ` AND (v1 OR v2 …)` over the index row aliased `t`, one alternative per value, with
-/// the predicate of the values' type. `Missing` and `Composite` values have no row predicate.
-fn push_values(
-    qb: &mut QueryBuilder<'_, Db>,
-    t: &str,
-    modifier: Option<Modifier>,
-    values: &CriterionValues,
-    now: i64,
-) {
-    match values {
-        CriterionValues::Token(tokens) => {
-            // With many alternatives SQLite reads every row of the parameter and tests each
-            // against the OR list (100 identifiers at 100k resources: 23 ms); a leading IN on
-            // the code lets the lookup index probe each value instead (3 ms).
-            let codes: Option<Vec<&String>> = tokens.iter().map(|v| v.code.as_ref()).collect();
-            if let Some(codes) = codes.filter(|c| c.len() > 1) {
-                qb.push(format_args!(" AND {t}.code IN ("));
-                let mut sep = qb.separated(", ");
-                for c in codes {
-                    sep.push_bind(c.clone());
-                }
-                qb.push(")");
-            }
-            push_tokens(qb, t, tokens);
-        }
-        CriterionValues::String(strings) => push_any(qb, strings, |qb, v| match modifier {
-            Some(Modifier::Exact) => {
-                qb.push(format_args!("{t}.exact = "));
-                qb.push_bind(v.clone());
-            }
-            Some(Modifier::Contains) => {
-                qb.push(format_args!("{t}.folded LIKE "));
-                qb.push_bind(format!("%{}%", like_escape(&index::fold(v))));
-                qb.push(" ESCAPE '\\'");
-            }
-            _ => {
-                // Starts-with as a range, so the (param, folded) index serves it. The columns
-                // compare bytewise (SQLite BINARY, PostgreSQL COLLATE "C").
-                let folded = index::fold(v);
-                qb.push(format_args!("{t}.folded >= "));
-                qb.push_bind(folded.clone());
-                qb.push(format_args!(" AND {t}.folded < "));
-                qb.push_bind(format!("{folded}\u{10FFFF}"));
-            }
-        }),
-        CriterionValues::Date(dates) => {
-            push_any(qb, dates, |qb, d| push_range_predicate(qb, t, d, now));
-        }
-        CriterionValues::Number(numbers) => {
-            push_any(qb, numbers, |qb, n| push_number_predicate(qb, t, n));
-        }
-        CriterionValues::Quantity(quantities) => push_any(qb, quantities, |qb, q| {
-            push_number_predicate(qb, t, &q.number);
-            match (&q.system, &q.code) {
-                (Some(system), Some(code)) => {
-                    qb.push(format_args!(" AND {t}.system = "));
-                    qb.push_bind(system.clone());
-                    qb.push(format_args!(" AND {t}.code = "));
-                    qb.push_bind(code.clone());
-                }
-                (None, Some(code)) => {
-                    qb.push(format_args!(" AND ({t}.code = "));
-                    qb.push_bind(code.clone());
-                    qb.push(format_args!(" OR {t}.unit = "));
-                    qb.push_bind(code.clone());
-                    qb.push(")");
-                }
-                (Some(system), None) => {
-                    qb.push(format_args!(" AND {t}.system = "));
-                    qb.push_bind(system.clone());
-                }
-                (None, None) => {}
-            }
-        }),
-        CriterionValues::Reference(refs) => push_any(qb, refs, |qb, v| match v {
-            ReferenceValue::Local { resource_type, id } => {
-                qb.push(format_args!("{t}.target_id = "));
-                qb.push_bind(id.clone());
-                if let Some(rt) = resource_type {
-                    qb.push(format_args!(" AND {t}.target_type = "));
-                    qb.push_bind(rt.as_str());
-                }
-            }
-            ReferenceValue::Url { url, version } => {
-                qb.push(format_args!("{t}.url = "));
-                qb.push_bind(url.clone());
-                if let Some(v) = version {
-                    qb.push(format_args!(" AND {t}.version = "));
-                    qb.push_bind(v.clone());
-                }
-            }
-        }),
-        CriterionValues::Uri(uris) => push_any(qb, uris, |qb, u| match modifier {
-            Some(Modifier::Below) => {
-                qb.push(format_args!("{t}.uri LIKE "));
-                qb.push_bind(format!("{}%", like_escape(u)));
-                qb.push(" ESCAPE '\\'");
-            }
-            Some(Modifier::Above) => {
-                qb.push("substr(");
-                qb.push_bind(u.clone());
-                qb.push(format_args!(", 1, length({t}.uri)) = {t}.uri"));
-            }
-            _ => {
-                qb.push(format_args!("{t}.uri = "));
-                qb.push_bind(u.clone());
-            }
-        }),
-        CriterionValues::Missing(..) | CriterionValues::Composite(_) => {}
-    }
-}
-
-/// Pushes ` AND (v1 OR v2 …)` for token values over the index row aliased `t`.
-fn push_tokens(
-    qb: &mut QueryBuilder<'_, Db>,
-    t: &str,
-    tokens: &[fhirstore_core::search::TokenValue],
-) {
-    push_any(qb, tokens, |qb, v| {
-        qb.push("1 = 1");
-        if let Some(code) = &v.code {
-            qb.push(format_args!(" AND {t}.code = "));
-            qb.push_bind(code.clone());
-        }
-        if let Some(system) = &v.system {
-            qb.push(format_args!(" AND {t}.system = "));
-            qb.push_bind(system.clone());
-        }
-    });
-}
-
-/// Pushes ` AND (r.id IN (…) OR …)`, one alternative per composite value: rows of the same
-/// element (`grp`) must match every component, each by its own type's predicate.
-fn push_composite(
-    qb: &mut QueryBuilder<'_, Db>,
-    scope: &Scope<'_>,
-    param: &str,
-    values: &[Vec<CriterionValues>],
-    now: i64,
-) -> Result<()> {
-    let Some(rt) = scope.rt else {
-        return Err(Error::InvalidSearch(format!(
-            "{param}: composite parameters need a resource type"
-        )));
-    };
-    let r = scope.alias;
-    qb.push(" AND (");
-    for (i, components) in values.iter().enumerate() {
-        if i > 0 {
-            qb.push(" OR ");
-        }
-        qb.push(format_args!(
-            "{r}.id IN (SELECT c0.id FROM search_composite c0"
-        ));
-        for k in 1..components.len() {
-            qb.push(format_args!(
-                " JOIN search_composite c{k} ON c{k}.tenant = c0.tenant \
-                 AND c{k}.resource_type = c0.resource_type AND c{k}.id = c0.id \
-                 AND c{k}.param = c0.param AND c{k}.grp = c0.grp AND c{k}.comp = {k}"
-            ));
-        }
-        qb.push(" WHERE c0.tenant = ");
-        qb.push_bind(scope.tenant.as_str().to_owned());
-        qb.push(" AND c0.resource_type = ");
-        qb.push_bind(rt.as_str());
-        qb.push(" AND c0.param = ");
-        qb.push_bind(param.to_owned());
-        qb.push(" AND c0.comp = 0");
-        for (k, v) in components.iter().enumerate() {
-            push_values(qb, &format!("c{k}"), None, v, now);
-        }
-        qb.push(")");
-    }
-    qb.push(")");
-    Ok(())
-}
-
-/// Appends `AND (...)` for every criterion of `query` to a statement over `resources r`.
-fn push_criteria(
-    qb: &mut QueryBuilder<'_, Db>,
-    tenant: &TenantId,
-    query: &SearchQuery,
-    now: i64,
-) -> Result<()> {
-    let scope = Scope {
-        tenant,
-        rt: query.resource_type,
-        alias: "r",
-    };
-    for c in &query.criteria {
-        push_criterion(qb, &scope, c, &c.chain, now)?;
-    }
-    if let Some(c) = &query.compartment {
-        push_compartment(qb, &scope, c);
-    }
-    Ok(())
-}
-
-/// Appends `AND (...)`: the resource is in the compartment. Membership is read from the
-/// reference index, where the write put it: one uncorrelated subquery over the rows that point
-/// at the focal resource (`search_reference_target`), or, for a search of one type, over that
-/// type's compartment parameters (`search_reference_lookup`); the focal resource itself is a
-/// member by identity.
-fn push_compartment(
-    qb: &mut QueryBuilder<'_, Db>,
-    scope: &Scope<'_>,
-    c: &fhirstore_core::compartment::CompartmentScope,
-) {
-    let r = scope.alias;
-    let members: Vec<&(ResourceType, Vec<String>)> = c
-        .members
-        .iter()
-        .filter(|(t, _)| scope.rt.is_none_or(|rt| *t == rt))
-        .collect();
-    if members.is_empty() {
-        qb.push(" AND 1 = 0");
-        return;
-    }
-    if scope.rt.is_none() {
-        qb.push(format_args!(" AND {r}.resource_type IN ("));
-        let mut sep = qb.separated(", ");
-        for (t, _) in &members {
-            sep.push_bind(t.as_str());
-        }
-        qb.push(")");
-    }
-    qb.push(" AND (");
-    let mut or = "";
-    if members.iter().any(|(t, _)| *t == c.owner_type) {
-        qb.push(format_args!("({r}.resource_type = "));
-        qb.push_bind(c.owner_type.as_str());
-        if let Some(id) = &c.owner_id {
-            qb.push(format_args!(" AND {r}.id = "));
-            qb.push_bind(id.as_str().to_owned());
-        }
-        qb.push(")");
-        or = " OR ";
-    }
-    let by_param: Vec<&&(ResourceType, Vec<String>)> =
-        members.iter().filter(|(_, p)| !p.is_empty()).collect();
-    if !by_param.is_empty() {
-        // One type: the same single-column `IN` a reference criterion uses, which the planners
-        // drive from the (small) membership set; several: pairs of type and id.
-        if scope.rt.is_some() {
-            qb.push(format_args!(
-                "{or}{r}.id IN (SELECT m.id FROM search_reference m WHERE m.tenant = "
-            ));
-        } else {
-            qb.push(format_args!(
-                "{or}({r}.resource_type, {r}.id) IN (SELECT m.resource_type, m.id \
-                 FROM search_reference m WHERE m.tenant = "
-            ));
-        }
-        qb.push_bind(scope.tenant.as_str().to_owned());
-        qb.push(" AND m.target_type = ");
-        qb.push_bind(c.owner_type.as_str());
-        if let Some(id) = &c.owner_id {
-            qb.push(" AND m.target_id = ");
-            qb.push_bind(id.as_str().to_owned());
-        }
-        qb.push(" AND (");
-        for (i, (t, params)) in by_param.iter().enumerate() {
-            if i > 0 {
-                qb.push(" OR ");
-            }
-            qb.push("(m.resource_type = ");
-            qb.push_bind(t.as_str());
-            qb.push(" AND m.param IN (");
-            let mut sep = qb.separated(", ");
-            for p in params {
-                sep.push_bind(p.clone());
-            }
-            qb.push("))");
-        }
-        qb.push("))");
-    } else if or.is_empty() {
-        qb.push("1 = 0");
-    }
-    qb.push(")");
-}
-
-/// Appends `AND (...)` for one criterion over the resource aliased `r` (of type `rt`), first
-/// walking `chain`: each link nests an `EXISTS` through `search_reference` to the next resource,
-/// forward along a reference parameter or (for `_has`) backward from resources pointing here.
-fn push_criterion(
-    qb: &mut QueryBuilder<'_, Db>,
-    scope: &Scope<'_>,
-    c: &fhirstore_core::search::Criterion,
-    chain: &[fhirstore_core::search::ChainLink],
-    now: i64,
-) -> Result<()> {
-    use fhirstore_core::search::ChainLink;
-    let r = scope.alias;
-    let rt = scope.rt;
-    if let Some((link, rest)) = chain.split_first() {
-        let Some(here) = rt else {
-            return Err(Error::InvalidSearch(
-                "chained parameters need a resource type".into(),
-            ));
-        };
-        // Aliases get deeper with each link, so an inner query never shadows an outer one.
-        let depth = r.len();
-        let (h, next) = (format!("h{depth}"), format!("{r}n"));
-        // A link is a `search_reference` row. Forward: `r` holds the reference and the next
-        // resource is its target. Reverse: `r` is the target and the next resource holds it.
-        let (own, next_type, next_id, holder, target, param, next_rt) = match link {
-            ChainLink::Forward { param, target } => (
-                "id",
-                "target_type",
-                "target_id",
-                here,
-                *target,
-                param,
-                *target,
-            ),
-            ChainLink::Reverse { source, param } => (
-                "target_id",
-                "resource_type",
-                "id",
-                *source,
-                here,
-                param,
-                *source,
-            ),
-        };
-        qb.push(format_args!(
-            " AND {r}.id IN (SELECT {h}.{own} FROM search_reference {h} JOIN resources {next} \
-             ON {next}.tenant = {h}.tenant AND NOT {next}.deleted \
-             AND {next}.resource_type = {h}.{next_type} AND {next}.id = {h}.{next_id} \
-             WHERE {h}.tenant = "
-        ));
-        qb.push_bind(scope.tenant.as_str().to_owned());
-        qb.push(format_args!(" AND {h}.resource_type = "));
-        qb.push_bind(holder.as_str());
-        qb.push(format_args!(" AND {h}.param = "));
-        qb.push_bind(param.clone());
-        qb.push(format_args!(" AND {h}.target_type = "));
-        qb.push_bind(target.as_str());
-        let inner = Scope {
-            tenant: scope.tenant,
-            rt: Some(next_rt),
-            alias: &next,
-        };
-        push_criterion(qb, &inner, c, rest, now)?;
-        qb.push(")");
-        return Ok(());
-    }
-    if matches!(c.param.as_str(), "_text" | "_content") {
-        return Err(Error::Unsupported(format!(
-            "{}: full-text search is answered by the full-text secondary, not the SQL primary",
-            c.param
-        )));
-    }
-    {
-        let modifier = c.modifier;
-        // :text, :of-type and :identifier rows live under derived parameter names.
-        let derived = match modifier {
-            Some(Modifier::Text) => Some(format!("{}:text", c.param)),
-            Some(Modifier::OfType) => Some(format!("{}:of-type", c.param)),
-            Some(Modifier::Identifier) => Some(format!("{}:identifier", c.param)),
-            _ => None,
-        };
-        let param = derived.as_deref().unwrap_or(c.param.as_str());
-        match (param, &c.values) {
-            ("_id", CriterionValues::Token(tokens)) => {
-                qb.push(format_args!(" AND {r}.id IN ("));
-                let mut sep = qb.separated(", ");
-                for t in tokens {
-                    sep.push_bind(t.code.clone().unwrap_or_default());
-                }
-                qb.push(")");
-            }
-            ("_lastUpdated", CriterionValues::Date(dates)) => {
-                qb.push(" AND (");
-                for (i, d) in dates.iter().enumerate() {
-                    if i > 0 {
-                        qb.push(" OR ");
-                    }
-                    push_instant_predicate(
-                        qb,
-                        &format!("{r}.last_updated"),
-                        d.instant_predicate(now),
-                    );
-                }
-                qb.push(")");
-            }
-            ("_id" | "_lastUpdated", CriterionValues::Missing(missing, _)) => {
-                // Every resource has both.
-                qb.push(if *missing { " AND 1 = 0" } else { "" });
-            }
-            (_, CriterionValues::Missing(missing, kind)) => {
-                let table = index_table(*kind)
-                    .ok_or_else(|| Error::Unsupported(format!("{param}:missing")))?;
-                let close = push_in(qb, scope, table, param, *missing, false);
-                qb.push(close);
-            }
-            (_, CriterionValues::Composite(values)) => {
-                push_composite(qb, scope, param, values, now)?;
-            }
-            (_, values) => {
-                // Range criteria stay correlated (see `push_in`).
-                let (table, correlated) = match values {
-                    CriterionValues::Token(_) => ("search_token", false),
-                    CriterionValues::String(_) => ("search_string", false),
-                    CriterionValues::Date(_) => ("search_date", true),
-                    CriterionValues::Number(ns) => {
-                        ("search_quantity", ns.iter().any(|n| n.prefix != Prefix::Eq))
-                    }
-                    CriterionValues::Quantity(qs) => (
-                        "search_quantity",
-                        qs.iter().any(|q| q.number.prefix != Prefix::Eq),
-                    ),
-                    CriterionValues::Reference(_) => ("search_reference", false),
-                    CriterionValues::Uri(_) => ("search_uri", false),
-                    CriterionValues::Missing(..) | CriterionValues::Composite(_) => {
-                        return Err(Error::InvalidSearch(format!("{param}: no value")))
-                    }
-                };
-                let negate = modifier == Some(Modifier::Not);
-                let close = push_in(qb, scope, table, param, negate, correlated);
-                push_values(qb, "t", modifier, values, now);
-                qb.push(close);
-            }
-        }
-    }
-    Ok(())
-}
-
-fn push_instant_predicate(qb: &mut QueryBuilder<'_, Db>, column: &str, p: InstantPredicate) {
-    qb.push(if p.negated { "NOT (" } else { "(" });
-    qb.push("1 = 1");
-    if let Some(ge) = p.ge {
-        qb.push(format_args!(" AND {column} >= "));
-        qb.push_bind(ge);
-    }
-    if let Some(lt) = p.lt {
-        qb.push(format_args!(" AND {column} < "));
-        qb.push_bind(lt);
-    }
-    qb.push(")");
-}
-
-/// `FROM resources r [JOIN resource_versions v] WHERE` the tenant, type, liveness and criteria
-/// hold. With `with_body`, `v.body` is the current version's body.
-fn push_search_from(
-    qb: &mut QueryBuilder<'_, Db>,
-    tenant: &TenantId,
-    query: &SearchQuery,
-    now: i64,
-    with_body: bool,
-) -> Result<()> {
-    qb.push(" FROM resources r");
-    if with_body {
-        qb.push(
-            " JOIN resource_versions v ON v.tenant = r.tenant AND v.resource_type = r.resource_type \
-             AND v.id = r.id AND v.version = r.version",
-        );
-    }
-    qb.push(" WHERE r.tenant = ");
-    qb.push_bind(tenant.as_str().to_owned());
-    if let Some(rt) = query.resource_type {
-        qb.push(" AND r.resource_type = ");
-        qb.push_bind(rt.as_str());
-    } else if !query.types.is_empty() {
-        qb.push(" AND r.resource_type IN (");
-        let mut sep = qb.separated(", ");
-        for t in &query.types {
-            sep.push_bind(t.as_str());
-        }
-        qb.push(")");
-    }
-    // A literal, not a bind: the planner can then use indexes restricted to live rows.
-    qb.push(" AND NOT r.deleted");
-    push_criteria(qb, tenant, query, now)
 }
 
 /// Keys of live resources matching `query`, at most `limit`, in key order.
@@ -817,11 +167,8 @@ async fn find_keys(
     query: &SearchQuery,
     limit: usize,
 ) -> Result<Vec<ResourceKey>> {
-    let mut qb = QueryBuilder::<Db>::new("SELECT r.resource_type, r.id");
-    push_search_from(&mut qb, tenant, query, now_micros(), false)?;
-    qb.push(" ORDER BY r.resource_type, r.id LIMIT ");
-    qb.push_bind(i64::try_from(limit).unwrap_or(i64::MAX));
-    let rows = qb.build().fetch_all(&mut *conn).await.map_err(db_err)?;
+    let sql = search::keys(DIALECT, tenant, query, limit, now_micros())?;
+    let rows = bound(&sql).fetch_all(&mut *conn).await.map_err(db_err)?;
     rows.into_iter()
         .map(|row| {
             let rt: String = row.try_get(0).map_err(db_err)?;
@@ -1496,45 +843,10 @@ async fn linked_keys(
             .push(k.id.as_str());
     }
     for (rt, ids) in by_type {
-        if !reverse && inc.source.is_some_and(|s| s != rt) {
+        let Some(sql) = search::linked(DIALECT, tenant, rt, &ids, inc, reverse) else {
             continue;
-        }
-        // No DISTINCT on the forward lookup: SQLite would read it in the order of the target
-        // index, every reference of the tenant (19 ms for 100 ids in a 60k store, growing with
-        // it), instead of probing the primary key once per id (0.4 ms). Duplicates go below.
-        let mut qb = QueryBuilder::<Db>::new(if reverse {
-            "SELECT DISTINCT t.resource_type, t.id FROM search_reference t WHERE t.tenant = "
-        } else {
-            "SELECT t.target_type, t.target_id FROM search_reference t WHERE t.tenant = "
-        });
-        qb.push_bind(tenant.as_str().to_owned());
-        if reverse {
-            if let Some(source) = inc.source {
-                qb.push(" AND t.resource_type = ");
-                qb.push_bind(source.as_str());
-            }
-            qb.push(" AND t.target_type = ");
-            qb.push_bind(rt.as_str());
-            qb.push(" AND t.target_id IN (");
-        } else {
-            qb.push(" AND t.resource_type = ");
-            qb.push_bind(rt.as_str());
-            qb.push(" AND t.target_id <> '' AND t.id IN (");
-        }
-        let mut sep = qb.separated(", ");
-        for id in ids {
-            sep.push_bind(id.to_owned());
-        }
-        qb.push(")");
-        if let Some(param) = &inc.param {
-            qb.push(" AND t.param = ");
-            qb.push_bind(param.clone());
-        }
-        if let (false, Some(target)) = (reverse, inc.target) {
-            qb.push(" AND t.target_type = ");
-            qb.push_bind(target.as_str());
-        }
-        for row in qb.build().fetch_all(&mut *conn).await.map_err(db_err)? {
+        };
+        for row in bound(&sql).fetch_all(&mut *conn).await.map_err(db_err)? {
             let t: String = row.try_get(0).map_err(db_err)?;
             let id: String = row.try_get(1).map_err(db_err)?;
             // A reference to a type or id that is not valid cannot name a stored resource.
@@ -1564,21 +876,8 @@ async fn fetch_current(
     }
     let mut out = Vec::with_capacity(keys.len());
     for (rt, ids) in by_type {
-        let mut qb = QueryBuilder::<Db>::new(
-            "SELECT r.id, r.version, r.last_updated, v.body FROM resources r \
-             JOIN resource_versions v ON v.tenant = r.tenant AND v.resource_type = r.resource_type \
-             AND v.id = r.id AND v.version = r.version WHERE r.tenant = ",
-        );
-        qb.push_bind(tenant.as_str().to_owned());
-        qb.push(" AND r.resource_type = ");
-        qb.push_bind(rt.as_str());
-        qb.push(" AND NOT r.deleted AND r.id IN (");
-        let mut sep = qb.separated(", ");
-        for id in ids {
-            sep.push_bind(id.to_owned());
-        }
-        qb.push(") ORDER BY r.id");
-        for row in qb.build().fetch_all(&mut *conn).await.map_err(db_err)? {
+        let sql = search::current(DIALECT, tenant, rt, &ids);
+        for row in bound(&sql).fetch_all(&mut *conn).await.map_err(db_err)? {
             let key = key_from_row(rt.as_str(), row.try_get(0).map_err(db_err)?)?;
             out.push(stored(
                 tenant,
@@ -1632,190 +931,6 @@ async fn resolve_includes(
         }
     }
     Ok(included)
-}
-
-/// How a sort key's values are stored and compared.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum KeyKind {
-    Text,
-    Int,
-    Real,
-}
-
-/// One `_sort` key as SQL: the per-resource value (the lowest for ascending, the highest for
-/// descending), with resources lacking a value sorted last in either direction.
-struct SortColumn {
-    param: String,
-    kind: KeyKind,
-    descending: bool,
-    /// `(table, column)` for index-table keys; `None` for the resources table's own columns.
-    source: Option<(&'static str, &'static str)>,
-}
-
-/// A sort key's value in a cursor.
-#[derive(Clone, Debug, PartialEq)]
-enum KeyValue {
-    Text(String),
-    Int(i64),
-    Real(f64),
-}
-
-impl SortColumn {
-    fn of(k: &fhirstore_core::search::SortKey) -> Self {
-        let (kind, source) = match (k.param.as_str(), k.kind) {
-            ("_id", _) => (KeyKind::Text, None),
-            ("_lastUpdated", _) => (KeyKind::Int, None),
-            (_, ParamType::String) => (KeyKind::Text, Some(("search_string", "folded"))),
-            (_, ParamType::Date) => (
-                KeyKind::Int,
-                Some(("search_date", if k.descending { "high" } else { "low" })),
-            ),
-            (_, ParamType::Number | ParamType::Quantity) => {
-                (KeyKind::Real, Some(("search_quantity", "value")))
-            }
-            (_, ParamType::Uri) => (KeyKind::Text, Some(("search_uri", "uri"))),
-            (_, ParamType::Reference) => (KeyKind::Text, Some(("search_reference", "target_id"))),
-            _ => (KeyKind::Text, Some(("search_token", "code"))),
-        };
-        SortColumn {
-            param: k.param.clone(),
-            kind,
-            descending: k.descending,
-            source,
-        }
-    }
-
-    /// Text keys compare bytewise in both dialects, so the order and the keyset condition agree.
-    fn collate(&self) -> &'static str {
-        if self.kind == KeyKind::Text {
-            TEXT_KEY_COLLATE
-        } else {
-            ""
-        }
-    }
-
-    fn push_expr(&self, qb: &mut QueryBuilder<'_, Db>) {
-        match (self.param.as_str(), self.source) {
-            ("_id", _) | (_, None) if self.kind == KeyKind::Text => {
-                qb.push(format_args!("r.id{}", TEXT_KEY_COLLATE));
-            }
-            (_, None) => {
-                qb.push("r.last_updated");
-            }
-            (_, Some((table, column))) => {
-                let agg = if self.descending { "MAX" } else { "MIN" };
-                qb.push(format_args!(
-                    "COALESCE((SELECT {agg}(t.{column}) FROM {table} t WHERE t.tenant = r.tenant \
-                     AND t.resource_type = r.resource_type AND t.id = r.id AND t.param = "
-                ));
-                qb.push_bind(self.param.clone());
-                qb.push("), ");
-                // Missing values sort last: the largest sentinel ascending, the smallest
-                // descending.
-                match (self.kind, self.descending) {
-                    (KeyKind::Text, false) => qb.push_bind("\u{10FFFF}".to_owned()),
-                    (KeyKind::Text, true) => qb.push_bind(String::new()),
-                    (KeyKind::Int, false) => qb.push_bind(i64::MAX),
-                    (KeyKind::Int, true) => qb.push_bind(i64::MIN),
-                    (KeyKind::Real, false) => qb.push_bind(f64::MAX),
-                    (KeyKind::Real, true) => qb.push_bind(f64::MIN),
-                };
-                qb.push(format_args!("){}", self.collate()));
-            }
-        }
-    }
-
-    fn read(&self, row: &<Db as sqlx::Database>::Row, i: usize) -> Result<KeyValue> {
-        Ok(match self.kind {
-            KeyKind::Text => KeyValue::Text(row.try_get(i).map_err(db_err)?),
-            KeyKind::Int => KeyValue::Int(row.try_get(i).map_err(db_err)?),
-            KeyKind::Real => KeyValue::Real(row.try_get(i).map_err(db_err)?),
-        })
-    }
-}
-
-fn push_key_value(qb: &mut QueryBuilder<'_, Db>, v: &KeyValue) {
-    match v {
-        KeyValue::Text(t) => qb.push_bind(t.clone()),
-        KeyValue::Int(n) => qb.push_bind(*n),
-        KeyValue::Real(x) => qb.push_bind(*x),
-    };
-}
-
-/// Rows after the cursor in (k0, k1, …, type, id) order: `k0 after c0 OR (k0 = c0 AND (…))`.
-fn push_keyset(
-    qb: &mut QueryBuilder<'_, Db>,
-    keys: &[SortColumn],
-    values: &[KeyValue],
-    rt: ResourceType,
-    id: &LogicalId,
-) {
-    qb.push("(");
-    for (i, (k, v)) in keys.iter().zip(values).enumerate() {
-        let op = if k.descending { "<" } else { ">" };
-        qb.push(format_args!("s.k{i}{} {op} ", k.collate()));
-        push_key_value(qb, v);
-        qb.push(format_args!(" OR (s.k{i}{} = ", k.collate()));
-        push_key_value(qb, v);
-        qb.push(" AND (");
-    }
-    qb.push("(s.rt, s.id) > (");
-    qb.push_bind(rt.as_str());
-    qb.push(", ");
-    qb.push_bind(id.as_str().to_owned());
-    qb.push(")");
-    for _ in keys {
-        // One for `OR (`, one for `AND (`.
-        qb.push("))");
-    }
-    qb.push(")");
-}
-
-/// A sorted search's cursor: the last row's key values, type and id, as JSON.
-fn sorted_cursor(values: &[KeyValue], key: &ResourceKey) -> String {
-    let vals: Vec<Value> = values
-        .iter()
-        .map(|v| match v {
-            KeyValue::Text(t) => Value::from(t.clone()),
-            KeyValue::Int(n) => Value::from(*n),
-            KeyValue::Real(x) => Value::from(*x),
-        })
-        .collect();
-    serde_json::json!({"k": vals, "t": key.resource_type.as_str(), "i": key.id.as_str()})
-        .to_string()
-}
-
-/// Decodes a sorted cursor, checking every value against its key's type: a tampered cursor is
-/// a search error, never a query fragment.
-fn parse_sorted_cursor(
-    c: &str,
-    keys: &[SortColumn],
-) -> Result<(Vec<KeyValue>, ResourceType, LogicalId)> {
-    let bad = || Error::InvalidSearch("invalid paging cursor for this _sort".into());
-    let v: Value = serde_json::from_str(c).map_err(|_| bad())?;
-    let vals = v.get("k").and_then(Value::as_array).ok_or_else(bad)?;
-    if vals.len() != keys.len() {
-        return Err(bad());
-    }
-    let mut out = Vec::with_capacity(keys.len());
-    for (k, val) in keys.iter().zip(vals) {
-        out.push(match k.kind {
-            KeyKind::Text => KeyValue::Text(val.as_str().ok_or_else(bad)?.to_owned()),
-            KeyKind::Int => KeyValue::Int(val.as_i64().ok_or_else(bad)?),
-            KeyKind::Real => KeyValue::Real(val.as_f64().ok_or_else(bad)?),
-        });
-    }
-    let rt = v
-        .get("t")
-        .and_then(Value::as_str)
-        .and_then(|t| ResourceType::new(t).ok())
-        .ok_or_else(bad)?;
-    let id = v
-        .get("i")
-        .and_then(Value::as_str)
-        .and_then(|i| LogicalId::new(i).ok())
-        .ok_or_else(bad)?;
-    Ok((out, rt, id))
 }
 
 impl Store {
@@ -1995,20 +1110,19 @@ impl Store {
         let Some(explain) = ESTIMATE_PREFIX else {
             return Ok(None);
         };
-        let mut q = QueryBuilder::<Db>::new(explain);
-        push_search_from(&mut q, tenant, query, now, false)?;
-        let row = q.build().fetch_one(&self.reader).await.map_err(db_err)?;
+        let sql = search::estimate(DIALECT, explain, tenant, query, now)?;
+        let row = bound(&sql).fetch_one(&self.reader).await.map_err(db_err)?;
         Ok(plan_rows(&row))
     }
 
     async fn count_matches(&self, tenant: &TenantId, query: &SearchQuery, now: i64) -> Result<u64> {
-        let mut cq = QueryBuilder::<Db>::new("SELECT COUNT(*)");
-        push_search_from(&mut cq, tenant, query, now, false)?;
-        let n: i64 = cq
-            .build_query_scalar()
+        let sql = search::count(DIALECT, tenant, query, now)?;
+        let n: i64 = bound(&sql)
             .persistent(PERSISTENT_SEARCH_PLANS)
             .fetch_one(&self.reader)
             .await
+            .map_err(db_err)?
+            .try_get(0)
             .map_err(db_err)?;
         Ok(u64::try_from(n).unwrap_or(0))
     }
@@ -2292,64 +1406,8 @@ impl ResourceStorage for Store {
                     .to_owned(),
             ));
         }
-        let keys: Vec<SortColumn> = query.sort.iter().map(SortColumn::of).collect();
-        // Three layers. Innermost: matching keys with their sort keys. Middle: the keyset
-        // condition, the order and the page limit. Outer: bodies for that page only. A join below
-        // the LIMIT made PostgreSQL fetch and sort every match's body (18 gender searches/s at
-        // 10k Patients); neither dialect pushes a join below a LIMIT subquery.
-        let mut key_cols = String::new();
-        for i in 0..keys.len() {
-            key_cols.push_str(&format!(", p.k{i}"));
-        }
-        let mut qb = QueryBuilder::<Db>::new(format!(
-            "SELECT p.rt, p.id, p.version, p.last_updated, v.body{key_cols} FROM (\
-             SELECT s.rt, s.id, s.version, s.last_updated{} FROM (\
-             SELECT r.resource_type AS rt, r.id AS id, r.version AS version, \
-             r.last_updated AS last_updated",
-            key_cols.replace("p.", "s.")
-        ));
-        for (i, k) in keys.iter().enumerate() {
-            qb.push(", ");
-            k.push_expr(&mut qb);
-            qb.push(format_args!(" AS k{i}"));
-        }
-        push_search_from(&mut qb, tenant, query, now, false)?;
-        qb.push(") s WHERE 1 = 1");
-        if let Some(c) = &query.cursor {
-            if keys.is_empty() {
-                let (rt, id) = parse_search_cursor(c)?;
-                qb.push(" AND (s.rt, s.id) > (");
-                qb.push_bind(rt.as_str());
-                qb.push(", ");
-                qb.push_bind(id.as_str().to_owned());
-                qb.push(")");
-            } else {
-                let (values, rt, id) = parse_sorted_cursor(c, &keys)?;
-                qb.push(" AND ");
-                push_keyset(&mut qb, &keys, &values, rt, &id);
-            }
-        }
-        let order_by = |alias: &str| {
-            let mut o = String::from(" ORDER BY ");
-            for (i, k) in keys.iter().enumerate() {
-                o.push_str(&format!(
-                    "{alias}.k{i}{} {}, ",
-                    k.collate(),
-                    if k.descending { "DESC" } else { "ASC" }
-                ));
-            }
-            o.push_str(&format!("{alias}.rt, {alias}.id"));
-            o
-        };
-        qb.push(order_by("s"));
-        qb.push(" LIMIT ");
-        qb.push_bind(i64::from(page) + 1);
-        qb.push(") p JOIN resource_versions v ON v.tenant = ");
-        qb.push_bind(tenant.as_str().to_owned());
-        qb.push(" AND v.resource_type = p.rt AND v.id = p.id AND v.version = p.version");
-        qb.push(order_by("p"));
-        let rows = qb
-            .build()
+        let search::PagePlan { sql, keys } = search::page(DIALECT, tenant, query, now)?;
+        let rows = bound(&sql)
             .persistent(PERSISTENT_SEARCH_PLANS)
             .fetch_all(&self.reader)
             .await
@@ -2361,7 +1419,7 @@ impl ResourceStorage for Store {
             last_keys = keys
                 .iter()
                 .enumerate()
-                .map(|(i, k)| k.read(&row, 5 + i))
+                .map(|(i, k)| read_key(k.kind, &row, 5 + i))
                 .collect::<Result<Vec<_>>>()?;
             let rt: String = row.try_get(0).map_err(db_err)?;
             let key = key_from_row(&rt, row.try_get(1).map_err(db_err)?)?;
@@ -2379,7 +1437,7 @@ impl ResourceStorage for Store {
                 last.key.resource_type.as_str(),
                 last.key.id.as_str(),
             )),
-            (true, Some(last)) => Some(sorted_cursor(&last_keys, &last.key)),
+            (true, Some(last)) => Some(search::sorted_cursor(&last_keys, &last.key)),
             _ => None,
         };
         let included = {

@@ -1,0 +1,388 @@
+//! Snapshot tests of the planned SQL, per dialect: a planner change shows its SQL diff in
+//! review. `cargo insta review` (or `INSTA_UPDATE=always cargo test -p fhirstore-sql`) accepts
+//! a deliberate change; the snapshots live in `src/search/snapshots/`.
+//!
+//! Every criterion type and modifier, chains, `_has`, compartments, `_type`, includes, sorts and
+//! both cursor shapes are planned here for SQLite and PostgreSQL.
+
+use fhirstore_core::compartment::CompartmentScope;
+use fhirstore_core::search::{Handling, SearchQuery};
+use fhirstore_core::{LogicalId, ResourceKey, ResourceType, TenantId};
+
+use super::{Bind, KeyValue, Sql};
+use crate::Dialect;
+
+/// A fixed "now", for `ap` and anything relative to the present.
+const NOW: i64 = 1_700_000_000_000_000;
+
+fn tenant() -> TenantId {
+    TenantId::new("t1").expect("tenant")
+}
+
+fn rt(t: &str) -> ResourceType {
+    ResourceType::new(t).expect("type")
+}
+
+fn query(t: Option<&str>, qs: &str) -> SearchQuery {
+    SearchQuery::parse(t.map(rt), qs, Handling::Strict).expect(qs)
+}
+
+/// The statement, one clause per line and indented by nesting, then its binds: a diff shows
+/// which clause of which subquery changed.
+fn render(sql: &Sql) -> String {
+    const BREAKS: [&str; 8] = [
+        " FROM ",
+        " WHERE ",
+        " AND ",
+        " OR ",
+        " ORDER BY ",
+        " LIMIT ",
+        " JOIN ",
+        " CROSS JOIN ",
+    ];
+    let text = sql.text();
+    let mut out = String::new();
+    let mut depth = 0usize;
+    let mut quote: Option<char> = None;
+    let mut i = 0;
+    while i < text.len() {
+        let rest = &text[i..];
+        let c = rest.chars().next().unwrap_or(' ');
+        if let Some(q) = quote {
+            quote = (c != q).then_some(q);
+        } else if c == '\'' || c == '"' {
+            quote = Some(c);
+        } else if c == '(' {
+            depth += 1;
+        } else if c == ')' {
+            depth = depth.saturating_sub(1);
+        } else if let Some(b) = BREAKS.iter().find(|b| rest.starts_with(**b)) {
+            out.push('\n');
+            out.push_str(&"  ".repeat(depth));
+            out.push_str(&b[1..]);
+            i += b.len();
+            continue;
+        }
+        out.push(c);
+        i += c.len_utf8();
+    }
+    out.push_str("\n--");
+    for (n, b) in sql.binds().iter().enumerate() {
+        let v = match b {
+            Bind::Text(t) => format!("{t:?}"),
+            Bind::Int(n) => n.to_string(),
+            Bind::Real(x) => format!("{x:?}"),
+        };
+        out.push_str(&format!("\n-- {} = {v}", n + 1));
+    }
+    out
+}
+
+/// A search page's statement for `qs` over `t` (all types when `None`).
+fn page(dialect: Dialect, t: Option<&str>, qs: &str) -> String {
+    let q = query(t, qs);
+    render(&super::page(dialect, &tenant(), &q, NOW).expect(qs).sql)
+}
+
+/// The searches whose page statements are snapshotted: (name, type, query string).
+const PAGES: &[(&str, Option<&str>, &str)] = &[
+    // Tokens.
+    ("token", Some("Patient"), "gender=female"),
+    (
+        "token_system_code",
+        Some("Patient"),
+        "identifier=http://sys|123",
+    ),
+    (
+        "token_system_only",
+        Some("Patient"),
+        "identifier=http://sys|",
+    ),
+    ("token_no_system", Some("Patient"), "identifier=|123"),
+    ("token_many_codes", Some("Observation"), "code=a,b,c"),
+    ("token_not", Some("Patient"), "gender:not=male"),
+    ("token_text", Some("Observation"), "code:text=heart"),
+    (
+        "token_of_type",
+        Some("Patient"),
+        "identifier:of-type=http://t|MR|123",
+    ),
+    // Strings.
+    ("string_starts_with", Some("Patient"), "family=Smi"),
+    ("string_exact", Some("Patient"), "family:exact=Smith"),
+    ("string_contains", Some("Patient"), "family:contains=m%t_h"),
+    ("string_or", Some("Patient"), "family=Smith,Jones"),
+    // Dates, every prefix.
+    ("date_eq", Some("Patient"), "birthdate=1970"),
+    ("date_ne", Some("Patient"), "birthdate=ne1970-01-01"),
+    ("date_gt", Some("Patient"), "birthdate=gt1970-01-01"),
+    ("date_lt", Some("Patient"), "birthdate=lt1970-01-01"),
+    ("date_ge", Some("Patient"), "birthdate=ge1970-01-01"),
+    ("date_le", Some("Patient"), "birthdate=le1970-01-01"),
+    ("date_sa", Some("Patient"), "birthdate=sa1970-01-01"),
+    ("date_eb", Some("Patient"), "birthdate=eb1970-01-01"),
+    ("date_ap", Some("Patient"), "birthdate=ap1970-01-01"),
+    (
+        "date_range_and",
+        Some("Observation"),
+        "date=ge2020&date=lt2021",
+    ),
+    // Numbers and quantities.
+    ("number_eq", Some("RiskAssessment"), "probability=0.8"),
+    ("number_gt", Some("RiskAssessment"), "probability=gt0.8"),
+    ("number_ap", Some("RiskAssessment"), "probability=ap0.8"),
+    (
+        "quantity_system_code",
+        Some("Observation"),
+        "value-quantity=5.4|http://unitsofmeasure.org|mg",
+    ),
+    (
+        "quantity_code_only",
+        Some("Observation"),
+        "value-quantity=5.4||mg",
+    ),
+    (
+        "quantity_number_only",
+        Some("Observation"),
+        "value-quantity=le5.4",
+    ),
+    // References.
+    ("reference_local", Some("Observation"), "subject=Patient/p1"),
+    (
+        "reference_typed_modifier",
+        Some("Observation"),
+        "subject:Patient=p1",
+    ),
+    ("reference_id_only", Some("Observation"), "subject=p1"),
+    (
+        "reference_url",
+        Some("Observation"),
+        "subject=http://other/fhir/Patient/p1",
+    ),
+    (
+        "reference_identifier",
+        Some("Observation"),
+        "subject:identifier=http://mrn|42",
+    ),
+    (
+        "reference_canonical_version",
+        Some("QuestionnaireResponse"),
+        "questionnaire=http://q/Questionnaire/x|1.0",
+    ),
+    // Uris.
+    ("uri_eq", Some("ValueSet"), "url=http://x.org/vs"),
+    ("uri_below", Some("ValueSet"), "url:below=http://x.org/"),
+    (
+        "uri_above",
+        Some("ValueSet"),
+        "url:above=http://x.org/vs/a/b",
+    ),
+    // Missing.
+    ("missing_true", Some("Patient"), "birthdate:missing=true"),
+    ("missing_false", Some("Patient"), "birthdate:missing=false"),
+    ("missing_id", Some("Patient"), "_id:missing=false"),
+    // Composites.
+    (
+        "composite",
+        Some("Observation"),
+        "code-value-quantity=http://loinc.org|8480-6$gt100",
+    ),
+    // The resources table's own columns.
+    ("id", Some("Patient"), "_id=a,b"),
+    ("last_updated", Some("Patient"), "_lastUpdated=gt2020-01-01"),
+    (
+        "last_updated_eq",
+        Some("Patient"),
+        "_lastUpdated=2020-01-01",
+    ),
+    // Chains and _has.
+    ("chain", Some("Observation"), "subject:Patient.name=peter"),
+    (
+        "chain_two_links",
+        Some("Observation"),
+        "subject:Patient.organization.name=acme",
+    ),
+    (
+        "has",
+        Some("Patient"),
+        "_has:Observation:patient:code=1234-5",
+    ),
+    (
+        "has_nested",
+        Some("Patient"),
+        "_has:Observation:patient:_has:AuditEvent:entity:agent=Practitioner/x",
+    ),
+    // Several criteria, system-wide searches.
+    (
+        "and_of_criteria",
+        Some("Patient"),
+        "family=Smith&gender=female&birthdate=ge1970",
+    ),
+    ("system", None, "_id=a"),
+    (
+        "system_types",
+        None,
+        "_type=Patient,Observation&_lastUpdated=gt2020",
+    ),
+    // Sorts.
+    ("sort_string", Some("Patient"), "_sort=family"),
+    ("sort_date_desc", Some("Observation"), "code=x&_sort=-date"),
+    ("sort_native", Some("Patient"), "_sort=_lastUpdated,-_id"),
+    ("sort_quantity", Some("Observation"), "_sort=value-quantity"),
+    ("sort_reference", Some("Observation"), "_sort=subject"),
+    ("sort_token", Some("Patient"), "_sort=-gender"),
+    ("count", Some("Patient"), "gender=female&_count=7"),
+];
+
+fn plans(dialect: Dialect) {
+    let name = match dialect {
+        Dialect::Sqlite => "sqlite",
+        Dialect::Postgres => "postgres",
+    };
+    let snap = |case: &str, body: String| {
+        insta::assert_snapshot!(format!("{name}__{case}"), body);
+    };
+    for (case, t, qs) in PAGES {
+        snap(case, page(dialect, *t, qs));
+    }
+    let t = tenant();
+    // Cursors: after a key, and after a sorted key with its values.
+    let mut q = query(Some("Patient"), "gender=female");
+    q.cursor = Some(crate::search_cursor("Patient", "p5"));
+    snap(
+        "cursor",
+        render(&super::page(dialect, &t, &q, NOW).expect("page").sql),
+    );
+    let mut q = query(Some("Observation"), "_sort=-date,subject");
+    let key = ResourceKey::new(rt("Observation"), LogicalId::new("o9").expect("id"));
+    q.cursor = Some(super::sorted_cursor(
+        &[KeyValue::Int(5), KeyValue::Text("p1".into())],
+        &key,
+    ));
+    snap(
+        "cursor_sorted",
+        render(&super::page(dialect, &t, &q, NOW).expect("page").sql),
+    );
+    // Compartments: one type, and every member type.
+    let mut q = query(Some("Observation"), "code=x");
+    q.compartment = Some(
+        CompartmentScope::new(
+            rt("Patient"),
+            Some(LogicalId::new("p1").expect("id")),
+            Some(&[rt("Observation")]),
+        )
+        .expect("scope"),
+    );
+    snap(
+        "compartment_one_type",
+        render(&super::page(dialect, &t, &q, NOW).expect("page").sql),
+    );
+    let mut q = query(None, "");
+    q.compartment = Some(
+        CompartmentScope::new(
+            rt("Encounter"),
+            Some(LogicalId::new("e1").expect("id")),
+            None,
+        )
+        .expect("scope"),
+    );
+    snap(
+        "compartment_every_type",
+        render(&super::page(dialect, &t, &q, NOW).expect("page").sql),
+    );
+    // The other statements over the same criteria.
+    let q = query(Some("Patient"), "family=Smith");
+    snap(
+        "summary_count",
+        render(&super::count(dialect, &t, &q, NOW).expect("count")),
+    );
+    snap(
+        "estimate",
+        render(&super::estimate(dialect, "EXPLAIN SELECT 1", &t, &q, NOW).expect("estimate")),
+    );
+    snap(
+        "conditional_keys",
+        render(&super::keys(dialect, &t, &q, 2, NOW).expect("keys")),
+    );
+    // Includes: forward with a target, forward wildcard, reverse, and the fetch.
+    let ids = ["o1", "o2"];
+    let inc = query(
+        Some("Observation"),
+        "_include=Observation:subject:Patient&_include=*&_revinclude=Provenance:target",
+    );
+    let linked = |inc: &fhirstore_core::search::Include, reverse: bool| {
+        super::linked(dialect, &t, rt("Observation"), &ids, inc, reverse)
+            .map_or_else(|| "(not applicable)".to_owned(), |s| render(&s))
+    };
+    snap("include", linked(&inc.includes[0], false));
+    snap("include_wildcard", linked(&inc.includes[1], false));
+    snap("revinclude", linked(&inc.revincludes[0], true));
+    snap(
+        "include_fetch",
+        render(&super::current(dialect, &t, rt("Patient"), &["p1", "p2"])),
+    );
+}
+
+#[test]
+fn sqlite_plans() {
+    plans(Dialect::Sqlite);
+}
+
+#[test]
+fn postgres_plans() {
+    plans(Dialect::Postgres);
+}
+
+/// A forward include from another source type plans nothing.
+#[test]
+fn includes_from_another_type_plan_nothing() {
+    let q = query(Some("Observation"), "_include=Encounter:subject");
+    let plan = super::linked(
+        Dialect::Sqlite,
+        &tenant(),
+        rt("Observation"),
+        &["o1"],
+        &q.includes[0],
+        false,
+    );
+    assert!(plan.is_none());
+}
+
+/// Placeholders follow each dialect's style and count every bind, in order.
+#[test]
+fn placeholders_match_binds() {
+    for (dialect, mark) in [(Dialect::Sqlite, "?"), (Dialect::Postgres, "$")] {
+        for (case, t, qs) in PAGES {
+            let plan = super::page(dialect, &tenant(), &query(*t, qs), NOW).expect(qs);
+            let marks = plan.sql.text().matches(mark).count();
+            assert_eq!(marks, plan.sql.binds().len(), "{case} on {dialect:?}");
+            if dialect == Dialect::Postgres {
+                let last = format!("${}", plan.sql.binds().len());
+                assert!(plan.sql.text().contains(&last), "{case}");
+            }
+        }
+    }
+}
+
+/// Tampered or mismatched cursors are search errors, never SQL.
+#[test]
+fn bad_cursors_are_refused() {
+    let mut q = query(Some("Observation"), "_sort=-date");
+    for bad in [
+        "not json",
+        r#"{"k":["text"],"t":"Observation","i":"o1"}"#,
+        r#"{"k":[1,2],"t":"Observation","i":"o1"}"#,
+        r#"{"k":[1],"t":"Nope","i":"o1"}"#,
+        r#"{"k":[1],"t":"Observation","i":"bad id!"}"#,
+    ] {
+        q.cursor = Some(bad.to_owned());
+        let err = super::page(Dialect::Postgres, &tenant(), &q, NOW).err();
+        assert!(
+            matches!(err, Some(fhirstore_core::Error::InvalidSearch(_))),
+            "{bad}: {err:?}"
+        );
+    }
+    let mut q = query(Some("Patient"), "");
+    q.cursor = Some("Patient/'; DROP TABLE resources; --".to_owned());
+    assert!(super::page(Dialect::Sqlite, &tenant(), &q, NOW).is_err());
+}
