@@ -471,11 +471,21 @@ impl<P: ResourceStorage + ChangeLog + 'static> CompositeStorage<P> {
                 .iter()
                 .find(|l| cursor.starts_with(&format!("{}:", l.secondary.name())))
             {
+                // Later pages keep the first page's promise: the lane must have every change
+                // committed before this page began (and the caller's own write), as for a
+                // first page. Only this lane can read the cursor, so when it cannot catch up
+                // in time it answers anyway and says it is behind.
+                let mut fit = self.may_search(lane, &mut None, false).await?;
+                if let Some(t) = token {
+                    if !self.wait_for_token(lane, t).await? {
+                        fit = Fit::Behind;
+                    }
+                }
                 let page = lane.secondary.search(ctx, query).await?;
                 return Ok(Routed {
                     page,
                     backend: lane.name.clone(),
-                    behind: false,
+                    behind: fit != Fit::Current,
                 });
             }
             return self.on_primary(ctx, query).await;

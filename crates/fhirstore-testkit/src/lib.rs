@@ -27,10 +27,21 @@ pub fn random_tenant() -> TenantContext {
 /// `$factory` is an expression evaluating to a future of `Option<S>` where `S: ResourceStorage`;
 /// `None` means the backend's service is unavailable and the test is skipped (the factory
 /// decides, via [`service_unavailable`], whether that is allowed).
+///
+/// With `teardown = f`, the factory yields `Option<(S, T)>` instead, and `f(store, t)` (a
+/// future) runs after each check passes: to stop workers and remove what the test left in a
+/// shared service.
 #[macro_export]
 macro_rules! conformance_tests {
     ($factory:expr) => {
-        $crate::conformance_tests!(@each $factory;
+        $crate::conformance_tests!(@list plain, $factory);
+    };
+    ($factory:expr, teardown = $teardown:path) => {
+        $crate::conformance_tests!(@list with $teardown, $factory);
+    };
+    // The one list of checks; `checks_are_all_stamped` compares it with `checks`.
+    (@list $($how:tt)*) => {
+        $crate::conformance_tests!(@each $($how)*;
             create_assigns_id_and_meta,
             read_absent_is_not_found,
             update_writes_new_version,
@@ -72,7 +83,7 @@ macro_rules! conformance_tests {
             cancelled_writes_leave_store_usable,
         );
     };
-    (@each $factory:expr; $($check:ident),* $(,)?) => {
+    (@each plain, $factory:expr; $($check:ident),* $(,)?) => {
         $(
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn $check() {
@@ -81,4 +92,50 @@ macro_rules! conformance_tests {
             }
         )*
     };
+    (@each with $teardown:path, $factory:expr; $($check:ident),* $(,)?) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $check() {
+                let Some((store, rest)) = $factory.await else { return };
+                $crate::checks::$check(&store).await;
+                $teardown(store, rest).await;
+            }
+        )*
+    };
+}
+
+#[cfg(test)]
+mod tests {
+    /// A check written but missing from the macro's list would never run: the checks and the
+    /// list must be the same.
+    #[test]
+    fn checks_are_all_stamped() {
+        // A check is a `pub async fn` over one store; the reindexing checks live apart.
+        let sources = [include_str!("checks.rs"), include_str!("reindex.rs")];
+        let mut written: Vec<&str> = sources
+            .iter()
+            .flat_map(|s| s.lines())
+            .filter_map(|l| l.strip_prefix("pub async fn "))
+            .filter_map(|l| l.strip_suffix("(store: &dyn ResourceStorage) {"))
+            .collect();
+        let lib = include_str!("lib.rs");
+        let start = lib
+            .find(concat!("(@each $(", "$how)*;"))
+            .expect("the macro's list");
+        let list = &lib[start..];
+        let list = &list[list.find(';').expect("list start") + 1..];
+        let list = &list[..list.find(");").expect("list end")];
+        let mut stamped: Vec<&str> = list
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .collect();
+        assert!(written.len() > 30, "checks found: {written:?}");
+        written.sort_unstable();
+        stamped.sort_unstable();
+        assert_eq!(
+            written, stamped,
+            "checks written vs stamped into conformance_tests!"
+        );
+    }
 }
