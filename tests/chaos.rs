@@ -77,7 +77,7 @@ async fn write_load(
     prefix: &str,
     n: usize,
     ids: usize,
-    acked: &std::sync::Mutex<BTreeMap<String, u64>>,
+    acked: &parking_lot::Mutex<BTreeMap<String, u64>>,
     done: &AtomicUsize,
 ) -> usize {
     let mut failed = 0;
@@ -89,7 +89,7 @@ async fn write_load(
             .await
         {
             Ok(w) => {
-                let mut a = acked.lock().expect("lock");
+                let mut a = acked.lock();
                 let v = a.entry(id).or_default();
                 *v = (*v).max(w.resource.version.get());
                 done.fetch_add(1, Ordering::SeqCst);
@@ -185,7 +185,7 @@ async fn postgres_restarted_mid_load() {
         .await
         .expect("connect");
     let ctx = fhirstore_testkit::random_tenant();
-    let acked = std::sync::Mutex::new(BTreeMap::new());
+    let acked = parking_lot::Mutex::new(BTreeMap::new());
     let done = AtomicUsize::new(0);
     let restarted = async {
         // Mid-load: once a fifth of the writes have returned.
@@ -225,7 +225,7 @@ async fn postgres_restarted_mid_load() {
         total > at_restart + 100,
         "writing went on after the restart"
     );
-    let acked = acked.into_inner().expect("lock");
+    let acked = acked.into_inner();
     assert!(acked.len() >= 50, "most writes returned: {}", acked.len());
     assert_acked(&store, &ctx, &acked).await;
     assert_eq!(
@@ -284,7 +284,7 @@ async fn redis_paused_then_killed() {
         .await
         .expect("built"));
     let ctx = fhirstore_testkit::random_tenant();
-    let acked = std::sync::Mutex::new(BTreeMap::new());
+    let acked = parking_lot::Mutex::new(BTreeMap::new());
     let done = AtomicUsize::new(0);
     write_load(&composite, &ctx, "p", 40, 10, &acked, &done).await;
 
@@ -294,7 +294,7 @@ async fn redis_paused_then_killed() {
     let paused = Instant::now();
     while paused.elapsed() < Duration::from_millis(1_500) {
         write_load(&composite, &ctx, "p", 10, 10, &acked, &done).await;
-        let now = acked.lock().expect("lock").clone();
+        let now = acked.lock().clone();
         for (id, v) in now.iter().take(3) {
             let lid = LogicalId::new(id).expect("id");
             let (r, from) = composite.read_routed(&ctx, pt(), &lid).await.expect("read");
@@ -320,7 +320,7 @@ async fn redis_paused_then_killed() {
     write_load(&composite, &ctx, "q", 30, 10, &acked, &done).await;
     caught_up(&composite).await;
     assert_mirrors(&*primary, &redis, std::slice::from_ref(&ctx)).await;
-    assert_acked(&composite, &ctx, &acked.into_inner().expect("lock")).await;
+    assert_acked(&composite, &ctx, &acked.into_inner()).await;
     composite.shutdown().await;
     server.kill();
 }
@@ -360,7 +360,7 @@ async fn tantivy_directory_deleted_then_corrupted() {
         (index, composite)
     };
     let ctx = fhirstore_testkit::random_tenant();
-    let acked = std::sync::Mutex::new(BTreeMap::new());
+    let acked = parking_lot::Mutex::new(BTreeMap::new());
     let done = AtomicUsize::new(0);
     let (index, composite) = open().await;
     write_load(&composite, &ctx, "t", 60, 30, &acked, &done).await;
@@ -395,7 +395,7 @@ async fn tantivy_directory_deleted_then_corrupted() {
     caught_up(&composite).await;
     assert_eq!(full_text_finds_all(&composite, &ctx).await, 60);
     assert_mirrors(&*primary, &index, std::slice::from_ref(&ctx)).await;
-    assert_acked(&composite, &ctx, &acked.into_inner().expect("lock")).await;
+    assert_acked(&composite, &ctx, &acked.into_inner()).await;
     composite.shutdown().await;
     let aside = std::fs::read_dir(&scratch.0)
         .expect("scratch")

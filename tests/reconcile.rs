@@ -694,7 +694,7 @@ async fn scheduled_runs_check_recent_writes_then_everything() {
         "only the window's keys (and the drifted ones again) are read: {r:?}"
     );
 
-    let runs = std::sync::Mutex::new(Vec::<ScheduledRun>::new());
+    let runs = parking_lot::Mutex::new(Vec::<ScheduledRun>::new());
     let stop = std::sync::atomic::AtomicBool::new(false);
     let schedule = Schedule {
         interval: std::time::Duration::from_millis(50),
@@ -703,11 +703,11 @@ async fn scheduled_runs_check_recent_writes_then_everything() {
         deep: None,
     };
     let record = |run: &ScheduledRun| {
-        runs.lock().expect("lock").push(run.clone());
+        runs.lock().push(run.clone());
         stop.store(true, std::sync::atomic::Ordering::SeqCst);
     };
     reconciler.run_scheduled(&schedule, &record, &stop).await;
-    let runs = runs.into_inner().expect("lock");
+    let runs = runs.into_inner();
     let [run] = runs.as_slice() else {
         panic!("one run: {runs:?}")
     };

@@ -124,9 +124,9 @@ async fn model_based_convergence_through_outages_and_crashes() {
         fhirstore_testkit::random_tenant(),
         fhirstore_testkit::random_tenant(),
     ];
-    let crash_at: Arc<std::sync::Mutex<Option<&'static str>>> = Default::default();
+    let crash_at: Arc<parking_lot::Mutex<Option<&'static str>>> = Default::default();
     let crashed = Arc::new(AtomicBool::new(false));
-    let fired: Arc<std::sync::Mutex<std::collections::BTreeMap<&'static str, u32>>> =
+    let fired: Arc<parking_lot::Mutex<std::collections::BTreeMap<&'static str, u32>>> =
         Default::default();
     let start = |generation: u32| {
         let mut config = quick(&format!("proc-{generation}"));
@@ -135,10 +135,10 @@ async fn model_based_convergence_through_outages_and_crashes() {
         config.read_lease_ttl = Duration::from_millis(150);
         let (crash_at, crashed, fired) = (crash_at.clone(), crashed.clone(), fired.clone());
         config.failpoint = Some(Arc::new(move |step| {
-            let mut at = crash_at.lock().expect("lock");
+            let mut at = crash_at.lock();
             if *at == Some(step) {
                 *at = None;
-                *fired.lock().expect("lock").entry(step).or_default() += 1;
+                *fired.lock().entry(step).or_default() += 1;
                 crashed.store(true, Ordering::SeqCst);
                 return true;
             }
@@ -218,7 +218,7 @@ async fn model_based_convergence_through_outages_and_crashes() {
         // Arm a crash at a random step, when none is pending; it fires when that step runs.
         if rng.below(12) == 0 {
             let step = steps[rng.below(steps.len())];
-            crash_at.lock().expect("lock").get_or_insert(step);
+            crash_at.lock().get_or_insert(step);
         }
         if crashed.swap(false, Ordering::SeqCst) {
             composite.abort();
@@ -226,7 +226,7 @@ async fn model_based_convergence_through_outages_and_crashes() {
             composite = start(generation);
         }
     }
-    *crash_at.lock().expect("lock") = None;
+    *crash_at.lock() = None;
     flaky_redis.set_down(false);
     flaky_tantivy.set_down(false);
     assert!(
@@ -245,7 +245,7 @@ async fn model_based_convergence_through_outages_and_crashes() {
         started.elapsed().as_secs_f64(),
         generation + 1
     );
-    let fired = fired.lock().expect("lock").clone();
+    let fired = fired.lock().clone();
     eprintln!("crashes by failpoint: {fired:?}");
     assert!(
         generation >= rounds / 200,
@@ -534,7 +534,7 @@ async fn rejected_changes_follow_the_policy() {
     for policy in [RejectPolicy::DeadLetter, RejectPolicy::Stop] {
         let primary = sqlite().await;
         let flaky = Arc::new(Flaky::new(Arc::new(tantivy().await)));
-        *flaky.reject.lock().expect("lock") = Some("bad".to_owned());
+        *flaky.reject.lock() = Some("bad".to_owned());
         let mut cfg = SecondaryConfig::index();
         cfg.on_reject = policy;
         let composite = CompositeStorage::new(
@@ -765,6 +765,33 @@ async fn redis_outage() {
     assert_mirrors(&*primary, &redis, std::slice::from_ref(&ctx)).await;
     composite.shutdown().await;
     server.kill();
+}
+
+/// Setting a stack up wrongly is a configuration error, named as one, not a request error.
+#[tokio::test]
+async fn configuration_mistakes_are_configuration_errors() {
+    let mut config = RedisConfig::new("redis://127.0.0.1:1");
+    config.prefix = "a{b}".to_owned();
+    let e = RedisSecondary::connect(&config).await.err();
+    assert!(
+        matches!(&e, Some(fhirstore_core::Error::Configuration(m)) if m.contains("prefix")),
+        "{e:?}"
+    );
+    let (a, b): (Arc<dyn Secondary>, Arc<dyn Secondary>) =
+        (Arc::new(tantivy().await), Arc::new(tantivy().await));
+    let e = CompositeStorage::new(
+        sqlite().await,
+        vec![
+            ("twice".to_owned(), a, SecondaryConfig::index()),
+            ("twice".to_owned(), b, SecondaryConfig::index()),
+        ],
+        quick("config"),
+    )
+    .err();
+    assert!(
+        matches!(&e, Some(fhirstore_core::Error::Configuration(m)) if m.contains("twice")),
+        "{e:?}"
+    );
 }
 
 /// Outbox entries every consumer has passed are pruned.

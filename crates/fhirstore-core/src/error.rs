@@ -59,6 +59,19 @@ pub enum Error {
     /// The backend cannot do this (a parameter type, modifier or interaction it does not support).
     #[error("unsupported: {0}")]
     Unsupported(String),
+    /// The store or one of its backends was set up wrongly (a bad key prefix, a secondary
+    /// named twice, a backend this build lacks): found when it opens, not caused by a request.
+    #[error("configuration: {0}")]
+    Configuration(String),
+    /// One entry of a Bundle failed: `index` is its position in the Bundle (from 0), `error`
+    /// what went wrong with it. [`Error::kind`] looks through to `error`.
+    #[error("entry {index}: {error}")]
+    InEntry {
+        /// The entry's position in the Bundle.
+        index: usize,
+        /// The entry's own error.
+        error: Box<Error>,
+    },
     /// The backend failed: I/O, the database, a lost connection.
     #[error("backend error: {message}")]
     Backend {
@@ -79,7 +92,7 @@ impl Error {
     /// stored data and will fail the same way again.
     pub fn is_temporary(&self) -> bool {
         matches!(
-            self,
+            self.kind(),
             Error::Backend {
                 temporary: true,
                 ..
@@ -98,9 +111,31 @@ impl Error {
                 temporary: false,
                 source,
             },
+            Error::InEntry { index, error } => Error::InEntry {
+                index,
+                error: Box::new(error.set_persistent()),
+            },
             other => other,
         }
     }
+
+    /// What went wrong, looking through the Bundle entry that carried it: match on this to
+    /// tell the kinds apart whether or not the error came from an entry.
+    pub fn kind(&self) -> &Error {
+        match self {
+            Error::InEntry { error, .. } => error.kind(),
+            other => other,
+        }
+    }
+
+    /// The position of the Bundle entry that failed, if the error came from one.
+    pub fn entry(&self) -> Option<usize> {
+        match self {
+            Error::InEntry { index, .. } => Some(*index),
+            _ => None,
+        }
+    }
+
     /// A backend failure with no underlying error value: `message` says what went wrong.
     pub fn backend_msg(message: impl fmt::Display, temporary: bool) -> Self {
         Error::Backend {
@@ -132,32 +167,15 @@ impl Error {
         }
     }
 
-    /// Prefixes the message with the position of a Bundle entry, so a failed transaction says
-    /// which entry broke it. The kind is kept.
+    /// Marks the error as that of the Bundle entry at `index`, so a failed transaction says
+    /// which entry broke it. An error already marked keeps its first entry.
     pub fn in_entry(self, index: usize) -> Self {
-        let at = |m: String| format!("entry {index}: {m}");
         match self {
-            Error::NotFound(m) => Error::NotFound(at(m)),
-            Error::Gone(m) => Error::Gone(at(m)),
-            Error::AlreadyExists(m) => Error::AlreadyExists(at(m)),
-            Error::PreconditionFailed(m) => Error::PreconditionFailed(at(m)),
-            Error::InvalidResource(m) => Error::InvalidResource(at(m)),
-            Error::InvalidSearch(m) => Error::InvalidSearch(at(m)),
-            Error::TenantDenied(m) => Error::TenantDenied(at(m)),
-            Error::Unsupported(m) => Error::Unsupported(at(m)),
-            Error::TooLarge(m) => Error::TooLarge(at(m)),
-            Error::TooCostly(m) => Error::TooCostly(at(m)),
-            Error::StorageFull(m) => Error::StorageFull(at(m)),
-            Error::Backend {
-                message,
-                temporary,
-                source,
-            } => Error::Backend {
-                message: at(message),
-                temporary,
-                source,
+            e @ Error::InEntry { .. } => e,
+            other => Error::InEntry {
+                index,
+                error: Box::new(other),
             },
-            other @ Error::VersionConflict { .. } => other,
         }
     }
 }
@@ -182,8 +200,18 @@ mod tests {
     }
 
     #[test]
-    fn entry_prefix_keeps_the_kind() {
+    fn entries_keep_the_kind_and_the_index() {
         let e = Error::InvalidResource("bad".into()).in_entry(3);
-        assert!(matches!(&e, Error::InvalidResource(m) if m == "entry 3: bad"));
+        assert!(matches!(e.kind(), Error::InvalidResource(m) if m == "bad"));
+        assert_eq!(e.entry(), Some(3));
+        assert_eq!(e.to_string(), "entry 3: invalid resource: bad");
+        // The innermost entry is the one that failed.
+        assert_eq!(e.in_entry(7).entry(), Some(3));
+        assert_eq!(Error::NotFound("x".into()).entry(), None);
+        let busy = Error::backend_msg("busy", true).in_entry(1);
+        assert!(busy.is_temporary());
+        let busy = busy.set_persistent();
+        assert!(!busy.is_temporary());
+        assert_eq!(busy.entry(), Some(1));
     }
 }

@@ -5,7 +5,9 @@
 //! parameter's FHIRPath expression is compiled then, so evaluation per resource is a tree walk.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, OnceLock};
+
+use parking_lot::Mutex;
 
 use serde_json::Value;
 
@@ -243,11 +245,7 @@ pub fn intern(def: SearchParamDef) -> &'static SearchParamDef {
             .map(|c| (&c.definition, &c.expression_text))
             .collect::<Vec<_>>()
     );
-    // A poisoned lock only means another thread panicked mid-insert of a complete value.
-    let mut map = INTERNED
-        .get_or_init(Mutex::default)
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let mut map = INTERNED.get_or_init(Mutex::default).lock();
     map.entry(key).or_insert_with(|| Box::leak(Box::new(def)))
 }
 

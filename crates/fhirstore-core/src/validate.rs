@@ -35,8 +35,9 @@ pub struct SchemaValidator {
     schema: Value,
     /// Per-type validators, compiled on the first invalid body of each type to name the
     /// failing paths; valid bodies never need them.
-    by_type:
-        std::sync::Mutex<std::collections::HashMap<String, std::sync::Arc<jsonschema::Validator>>>,
+    by_type: parking_lot::Mutex<
+        std::collections::HashMap<String, std::sync::Arc<jsonschema::Validator>>,
+    >,
 }
 
 impl std::fmt::Debug for SchemaValidator {
@@ -101,7 +102,7 @@ impl SchemaValidator {
     /// The schema of one resource type: the whole schema with its root `oneOf` replaced by a
     /// reference to that type's definition.
     fn for_type(&self, resource_type: &str) -> Option<std::sync::Arc<jsonschema::Validator>> {
-        let mut cache = self.by_type.lock().ok()?;
+        let mut cache = self.by_type.lock();
         if let Some(v) = cache.get(resource_type) {
             return Some(v.clone());
         }

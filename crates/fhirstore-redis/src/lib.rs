@@ -364,7 +364,7 @@ impl RedisSecondary {
     /// Connects, with a connection manager that reconnects on its own after an outage.
     pub async fn connect(config: &RedisConfig) -> Result<Self> {
         if config.prefix.is_empty() || config.prefix.contains(['{', '}', '*', '?', '[', ']']) {
-            return Err(Error::InvalidSearch(format!(
+            return Err(Error::Configuration(format!(
                 "redis key prefix {:?} must be non-empty, without braces or glob characters",
                 config.prefix
             )));

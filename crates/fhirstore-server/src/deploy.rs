@@ -247,7 +247,7 @@ async fn postgres(
     _config: SyncConfig,
     _parts: Vec<(String, String)>,
 ) -> Result<Arc<dyn Deployment>> {
-    Err(Error::Unsupported(
+    Err(Error::Configuration(
         "this build has no PostgreSQL support (feature `postgres`)".into(),
     ))
 }
@@ -277,7 +277,7 @@ async fn redis_secondary(
     _prefix: &str,
     _m: ModeArg,
 ) -> Result<(String, Arc<dyn Secondary>, SecondaryConfig)> {
-    Err(Error::Unsupported(
+    Err(Error::Configuration(
         "this build has no Redis support (feature `redis`)".into(),
     ))
 }

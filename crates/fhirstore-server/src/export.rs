@@ -20,7 +20,9 @@ use std::collections::{BTreeSet, HashMap, HashSet};
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
 use std::time::Duration;
 
 use axum::body::Body;
@@ -109,11 +111,8 @@ pub struct Exports {
 }
 
 impl Exports {
-    fn running(&self) -> std::sync::MutexGuard<'_, HashMap<(String, String), Arc<Running>>> {
-        // A map of flags: a panic elsewhere cannot leave it half-written.
-        self.running
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    fn running(&self) -> parking_lot::MutexGuard<'_, HashMap<(String, String), Arc<Running>>> {
+        self.running.lock()
     }
 }
 

@@ -3,7 +3,9 @@
 
 use std::collections::BTreeMap;
 use std::sync::atomic::AtomicBool;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
 
 use fhirstore_core::{ResourceType, TenantId};
 use fhirstore_sync::reconcile::{JobReport, JobRequest, ReconcileMode, ReconcileProgress};
@@ -127,25 +129,21 @@ struct JobState {
     error: Option<String>,
 }
 
-fn locked<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
 impl Job {
     /// Records progress.
     pub fn progress(&self, p: &ReconcileProgress) {
-        locked(&self.state).progress = p.clone();
+        self.state.lock().progress = p.clone();
     }
 
     /// Whether it has not ended yet.
     pub fn running(&self) -> bool {
-        let s = locked(&self.state);
+        let s = self.state.lock();
         s.report.is_none() && s.error.is_none()
     }
 
     /// Records the end.
     pub fn finish(&self, result: Result<(String, JobReport), String>) {
-        let mut s = locked(&self.state);
+        let mut s = self.state.lock();
         match result {
             Ok(r) => s.report = Some(r),
             Err(e) => s.error = Some(e),
@@ -154,7 +152,7 @@ impl Job {
 
     /// The job as JSON: `running`, `done` with its report, or `failed` with the error.
     pub fn json(&self, id: &str) -> Value {
-        let s = locked(&self.state);
+        let s = self.state.lock();
         let mut v = json!({
             "id": id,
             "progress": serde_json::to_value(&s.progress).unwrap_or(Value::Null),
@@ -192,7 +190,7 @@ impl Jobs {
             state: Mutex::default(),
             cancel: AtomicBool::new(false),
         });
-        let mut jobs = locked(&self.jobs);
+        let mut jobs = self.jobs.lock();
         // Ids are time-ordered: beyond the limit, the oldest finished jobs are forgotten.
         while jobs.len() >= KEEP_JOBS {
             let Some(old) = jobs
@@ -210,12 +208,13 @@ impl Jobs {
 
     /// A job by id.
     pub fn get(&self, id: &str) -> Option<Arc<Job>> {
-        locked(&self.jobs).get(id).cloned()
+        self.jobs.lock().get(id).cloned()
     }
 
     /// Every job, oldest first.
     pub fn all(&self) -> Vec<(String, Arc<Job>)> {
-        locked(&self.jobs)
+        self.jobs
+            .lock()
             .iter()
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect()

@@ -23,7 +23,9 @@ pub mod outcome;
 pub mod rest;
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
 use std::time::Instant;
 
 use axum::extract::{Path, Request, State};
@@ -90,10 +92,7 @@ impl App {
     /// runs makes it go round once more rather than start another.
     pub fn reindex_in_background(&self, tenant: TenantId) {
         {
-            let mut running = self
-                .reindexing
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let mut running = self.reindexing.lock();
             if let Some(again) = running.get_mut(&tenant) {
                 *again = true;
                 return;
@@ -114,10 +113,7 @@ impl App {
                 if let Err(e) = &result {
                     tracing::warn!(tenant = %tenant, error = %e, "reindex failed; the next SearchParameter write retries it");
                 }
-                let mut running = app
-                    .reindexing
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                let mut running = app.reindexing.lock();
                 if running.get(&tenant) == Some(&true) && result.is_ok() {
                     running.insert(tenant.clone(), false);
                     continue;

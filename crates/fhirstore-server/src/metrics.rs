@@ -1,9 +1,9 @@
 //! `/metrics` in the Prometheus text format: requests by interaction and status, latency
 //! histograms by interaction, and the sync and reconcile figures read when scraped.
 
+use parking_lot::Mutex;
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::sync::Mutex;
 use std::time::Duration;
 
 /// Upper bounds of the latency histogram buckets, in seconds.
@@ -26,19 +26,16 @@ pub struct Metrics {
     reconcile: Mutex<BTreeMap<&'static str, u64>>,
 }
 
-fn locked<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    // Counters stay usable after a panic elsewhere: losing one increment is harmless.
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
 impl Metrics {
     /// Records one request.
     pub fn observe(&self, interaction: &'static str, status: u16, took: Duration) {
-        *locked(&self.requests)
+        *self
+            .requests
+            .lock()
             .entry((interaction, status))
             .or_default() += 1;
         let secs = took.as_secs_f64();
-        let mut latency = locked(&self.latency);
+        let mut latency = self.latency.lock();
         let h = latency.entry(interaction).or_default();
         for (i, bound) in BUCKETS.iter().enumerate() {
             if secs <= *bound {
@@ -52,7 +49,7 @@ impl Metrics {
     /// Adds a finished reconcile job's counts (`missing`, `extra`, `stale`, `ahead`,
     /// `repaired`).
     pub fn reconciled(&self, counts: &[(&'static str, u64)]) {
-        let mut r = locked(&self.reconcile);
+        let mut r = self.reconcile.lock();
         for (name, n) in counts {
             *r.entry(name).or_default() += n;
         }
@@ -66,7 +63,7 @@ impl Metrics {
             "# HELP fhirstore_http_requests_total HTTP requests by interaction and status.\n",
         );
         out.push_str("# TYPE fhirstore_http_requests_total counter\n");
-        for ((interaction, status), n) in locked(&self.requests).iter() {
+        for ((interaction, status), n) in self.requests.lock().iter() {
             let _ = writeln!(
                 out,
                 "fhirstore_http_requests_total{{interaction=\"{interaction}\",status=\"{status}\"}} {n}"
@@ -74,7 +71,7 @@ impl Metrics {
         }
         out.push_str("# HELP fhirstore_http_request_duration_seconds HTTP request latency.\n");
         out.push_str("# TYPE fhirstore_http_request_duration_seconds histogram\n");
-        for (interaction, h) in locked(&self.latency).iter() {
+        for (interaction, h) in self.latency.lock().iter() {
             for (bound, n) in BUCKETS.iter().zip(h.counts) {
                 let _ = writeln!(
                     out,
@@ -120,7 +117,7 @@ impl Metrics {
         }
         out.push_str("# HELP fhirstore_reconcile_total Reconcile jobs finished, and the drift they found and repaired.\n");
         out.push_str("# TYPE fhirstore_reconcile_total counter\n");
-        for (name, n) in locked(&self.reconcile).iter() {
+        for (name, n) in self.reconcile.lock().iter() {
             let _ = writeln!(out, "fhirstore_reconcile_total{{count=\"{name}\"}} {n}");
         }
         out

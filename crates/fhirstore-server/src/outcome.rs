@@ -26,6 +26,8 @@ pub struct ApiError {
     pub code: &'static str,
     /// For people.
     pub message: String,
+    /// Where in the request it went wrong (`Bundle.entry[2]`), as the issue's `expression`.
+    pub expression: Option<String>,
 }
 
 impl ApiError {
@@ -35,6 +37,7 @@ impl ApiError {
             status,
             code,
             message: message.into(),
+            expression: None,
         }
     }
 
@@ -55,7 +58,11 @@ impl ApiError {
 
     /// The `OperationOutcome` body.
     pub fn outcome(&self) -> Value {
-        operation_outcome("error", self.code, &self.message)
+        let mut o = operation_outcome("error", self.code, &self.message);
+        if let (Some(x), Some(issue)) = (&self.expression, o.pointer_mut("/issue/0")) {
+            issue["expression"] = json!([x]);
+        }
+        o
     }
 }
 
@@ -70,7 +77,7 @@ pub fn status_line(status: StatusCode) -> String {
 
 impl From<Error> for ApiError {
     fn from(e: Error) -> Self {
-        let (status, code) = match &e {
+        let (status, code) = match e.kind() {
             Error::NotFound(_) => (StatusCode::NOT_FOUND, "not-found"),
             Error::Gone(_) => (StatusCode::GONE, "deleted"),
             // Only an `If-Match` (or a Bundle entry's `ifMatch`) can name a version.
@@ -86,13 +93,16 @@ impl From<Error> for ApiError {
             // The client asked for something this server does not do: its request's fault,
             // not a server failure that a retry could mend.
             Error::Unsupported(_) => (StatusCode::BAD_REQUEST, "not-supported"),
+            Error::Configuration(_) => (StatusCode::INTERNAL_SERVER_ERROR, "exception"),
             e if e.is_temporary() => (StatusCode::SERVICE_UNAVAILABLE, "transient"),
             _ => (StatusCode::INTERNAL_SERVER_ERROR, "exception"),
         };
         if status.is_server_error() {
             tracing::warn!(error = %e, "request failed");
         }
-        ApiError::new(status, code, e.to_string())
+        let mut api = ApiError::new(status, code, e.to_string());
+        api.expression = e.entry().map(|i| format!("Bundle.entry[{i}]"));
+        api
     }
 }
 

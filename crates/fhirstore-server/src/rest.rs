@@ -1079,7 +1079,10 @@ async fn bundle(req: &Req<'_>, body: Body) -> ApiResult {
             let outcomes = if ops.is_empty() {
                 Vec::new()
             } else {
-                storage.transaction(&req.ctx, ops).await?
+                storage
+                    .transaction(&req.ctx, ops)
+                    .await
+                    .map_err(|e| entry_of_write(e, &reads))?
             };
             req.app.after_write(&req.ctx, &types);
             // Reads run after every write (R4's processing order), once the writes are
@@ -1296,10 +1299,29 @@ async fn batch_read(req: &Req<'_>, e: &Value) -> ApiResult<Value> {
 
 /// A Bundle entry that cannot become a write is the request's fault (400), not the
 /// resource's (422).
+/// A Bundle that cannot be read as one is a bad request (400), whichever entry broke it.
 fn bundle_error(e: Error) -> ApiError {
+    let malformed = matches!(e.kind(), Error::InvalidResource(_));
+    let mut api = ApiError::from(e);
+    if malformed {
+        api.status = StatusCode::BAD_REQUEST;
+        api.code = "invalid";
+    }
+    api
+}
+
+/// The store numbers a transaction's failing entry among the writes it was given; the client
+/// numbers entries in its Bundle, where reads (run after the writes) sit between them.
+fn entry_of_write(e: Error, reads: &[usize]) -> Error {
     match e {
-        Error::InvalidResource(m) => ApiError::bad_request(m),
-        other => other.into(),
+        Error::InEntry { index, error } => Error::InEntry {
+            index: (0..)
+                .filter(|i| !reads.contains(i))
+                .nth(index)
+                .unwrap_or(index),
+            error,
+        },
+        other => other,
     }
 }
 

@@ -887,15 +887,25 @@ async fn batch_reads_answer_as_the_same_get_would() {
     assert_eq!(b["entry"][1]["response"]["status"], "201 Created");
     assert_eq!(b["entry"][2]["resource"]["id"], "br1");
     assert_eq!(total(&s, "/fhir/br/Patient?family=TxRead").await, 1);
-    // An invalid write still fails the whole transaction, reads and all.
+    // An invalid write still fails the whole transaction, reads and all, and the outcome
+    // names its entry as the client numbers it (the read before it counts).
     let bad = json!({"resourceType": "Bundle", "type": "transaction", "entry": [
+        {"request": {"method": "GET", "url": "Patient/br1"}},
         {"resource": {"resourceType": "Patient", "name": [{"family": "TxRead2"}]},
          "request": {"method": "POST", "url": "Patient"}},
         {"resource": {"resourceType": "Patient", "gender": 5},
-         "request": {"method": "POST", "url": "Patient"}},
-        {"request": {"method": "GET", "url": "Patient/br1"}}
+         "request": {"method": "POST", "url": "Patient"}}
     ]});
-    assert!(s.post("/fhir/br", &bad).await.status.is_client_error());
+    let r = s.post("/fhir/br", &bad).await;
+    assert!(r.status.is_client_error());
+    let issue = &r.json()["issue"][0];
+    assert_eq!(issue["expression"], json!(["Bundle.entry[2]"]), "{issue}");
+    assert!(
+        issue["diagnostics"]
+            .as_str()
+            .is_some_and(|d| d.starts_with("entry 2:")),
+        "{issue}"
+    );
     assert_eq!(total(&s, "/fhir/br/Patient?family=TxRead2").await, 0);
 
     // A relative reference that resolves, against its entry's fullUrl, to an entry created

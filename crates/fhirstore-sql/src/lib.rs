@@ -11,7 +11,9 @@
 //! concrete types avoid both while keeping one copy of the logic.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, OnceLock};
+
+use parking_lot::Mutex;
 use std::time::Duration;
 
 use fhirstore_core::digest::split_u128;
@@ -274,11 +276,8 @@ pub(crate) const STATE_REMOVING: &str = "removing";
 pub(crate) struct ParamCache(Mutex<HashMap<String, (i64, Arc<TenantParams>)>>);
 
 impl ParamCache {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, (i64, Arc<TenantParams>)>> {
-        // The map holds complete values only; a panic elsewhere cannot leave one half-written.
-        self.0
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    fn lock(&self) -> parking_lot::MutexGuard<'_, HashMap<String, (i64, Arc<TenantParams>)>> {
+        self.0.lock()
     }
 
     pub(crate) fn get(&self, tenant: &str, generation: i64) -> Option<Arc<TenantParams>> {
@@ -508,6 +507,41 @@ macro_rules! bind_version_row {
     };
 }
 pub(crate) use bind_version_row;
+
+/// Runs `step` (over `state`) until it succeeds or fails for good: a temporary failure
+/// (deadlock, serialization failure, busy database) is retried up to `max_retries` times after
+/// a growing, jittered pause; the last error is returned as it is. The one retry loop of the
+/// transaction, batch-entry and reindex paths.
+pub(crate) async fn retrying<S, T>(
+    max_retries: u32,
+    what: &str,
+    state: &mut S,
+    mut step: impl for<'a> FnMut(
+        &'a mut S,
+    ) -> std::pin::Pin<
+        Box<dyn std::future::Future<Output = fhirstore_core::Result<T>> + Send + 'a>,
+    >,
+) -> fhirstore_core::Result<T> {
+    let mut attempt = 0u32;
+    loop {
+        match step(state).await {
+            Err(e) if e.is_temporary() && attempt < max_retries => {
+                attempt += 1;
+                tracing::debug!(attempt, error = %e, "retrying a {what}");
+                tokio::time::sleep(backoff(attempt)).await;
+            }
+            other => return other,
+        }
+    }
+}
+
+/// The pause before retry `attempt`: exponential from 2 ms, capped, with jitter so retrying
+/// writers do not collide again.
+fn backoff(attempt: u32) -> std::time::Duration {
+    let base = 2u64 << attempt.min(7);
+    let jitter = u64::from(uuid::Uuid::new_v4().as_bytes()[0]) % base.max(1);
+    std::time::Duration::from_millis(base + jitter)
+}
 
 /// Runs a write transaction on its own task, so it always ends in a commit or a rollback on its
 /// connection, whatever happens to the caller. sqlx only queues the rollback of a dropped

@@ -262,19 +262,14 @@ impl Store {
         url: &str,
         batch: u32,
     ) -> Result<Option<(ReindexStatus, bool)>> {
-        let mut attempt = 0u32;
-        loop {
+        crate::retrying(self.config.max_retries, "reindex batch", &mut (), |_| {
+            // Owned copies: the batch runs detached from this future.
             let (store, t, u) = (self.clone(), tenant.clone(), url.to_owned());
-            let step = crate::detached(async move { store.reindex_batch(&t, &u, batch).await });
-            match step.await {
-                Err(e) if e.is_temporary() && attempt < self.config.max_retries => {
-                    attempt += 1;
-                    tracing::debug!(attempt, error = %e, "retrying a reindex batch");
-                    tokio::time::sleep(backoff(attempt)).await;
-                }
-                other => return other,
-            }
-        }
+            Box::pin(crate::detached(async move {
+                store.reindex_batch(&t, &u, batch).await
+            }))
+        })
+        .await
     }
 
     /// One short transaction of a job: the next `batch` live resources of the parameter's

@@ -990,35 +990,37 @@ impl Store {
         ctx: &TenantContext,
         ops: &[WriteOp],
     ) -> Result<Vec<OpOutcome>> {
-        let mut attempt = 0u32;
-        loop {
-            let result: Result<Vec<OpOutcome>> = async {
-                let mut tx = self.begin_write().await?;
-                let params = tenant_params(&mut tx, &self.params, ctx.tenant()).await?;
+        // What each attempt borrows travels in the state, so its future may hold it.
+        let mut state = (self, ctx, ops);
+        let outcome = crate::retrying(self.config.max_retries, "transaction", &mut state, |s| {
+            let (store, ctx, ops) = *s;
+            Box::pin(async move {
+                let store = store;
+                let mut tx = store.begin_write().await?;
+                let params = tenant_params(&mut tx, &store.params, ctx.tenant()).await?;
                 let out = apply_ops(
                     &mut tx,
                     ctx,
                     ops,
-                    self.config.max_resource_bytes,
-                    self.config.maintain_digests,
+                    store.config.max_resource_bytes,
+                    store.config.maintain_digests,
                     params,
                 )
                 .await?;
                 tx.commit().await.map_err(db_err)?;
-                self.note_writes(out.len() as u64);
+                store.note_writes(out.len() as u64);
                 Ok(out)
+            })
+        })
+        .await;
+        // Still temporary after every retry: the caller should not retry at once either.
+        outcome.map_err(|e| {
+            if e.is_temporary() {
+                e.set_persistent()
+            } else {
+                e
             }
-            .await;
-            match result {
-                Err(e) if e.is_temporary() && attempt < self.config.max_retries => {
-                    attempt += 1;
-                    tracing::debug!(attempt, error = %e, "retrying transaction");
-                    tokio::time::sleep(backoff(attempt)).await;
-                }
-                Err(e) if e.is_temporary() => return Err(e.set_persistent()),
-                other => return other,
-            }
-        }
+        })
     }
 
     /// Runs each op in its own savepoint within one transaction, so a batch shares one commit
@@ -1041,44 +1043,58 @@ impl Store {
         let params = tenant_params(&mut tx, &self.params, ctx.tenant()).await?;
         let mut results = Vec::with_capacity(ops.len());
         for (i, op) in ops.iter().enumerate() {
-            let single = std::slice::from_ref(op);
-            let mut attempt = 0u32;
-            let result = loop {
-                let r = match precheck(ctx, single, false, self.config.validation) {
-                    Err(e) => Err(e),
-                    Ok(()) => {
-                        let mut sp = tx.begin().await.map_err(db_err)?;
-                        let applied = apply_ops(
-                            &mut sp,
-                            ctx,
-                            single,
-                            self.config.max_resource_bytes,
-                            self.config.maintain_digests,
-                            params.clone(),
-                        )
-                        .await;
-                        match applied {
-                            Ok(mut out) => {
-                                sp.commit().await.map_err(db_err)?;
-                                out.pop()
-                                    .ok_or_else(|| corrupt("batch entry without outcome"))
-                            }
-                            Err(e) => {
-                                sp.rollback().await.map_err(db_err)?;
-                                Err(e)
-                            }
+            // A failed savepoint (its begin, commit or rollback) fails the whole batch: the
+            // transaction around it is no longer usable. The error an attempt returns for it
+            // only stops the retries; `fatal` is what the batch fails with.
+            let mut fatal = None;
+            let mut state = (
+                &mut tx,
+                &mut fatal,
+                self,
+                ctx,
+                std::slice::from_ref(op),
+                &params,
+            );
+            let result = crate::retrying(self.config.max_retries, "batch entry", &mut state, |s| {
+                let (tx, fatal, store, ctx, single, params) = s;
+                let (store, ctx, single) = (*store, *ctx, *single);
+                Box::pin(async move {
+                    precheck(ctx, single, false, store.config.validation)?;
+                    let stop = || corrupt("savepoint failed");
+                    let mut sp = match tx.begin().await {
+                        Ok(sp) => sp,
+                        Err(e) => {
+                            **fatal = Some(db_err(e));
+                            return Err(stop());
                         }
+                    };
+                    let applied = apply_ops(
+                        &mut sp,
+                        ctx,
+                        single,
+                        store.config.max_resource_bytes,
+                        store.config.maintain_digests,
+                        (*params).clone(),
+                    )
+                    .await;
+                    let ended = match &applied {
+                        Ok(_) => sp.commit().await,
+                        Err(_) => sp.rollback().await,
+                    };
+                    if let Err(e) = ended {
+                        **fatal = Some(db_err(e));
+                        return Err(stop());
                     }
-                };
-                match r {
-                    Err(e) if e.is_temporary() && attempt < self.config.max_retries => {
-                        attempt += 1;
-                        tokio::time::sleep(backoff(attempt)).await;
-                    }
-                    other => break other.map_err(|e| e.in_entry(i)),
-                }
-            };
-            results.push(result);
+                    applied?
+                        .pop()
+                        .ok_or_else(|| corrupt("batch entry without outcome"))
+                })
+            })
+            .await;
+            if let Some(e) = fatal {
+                return Err(e);
+            }
+            results.push(result.map_err(|e| e.in_entry(i)));
         }
         tx.commit().await.map_err(db_err)?;
         self.note_writes(results.iter().filter(|r| r.is_ok()).count() as u64);
@@ -1213,13 +1229,6 @@ fn segment_row(r: <Db as sqlx::Database>::Row) -> Result<SegmentDigest> {
             count: r.try_get(3).map_err(db_err)?,
         },
     })
-}
-
-fn backoff(attempt: u32) -> std::time::Duration {
-    // Exponential from 2 ms, capped, with jitter so retrying writers do not collide again.
-    let base = 2u64 << attempt.min(7);
-    let jitter = u64::from(uuid::Uuid::new_v4().as_bytes()[0]) % base.max(1);
-    std::time::Duration::from_millis(base + jitter)
 }
 
 #[async_trait]

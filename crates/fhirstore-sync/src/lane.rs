@@ -1,7 +1,9 @@
 //! One secondary's delivery state, shared by its worker, the write path and routing.
 
 use std::collections::VecDeque;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
+
+use parking_lot::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use fhirstore_core::changelog::ChangeCursor;
@@ -138,10 +140,7 @@ impl Lane {
     }
 
     pub(crate) fn lock(&self) -> MutexGuard<'_, LaneState> {
-        // The state is plain counters and flags; a panic mid-update leaves nothing unsafe.
-        self.state
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.state.lock()
     }
 
     /// Whether the secondary may answer at all now: healthy, circuit not open, delivering.

@@ -151,7 +151,7 @@ struct Shared<P> {
 pub struct CompositeStorage<P> {
     shared: Arc<Shared<P>>,
     shutdown: tokio::sync::watch::Sender<bool>,
-    workers: std::sync::Mutex<Vec<JoinHandle<()>>>,
+    workers: parking_lot::Mutex<Vec<JoinHandle<()>>>,
 }
 
 impl<P> std::fmt::Debug for CompositeStorage<P> {
@@ -174,7 +174,7 @@ impl<P: ResourceStorage + ChangeLog + 'static> CompositeStorage<P> {
         let mut names = std::collections::HashSet::new();
         for (name, _, _) in &secondaries {
             if name == PRIMARY || !names.insert(name.clone()) {
-                return Err(Error::InvalidResource(format!(
+                return Err(Error::Configuration(format!(
                     "secondary name {name:?} is reserved or used twice"
                 )));
             }
@@ -215,7 +215,7 @@ impl<P: ResourceStorage + ChangeLog + 'static> CompositeStorage<P> {
         Ok(CompositeStorage {
             shared,
             shutdown,
-            workers: std::sync::Mutex::new(workers),
+            workers: parking_lot::Mutex::new(workers),
         })
     }
 
@@ -230,12 +230,7 @@ impl<P: ResourceStorage + ChangeLog + 'static> CompositeStorage<P> {
         for lane in &self.shared.lanes {
             lane.wake.notify_one();
         }
-        let handles: Vec<JoinHandle<()>> = std::mem::take(
-            &mut *self
-                .workers
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner),
-        );
+        let handles: Vec<JoinHandle<()>> = std::mem::take(&mut *self.workers.lock());
         for h in handles {
             let _ = h.await;
         }
@@ -243,12 +238,7 @@ impl<P: ResourceStorage + ChangeLog + 'static> CompositeStorage<P> {
 
     /// Stops the workers at once, as a crash would: no lease is released (tests).
     pub fn abort(&self) {
-        for h in self
-            .workers
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .drain(..)
-        {
+        for h in self.workers.lock().drain(..) {
             h.abort();
         }
     }

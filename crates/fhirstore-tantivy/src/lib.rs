@@ -21,7 +21,9 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::ops::Bound;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::sync::{Arc, Weak};
+
+use parking_lot::Mutex;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -349,7 +351,7 @@ impl Engine {
 }
 
 struct Inner {
-    engine: std::sync::RwLock<Engine>,
+    engine: parking_lot::RwLock<Engine>,
     writer: Mutex<Writer>,
     f: Fields,
     config: TantivyConfig,
@@ -373,12 +375,6 @@ impl std::fmt::Debug for TantivySecondary {
             .field("dir", &self.inner.dir)
             .finish_non_exhaustive()
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    // A panic while holding the lock leaves tantivy's own state consistent (it is
-    // transactional); the pending map may over-report, which only costs a skipped no-op.
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 impl TantivySecondary {
@@ -446,7 +442,7 @@ impl TantivySecondary {
         let (_, f) = schema();
         let (engine, writer) = Engine::new(index, &config)?;
         let inner = Arc::new(Inner {
-            engine: std::sync::RwLock::new(engine),
+            engine: parking_lot::RwLock::new(engine),
             writer: Mutex::new(Writer {
                 writer,
                 pending: HashMap::new(),
@@ -655,7 +651,7 @@ impl Inner {
     }
 
     fn commit_if_pending(&self) -> Result<()> {
-        let mut w = lock(&self.writer);
+        let mut w = self.writer.lock();
         if w.pending.is_empty() {
             return Ok(());
         }
@@ -669,11 +665,8 @@ impl Inner {
         Ok(())
     }
 
-    fn engine(&self) -> std::sync::RwLockReadGuard<'_, Engine> {
-        // Replaced whole or not at all: a panic elsewhere cannot leave it half-written.
-        self.engine
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    fn engine(&self) -> parking_lot::RwLockReadGuard<'_, Engine> {
+        self.engine.read()
     }
 
     fn searcher(&self) -> tantivy::Searcher {
@@ -685,14 +678,14 @@ impl Inner {
     /// survive a restart, so it is emptied, unmarked and rebuilt like a new one. The writer
     /// lock is held throughout, so no apply interleaves.
     fn start_over(&self, dir: &Path, why: &str) -> Result<()> {
-        let mut w = lock(&self.writer);
+        let mut w = self.writer.lock();
         if !self.built.load(Ordering::Acquire) {
             // Another probe got here first.
             return Ok(());
         }
         tracing::warn!(dir = %dir.display(), %why, "the tantivy index starts over empty and needs a rebuild");
         self.built.store(false, Ordering::Release);
-        *lock(&self.why_unbuilt) = why.to_owned();
+        *self.why_unbuilt.lock() = why.to_owned();
         // Whatever is left of the old files is not to be trusted: a new index in their place.
         // The old writer's lock file went with the directory, so the new writer can lock.
         let _ = std::fs::remove_dir_all(dir);
@@ -702,11 +695,8 @@ impl Inner {
         let (engine, writer) = Engine::new(index, &self.config)?;
         let old = std::mem::replace(&mut w.writer, writer);
         w.pending.clear();
-        *self
-            .engine
-            .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = engine;
-        lock(&self.digests).clear();
+        *self.engine.write() = engine;
+        self.digests.lock().clear();
         drop(old);
         Ok(())
     }
@@ -809,7 +799,7 @@ impl Inner {
     }
 
     fn apply(&self, changes: &[Change], repair: bool) -> Result<Applied> {
-        let mut w = lock(&self.writer);
+        let mut w = self.writer.lock();
         let searcher = self.searcher();
         let cols = columns(&searcher)?;
         let mut out = Applied::default();
@@ -827,8 +817,10 @@ impl Inner {
                 out.skipped += 1;
                 continue;
             }
-            if let Some(segs) =
-                lock(&self.digests).get_mut(&(c.tenant.clone(), c.key.resource_type))
+            if let Some(segs) = self
+                .digests
+                .lock()
+                .get_mut(&(c.tenant.clone(), c.key.resource_type))
             {
                 let d = segs.entry(c.segment()).or_default();
                 if let Some((_, old)) = held {
@@ -1156,9 +1148,9 @@ impl Inner {
 
     /// The (tenant, type) segment digests: kept, or computed by one scan and kept.
     fn type_digests(&self, tenant: &TenantId, rt: ResourceType) -> Result<BTreeMap<u16, Digest>> {
-        let mut w = lock(&self.writer);
+        let mut w = self.writer.lock();
         let key = (tenant.clone(), rt);
-        if let Some(d) = lock(&self.digests).get(&key) {
+        if let Some(d) = self.digests.lock().get(&key) {
             return Ok(d.clone());
         }
         if !w.pending.is_empty() {
@@ -1184,7 +1176,7 @@ impl Inner {
             .filter(|(_, d)| d.count != 0)
             .filter_map(|(s, d)| Some((u16::try_from(s).ok()?, d)))
             .collect();
-        lock(&self.digests).insert(key, by.clone());
+        self.digests.lock().insert(key, by.clone());
         Ok(by)
     }
 
@@ -1382,12 +1374,12 @@ impl Secondary for TantivySecondary {
     async fn clear(&self, tenant: &TenantId) -> Result<()> {
         let tenant = tenant.clone();
         self.blocking(move |inner| {
-            let mut w = lock(&inner.writer);
+            let mut w = inner.writer.lock();
             w.writer
                 .delete_term(Term::from_field_text(inner.f.tenant, tenant.as_str()));
             let prefix = format!("{}{SEP}", tenant.as_str());
             w.pending.retain(|k, _| !k.starts_with(&prefix));
-            lock(&inner.digests).retain(|(t, _), _| *t != tenant);
+            inner.digests.lock().retain(|(t, _), _| *t != tenant);
             inner.commit(&mut w)
         })
         .await
@@ -1403,7 +1395,7 @@ impl Secondary for TantivySecondary {
                 .map_err(index_err)?
                 .map_err(index_err)?;
         }
-        lock(&self.inner.why_unbuilt).clear();
+        self.inner.why_unbuilt.lock().clear();
         self.inner.built.store(true, Ordering::Release);
         Ok(())
     }
@@ -1429,7 +1421,7 @@ impl Secondary for TantivySecondary {
         if self.inner.built.load(Ordering::Acquire) {
             Health::Healthy
         } else {
-            Health::NeedsRebuild(lock(&self.inner.why_unbuilt).clone())
+            Health::NeedsRebuild(self.inner.why_unbuilt.lock().clone())
         }
     }
 

@@ -654,7 +654,8 @@ pub async fn transaction_resolves_conditional_references(store: &dyn ResourceSto
             .await
             .expect_err(why);
         assert!(
-            matches!(&e, Error::PreconditionFailed(m) if m.contains(why) && m.contains("entry 1")),
+            matches!(e.kind(), Error::PreconditionFailed(m) if m.contains(why))
+                && e.entry() == Some(1),
             "{e:?}"
         );
     }
@@ -1261,7 +1262,7 @@ pub async fn transaction_is_atomic(store: &dyn ResourceStorage) {
         },
     ];
     let e = store.transaction(&ctx, ops).await;
-    match e {
+    match e.as_ref().map_err(Error::kind) {
         Err(Error::VersionConflict {
             expected: 9,
             current: 1,
@@ -1292,7 +1293,9 @@ pub async fn transaction_is_atomic(store: &dyn ResourceStorage) {
         },
     ];
     match store.transaction(&ctx, invalid).await {
-        Err(Error::InvalidResource(m)) => assert!(m.starts_with("entry 1:"), "{m}"),
+        Err(e) if matches!(e.kind(), Error::InvalidResource(_)) => {
+            assert_eq!(e.entry(), Some(1), "{e}");
+        }
         other => panic!("expected an invalid entry 1, got {other:?}"),
     }
     store
@@ -1313,7 +1316,11 @@ pub async fn transaction_is_atomic(store: &dyn ResourceStorage) {
         },
     ];
     assert!(matches!(
-        store.transaction(&ctx, dup).await,
+        store
+            .transaction(&ctx, dup)
+            .await
+            .as_ref()
+            .map_err(Error::kind),
         Err(Error::InvalidResource(_))
     ));
 
@@ -1441,8 +1448,20 @@ pub async fn batch_entries_stand_alone(store: &dyn ResourceStorage) {
     let out = store.batch(&ctx, ops).await.expect("batch runs");
     assert_eq!(out.len(), 4);
     assert!(out[0].is_ok());
-    assert!(matches!(&out[1], Err(Error::InvalidResource(m)) if m.starts_with("entry 1:")));
-    assert!(matches!(&out[2], Err(Error::VersionConflict { .. })));
+    fn entry(r: &Result<OpOutcome, Error>) -> (Option<usize>, Option<&Error>) {
+        match r {
+            Err(e) => (e.entry(), Some(e.kind())),
+            Ok(_) => (None, None),
+        }
+    }
+    assert!(matches!(
+        entry(&out[1]),
+        (Some(1), Some(Error::InvalidResource(_)))
+    ));
+    assert!(matches!(
+        entry(&out[2]),
+        (Some(2), Some(Error::VersionConflict { .. }))
+    ));
     assert!(out[3].is_ok());
     assert_eq!(store.count(&ctx, Some(patient())).await.expect("count"), 2);
     let r = store.read(&ctx, patient(), &id("w")).await.expect("w");
@@ -1499,7 +1518,10 @@ pub async fn permissions_are_enforced(store: &dyn ResourceStorage) {
         )
         .await
         .expect("batch runs");
-    assert!(matches!(&batch[0], Err(Error::TenantDenied(_))));
+    assert!(matches!(
+        batch[0].as_ref().map_err(Error::kind),
+        Err(Error::TenantDenied(_))
+    ));
     let no_read = TenantContext::new(
         full.tenant().clone(),
         Permissions {
@@ -1745,7 +1767,10 @@ pub async fn tenant_isolation_transactions(store: &dyn ResourceStorage) {
         .await
         .expect("batch");
     assert!(
-        matches!(&batch[0], Err(Error::VersionConflict { current: 0, .. })),
+        matches!(
+            batch[0].as_ref().map_err(Error::kind),
+            Err(Error::VersionConflict { current: 0, .. })
+        ),
         "b's version 1 is not a's: {batch:?}"
     );
     let rb = store.read(&b, patient(), &shared).await.expect("b intact");

@@ -2,8 +2,8 @@
 //! reindex job (batched, resumable, interleaved with writes), activation, retirement, bad
 //! definitions, and isolation from other tenants.
 
+use parking_lot::Mutex;
 use std::collections::BTreeSet;
-use std::sync::Mutex;
 
 use fhirstore_core::{
     Error, Handling, LogicalId, ReindexOptions, ReindexState, ReindexStatus, ResourceStorage,
@@ -126,13 +126,13 @@ pub async fn custom_search_parameters(store: &dyn ResourceStorage) {
 
     // Two batches of 7, then stop, as a crash or a shutdown would.
     let seen = Mutex::new(Vec::new());
-    let record = |s: &ReindexStatus| seen.lock().expect("lock").push(s.processed);
+    let record = |s: &ReindexStatus| seen.lock().push(s.processed);
     let opts = ReindexOptions {
         batch: 7,
         max_batches: Some(2),
     };
     let st = store.reindex(&a, opts, &record).await.expect("two batches");
-    assert_eq!(*seen.lock().expect("lock"), vec![7, 14]);
+    assert_eq!(*seen.lock(), vec![7, 14]);
     assert_eq!(
         (st[0].state, st[0].processed),
         (ReindexState::Reindexing, 14)
@@ -149,7 +149,7 @@ pub async fn custom_search_parameters(store: &dyn ResourceStorage) {
         .await
         .expect("delete");
 
-    seen.lock().expect("lock").clear();
+    seen.lock().clear();
     let opts = ReindexOptions {
         batch: 7,
         max_batches: None,
@@ -157,7 +157,7 @@ pub async fn custom_search_parameters(store: &dyn ResourceStorage) {
     let st = store.reindex(&a, opts, &record).await.expect("the rest");
     // 30 live patients after the writes; the first 14 positions held cp00–cp13, of which cp00
     // is gone, so 30 - 13 = 17 remain: batches of 7, 7 and 3.
-    assert_eq!(*seen.lock().expect("lock"), vec![21, 28, 31]);
+    assert_eq!(*seen.lock(), vec![21, 28, 31]);
     assert_eq!((st[0].state, st[0].processed), (ReindexState::Active, 31));
 
     // Red: i % 3 == 0 → cp00 (deleted), cp03 (now blue), cp06 … cp27 (now none), plus cp29

@@ -697,7 +697,7 @@ pub struct Flaky {
     /// Fail everything, temporarily.
     pub down: std::sync::atomic::AtomicBool,
     /// Reject changes of this id for good.
-    pub reject: std::sync::Mutex<Option<String>>,
+    pub reject: parking_lot::Mutex<Option<String>>,
     in_flight: std::sync::atomic::AtomicUsize,
     /// The most `apply` calls seen running at once.
     pub max_in_flight: std::sync::atomic::AtomicUsize,
@@ -744,7 +744,7 @@ impl Secondary for Flaky {
     ) -> fhirstore_core::Result<fhirstore_core::secondary::Applied> {
         use std::sync::atomic::Ordering::SeqCst;
         self.check()?;
-        if let Some(id) = self.reject.lock().expect("lock").clone() {
+        if let Some(id) = self.reject.lock().clone() {
             if changes.iter().any(|c| c.key.id.as_str() == id) {
                 return Err(Error::InvalidResource(format!(
                     "injected rejection of {id}"
