@@ -21,6 +21,7 @@ pub mod jobs;
 pub mod metrics;
 pub mod outcome;
 pub mod rest;
+mod route;
 
 use std::collections::HashMap;
 use std::sync::Arc;
