@@ -404,7 +404,7 @@ async fn tantivy_directory_deleted_then_corrupted() {
     assert!(aside, "the damaged index was moved aside, not deleted");
 }
 
-type Composite = CompositeStorage<fhirstore_sql::SqliteStore>;
+type Composite = CompositeStorage;
 
 async fn caught_up(composite: &Composite) {
     assert!(

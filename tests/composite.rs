@@ -10,15 +10,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use fhirstore_core::secondary::Secondary;
-use fhirstore_sql::SqliteStore;
 use fhirstore_sync::{CompositeStorage, SecondaryConfig, SyncConfig, SyncMode};
 use fhirstore_tantivy::{TantivyConfig, TantivySecondary};
 
 /// The stack, and the Redis secondary whose keys the teardown removes from the shared server.
-type Made = (
-    CompositeStorage<SqliteStore>,
-    fhirstore_redis::RedisSecondary,
-);
+type Made = (CompositeStorage, fhirstore_redis::RedisSecondary);
 
 async fn composite(mode: SyncMode) -> Option<Made> {
     let redis = fhirstore_integration::redis_secondary().await?;
@@ -75,7 +71,7 @@ async fn composite(mode: SyncMode) -> Option<Made> {
 
 /// Stops the workers, then checks that both secondaries caught up with everything the check
 /// wrote, and removes the Redis keys.
-async fn teardown(store: CompositeStorage<SqliteStore>, redis: fhirstore_redis::RedisSecondary) {
+async fn teardown(store: CompositeStorage, redis: fhirstore_redis::RedisSecondary) {
     assert!(
         store
             .wait_for_sync(Duration::from_secs(60))

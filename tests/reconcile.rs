@@ -50,7 +50,7 @@ fn stray(tenant: &fhirstore_core::TenantId) -> Change {
 /// Runs a reconcile job to its end over these tenants (every type of theirs when `types` is
 /// `None`), and returns its report.
 async fn job(
-    reconciler: &Reconciler<fhirstore_sql::SqliteStore>,
+    reconciler: &Reconciler,
     tenants: Vec<fhirstore_core::TenantId>,
     types: Option<Vec<ResourceType>>,
     mode: ReconcileMode,

@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use fhirstore_core::changelog::ChangeLog;
+use fhirstore_core::changelog::{ChangeLog, Consumers};
 use fhirstore_core::search::Handling;
 use fhirstore_core::secondary::{Health, Secondary};
 use fhirstore_core::{
@@ -456,17 +456,14 @@ async fn reads_never_go_back_under_concurrency() {
 /// Writes through `writer` while `flaky` (its Redis) fails when `down(i)` says so, and reads
 /// through `reader` from `readers` tasks meanwhile: no read returns a version below one
 /// already returned to the writer. Returns how many reads Redis served.
-async fn reads_stay_ahead_of_returned_writes<P>(
-    writer: Arc<CompositeStorage<P>>,
-    reader: Arc<CompositeStorage<P>>,
+async fn reads_stay_ahead_of_returned_writes(
+    writer: Arc<CompositeStorage>,
+    reader: Arc<CompositeStorage>,
     flaky: Arc<Flaky>,
     writes: usize,
     down: fn(usize) -> bool,
     readers: usize,
-) -> u64
-where
-    P: ResourceStorage + ChangeLog + 'static,
-{
+) -> u64 {
     let ctx = fhirstore_testkit::random_tenant();
     let keys = 4;
     let returned: Arc<Vec<AtomicU64>> = Arc::new((0..keys).map(|_| AtomicU64::new(0)).collect());
@@ -656,7 +653,11 @@ async fn two_instances_share_one_postgres() {
 /// Readies a new consumer as a freshly built secondary: marked built, its cursor at the log's
 /// head. On the shared database the outbox keeps every earlier run's changes (pruning is off
 /// there), and a secondary that needed a rebuild would stream every tenant's resources.
-async fn start_at_head<P: ChangeLog + ?Sized>(primary: &P, name: &str, secondary: &RedisSecondary) {
+async fn start_at_head<P: ChangeLog + Consumers + ?Sized>(
+    primary: &P,
+    name: &str,
+    secondary: &RedisSecondary,
+) {
     secondary.mark_built().await.expect("mark built");
     let holder = "test-setup";
     assert!(primary
@@ -671,11 +672,7 @@ async fn start_at_head<P: ChangeLog + ?Sized>(primary: &P, name: &str, secondary
     primary.release(name, holder).await.expect("release");
 }
 
-async fn write_many(
-    c: &CompositeStorage<fhirstore_sql::PostgresStore>,
-    ctx: &TenantContext,
-    from: usize,
-) {
+async fn write_many(c: &CompositeStorage, ctx: &TenantContext, from: usize) {
     for i in from..from + 60 {
         let id = LogicalId::new(format!("m{}", i % 20)).expect("id");
         c.update(
@@ -927,14 +924,11 @@ async fn backfill_resumes_after_a_crash() {
 }
 
 /// The versions a routed search found, and who answered.
-async fn versions_found<P>(
-    p: &CompositeStorage<P>,
+async fn versions_found(
+    p: &CompositeStorage,
     ctx: &fhirstore_core::TenantContext,
     qs: &str,
-) -> (Vec<u64>, String)
-where
-    P: ResourceStorage + ChangeLog + 'static,
-{
+) -> (Vec<u64>, String) {
     let routed = p
         .search_routed(ctx, &query(qs), None)
         .await
@@ -953,7 +947,7 @@ where
 /// B's next read comes from the primary instead of returning the old version from Redis.
 async fn fenced_across_processes<P>(primary: Arc<P>, redis: RedisSecondary)
 where
-    P: ResourceStorage + ChangeLog + 'static,
+    P: fhirstore_core::changelog::Primary + 'static,
 {
     // Unique, for the shared PostgreSQL database.
     let name = format!("redis-{}", redis.prefix());

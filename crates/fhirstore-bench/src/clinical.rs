@@ -307,7 +307,7 @@ pub async fn run(args: ClinicalArgs) -> Result<(), BoxError> {
         baseline,
         everything / baseline
     );
-    store.shutdown().await;
+    store.composite().shutdown().await;
     Ok(())
 }
 

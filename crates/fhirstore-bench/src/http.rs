@@ -111,7 +111,7 @@ fn wrk(op: Op, n: usize, connections: usize, seconds: u64, port: u16) -> Result<
 
 /// The same operation on the library, from `tasks` tasks for `seconds`.
 async fn library(
-    store: &Arc<dyn Deployment>,
+    store: &Arc<Deployment>,
     op: Op,
     n: usize,
     tasks: usize,
@@ -154,7 +154,7 @@ async fn library(
                             &format!("identifier=urn:bench%7C{i}"),
                             Handling::Lenient,
                         )?;
-                        store.search_routed(&ctx, &q).await?;
+                        store.composite().search_routed(&ctx, &q, None).await?;
                     }
                 }
                 lat.push(began.elapsed());
@@ -198,7 +198,10 @@ pub async fn run(args: HttpArgs) -> Result<(), BoxError> {
             .collect::<fhirstore_core::Result<Vec<_>>>()?;
         store.storage().transaction(&ctx, ops).await?;
     }
-    store.wait_for_sync(Duration::from_secs(300)).await?;
+    store
+        .composite()
+        .wait_for_sync(Duration::from_secs(300))
+        .await?;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let port = listener.local_addr()?.port();
     let app = fhirstore_server::App::new(store.clone(), ServerSettings::default());

@@ -94,11 +94,7 @@ async fn measure<P>(
     dir: &std::path::Path,
 ) -> Result<(), BoxError>
 where
-    P: DigestSource
-        + ResourceStorage
-        + fhirstore_core::changelog::ChangeLog
-        + fhirstore_core::changelog::JobLog
-        + 'static,
+    P: fhirstore_core::changelog::Primary + 'static,
 {
     let ctx = TenantContext::full(tenant.clone());
     let pt = ResourceType::new("Patient")?;

@@ -107,7 +107,7 @@ fn composite(
     s: &Setup,
     redis_mode: SyncMode,
     tantivy_mode: SyncMode,
-) -> Result<CompositeStorage<SqliteStore>, BoxError> {
+) -> Result<CompositeStorage, BoxError> {
     let mut cache = SecondaryConfig::cache();
     cache.mode = redis_mode;
     let mut index = SecondaryConfig::index();

@@ -76,7 +76,7 @@ pub struct Backfill {
     pub after: Option<(TenantId, ResourceType, LogicalId)>,
 }
 
-/// The primary's side of synchronisation. Consumers are named (a secondary's name).
+/// The primary's change log: every committed version in order, read by position.
 #[async_trait]
 pub trait ChangeLog: Send + Sync {
     /// Up to `limit` entries after `after`, in log order, each with its version's body. Only
@@ -93,6 +93,22 @@ pub trait ChangeLog: Send + Sync {
     /// How many entries follow `after`, and the microsecond timestamp of the oldest of them.
     async fn backlog(&self, after: ChangeCursor) -> Result<(u64, Option<i64>)>;
 
+    /// Deletes the entries at or before `upto`; returns how many.
+    async fn prune(&self, upto: ChangeCursor) -> Result<u64>;
+
+    /// The current version (or tombstone) of every resource of every tenant, in (tenant, type,
+    /// id) order after `after`, `limit` at a time: what a backfill streams.
+    async fn snapshot(
+        &self,
+        after: Option<&(TenantId, ResourceType, LogicalId)>,
+        limit: u32,
+    ) -> Result<Vec<StoredResource>>;
+}
+
+/// The log's named consumers (a secondary's name): durable cursors, leases so that one holder
+/// at a time drains a consumer, and backfill state.
+#[async_trait]
+pub trait Consumers: Send + Sync {
     /// A consumer's durable state, registering it on first use.
     async fn consumer(&self, name: &str) -> Result<ConsumerState>;
 
@@ -118,21 +134,27 @@ pub trait ChangeLog: Send + Sync {
     /// lease.
     async fn begin_backfill(&self, name: &str, holder: &str, backfill: &Backfill) -> Result<bool>;
 
+    /// Every registered consumer's name and cursor.
+    async fn consumers(&self) -> Result<Vec<(String, ChangeCursor)>>;
+}
+
+/// Changes a consumer rejected for good, set aside instead of blocking its cursor.
+#[async_trait]
+pub trait DeadLetters: Send + Sync {
     /// Sets a change aside for the consumer.
     async fn dead_letter(&self, name: &str, change: &LoggedChange, error: &str) -> Result<()>;
 
     /// The changes set aside for the consumer.
     async fn dead_letters(&self, name: &str) -> Result<Vec<DeadLetter>>;
+}
 
-    /// Every registered consumer's name and cursor.
-    async fn consumers(&self) -> Result<Vec<(String, ChangeCursor)>>;
-
-    /// Deletes the entries at or before `upto`; returns how many.
-    async fn prune(&self, upto: ChangeCursor) -> Result<u64>;
-
+/// Read fences across processes: after a failed synchronous apply, no process serves reads
+/// from that secondary until it has caught up, and readers acknowledge that by lease.
+#[async_trait]
+pub trait ReadFences: Send + Sync {
     /// Renews `holder`'s lease to serve reads of `name`'s secondary for `ttl`, and returns the
     /// consumer's read fence, which the renewal acknowledges. Renewals and
-    /// [`ChangeLog::raise_read_fence`] are serialised, so a renewal either sees a raised fence
+    /// [`ReadFences::raise_read_fence`] are serialised, so a renewal either sees a raised fence
     /// or is one its raiser waits for.
     async fn renew_reader(
         &self,
@@ -148,14 +170,6 @@ pub trait ChangeLog: Send + Sync {
     /// Whether every reader of `name` other than `holder` has acknowledged a fence at or past
     /// `at`, or its lease has run out.
     async fn readers_fenced(&self, name: &str, holder: &str, at: ChangeCursor) -> Result<bool>;
-
-    /// The current version (or tombstone) of every resource of every tenant, in (tenant, type,
-    /// id) order after `after`, `limit` at a time.
-    async fn snapshot(
-        &self,
-        after: Option<&(TenantId, ResourceType, LogicalId)>,
-        limit: u32,
-    ) -> Result<Vec<StoredResource>>;
 }
 
 /// A reconcile job as the primary keeps it, so a job stopped by a crash or a cancellation
@@ -182,4 +196,31 @@ pub trait JobLog: Send + Sync {
 
     /// A job record by id.
     async fn load_job(&self, id: &str) -> Result<Option<JobRecord>>;
+}
+
+/// The role of the store every write goes through first: it stores and searches resources,
+/// keeps the ordered change log with its consumers, dead letters and read fences, answers
+/// digests for reconciliation, and records reconcile jobs. `CompositeStorage` and the
+/// reconciler hold it as `Arc<dyn Primary>`; any type with all of these is one.
+pub trait Primary:
+    crate::ResourceStorage
+    + ChangeLog
+    + Consumers
+    + DeadLetters
+    + ReadFences
+    + crate::secondary::DigestSource
+    + JobLog
+{
+}
+
+impl<T> Primary for T where
+    T: crate::ResourceStorage
+        + ChangeLog
+        + Consumers
+        + DeadLetters
+        + ReadFences
+        + crate::secondary::DigestSource
+        + JobLog
+        + ?Sized
+{
 }

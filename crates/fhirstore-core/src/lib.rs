@@ -32,6 +32,7 @@ mod tenant;
 #[cfg(feature = "validation")]
 pub mod validate;
 
+pub use changelog::Primary;
 pub use error::{Error, Result};
 pub use model::{
     format_instant, from_micros, is_valid_id, now_micros, to_micros, LogicalId, ResourceKey,

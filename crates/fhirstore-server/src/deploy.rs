@@ -1,115 +1,46 @@
 //! Opening the configured stores as one [`Deployment`]: the primary (SQLite or PostgreSQL)
 //! behind a [`CompositeStorage`] with its secondaries.
 
-use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
-use std::time::Duration;
 
-use async_trait::async_trait;
-use fhirstore_core::changelog::{ChangeLog, JobLog};
-use fhirstore_core::secondary::{DigestSource, Secondary};
-use fhirstore_core::{Error, ResourceStorage, Result, SearchQuery, TenantContext, TenantId};
+use fhirstore_core::changelog::Primary;
+use fhirstore_core::secondary::Secondary;
+use fhirstore_core::{Error, ResourceStorage, Result};
 use fhirstore_sql::{SqlConfig, SqliteStore};
-use fhirstore_sync::reconcile::{JobReport, JobRequest, ReconcileProgress};
-use fhirstore_sync::{
-    CompositeStorage, Routed, SecondaryConfig, SecondaryStatus, SyncConfig, SyncMode,
-};
+use fhirstore_sync::{CompositeStorage, SecondaryConfig, SyncConfig, SyncMode};
 
 use crate::config::{ModeArg, StoreSettings};
 
-/// Everything the server and the commands need from the stores, whatever the primary's type.
-#[async_trait]
-pub trait Deployment: Send + Sync {
-    /// The stores as one [`ResourceStorage`]: writes go to the primary and on to the
-    /// secondaries, reads and searches to whichever may answer.
-    fn storage(&self) -> &dyn ResourceStorage;
-    /// A search, with the backend that answered.
-    async fn search_routed(&self, ctx: &TenantContext, query: &SearchQuery) -> Result<Routed>;
-    /// Each secondary's sync status.
-    async fn sync_status(&self) -> Result<Vec<SecondaryStatus>>;
-    /// Runs a reconcile job over every configured secondary.
-    async fn reconcile(
-        &self,
-        request: &JobRequest,
-        progress: &(dyn for<'r> Fn(&'r ReconcileProgress) + Send + Sync),
-        cancel: &AtomicBool,
-    ) -> Result<(String, JobReport)>;
-    /// Runs reconcile jobs on `schedule` until `stop` is set.
-    async fn run_scheduled(
-        &self,
-        schedule: &fhirstore_sync::schedule::Schedule,
-        on_run: &(dyn for<'r> Fn(&'r fhirstore_sync::schedule::ScheduledRun) + Send + Sync),
-        stop: &AtomicBool,
-    );
-    /// Every tenant the primary holds data for.
-    async fn tenants(&self) -> Result<Vec<TenantId>>;
-    /// Waits for every secondary to apply what is committed; `true` when they did in time.
-    async fn wait_for_sync(&self, timeout: Duration) -> Result<bool>;
-    /// Stops the sync workers cleanly.
-    async fn shutdown(&self);
-    /// What was opened, for the start-up log and the admin status: paths, and URLs with any
-    /// password redacted.
-    fn describe(&self) -> &str;
-    /// What kinds of store serve, for anyone to see (the CapabilityStatement): no paths, no
-    /// hosts, no URLs.
-    fn summary(&self) -> &str;
-}
-
-struct Opened<P> {
-    composite: CompositeStorage<P>,
+/// The opened stores: the primary behind a [`CompositeStorage`] with its secondaries, and how
+/// to describe them.
+pub struct Deployment {
+    composite: CompositeStorage,
     description: String,
     summary: String,
 }
 
-#[async_trait]
-impl<P> Deployment for Opened<P>
-where
-    P: ResourceStorage + ChangeLog + DigestSource + JobLog + 'static,
-{
-    fn storage(&self) -> &dyn ResourceStorage {
+impl Deployment {
+    /// The stores as one [`ResourceStorage`]: writes go to the primary and on to the
+    /// secondaries, reads and searches to whichever may answer.
+    pub fn storage(&self) -> &dyn ResourceStorage {
         &self.composite
     }
-    async fn search_routed(&self, ctx: &TenantContext, query: &SearchQuery) -> Result<Routed> {
-        self.composite.search_routed(ctx, query, None).await
+
+    /// The same stores as the composite they are: routed searches, sync status, the
+    /// reconciler, the primary itself.
+    pub fn composite(&self) -> &CompositeStorage {
+        &self.composite
     }
-    async fn sync_status(&self) -> Result<Vec<SecondaryStatus>> {
-        self.composite.status().await
-    }
-    async fn reconcile(
-        &self,
-        request: &JobRequest,
-        progress: &(dyn for<'r> Fn(&'r ReconcileProgress) + Send + Sync),
-        cancel: &AtomicBool,
-    ) -> Result<(String, JobReport)> {
-        self.composite
-            .reconciler()
-            .run(request, progress, cancel)
-            .await
-    }
-    async fn run_scheduled(
-        &self,
-        schedule: &fhirstore_sync::schedule::Schedule,
-        on_run: &(dyn for<'r> Fn(&'r fhirstore_sync::schedule::ScheduledRun) + Send + Sync),
-        stop: &AtomicBool,
-    ) {
-        self.composite
-            .reconciler()
-            .run_scheduled(schedule, on_run, stop)
-            .await;
-    }
-    async fn tenants(&self) -> Result<Vec<TenantId>> {
-        self.composite.primary().tenants().await
-    }
-    async fn wait_for_sync(&self, timeout: Duration) -> Result<bool> {
-        self.composite.wait_for_sync(timeout).await
-    }
-    async fn shutdown(&self) {
-        self.composite.shutdown().await;
-    }
-    fn describe(&self) -> &str {
+
+    /// What was opened, for the start-up log and the admin status: paths, and URLs with any
+    /// password redacted.
+    pub fn describe(&self) -> &str {
         &self.description
     }
-    fn summary(&self) -> &str {
+
+    /// What kinds of store serve, for anyone to see (the CapabilityStatement): no paths, no
+    /// hosts, no URLs.
+    pub fn summary(&self) -> &str {
         &self.summary
     }
 }
@@ -152,18 +83,15 @@ fn mode(m: ModeArg) -> SyncMode {
     }
 }
 
-fn opened<P>(
-    primary: Arc<P>,
+fn opened(
+    primary: Arc<dyn Primary>,
     secondaries: Vec<(String, Arc<dyn Secondary>, SecondaryConfig)>,
     config: SyncConfig,
     parts: &[(String, String)],
-) -> Result<Arc<dyn Deployment>>
-where
-    P: ResourceStorage + ChangeLog + DigestSource + JobLog + 'static,
-{
+) -> Result<Arc<Deployment>> {
     let join =
         |f: fn(&(String, String)) -> &str| parts.iter().map(f).collect::<Vec<_>>().join(" + ");
-    Ok(Arc::new(Opened {
+    Ok(Arc::new(Deployment {
         composite: CompositeStorage::new(primary, secondaries, config)?,
         description: join(|p| &p.0),
         summary: join(|p| &p.1),
@@ -171,7 +99,7 @@ where
 }
 
 /// Opens the primary and the secondaries the settings name, and starts the sync workers.
-pub async fn open(settings: &StoreSettings) -> Result<Arc<dyn Deployment>> {
+pub async fn open(settings: &StoreSettings) -> Result<Arc<Deployment>> {
     std::fs::create_dir_all(&settings.data_dir).map_err(|e| {
         Error::backend(
             format!("creating {}", settings.data_dir.display()),
@@ -210,7 +138,7 @@ pub async fn open(settings: &StoreSettings) -> Result<Arc<dyn Deployment>> {
         ));
     }
     let config = SyncConfig::default();
-    let deployment: Arc<dyn Deployment> = match &settings.postgres {
+    let deployment: Arc<Deployment> = match &settings.postgres {
         Some(url) => postgres(url, secondaries, config, parts).await?,
         None => {
             let path = settings.data_dir.join("fhirstore.sqlite");
@@ -228,7 +156,7 @@ async fn postgres(
     secondaries: Vec<(String, Arc<dyn Secondary>, SecondaryConfig)>,
     config: SyncConfig,
     mut parts: Vec<(String, String)>,
-) -> Result<Arc<dyn Deployment>> {
+) -> Result<Arc<Deployment>> {
     let store = fhirstore_sql::PostgresStore::connect(url, SqlConfig::default()).await?;
     parts.insert(
         0,
@@ -246,7 +174,7 @@ async fn postgres(
     _secondaries: Vec<(String, Arc<dyn Secondary>, SecondaryConfig)>,
     _config: SyncConfig,
     _parts: Vec<(String, String)>,
-) -> Result<Arc<dyn Deployment>> {
+) -> Result<Arc<Deployment>> {
     Err(Error::Configuration(
         "this build has no PostgreSQL support (feature `postgres`)".into(),
     ))

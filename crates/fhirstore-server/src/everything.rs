@@ -103,7 +103,13 @@ pub(crate) async fn everything(
             q.add_param("_lastUpdated", &format!("ge{s}"), Handling::Strict)
                 .map_err(|_| ApiError::bad_request(format!("_since={s:?} is not an instant")))?;
         }
-        let page = req.app.store.search_routed(&req.ctx, &q).await?.page;
+        let page = req
+            .app
+            .store
+            .composite()
+            .search_routed(&req.ctx, &q, None)
+            .await?
+            .page;
         matches.extend(page.matches);
         included.extend(page.included);
         match page.next_cursor {

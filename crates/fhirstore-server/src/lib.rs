@@ -49,7 +49,7 @@ use crate::rest::Interaction;
 /// The server's shared state.
 pub struct App {
     /// The stores.
-    pub store: Arc<dyn Deployment>,
+    pub store: Arc<Deployment>,
     /// Token checks.
     pub auth: Auth,
     /// Request and job metrics.
@@ -68,7 +68,7 @@ pub struct App {
 
 impl App {
     /// The state for these stores and settings.
-    pub fn new(store: Arc<dyn Deployment>, settings: ServerSettings) -> Arc<App> {
+    pub fn new(store: Arc<Deployment>, settings: ServerSettings) -> Arc<App> {
         Arc::new_cyclic(|me| App {
             store,
             auth: Auth::new(&settings.tokens, settings.admin_token.as_deref()),
@@ -127,7 +127,7 @@ impl App {
 
     /// Starts the reindex jobs left pending by an earlier run, for every tenant.
     pub async fn resume_reindexing(&self) -> fhirstore_core::Result<()> {
-        for tenant in self.store.tenants().await? {
+        for tenant in self.store.composite().primary().tenants().await? {
             let ctx = TenantContext::full(tenant.clone());
             let pending = self
                 .store
@@ -226,7 +226,7 @@ async fn method_not_allowed() -> Response {
 }
 
 async fn health(State(app): State<Arc<App>>) -> Response {
-    let up = app.store.sync_status().await.is_ok();
+    let up = app.store.composite().status().await.is_ok();
     labelled(
         "health",
         Ok(json_response(
@@ -243,7 +243,7 @@ async fn health(State(app): State<Arc<App>>) -> Response {
 async fn admin_status(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
     let r = async {
         app.auth.admin(&headers)?;
-        let status = app.store.sync_status().await?;
+        let status = app.store.composite().status().await?;
         Ok(json_response(
             StatusCode::OK,
             &json!({
@@ -276,7 +276,9 @@ async fn start_reconcile(
         tokio::spawn(async move {
             let result = task_app
                 .store
-                .reconcile(&request, &|p| task_job.progress(p), &task_job.cancel)
+                .composite()
+                .reconciler()
+                .run(&request, &|p| task_job.progress(p), &task_job.cancel)
                 .await;
             if let Ok((_, report)) = &result {
                 task_app.metrics.reconciled(&jobs::totals(report));
@@ -334,7 +336,7 @@ async fn cancel_reconcile(
 async fn metrics(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
     let r = async {
         app.auth.admin(&headers)?;
-        let status = app.store.sync_status().await?;
+        let status = app.store.composite().status().await?;
         let mut resp = app.metrics.render(&status).into_response();
         resp.headers_mut().insert(
             header::CONTENT_TYPE,
@@ -375,7 +377,11 @@ pub async fn serve(
         let (app, stop) = (app.clone(), stop.clone());
         tokio::spawn(async move {
             let record = |run: &fhirstore_sync::schedule::ScheduledRun| app.scheduled_run(run);
-            app.store.run_scheduled(&schedule, &record, &stop).await;
+            app.store
+                .composite()
+                .reconciler()
+                .run_scheduled(&schedule, &record, &stop)
+                .await;
         })
     });
     let limits = &app.settings.limits;
@@ -391,7 +397,7 @@ pub async fn serve(
 
 /// [`serve`] with a router of the caller's (the server's routes with layers added).
 pub async fn serve_router(
-    store: Arc<dyn Deployment>,
+    store: Arc<Deployment>,
     routes: Router,
     listener: tokio::net::TcpListener,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
@@ -410,7 +416,7 @@ fn head_buffer(limits: usize) -> usize {
 
 /// Accepts connections until `shutdown`, then lets every request in flight finish.
 async fn serve_with(
-    store: Arc<dyn Deployment>,
+    store: Arc<Deployment>,
     routes: Router,
     listener: tokio::net::TcpListener,
     head_buffer: usize,
@@ -447,7 +453,7 @@ async fn serve_with(
     }
     drop(listener);
     graceful.shutdown().await;
-    store.shutdown().await;
+    store.composite().shutdown().await;
     Ok(())
 }
 

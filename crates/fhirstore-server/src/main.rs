@@ -195,15 +195,19 @@ fn spinner(template: &str) -> ProgressBar {
 /// Opens the stores, runs `f`, then lets the secondaries catch up and stops the workers.
 async fn with_store<T>(
     storage: &StorageArgs,
-    f: impl AsyncFnOnce(&Arc<dyn deploy::Deployment>) -> Result<T, Failure>,
+    f: impl AsyncFnOnce(&Arc<deploy::Deployment>) -> Result<T, Failure>,
 ) -> Result<T, Failure> {
     let settings = config::store_settings(storage)?;
     let store = deploy::open(&settings).await?;
     let result = f(&store).await;
-    if !store.wait_for_sync(Duration::from_secs(60)).await? {
+    if !store
+        .composite()
+        .wait_for_sync(Duration::from_secs(60))
+        .await?
+    {
         eprintln!("fhirstore: some secondaries are still behind; their workers catch up on the next start");
     }
-    store.shutdown().await;
+    store.composite().shutdown().await;
     result
 }
 
@@ -271,7 +275,11 @@ async fn reconcile(
             ));
         };
         let cancel = AtomicBool::new(false);
-        let r = store.reconcile(&request, &progress, &cancel).await;
+        let r = store
+            .composite()
+            .reconciler()
+            .run(&request, &progress, &cancel)
+            .await;
         bar.finish_and_clear();
         Ok(r?)
     })
@@ -330,7 +338,7 @@ async fn search(storage: &StorageArgs, tenant: &str, query: &str) -> Result<(), 
     let body = with_store(storage, async |store| {
         let reg = store.storage().search_parameters(&ctx).await?;
         let parsed = SearchQuery::parse_in(&reg, rt, q, Handling::Lenient)?;
-        let routed = store.search_routed(&ctx, &parsed).await?;
+        let routed = store.composite().search_routed(&ctx, &parsed, None).await?;
         eprintln!("answered by {}", routed.backend);
         Ok(fhirstore_server::bundles::searchset(
             &format!("http://127.0.0.1:8080/fhir/{tenant}"),
@@ -348,8 +356,8 @@ async fn search(storage: &StorageArgs, tenant: &str, query: &str) -> Result<(), 
 async fn status(storage: &StorageArgs) -> Result<(), Failure> {
     let settings = config::store_settings(storage)?;
     let store = deploy::open(&settings).await?;
-    let status = store.sync_status().await;
-    store.shutdown().await;
+    let status = store.composite().status().await;
+    store.composite().shutdown().await;
     let v: Vec<_> = status?.iter().map(jobs::status_json).collect();
     println!(
         "{}",

@@ -137,6 +137,7 @@ async fn admin_status_reconcile_and_metrics() {
     assert!(s
         .app
         .store
+        .composite()
         .wait_for_sync(Duration::from_secs(30))
         .await
         .expect("sync"));

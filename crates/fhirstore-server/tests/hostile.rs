@@ -387,7 +387,7 @@ async fn no_secrets_in_metadata_or_status() {
     assert!(!text.contains(secret), "{text}");
     assert!(text.contains("default:***@"), "{text}");
     assert!(!s.app.store.describe().contains(secret));
-    s.app.store.shutdown().await;
+    s.app.store.composite().shutdown().await;
     support::purge_redis(&stores).await;
 }
 

@@ -5,7 +5,7 @@ mod support;
 use std::time::Duration;
 
 use axum::http::StatusCode;
-use fhirstore_core::changelog::ChangeLog;
+use fhirstore_core::changelog::{ChangeLog, Consumers};
 use fhirstore_core::secondary::Secondary;
 use fhirstore_server::config::{ModeArg, ServerSettings, StoreSettings};
 use serde_json::json;
@@ -174,6 +174,7 @@ async fn postgres_primary_with_redis_and_tantivy() {
     assert!(s
         .app
         .store
+        .composite()
         .wait_for_sync(Duration::from_secs(60))
         .await
         .expect("sync"));
@@ -198,6 +199,6 @@ async fn postgres_primary_with_redis_and_tantivy() {
     for count in ["missing", "extra", "stale", "ahead"] {
         assert_eq!(job["report"][count], 0, "{count}: {job}");
     }
-    s.app.store.shutdown().await;
+    s.app.store.composite().shutdown().await;
     support::purge_redis(&stores).await;
 }

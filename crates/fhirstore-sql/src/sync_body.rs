@@ -4,7 +4,8 @@
 // $2), `LOG_VISIBLE` and `LOG_HEAD`.
 
 use fhirstore_core::changelog::{
-    Backfill, ChangeCursor, ChangeLog, ConsumerState, DeadLetter, LoggedChange,
+    Backfill, ChangeCursor, ChangeLog, ConsumerState, Consumers, DeadLetter, DeadLetters,
+    LoggedChange, ReadFences,
 };
 use fhirstore_core::secondary::Change;
 
@@ -129,6 +130,46 @@ impl ChangeLog for Store {
         Ok((u64::try_from(n).unwrap_or(0), oldest))
     }
 
+    async fn prune(&self, upto: ChangeCursor) -> Result<u64> {
+        let sql = format!("DELETE FROM outbox WHERE {LOG_UPTO}");
+        let done = sqlx::query(&sql)
+            .bind(upto.major)
+            .bind(upto.minor)
+            .execute(&self.writer)
+            .await
+            .map_err(db_err)?;
+        Ok(done.rows_affected())
+    }
+
+    async fn snapshot(
+        &self,
+        after: Option<&(TenantId, ResourceType, LogicalId)>,
+        limit: u32,
+    ) -> Result<Vec<StoredResource>> {
+        let (t, rt, id) = match after {
+            Some((t, rt, id)) => (t.as_str(), rt.as_str(), id.as_str()),
+            None => ("", "", ""),
+        };
+        let rows = sqlx::query(
+            "SELECT r.tenant, r.resource_type, r.id, r.version, v.last_updated, r.deleted, \
+             v.body FROM resources r JOIN resource_versions v ON v.tenant = r.tenant \
+             AND v.resource_type = r.resource_type AND v.id = r.id AND v.version = r.version \
+             WHERE (r.tenant, r.resource_type, r.id) > ($1, $2, $3) \
+             ORDER BY r.tenant, r.resource_type, r.id LIMIT $4",
+        )
+        .bind(t)
+        .bind(rt)
+        .bind(id)
+        .bind(i64::from(limit))
+        .fetch_all(&self.reader)
+        .await
+        .map_err(db_err)?;
+        rows.iter().map(|r| version_at(r, 0)).collect()
+    }
+}
+
+#[async_trait]
+impl Consumers for Store {
     async fn consumer(&self, name: &str) -> Result<ConsumerState> {
         type Row = (i64, i64, Option<String>);
         let select = || {
@@ -235,6 +276,21 @@ impl ChangeLog for Store {
         Ok(done.rows_affected() == 1)
     }
 
+    async fn consumers(&self) -> Result<Vec<(String, ChangeCursor)>> {
+        let rows: Vec<(String, i64, i64)> =
+            sqlx::query_as("SELECT name, major, minor FROM sync_consumers ORDER BY name")
+                .fetch_all(&self.reader)
+                .await
+                .map_err(db_err)?;
+        Ok(rows
+            .into_iter()
+            .map(|(n, major, minor)| (n, ChangeCursor { major, minor }))
+            .collect())
+    }
+}
+
+#[async_trait]
+impl DeadLetters for Store {
     async fn dead_letter(&self, name: &str, change: &LoggedChange, error: &str) -> Result<()> {
         let c = &change.change;
         sqlx::query(
@@ -280,30 +336,10 @@ impl ChangeLog for Store {
             )
             .collect())
     }
+}
 
-    async fn consumers(&self) -> Result<Vec<(String, ChangeCursor)>> {
-        let rows: Vec<(String, i64, i64)> =
-            sqlx::query_as("SELECT name, major, minor FROM sync_consumers ORDER BY name")
-                .fetch_all(&self.reader)
-                .await
-                .map_err(db_err)?;
-        Ok(rows
-            .into_iter()
-            .map(|(n, major, minor)| (n, ChangeCursor { major, minor }))
-            .collect())
-    }
-
-    async fn prune(&self, upto: ChangeCursor) -> Result<u64> {
-        let sql = format!("DELETE FROM outbox WHERE {LOG_UPTO}");
-        let done = sqlx::query(&sql)
-            .bind(upto.major)
-            .bind(upto.minor)
-            .execute(&self.writer)
-            .await
-            .map_err(db_err)?;
-        Ok(done.rows_affected())
-    }
-
+#[async_trait]
+impl ReadFences for Store {
     async fn renew_reader(
         &self,
         name: &str,
@@ -395,32 +431,6 @@ impl ChangeLog for Store {
         .await
         .map_err(db_err)?;
         Ok(live == 0)
-    }
-
-    async fn snapshot(
-        &self,
-        after: Option<&(TenantId, ResourceType, LogicalId)>,
-        limit: u32,
-    ) -> Result<Vec<StoredResource>> {
-        let (t, rt, id) = match after {
-            Some((t, rt, id)) => (t.as_str(), rt.as_str(), id.as_str()),
-            None => ("", "", ""),
-        };
-        let rows = sqlx::query(
-            "SELECT r.tenant, r.resource_type, r.id, r.version, v.last_updated, r.deleted, \
-             v.body FROM resources r JOIN resource_versions v ON v.tenant = r.tenant \
-             AND v.resource_type = r.resource_type AND v.id = r.id AND v.version = r.version \
-             WHERE (r.tenant, r.resource_type, r.id) > ($1, $2, $3) \
-             ORDER BY r.tenant, r.resource_type, r.id LIMIT $4",
-        )
-        .bind(t)
-        .bind(rt)
-        .bind(id)
-        .bind(i64::from(limit))
-        .fetch_all(&self.reader)
-        .await
-        .map_err(db_err)?;
-        rows.iter().map(|r| version_at(r, 0)).collect()
     }
 }
 

@@ -44,7 +44,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use fhirstore_core::changelog::{ChangeCursor, ChangeLog, DeadLetter};
+use fhirstore_core::changelog::{ChangeCursor, DeadLetter, Primary};
 use fhirstore_core::registry::Registry;
 use fhirstore_core::secondary::{Change, Health, Secondary};
 use fhirstore_core::{
@@ -141,20 +141,20 @@ pub struct SecondaryStatus {
     pub healthy: bool,
 }
 
-struct Shared<P> {
-    primary: Arc<P>,
+struct Shared {
+    primary: Arc<dyn Primary>,
     lanes: Vec<Arc<Lane>>,
     config: SyncConfig,
 }
 
 /// The primary and its secondaries as one [`ResourceStorage`]; see the crate documentation.
-pub struct CompositeStorage<P> {
-    shared: Arc<Shared<P>>,
+pub struct CompositeStorage {
+    shared: Arc<Shared>,
     shutdown: tokio::sync::watch::Sender<bool>,
     workers: parking_lot::Mutex<Vec<JoinHandle<()>>>,
 }
 
-impl<P> std::fmt::Debug for CompositeStorage<P> {
+impl std::fmt::Debug for CompositeStorage {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let names: Vec<&str> = self.shared.lanes.iter().map(|l| l.name.as_str()).collect();
         f.debug_struct("CompositeStorage")
@@ -163,11 +163,11 @@ impl<P> std::fmt::Debug for CompositeStorage<P> {
     }
 }
 
-impl<P: ResourceStorage + ChangeLog + 'static> CompositeStorage<P> {
+impl CompositeStorage {
     /// Starts one worker per secondary. Names must be unique; they name the durable cursors,
     /// so a secondary keeps its name across restarts.
     pub fn new(
-        primary: Arc<P>,
+        primary: Arc<dyn Primary>,
         secondaries: Vec<(String, Arc<dyn Secondary>, SecondaryConfig)>,
         config: SyncConfig,
     ) -> Result<Self> {
@@ -220,7 +220,7 @@ impl<P: ResourceStorage + ChangeLog + 'static> CompositeStorage<P> {
     }
 
     /// The primary.
-    pub fn primary(&self) -> &Arc<P> {
+    pub fn primary(&self) -> &Arc<dyn Primary> {
         &self.shared.primary
     }
 
@@ -675,10 +675,7 @@ impl<P: ResourceStorage + ChangeLog + 'static> CompositeStorage<P> {
     }
 
     /// A reconciler over this composite's primary and secondaries.
-    pub fn reconciler(&self) -> reconcile::Reconciler<P>
-    where
-        P: fhirstore_core::secondary::DigestSource + fhirstore_core::changelog::JobLog,
-    {
+    pub fn reconciler(&self) -> reconcile::Reconciler {
         reconcile::Reconciler::new(
             self.shared.primary.clone(),
             self.shared
@@ -725,7 +722,7 @@ impl<P: ResourceStorage + ChangeLog + 'static> CompositeStorage<P> {
 }
 
 /// Renews a lane's read lease, learning the read fence any process raised.
-async fn renew_read_lease<P: ChangeLog>(shared: &Shared<P>, lane: &Lane) {
+async fn renew_read_lease(shared: &Shared, lane: &Lane) {
     let _one = lane.renewing.lock().await;
     let started = Instant::now();
     // Once the renewal commits, a writer waiting on it may return: no read may use the old
@@ -751,8 +748,8 @@ async fn renew_read_lease<P: ChangeLog>(shared: &Shared<P>, lane: &Lane) {
 }
 
 /// Keeps a lane's read lease renewed, a third of its life at a time.
-async fn keep_read_lease<P: ChangeLog>(
-    shared: Arc<Shared<P>>,
+async fn keep_read_lease(
+    shared: Arc<Shared>,
     lane: Arc<Lane>,
     mut shutdown: tokio::sync::watch::Receiver<bool>,
 ) {
@@ -768,14 +765,14 @@ async fn keep_read_lease<P: ChangeLog>(
     }
 }
 
-impl<P> Drop for CompositeStorage<P> {
+impl Drop for CompositeStorage {
     fn drop(&mut self) {
         let _ = self.shutdown.send(true);
     }
 }
 
 #[async_trait]
-impl<P: ResourceStorage + ChangeLog + 'static> ResourceStorage for CompositeStorage<P> {
+impl ResourceStorage for CompositeStorage {
     fn capabilities(&self) -> Capabilities {
         let mut caps = self.shared.primary.capabilities();
         caps.name = "composite";

@@ -19,7 +19,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Instant;
 
-use fhirstore_core::changelog::{ChangeCursor, ChangeLog, JobLog, JobRecord};
+use fhirstore_core::changelog::{ChangeCursor, JobRecord, Primary};
 use fhirstore_core::digest::{group_of, Digest};
 use fhirstore_core::secondary::{
     Change, DigestSource, GroupDigest, KeyState, Secondary, SegmentDigest,
@@ -249,8 +249,8 @@ fn classify(p_keys: &[KeyState], s_keys: &[KeyState]) -> Drift {
 /// has passed the log position taken after the first look (or `wait` has gone by), and only
 /// keys that drifted the same way both times count.
 pub struct InFlight<'a> {
-    /// The primary's change log.
-    pub log: &'a dyn ChangeLog,
+    /// The primary: its change log and its consumers.
+    pub log: &'a dyn Primary,
     /// The secondary's consumer name.
     pub consumer: &'a str,
     /// The longest wait for the consumer.
@@ -466,20 +466,17 @@ pub struct JobReport {
 }
 
 /// Runs reconcile jobs for a primary and named secondaries.
-pub struct Reconciler<P> {
-    primary: std::sync::Arc<P>,
+pub struct Reconciler {
+    primary: std::sync::Arc<dyn Primary>,
     secondaries: Vec<(String, std::sync::Arc<dyn Secondary>)>,
     /// How long the in-flight re-check waits for a secondary's worker.
     pub settle_wait: std::time::Duration,
 }
 
-impl<P> Reconciler<P>
-where
-    P: DigestSource + ResourceStorage + ChangeLog + JobLog + 'static,
-{
+impl Reconciler {
     /// A reconciler over these secondaries; names are their sync consumer names.
     pub fn new(
-        primary: std::sync::Arc<P>,
+        primary: std::sync::Arc<dyn Primary>,
         secondaries: Vec<(String, std::sync::Arc<dyn Secondary>)>,
     ) -> Self {
         Reconciler {
@@ -489,7 +486,7 @@ where
         }
     }
 
-    pub(crate) fn primary(&self) -> &std::sync::Arc<P> {
+    pub(crate) fn primary(&self) -> &std::sync::Arc<dyn Primary> {
         &self.primary
     }
 

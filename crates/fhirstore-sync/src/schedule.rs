@@ -6,8 +6,7 @@ use std::collections::BTreeMap;
 use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
-use fhirstore_core::changelog::{ChangeLog, JobLog};
-use fhirstore_core::secondary::{Change, DigestSource, Secondary};
+use fhirstore_core::secondary::{Change, Secondary};
 use fhirstore_core::{
     HistoryRequest, HistoryScope, ResourceStorage, ResourceType, Result, StoredResource,
     TenantContext, TenantId,
@@ -194,10 +193,7 @@ where
         .collect())
 }
 
-impl<P> Reconciler<P>
-where
-    P: DigestSource + ResourceStorage + ChangeLog + JobLog + 'static,
-{
+impl Reconciler {
     /// The recent pass over every tenant (or those asked) and every secondary.
     pub async fn run_recent(
         &self,

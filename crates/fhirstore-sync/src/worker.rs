@@ -5,9 +5,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use fhirstore_core::changelog::{Backfill, ChangeCursor, ChangeLog, LoggedChange};
+use fhirstore_core::changelog::{Backfill, ChangeCursor, LoggedChange, Primary};
 use fhirstore_core::secondary::{Change, Health};
-use fhirstore_core::{now_micros, Error, ResourceStorage};
+use fhirstore_core::{now_micros, Error};
 use tracing::Instrument as _;
 
 use crate::config::{RejectPolicy, SyncConfig};
@@ -19,8 +19,8 @@ enum Halt {
     Exit,
 }
 
-pub(crate) struct Worker<P> {
-    pub primary: Arc<P>,
+pub(crate) struct Worker {
+    pub primary: Arc<dyn Primary>,
     pub lane: Arc<Lane>,
     pub config: SyncConfig,
     pub shutdown: tokio::sync::watch::Receiver<bool>,
@@ -40,7 +40,7 @@ pub(crate) fn backoff(config: &SyncConfig, attempt: u32) -> Duration {
     base.mul_f64(0.5 + f64::from(jitter) / 2000.0)
 }
 
-impl<P: ResourceStorage + ChangeLog + 'static> Worker<P> {
+impl Worker {
     fn stopping(&self) -> bool {
         *self.shutdown.borrow()
     }

@@ -108,7 +108,12 @@ pub(super) async fn search_in(
         // R4: `_count=0` asks for the total alone.
         q.summary = Some(Summary::Count);
     }
-    let routed = req.app.store.search_routed(&req.ctx, &q).await?;
+    let routed = req
+        .app
+        .store
+        .composite()
+        .search_routed(&req.ctx, &q, None)
+        .await?;
     let body = bundles::searchset(&req.base, path, &query, &q, &routed);
     Ok(req.json(StatusCode::OK, &body))
 }

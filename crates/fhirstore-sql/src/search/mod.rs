@@ -3,10 +3,10 @@
 //!
 //! The store executes what this module plans; nothing here touches a connection, so every
 //! statement shape is checked by the snapshot tests in `tests.rs` without a database. Layout:
-//! - [`criteria`]: each criterion (every parameter type and modifier, chains, `_has`,
+//! - `criteria`: each criterion (every parameter type and modifier, chains, `_has`,
 //!   compartments) as a predicate over the current resources;
-//! - [`sort`]: `_sort` keys, the keyset condition after a cursor, and sorted cursors;
-//! - [`include`]: the statements that follow `_include` and `_revinclude`;
+//! - `sort`: `_sort` keys, the keyset condition after a cursor, and sorted cursors;
+//! - `include`: the statements that follow `_include` and `_revinclude`;
 //! - this file: the statements the store runs (a page, a count, an estimate, conditional keys).
 
 mod criteria;
