@@ -135,8 +135,9 @@ async fn full_text_with_relevance() {
     );
 }
 
-/// Applied changes become searchable at a commit: not before (with the timer far away), and
-/// at once after `flush`. A read by id flushes first, so it sees its own applies.
+/// Applies are batched into commits (with the timer far away, nothing commits on its own),
+/// yet never hidden: a search or a read by id commits what is pending first, so it sees every
+/// change applied before it, as a synchronous apply promises.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn commits_are_batched_until_flush() {
     let config = TantivyConfig {
@@ -155,12 +156,9 @@ async fn commits_are_batched_until_flush() {
     )])
     .await
     .expect("apply");
-    assert!(
-        ids(&s, &a, "_text=waiting").await.is_empty(),
-        "visible before commit"
-    );
-    s.flush().await.expect("flush");
+    assert_eq!(s.pending(), 1, "held for the batch, not committed alone");
     assert_eq!(ids(&s, &a, "_text=waiting").await, ["w1"]);
+    assert_eq!(s.pending(), 0, "the search committed it");
 
     s.apply(&[change(
         &a,
@@ -171,6 +169,7 @@ async fn commits_are_batched_until_flush() {
     )])
     .await
     .expect("apply v2");
+    assert_eq!(s.pending(), 1);
     let read = s
         .read(
             &a,

@@ -378,6 +378,12 @@ impl std::fmt::Debug for TantivySecondary {
 }
 
 impl TantivySecondary {
+    /// Changes applied but not committed yet: they wait for the batch to fill, the commit
+    /// timer, or the next read, search or digest, which commits them first.
+    pub fn pending(&self) -> usize {
+        self.inner.writer.lock().pending.len()
+    }
+
     /// An index in memory, for tests: new, so it needs a rebuild until marked built.
     pub async fn in_memory(config: TantivyConfig) -> Result<Self> {
         let (schema, _) = schema();
@@ -481,7 +487,10 @@ impl TantivySecondary {
             return;
         };
         tokio::spawn(async move {
-            let mut tick = tokio::time::interval(interval);
+            // The first commit is one interval away: `interval` alone ticks at once, which
+            // would commit whatever the first applies left, whenever it happened to run.
+            let mut tick =
+                tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tick.tick().await;
@@ -1313,8 +1322,13 @@ impl Secondary for TantivySecondary {
         self.require_built()?;
         let tenant = ctx.tenant().clone();
         let query = query.clone();
-        self.blocking(move |inner| inner.search(&tenant, &query))
-            .await
+        // Applied means searchable: a synchronous apply returns before the batch commits, and
+        // a search routed here right after the write must see it, as a read by id does.
+        self.blocking(move |inner| {
+            inner.commit_if_pending()?;
+            inner.search(&tenant, &query)
+        })
+        .await
     }
 
     async fn digest(&self, tenant: &TenantId, resource_type: ResourceType) -> Result<Digest> {
