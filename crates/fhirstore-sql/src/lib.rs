@@ -668,6 +668,41 @@ pub(crate) fn parse_history_cursor(c: &str) -> Result<i64, Error> {
 mod tests {
     use super::*;
 
+    /// A step that fails temporarily `fail` times, then succeeds; counts its calls.
+    async fn flaky(max_retries: u32, fail: u32, temporary: bool) -> (Result<u32, Error>, u32) {
+        let mut calls = 0u32;
+        let out = retrying(max_retries, "test step", &mut calls, |calls| {
+            Box::pin(async move {
+                *calls += 1;
+                if *calls <= fail {
+                    Err(Error::backend_msg("busy", temporary))
+                } else {
+                    Ok(*calls)
+                }
+            })
+        })
+        .await;
+        (out, calls)
+    }
+
+    #[tokio::test]
+    async fn retrying_retries_temporary_failures_only_and_only_so_often() {
+        // Two temporary failures, then success: three calls, the last one's value.
+        let (out, calls) = flaky(3, 2, true).await;
+        assert_eq!((out.ok(), calls), (Some(3), 3));
+        // Always temporary: the first call and three retries, then the last error as it is.
+        let (out, calls) = flaky(3, u32::MAX, true).await;
+        assert_eq!(calls, 4);
+        assert!(out.is_err_and(|e| e.is_temporary()));
+        // A permanent failure is never retried.
+        let (out, calls) = flaky(3, u32::MAX, false).await;
+        assert_eq!(calls, 1);
+        assert!(out.is_err_and(|e| !e.is_temporary()));
+        // No retries allowed: one call.
+        let (_, calls) = flaky(0, u32::MAX, true).await;
+        assert_eq!(calls, 1);
+    }
+
     #[test]
     fn temporary_codes() {
         for c in ["40001", "40P01", "08006"] {
