@@ -5,10 +5,10 @@
 //! appends the version, rewrites the resource's search-index rows, appends an outbox entry and
 //! XORs the digest segment — all or nothing.
 //!
-//! The dialect-independent code lives in `store_body.rs` and is compiled into each dialect module
-//! with that dialect's concrete sqlx types. Generic code over `sqlx::Database` needs
-//! higher-ranked bounds on every function and defeats `Send` inference in async-trait futures;
-//! concrete types avoid both while keeping one copy of the logic.
+//! The store ([`Store`], in `store/`) is written once, generic over a [`Dialect`] (in
+//! `dialect.rs`): the trait holds everything the two databases do differently, and each driver
+//! module (`sqlite.rs`, `postgres.rs`) implements it. Search SQL is planned by [`search`], with
+//! no database at hand.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, OnceLock};
@@ -20,16 +20,20 @@ use fhirstore_core::digest::split_u128;
 use fhirstore_core::registry::{intern, Registry, SearchParamDef};
 use fhirstore_core::{Error, LogicalId, ResourceType};
 
+pub mod dialect;
 #[cfg(feature = "postgres")]
 pub mod postgres;
 pub mod search;
 #[cfg(feature = "sqlite")]
 pub mod sqlite;
+mod store;
 
+pub use dialect::Dialect;
 #[cfg(feature = "postgres")]
-pub use postgres::PostgresStore;
+pub use postgres::{PostgresDialect, PostgresStore};
 #[cfg(feature = "sqlite")]
-pub use sqlite::SqliteStore;
+pub use sqlite::{SqliteDialect, SqliteStore};
+pub use store::Store;
 
 /// How hard SQLite works to make a commit survive power loss.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -99,23 +103,24 @@ pub struct OutboxEntry {
 /// One digest segment, the same type the secondaries report.
 pub use fhirstore_core::secondary::SegmentDigest;
 
-/// The SQL dialect a store speaks.
+/// The SQL syntax a statement is written in: what the planner needs to know of a dialect to
+/// write its text (placeholders, collation, id sets). The rest of a dialect is [`Dialect`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Dialect {
+pub enum Syntax {
     /// SQLite through sqlx's embedded driver.
     Sqlite,
     /// PostgreSQL.
     Postgres,
 }
 
-impl Dialect {
+impl Syntax {
     /// What makes text sort keys compare bytewise, so ORDER BY and the keyset condition of the
     /// next page agree whatever the database's default collation. SQLite's default BINARY
     /// collation already does.
     pub(crate) fn text_key_collate(self) -> &'static str {
         match self {
-            Dialect::Sqlite => "",
-            Dialect::Postgres => " COLLATE \"C\"",
+            Syntax::Sqlite => "",
+            Syntax::Postgres => " COLLATE \"C\"",
         }
     }
 
@@ -129,22 +134,31 @@ impl Dialect {
     /// SQLite plans `IN (SELECT …)` from the subquery's own index either way.
     pub(crate) fn id_set_from_array(self) -> Option<(&'static str, &'static str)> {
         match self {
-            Dialect::Sqlite => None,
-            Dialect::Postgres => Some(("= ANY", "<> ALL")),
+            Syntax::Sqlite => None,
+            Syntax::Postgres => Some(("= ANY", "<> ALL")),
         }
     }
 }
 
 /// Everything one version write stores, handed to the dialect's single-round-trip writer.
-pub(crate) struct VersionRow<'a> {
+pub struct VersionRow<'a> {
+    /// The tenant.
     pub tenant: &'a str,
+    /// The resource type.
     pub resource_type: &'static str,
+    /// The logical id.
     pub id: &'a str,
+    /// The new version number.
     pub version: i64,
+    /// The write's instant, in microseconds since the epoch: `meta.lastUpdated`.
     pub now: i64,
+    /// Whether the version is a tombstone.
     pub deleted: bool,
+    /// The key's digest segment.
     pub segment: i32,
+    /// The new version's element hash, high half.
     pub e_hi: i64,
+    /// The new version's element hash, low half.
     pub e_lo: i64,
     /// `create`, `update` or `delete`, for the outbox.
     pub op: &'static str,
@@ -161,6 +175,7 @@ pub(crate) struct VersionRow<'a> {
     pub inline_digest: bool,
     /// This write's digest change (high, low) and count change.
     pub digest_delta: (i64, i64),
+    /// This write's change of the segment's live count.
     pub digest_count: i64,
 }
 
@@ -561,7 +576,7 @@ where
 }
 
 /// Classifies a database error at the backend edge: temporary when a retry may help.
-pub(crate) fn classify(err: sqlx::Error, dialect: Dialect) -> Error {
+pub(crate) fn classify(err: sqlx::Error, dialect: Syntax) -> Error {
     let temporary = match &err {
         sqlx::Error::Database(db) => {
             let code = db.code().map(|c| c.into_owned()).unwrap_or_default();
@@ -583,26 +598,26 @@ pub(crate) fn classify(err: sqlx::Error, dialect: Dialect) -> Error {
 }
 
 /// SQLITE_FULL (with its extended codes), or PostgreSQL's `disk_full`.
-fn is_disk_full(dialect: Dialect, code: &str) -> bool {
+fn is_disk_full(dialect: Syntax, code: &str) -> bool {
     match dialect {
-        Dialect::Postgres => code == "53100",
-        Dialect::Sqlite => code.parse::<i32>().is_ok_and(|c| c & 0xff == 13),
+        Syntax::Postgres => code == "53100",
+        Syntax::Sqlite => code.parse::<i32>().is_ok_and(|c| c & 0xff == 13),
     }
 }
 
 /// SQLSTATE (PostgreSQL) or result code (SQLite) values worth retrying.
-fn is_temporary_code(dialect: Dialect, code: &str) -> bool {
+fn is_temporary_code(dialect: Syntax, code: &str) -> bool {
     match dialect {
         // Serialization failure, deadlock, lock not available, shutdown, too many connections,
         // and the whole connection-exception class.
-        Dialect::Postgres => {
+        Syntax::Postgres => {
             matches!(
                 code,
                 "40001" | "40P01" | "55P03" | "57P01" | "57P02" | "57P03" | "53300"
             ) || code.starts_with("08")
         }
         // BUSY and LOCKED, with their extended codes (primary code in the low byte).
-        Dialect::Sqlite => code.parse::<i32>().is_ok_and(|c| matches!(c & 0xff, 5 | 6)),
+        Syntax::Sqlite => code.parse::<i32>().is_ok_and(|c| matches!(c & 0xff, 5 | 6)),
     }
 }
 
@@ -706,16 +721,16 @@ mod tests {
     #[test]
     fn temporary_codes() {
         for c in ["40001", "40P01", "08006"] {
-            assert!(is_temporary_code(Dialect::Postgres, c), "{c}");
+            assert!(is_temporary_code(Syntax::Postgres, c), "{c}");
         }
         for c in ["23505", "42P01", "42501", ""] {
-            assert!(!is_temporary_code(Dialect::Postgres, c), "{c}");
+            assert!(!is_temporary_code(Syntax::Postgres, c), "{c}");
         }
         for c in ["5", "517", "6", "262"] {
-            assert!(is_temporary_code(Dialect::Sqlite, c), "{c}");
+            assert!(is_temporary_code(Syntax::Sqlite, c), "{c}");
         }
         for c in ["19", "1", "2067", "", "40P01"] {
-            assert!(!is_temporary_code(Dialect::Sqlite, c), "{c}");
+            assert!(!is_temporary_code(Syntax::Sqlite, c), "{c}");
         }
     }
 

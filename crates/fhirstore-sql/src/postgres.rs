@@ -5,81 +5,221 @@
 //! races are settled by `ON CONFLICT DO NOTHING` and a retry as an update; conditional writes
 //! take a transaction-scoped advisory lock on their criteria.
 
-// Error, Result, SearchQuery and TenantId come from store_body.rs's imports.
-use std::sync::Arc;
+use fhirstore_core::{Error, Result, SearchQuery, TenantId};
+use sqlx::postgres::{PgArguments, PgPoolOptions, PgRow};
+use sqlx::{PgConnection, Row as _, TypeInfo as _, ValueRef as _};
 
-use sqlx::postgres::PgPoolOptions;
-use sqlx::{PgConnection, PgPool, Postgres};
+use crate::dialect::{Cell, Dialect, Row};
+use crate::search::{Bind, Sql};
+use crate::store::Store;
+use crate::{SqlConfig, Syntax, VersionRow};
 
-use crate::{Dialect, SqlConfig};
+/// The PostgreSQL dialect.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct PostgresDialect;
 
-type Db = Postgres;
-type DbConn = PgConnection;
-const DIALECT: Dialect = Dialect::Postgres;
-const BACKEND_NAME: &str = "postgres";
-const SELECT_CURRENT_FOR_WRITE: &str = "SELECT version, deleted, e_hi, e_lo FROM resources \
-     WHERE tenant = $1 AND resource_type = $2 AND id = $3 AND segment = $4 FOR UPDATE";
+/// The PostgreSQL store under its public name.
+pub type PostgresStore = Store<PostgresDialect>;
 
-/// Refreshes statistics; autovacuum analyzes at most once per naptime (a minute by default),
-/// which is too late right after a bulk load.
-fn analyze_sql() -> String {
-    format!("ANALYZE {}", crate::analyzed_tables())
-}
-
-/// `_total=estimate` reads the planner's row estimate for the search's FROM and WHERE.
-const ESTIMATE_PREFIX: Option<&str> = Some("EXPLAIN (FORMAT JSON) SELECT 1");
-
-/// The top plan node's row estimate from `EXPLAIN (FORMAT JSON)`'s one row.
-fn plan_rows(row: &sqlx::postgres::PgRow) -> Option<u64> {
-    use sqlx::Row as _;
-    // `json` is sent as text, so it reads as a string without the `json` feature.
-    let text: String = row.try_get_unchecked(0).ok()?;
-    let plan: serde_json::Value = serde_json::from_str(&text).ok()?;
-    plan.get(0)?
-        .get("Plan")?
-        .get("Plan Rows")?
-        .as_f64()
-        .map(|n| n as u64)
+fn db_err(e: sqlx::Error) -> Error {
+    crate::classify(e, Syntax::Postgres)
 }
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../../migrations/postgres");
 
-/// Search statements are sent unnamed, so PostgreSQL plans each with its actual values. A
-/// cached (named) statement switches to a generic plan after five runs, chosen without knowing
-/// the tenant, parameter or code: 34 ms instead of 7 ms for a 5,000-match token search.
-const PERSISTENT_SEARCH_PLANS: bool = false;
+impl Dialect for PostgresDialect {
+    type Db = sqlx::Postgres;
+    const SYNTAX: Syntax = Syntax::Postgres;
+    const NAME: &'static str = "postgres";
+    const SELECT_CURRENT_FOR_WRITE: &'static str = "SELECT version, deleted, e_hi, e_lo \
+         FROM resources WHERE tenant = $1 AND resource_type = $2 AND id = $3 AND segment = $4 \
+         FOR UPDATE";
+    /// `_total=estimate` reads the planner's row estimate for the search's FROM and WHERE.
+    const ESTIMATE_PREFIX: Option<&'static str> = Some("EXPLAIN (FORMAT JSON) SELECT 1");
+    /// Search statements are sent unnamed, so PostgreSQL plans each with its actual values. A
+    /// cached (named) statement switches to a generic plan after five runs, chosen without
+    /// knowing the tenant, parameter or code: 34 ms instead of 7 ms for a 5,000-match token
+    /// search.
+    const PERSISTENT_SEARCH_PLANS: bool = false;
+    /// Plain `BEGIN` (READ COMMITTED): row locks taken by the write path order the writers.
+    const BEGIN_WRITE: Option<&'static str> = None;
+    /// A transaction writing several versions applies its digest changes once at its end, in
+    /// (type, segment) order, so concurrent transactions lock digest rows in one global order
+    /// and cannot deadlock on them. A single write applies its change inline.
+    const ALWAYS_INLINE_DIGEST: bool = false;
+    /// Group digests are aggregated where the rows are (`bit_xor`), so 4,096 rows travel
+    /// instead of 65,536. The shift is `fhirstore_core::digest::GROUP_SHIFT`.
+    const GROUP_DIGESTS: &'static str =
+        "SELECT segment >> 4, bit_xor(h_hi), bit_xor(h_lo), sum(count)::bigint FROM digests \
+         WHERE tenant = $1 AND resource_type = $2 GROUP BY 1 HAVING sum(count) <> 0 ORDER BY 1";
+    /// Group digests are computed, not kept: nothing for the self-check to repair.
+    const GROUP_TABLE: bool = false;
+    /// The list is an `int4[]`: `= ANY` is an index condition, one primary-key probe per listed
+    /// segment, whatever the planner estimates of the type's size.
+    const SEGMENTS_LISTED: &'static str = "SELECT segment, h_hi, h_lo, count FROM digests \
+         WHERE tenant = $1 AND resource_type = $2 AND segment = ANY($3) AND count <> 0";
+    /// Through `resources_segment` (see `SEGMENTS_LISTED`).
+    const KEYS_IN_SEGMENTS: &'static str = "SELECT id, version, e_hi, e_lo FROM resources \
+         WHERE tenant = $1 AND resource_type = $2 AND segment = ANY($3)";
+    /// Under a shared per-tenant lock held to the end of the transaction: a registration takes
+    /// it exclusively, so no write can index with the parameters from before a registration yet
+    /// commit after it. An advisory lock works even for a tenant with no generation row yet,
+    /// where a row lock would lock nothing.
+    const SELECT_PARAM_GENERATION: &'static str =
+        "SELECT (SELECT generation FROM search_parameter_generation \
+         WHERE tenant = $1) FROM pg_advisory_xact_lock_shared(7, hashtext($1))";
+    /// Waits for the tenant's writes in flight (see `SELECT_PARAM_GENERATION`).
+    const LOCK_PARAMS_EXCLUSIVE: Option<&'static str> =
+        Some("SELECT pg_advisory_xact_lock(7, hashtext($1))");
+    /// A reindex batch locks the current rows it rewrites, so a concurrent write of one of them
+    /// waits, then indexes the new body itself.
+    const LOCK_REINDEX_BATCH: &'static str = " FOR UPDATE OF r";
+    /// The log is read in (transaction id, seq) order, below the oldest running transaction
+    /// (see `fhirstore_core::changelog`).
+    const LOG_MAJOR: &'static str = "txid::text::bigint";
+    const LOG_ORDER: &'static str = "txid, seq";
+    const LOG_AFTER: &'static str = "(txid, seq) > (($1::bigint)::text::xid8, $2)";
+    const LOG_UPTO: &'static str = "(txid, seq) <= (($1::bigint)::text::xid8, $2)";
+    const LOG_VISIBLE: &'static str = " AND txid < pg_snapshot_xmin(pg_current_snapshot())";
+    const LOG_HEAD: &'static str = "SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint \
+         - 1, 9223372036854775807::bigint";
+    const LOCK_DIGESTS: Option<&'static str> =
+        Some("LOCK TABLE digests IN SHARE ROW EXCLUSIVE MODE");
 
-/// Plain `BEGIN` (READ COMMITTED): row locks taken by the write path order the writers.
-const BEGIN_WRITE: Option<&str> = None;
+    /// Autovacuum analyzes at most once per naptime (a minute by default), which is too late
+    /// right after a bulk load.
+    fn analyze_sql() -> String {
+        format!("ANALYZE {}", crate::analyzed_tables())
+    }
 
-/// A transaction writing several versions applies its digest changes once at its end, in (type,
-/// segment) order, so concurrent transactions lock digest rows in one global order and cannot
-/// deadlock on them. A single write applies its change inline.
-const ALWAYS_INLINE_DIGEST: bool = false;
+    /// The top plan node's row estimate from `EXPLAIN (FORMAT JSON)`'s one row.
+    fn plan_rows(row: &mut Row) -> Option<u64> {
+        let text: String = row.get(0).ok()?;
+        let plan: serde_json::Value = serde_json::from_str(&text).ok()?;
+        plan.get(0)?
+            .get("Plan")?
+            .get("Plan Rows")?
+            .as_f64()
+            .map(|n| n as u64)
+    }
 
-/// Group digests are aggregated where the rows are (`bit_xor`), so 4,096 rows travel instead of
-/// 65,536. The shift is `fhirstore_core::digest::GROUP_SHIFT`.
-const GROUP_DIGESTS: &str =
-    "SELECT segment >> 4, bit_xor(h_hi), bit_xor(h_lo), sum(count)::bigint FROM digests \
-     WHERE tenant = $1 AND resource_type = $2 GROUP BY 1 HAVING sum(count) <> 0 ORDER BY 1";
-/// Group digests are computed, not kept: nothing for the self-check to repair.
-const GROUP_TABLE: bool = false;
+    /// One statement: see `write_sql`. `None` when a concurrent writer created the resource
+    /// first.
+    async fn write_version(conn: &mut PgConnection, row: &VersionRow<'_>) -> Result<Option<i64>> {
+        let mut query = crate::bind_version_row!(sqlx::query_scalar(write_sql(row.is_new)), row)
+            .bind(row.digest_delta.0)
+            .bind(row.digest_delta.1)
+            .bind(row.digest_count)
+            .bind(row.inline_digest);
+        for ((_, cols), rows) in crate::INDEX_TABLES.iter().zip(crate::index_rows(row.index)) {
+            for (k, (_, ty)) in cols.iter().enumerate() {
+                let column = rows.iter().map(|r| &r[k]);
+                query = match ty {
+                    crate::Col::Text => query.bind(
+                        column
+                            .map(|v| v.as_str().unwrap_or_default().to_owned())
+                            .collect::<Vec<String>>(),
+                    ),
+                    crate::Col::Int => query.bind(
+                        column
+                            .map(|v| v.as_i64().unwrap_or_default())
+                            .collect::<Vec<i64>>(),
+                    ),
+                    crate::Col::Real => query.bind(
+                        column
+                            .map(|v| v.as_f64().unwrap_or_default())
+                            .collect::<Vec<f64>>(),
+                    ),
+                };
+            }
+        }
+        query.fetch_optional(&mut *conn).await.map_err(db_err)
+    }
 
-/// A list of integers bound as one parameter: an `int4[]`.
-type IntList = Vec<i32>;
-
-fn int_list(v: &[i32]) -> IntList {
-    v.to_vec()
+    /// A transaction-scoped advisory lock on the tenant and the criteria's fingerprint.
+    async fn lock_criteria(
+        conn: &mut PgConnection,
+        tenant: &TenantId,
+        q: &SearchQuery,
+    ) -> Result<()> {
+        let key = xxhash_rust::xxh3::xxh3_64_with_seed(tenant.as_str().as_bytes(), q.fingerprint());
+        sqlx::query("SELECT pg_advisory_xact_lock($1)")
+            .bind(key as i64)
+            .execute(&mut *conn)
+            .await
+            .map_err(db_err)?;
+        Ok(())
+    }
 }
 
-/// The digests of the segments listed in $3: `= ANY` is an index condition, one primary-key probe
-/// per listed segment, whatever the planner estimates of the type's size.
-const SEGMENTS_LISTED: &str = "SELECT segment, h_hi, h_lo, count FROM digests \
-     WHERE tenant = $1 AND resource_type = $2 AND segment = ANY($3) AND count <> 0";
+/// The statement with its values bound: lists as `int4[]`.
+fn query_of(sql: &Sql) -> sqlx::query::Query<'_, sqlx::Postgres, PgArguments> {
+    let mut q = sqlx::query(sql.text()).persistent(sql.is_persistent());
+    for b in sql.binds() {
+        q = match b {
+            Bind::Text(t) => q.bind(t.as_str()),
+            Bind::OptText(t) => q.bind(t.as_deref()),
+            Bind::Int(n) => q.bind(*n),
+            Bind::Int32(n) => q.bind(*n),
+            Bind::Real(x) => q.bind(*x),
+            Bind::Bool(b) => q.bind(*b),
+            Bind::IntList(v) => q.bind(v.as_slice()),
+        };
+    }
+    q
+}
 
-/// The keys of the segments listed in $3, through `resources_segment` (see `SEGMENTS_LISTED`).
-const KEYS_IN_SEGMENTS: &str = "SELECT id, version, e_hi, e_lo FROM resources \
-     WHERE tenant = $1 AND resource_type = $2 AND segment = ANY($3)";
+/// Decodes a row by each column's type.
+fn row_of(row: PgRow) -> Result<Row> {
+    let n = row.columns().len();
+    let mut cells = Vec::with_capacity(n);
+    for i in 0..n {
+        let raw = row.try_get_raw(i).map_err(db_err)?;
+        let ty = if raw.is_null() {
+            None
+        } else {
+            Some(raw.type_info().name().to_owned())
+        };
+        let cell = match ty.as_deref() {
+            None => Cell::Null,
+            Some("INT8") => Cell::Int(row.try_get(i).map_err(db_err)?),
+            Some("INT4") => Cell::Int(i64::from(row.try_get::<i32, _>(i).map_err(db_err)?)),
+            Some("INT2") => Cell::Int(i64::from(row.try_get::<i16, _>(i).map_err(db_err)?)),
+            Some("BOOL") => Cell::Int(i64::from(row.try_get::<bool, _>(i).map_err(db_err)?)),
+            Some("FLOAT8") => Cell::Real(row.try_get(i).map_err(db_err)?),
+            Some("FLOAT4") => Cell::Real(f64::from(row.try_get::<f32, _>(i).map_err(db_err)?)),
+            Some("TEXT" | "VARCHAR" | "NAME" | "BPCHAR") => {
+                Cell::Text(row.try_get(i).map_err(db_err)?)
+            }
+            // `json` arrives as its text, whichever format the server sends.
+            Some("JSON") => Cell::Text(row.try_get_unchecked(i).map_err(db_err)?),
+            Some(other) => {
+                return Err(crate::corrupt(format!("column {i} of type {other}")));
+            }
+        };
+        cells.push(cell);
+    }
+    Ok(Row::new(cells))
+}
+
+crate::dialect::exec_for!(PgConnection);
+
+impl Store<PostgresDialect> {
+    /// Connects to `url` and brings the schema up to date (migrations take an advisory lock, so
+    /// several processes may start at once).
+    pub async fn connect(url: &str, config: SqlConfig) -> Result<Self> {
+        let pool = PgPoolOptions::new()
+            .max_connections(config.max_connections.max(2))
+            .connect(url)
+            .await
+            .map_err(db_err)?;
+        MIGRATOR
+            .run(&pool)
+            .await
+            .map_err(|e| Error::backend("running PostgreSQL migrations", false, e))?;
+        Ok(Store::new(pool.clone(), pool, config))
+    }
+}
 
 /// Parameters: $1 tenant, $2 type, $3 id, $4 version, $5 now, $6 deleted, $7 segment, $8 e_hi,
 /// $9 e_lo, $10 op, $11 body, $12 was_live, $13-$15 digest delta high, low and count, $16 whether
@@ -162,118 +302,3 @@ i{i} AS (INSERT INTO {table} (tenant, resource_type, {}, id)
         })
     }
 }
-
-/// Writes a version with its current row, outbox entry and index rows in one statement.
-/// `None` when a concurrent writer created the resource first.
-async fn write_version(conn: &mut DbConn, row: &VersionRow<'_>) -> Result<Option<i64>> {
-    let mut query = crate::bind_version_row!(sqlx::query_scalar(write_sql(row.is_new)), row)
-        .bind(row.digest_delta.0)
-        .bind(row.digest_delta.1)
-        .bind(row.digest_count)
-        .bind(row.inline_digest);
-    for ((_, cols), rows) in crate::INDEX_TABLES.iter().zip(crate::index_rows(row.index)) {
-        for (k, (_, ty)) in cols.iter().enumerate() {
-            let column = rows.iter().map(|r| &r[k]);
-            query = match ty {
-                crate::Col::Text => query.bind(
-                    column
-                        .map(|v| v.as_str().unwrap_or_default().to_owned())
-                        .collect::<Vec<String>>(),
-                ),
-                crate::Col::Int => query.bind(
-                    column
-                        .map(|v| v.as_i64().unwrap_or_default())
-                        .collect::<Vec<i64>>(),
-                ),
-                crate::Col::Real => query.bind(
-                    column
-                        .map(|v| v.as_f64().unwrap_or_default())
-                        .collect::<Vec<f64>>(),
-                ),
-            };
-        }
-    }
-    query.fetch_optional(&mut *conn).await.map_err(db_err)
-}
-
-/// Serialises conditional writes with the same tenant and criteria, so two concurrent
-/// conditional creates cannot both find nothing and both create.
-async fn lock_criteria(conn: &mut DbConn, tenant: &TenantId, q: &SearchQuery) -> Result<()> {
-    let key = xxhash_rust::xxh3::xxh3_64_with_seed(tenant.as_str().as_bytes(), q.fingerprint());
-    sqlx::query("SELECT pg_advisory_xact_lock($1)")
-        .bind(key as i64)
-        .execute(&mut *conn)
-        .await
-        .map_err(db_err)?;
-    Ok(())
-}
-
-/// The PostgreSQL primary store.
-#[derive(Clone, Debug)]
-pub struct Store {
-    reader: PgPool,
-    writer: PgPool,
-    config: SqlConfig,
-    stats: Arc<crate::StatsUpkeep>,
-    params: Arc<crate::ParamCache>,
-}
-
-/// The PostgreSQL store under its public name.
-pub type PostgresStore = Store;
-
-impl Store {
-    /// Connects to `url` and brings the schema up to date (migrations take an advisory lock, so
-    /// several processes may start at once).
-    pub async fn connect(url: &str, config: SqlConfig) -> Result<Self> {
-        let pool = PgPoolOptions::new()
-            .max_connections(config.max_connections.max(2))
-            .connect(url)
-            .await
-            .map_err(db_err)?;
-        MIGRATOR
-            .run(&pool)
-            .await
-            .map_err(|e| Error::backend("running PostgreSQL migrations", false, e))?;
-        Ok(Store {
-            reader: pool.clone(),
-            writer: pool,
-            config,
-            stats: crate::StatsUpkeep::new(),
-            params: Arc::default(),
-        })
-    }
-
-    /// Closes the pool.
-    pub async fn close(&self) {
-        self.writer.close().await;
-    }
-}
-
-/// The tenant's parameter generation (see `ParamCache`), under a shared per-tenant lock held to
-/// the end of the transaction: a registration takes it exclusively, so no write can index with
-/// the parameters from before a registration yet commit after it. An advisory lock works even
-/// for a tenant with no generation row yet, where a row lock would lock nothing.
-const SELECT_PARAM_GENERATION: &str = "SELECT (SELECT generation FROM search_parameter_generation \
-     WHERE tenant = $1) FROM pg_advisory_xact_lock_shared(7, hashtext($1))";
-/// Taken by a registration: waits for the tenant's writes in flight (see
-/// `SELECT_PARAM_GENERATION`).
-const LOCK_PARAMS_EXCLUSIVE: Option<&str> = Some("SELECT pg_advisory_xact_lock(7, hashtext($1))");
-/// A reindex batch locks the current rows it rewrites, so a concurrent write of one of them
-/// waits, then indexes the new body itself.
-const LOCK_REINDEX_BATCH: &str = " FOR UPDATE OF r";
-
-/// The change log's order key and its bounds: the log is read in (transaction id, seq) order,
-/// below the oldest running transaction (see `fhirstore_core::changelog`).
-const LOG_MAJOR: &str = "txid::text::bigint";
-const LOG_ORDER: &str = "txid, seq";
-const LOG_AFTER: &str = "(txid, seq) > (($1::bigint)::text::xid8, $2)";
-const LOG_UPTO: &str = "(txid, seq) <= (($1::bigint)::text::xid8, $2)";
-const LOG_VISIBLE: &str = " AND txid < pg_snapshot_xmin(pg_current_snapshot())";
-const LOG_HEAD: &str = "SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint - 1, \
-                        9223372036854775807::bigint";
-/// The digest self-check holds off writers' digest updates while it recomputes.
-const LOCK_DIGESTS: Option<&str> = Some("LOCK TABLE digests IN SHARE ROW EXCLUSIVE MODE");
-
-include!("store_body.rs");
-include!("params_body.rs");
-include!("sync_body.rs");

@@ -6,79 +6,188 @@
 
 use std::path::Path;
 
-// Error, Result, SearchQuery and TenantId come from store_body.rs's imports.
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
-use sqlx::{Sqlite, SqliteConnection, SqlitePool};
+use fhirstore_core::digest::join_u128;
+use fhirstore_core::digest::Digest;
+use fhirstore_core::{Error, ResourceType, Result, SearchQuery, TenantId};
+use sqlx::sqlite::{
+    SqliteArguments, SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow,
+    SqliteSynchronous,
+};
+use sqlx::{Row as _, SqliteConnection, SqlitePool, TypeInfo as _, ValueRef as _};
 
-use crate::{Dialect, Durability, SqlConfig};
+use crate::dialect::{Cell, Dialect, Row};
+use crate::search::{Bind, Sql};
+use crate::store::Store;
+use crate::{corrupt, Durability, SqlConfig, Syntax, VersionRow};
 
-type Db = Sqlite;
-type DbConn = SqliteConnection;
-const DIALECT: Dialect = Dialect::Sqlite;
-const BACKEND_NAME: &str = "sqlite";
-/// The single writer connection already serialises writers, so no row lock is needed.
-const SELECT_CURRENT_FOR_WRITE: &str = "SELECT version, deleted, e_hi, e_lo FROM resources \
-     WHERE tenant = $1 AND resource_type = $2 AND id = $3 AND segment = $4";
+/// The SQLite dialect.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SqliteDialect;
 
-/// Refreshes statistics from a bounded sample of each index, on the writer connection.
-fn analyze_sql() -> String {
-    format!(
-        "PRAGMA analysis_limit = 1000; ANALYZE {};",
-        crate::analyzed_tables().replace(", ", "; ANALYZE ")
-    )
-}
+/// The SQLite store under its public name.
+pub type SqliteStore = Store<SqliteDialect>;
 
-/// SQLite's planner exposes no row estimates: `_total=estimate` counts exactly.
-const ESTIMATE_PREFIX: Option<&str> = None;
-
-fn plan_rows(_row: &sqlx::sqlite::SqliteRow) -> Option<u64> {
-    None
+fn db_err(e: sqlx::Error) -> Error {
+    crate::classify(e, Syntax::Sqlite)
 }
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../../migrations/sqlite");
 
-/// SQLite plans each statement once, with no generic-plan switch; caching the prepared
-/// statement saves re-parsing.
-const PERSISTENT_SEARCH_PLANS: bool = true;
+impl Dialect for SqliteDialect {
+    type Db = sqlx::Sqlite;
+    const SYNTAX: Syntax = Syntax::Sqlite;
+    const NAME: &'static str = "sqlite";
+    /// The single writer connection already serialises writers, so no row lock is needed.
+    const SELECT_CURRENT_FOR_WRITE: &'static str = "SELECT version, deleted, e_hi, e_lo \
+         FROM resources WHERE tenant = $1 AND resource_type = $2 AND id = $3 AND segment = $4";
+    /// SQLite's planner exposes no row estimates: `_total=estimate` counts exactly.
+    const ESTIMATE_PREFIX: Option<&'static str> = None;
+    /// SQLite plans each statement once, with no generic-plan switch; caching the prepared
+    /// statement saves re-parsing.
+    const PERSISTENT_SEARCH_PLANS: bool = true;
+    /// Write transactions take SQLite's write lock up front, so a second process's writer waits
+    /// on the busy timeout. A deferred transaction that read before another connection
+    /// committed would fail with SQLITE_BUSY_SNAPSHOT instead; the retry loop recovers from
+    /// that, but only after redoing the work.
+    const BEGIN_WRITE: Option<&'static str> = Some("BEGIN IMMEDIATE");
+    /// The one writer connection serialises writers, so the digest delta can be applied in the
+    /// same round trip as the rest of the write without deadlock risk.
+    const ALWAYS_INLINE_DIGEST: bool = true;
+    /// SQLite has no XOR aggregate to compute group digests at read time: every write keeps
+    /// them in `digest_groups` (migration 0008), beside its segment.
+    const GROUP_DIGESTS: &'static str = "SELECT grp, h_hi, h_lo, count FROM digest_groups \
+         WHERE tenant = $1 AND resource_type = $2 AND count <> 0 ORDER BY grp";
+    const GROUP_TABLE: bool = true;
+    /// The list is JSON text, which `json_each` turns into rows. `CROSS JOIN` fixes the join
+    /// order (the list outside, a primary-key probe per segment inside): the planner, without
+    /// statistics for a table that was empty when they were last gathered, would otherwise
+    /// scan the type's every segment once per listed one.
+    const SEGMENTS_LISTED: &'static str = "SELECT d.segment, d.h_hi, d.h_lo, d.count \
+         FROM json_each($3) AS j CROSS JOIN digests AS d \
+         WHERE d.tenant = $1 AND d.resource_type = $2 AND d.segment = j.value AND d.count <> 0";
+    /// One index range per segment (see `SEGMENTS_LISTED` for the `CROSS JOIN`).
+    const KEYS_IN_SEGMENTS: &'static str = "SELECT r.id, r.version, r.e_hi, r.e_lo \
+         FROM json_each($3) AS j CROSS JOIN resources AS r \
+         WHERE r.tenant = $1 AND r.resource_type = $2 AND r.segment = j.value";
+    /// The one writer connection already orders the generation against registrations.
+    const SELECT_PARAM_GENERATION: &'static str =
+        "SELECT (SELECT generation FROM search_parameter_generation WHERE tenant = $1)";
+    /// Registrations need no lock beyond the single writer's.
+    const LOCK_PARAMS_EXCLUSIVE: Option<&'static str> = None;
+    /// A reindex batch runs on the writer connection, so no write can slip between its read of
+    /// a body and its rewrite of that body's rows.
+    const LOCK_REINDEX_BATCH: &'static str = "";
+    /// One writer hands out `seq` in commit order, so `seq` alone orders the log (both halves
+    /// of the cursor).
+    const LOG_MAJOR: &'static str = "seq";
+    const LOG_ORDER: &'static str = "seq";
+    const LOG_AFTER: &'static str = "(seq, seq) > ($1, $2)";
+    const LOG_UPTO: &'static str = "(seq, seq) <= ($1, $2)";
+    const LOG_VISIBLE: &'static str = "";
+    const LOG_HEAD: &'static str =
+        "SELECT COALESCE(MAX(seq), 0), COALESCE(MAX(seq), 0) FROM outbox";
+    /// The one writer connection already holds off writers during the self-check.
+    const LOCK_DIGESTS: Option<&'static str> = None;
 
-/// Write transactions take SQLite's write lock up front, so a second process's writer waits on
-/// the busy timeout. A deferred transaction that read before another connection committed
-/// would fail with SQLITE_BUSY_SNAPSHOT instead; the retry loop recovers from that, but only
-/// after redoing the work.
-const BEGIN_WRITE: Option<&str> = Some("BEGIN IMMEDIATE");
+    /// Refreshes statistics from a bounded sample of each index, on the writer connection.
+    fn analyze_sql() -> String {
+        format!(
+            "PRAGMA analysis_limit = 1000; ANALYZE {};",
+            crate::analyzed_tables().replace(", ", "; ANALYZE ")
+        )
+    }
 
-/// The one writer connection serialises writers, so the digest delta can be applied in the same
-/// round trip as the rest of the write without deadlock risk.
-const ALWAYS_INLINE_DIGEST: bool = true;
+    fn plan_rows(_row: &mut Row) -> Option<u64> {
+        None
+    }
 
-/// SQLite has no XOR aggregate to compute group digests at read time: every write keeps them in
-/// `digest_groups` (migration 0008), beside its segment.
-const GROUP_DIGESTS: &str = "SELECT grp, h_hi, h_lo, count FROM digest_groups \
-     WHERE tenant = $1 AND resource_type = $2 AND count <> 0 ORDER BY grp";
-/// Whether the group digests are a maintained table, which the self-check must also repair.
-const GROUP_TABLE: bool = true;
+    /// Writes a version, its outbox entry, index rows and digest change in one round trip:
+    /// sqlx runs a multi-statement query on its worker thread in one go, binding `$N` by number
+    /// in every statement. Statement overhead, not row count, bounds SQLite write throughput.
+    async fn write_version(
+        conn: &mut SqliteConnection,
+        row: &VersionRow<'_>,
+    ) -> Result<Option<i64>> {
+        let mut tables = Vec::with_capacity(crate::INDEX_TABLES.len());
+        for rows in crate::index_rows(row.index) {
+            tables.push(
+                serde_json::to_string(&rows).map_err(|e| corrupt(format!("index entries: {e}")))?,
+            );
+        }
+        // fetch_all, not fetch_one: the stream must be driven to its end, or the statements
+        // after the one returning `seq` never run.
+        let mut query = crate::bind_version_row!(sqlx::query_scalar(write_sql(row.is_new)), row)
+            .bind(row.digest_delta.0)
+            .bind(row.digest_delta.1)
+            .bind(row.digest_count)
+            .bind(row.inline_digest);
+        for t in tables {
+            query = query.bind(t);
+        }
+        let seqs: Vec<i64> = query.fetch_all(&mut *conn).await.map_err(db_err)?;
+        match seqs.as_slice() {
+            [seq] => Ok(Some(*seq)),
+            _ => Err(corrupt(format!(
+                "version write returned {} sequence numbers",
+                seqs.len()
+            ))),
+        }
+    }
 
-/// A list of integers bound as one parameter: JSON text, which `json_each` turns into rows.
-type IntList = String;
-
-fn int_list(v: &[i32]) -> IntList {
-    let items: Vec<String> = v.iter().map(i32::to_string).collect();
-    format!("[{}]", items.join(","))
+    /// Conditional writes need no extra lock: the one writer connection serialises them.
+    async fn lock_criteria(
+        _conn: &mut SqliteConnection,
+        _tenant: &TenantId,
+        _q: &SearchQuery,
+    ) -> Result<()> {
+        Ok(())
+    }
 }
 
-/// The digests of the segments listed in $3. `CROSS JOIN` fixes the join order (the list
-/// outside, a primary-key probe per segment inside): the planner, without statistics for a table
-/// that was empty when they were last gathered, would otherwise scan the type's every segment
-/// once per listed one.
-const SEGMENTS_LISTED: &str = "SELECT d.segment, d.h_hi, d.h_lo, d.count \
-     FROM json_each($3) AS j CROSS JOIN digests AS d \
-     WHERE d.tenant = $1 AND d.resource_type = $2 AND d.segment = j.value AND d.count <> 0";
+/// The statement with its values bound: lists as JSON text, for `json_each`.
+fn query_of(sql: &Sql) -> sqlx::query::Query<'_, sqlx::Sqlite, SqliteArguments<'_>> {
+    let mut q = sqlx::query(sql.text()).persistent(sql.is_persistent());
+    for b in sql.binds() {
+        q = match b {
+            Bind::Text(t) => q.bind(t.as_str()),
+            Bind::OptText(t) => q.bind(t.as_deref()),
+            Bind::Int(n) => q.bind(*n),
+            Bind::Int32(n) => q.bind(*n),
+            Bind::Real(x) => q.bind(*x),
+            Bind::Bool(b) => q.bind(*b),
+            Bind::IntList(v) => {
+                let items: Vec<String> = v.iter().map(i32::to_string).collect();
+                q.bind(format!("[{}]", items.join(",")))
+            }
+        };
+    }
+    q
+}
 
-/// The keys of the segments listed in $3, one index range per segment (see
-/// `SEGMENTS_LISTED` for the `CROSS JOIN`).
-const KEYS_IN_SEGMENTS: &str = "SELECT r.id, r.version, r.e_hi, r.e_lo \
-     FROM json_each($3) AS j CROSS JOIN resources AS r \
-     WHERE r.tenant = $1 AND r.resource_type = $2 AND r.segment = j.value";
+/// Decodes a row by each value's storage class: SQLite types values, not columns.
+fn row_of(row: SqliteRow) -> Result<Row> {
+    let n = row.columns().len();
+    let mut cells = Vec::with_capacity(n);
+    for i in 0..n {
+        let raw = row.try_get_raw(i).map_err(db_err)?;
+        let class = if raw.is_null() {
+            None
+        } else {
+            Some(raw.type_info().name().to_owned())
+        };
+        let cell = match class.as_deref() {
+            None => Cell::Null,
+            Some("INTEGER" | "BOOLEAN") => Cell::Int(row.try_get_unchecked(i).map_err(db_err)?),
+            Some("REAL") => Cell::Real(row.try_get_unchecked(i).map_err(db_err)?),
+            Some("TEXT") => Cell::Text(row.try_get_unchecked(i).map_err(db_err)?),
+            Some(other) => return Err(corrupt(format!("column {i} of type {other}"))),
+        };
+        cells.push(cell);
+    }
+    Ok(Row::new(cells))
+}
+
+crate::dialect::exec_for!(SqliteConnection);
 
 /// Parameters: $1 tenant, $2 type, $3 id, $4 version, $5 now, $6 deleted, $7 segment, $8 e_hi,
 /// $9 e_lo, $10 op, $11 body, $12 was_live, $13 digest delta high, $14 digest delta low,
@@ -146,60 +255,11 @@ INSERT INTO {table} (tenant, resource_type, {}, id)
     }
 }
 
-/// Writes a version, its outbox entry, index rows and digest change in one round trip: sqlx
-/// runs a multi-statement query on its worker thread in one go, binding `$N` by number in every
-/// statement. Statement overhead, not row count, bounds SQLite write throughput.
-async fn write_version(conn: &mut DbConn, row: &VersionRow<'_>) -> Result<Option<i64>> {
-    let mut tables = Vec::with_capacity(crate::INDEX_TABLES.len());
-    for rows in crate::index_rows(row.index) {
-        tables.push(
-            serde_json::to_string(&rows)
-                .map_err(|e| crate::corrupt(format!("index entries: {e}")))?,
-        );
-    }
-    // fetch_all, not fetch_one: the stream must be driven to its end, or the statements after
-    // the one returning `seq` never run.
-    let mut query = crate::bind_version_row!(sqlx::query_scalar(write_sql(row.is_new)), row)
-        .bind(row.digest_delta.0)
-        .bind(row.digest_delta.1)
-        .bind(row.digest_count)
-        .bind(row.inline_digest);
-    for t in tables {
-        query = query.bind(t);
-    }
-    let seqs: Vec<i64> = query.fetch_all(&mut *conn).await.map_err(db_err)?;
-    match seqs.as_slice() {
-        [seq] => Ok(Some(*seq)),
-        _ => Err(crate::corrupt(format!(
-            "version write returned {} sequence numbers",
-            seqs.len()
-        ))),
-    }
-}
-
 /// Run when a store opens: refresh whatever statistics SQLite judges stale, sampling at most
 /// 1,000 rows per index so a large file opens quickly.
 const ANALYZE_SAMPLED: &str = "PRAGMA analysis_limit = 1000; PRAGMA optimize = 0x10002;";
 
-/// Conditional writes need no extra lock: the one writer connection serialises them.
-async fn lock_criteria(_conn: &mut DbConn, _tenant: &TenantId, _q: &SearchQuery) -> Result<()> {
-    Ok(())
-}
-
-/// The SQLite primary store.
-#[derive(Clone, Debug)]
-pub struct Store {
-    reader: SqlitePool,
-    writer: SqlitePool,
-    config: SqlConfig,
-    stats: std::sync::Arc<crate::StatsUpkeep>,
-    params: std::sync::Arc<crate::ParamCache>,
-}
-
-/// The SQLite store under its public name.
-pub type SqliteStore = Store;
-
-impl Store {
+impl Store<SqliteDialect> {
     /// Opens (creating if needed) the database file at `path` and brings its schema up to date.
     pub async fn open(path: impl AsRef<Path>, config: SqlConfig) -> Result<Self> {
         let options = SqliteConnectOptions::new()
@@ -241,19 +301,7 @@ impl Store {
             .execute(&writer)
             .await
             .map_err(db_err)?;
-        Ok(Store {
-            reader,
-            writer,
-            config,
-            stats: crate::StatsUpkeep::new(),
-            params: std::sync::Arc::default(),
-        })
-    }
-
-    /// Closes both pools, waiting for connections in use to be returned.
-    pub async fn close(&self) {
-        self.writer.close().await;
-        self.reader.close().await;
+        Ok(Store::new(reader, writer, config))
     }
 }
 
@@ -295,34 +343,10 @@ async fn fill_digest_groups(writer: &SqlitePool) -> Result<()> {
         for ((tenant, rt), segments) in types {
             let tenant = TenantId::new(&tenant).map_err(|e| corrupt(e.to_string()))?;
             let rt = ResourceType::new(&rt).map_err(|_| corrupt(format!("type {rt:?}")))?;
-            let groups = fold_segment_map(&segments);
-            rewrite_digest_rows(&mut tx, "digest_groups", "grp", &tenant, rt, &groups).await?;
+            let groups = crate::store::fold_segment_map(&segments);
+            SqliteStore::rewrite_digest_rows(&mut tx, "digest_groups", "grp", &tenant, rt, &groups)
+                .await?;
         }
     }
     tx.commit().await.map_err(db_err)
 }
-
-/// The tenant's parameter generation (see `ParamCache`); the one writer connection already
-/// orders it against registrations.
-const SELECT_PARAM_GENERATION: &str =
-    "SELECT (SELECT generation FROM search_parameter_generation WHERE tenant = $1)";
-/// Registrations need no lock beyond the single writer's.
-const LOCK_PARAMS_EXCLUSIVE: Option<&str> = None;
-/// A reindex batch runs on the writer connection, so no write can slip between its read of a
-/// body and its rewrite of that body's rows.
-const LOCK_REINDEX_BATCH: &str = "";
-
-/// The change log's order key and its bounds: one writer hands out `seq` in commit order, so
-/// `seq` alone orders the log (both halves of the cursor).
-const LOG_MAJOR: &str = "seq";
-const LOG_ORDER: &str = "seq";
-const LOG_AFTER: &str = "(seq, seq) > ($1, $2)";
-const LOG_UPTO: &str = "(seq, seq) <= ($1, $2)";
-const LOG_VISIBLE: &str = "";
-const LOG_HEAD: &str = "SELECT COALESCE(MAX(seq), 0), COALESCE(MAX(seq), 0) FROM outbox";
-/// The digest self-check holds off writers' digest updates while it recomputes.
-const LOCK_DIGESTS: Option<&str> = None;
-
-include!("store_body.rs");
-include!("params_body.rs");
-include!("sync_body.rs");

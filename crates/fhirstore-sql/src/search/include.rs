@@ -5,7 +5,7 @@ use fhirstore_core::search::Include;
 use fhirstore_core::{ResourceType, TenantId};
 
 use super::Sql;
-use crate::Dialect;
+use crate::Syntax;
 
 /// The keys `ids` (all of type `rt`) link to through `inc`: forward, the targets of their
 /// references; `reverse`, the resources whose references point at them. `None` when `inc`
@@ -15,7 +15,7 @@ use crate::Dialect;
 /// every reference of the tenant (19 ms for 100 ids in a 60k store, growing with it), instead
 /// of probing the primary key once per id (0.4 ms). The caller drops duplicates.
 pub(crate) fn linked(
-    dialect: Dialect,
+    dialect: Syntax,
     tenant: &TenantId,
     rt: ResourceType,
     ids: &[&str],
@@ -62,7 +62,7 @@ pub(crate) fn linked(
 
 /// The live current versions of `ids` (all of type `rt`), in id order: id, version,
 /// last_updated, body.
-pub(crate) fn current(dialect: Dialect, tenant: &TenantId, rt: ResourceType, ids: &[&str]) -> Sql {
+pub(crate) fn current(dialect: Syntax, tenant: &TenantId, rt: ResourceType, ids: &[&str]) -> Sql {
     let mut qb = Sql::new(
         dialect,
         "SELECT r.id, r.version, r.last_updated, v.body FROM resources r \

@@ -1,5 +1,5 @@
 //! The search planner: a [`SearchQuery`] becomes SQL text and its bind values for one
-//! [`Dialect`], purely and synchronously, with no database at hand.
+//! [`Syntax`], purely and synchronously, with no database at hand.
 //!
 //! The store executes what this module plans; nothing here touches a connection, so every
 //! statement shape is checked by the snapshot tests in `tests.rs` without a database. Layout:
@@ -22,7 +22,7 @@ pub(crate) use include::{current, linked};
 pub(crate) use sort::{KeyKind, KeyValue, SortColumn};
 pub use sql::{Bind, Sql};
 
-use crate::{parse_search_cursor, Dialect};
+use crate::{parse_search_cursor, Syntax};
 
 /// A page of a search: the statement, and the sort columns whose values follow the five fixed
 /// columns (`rt`, `id`, `version`, `last_updated`, `body`) of each row.
@@ -40,7 +40,7 @@ pub(crate) struct PagePlan {
 /// PostgreSQL fetch and sort every match's body (18 gender searches/s at 10k Patients); neither
 /// dialect pushes a join below a LIMIT subquery.
 pub(crate) fn page(
-    dialect: Dialect,
+    dialect: Syntax,
     tenant: &TenantId,
     query: &SearchQuery,
     now: i64,
@@ -110,7 +110,7 @@ pub(crate) fn page(
 
 /// `SELECT COUNT(*)` of the live resources matching `query`.
 pub(crate) fn count(
-    dialect: Dialect,
+    dialect: Syntax,
     tenant: &TenantId,
     query: &SearchQuery,
     now: i64,
@@ -123,7 +123,7 @@ pub(crate) fn count(
 /// The matching statement behind `explain` (the dialect's plan-estimate prefix, such as
 /// `EXPLAIN (FORMAT JSON) SELECT 1`), whose plan carries the row estimate.
 pub(crate) fn estimate(
-    dialect: Dialect,
+    dialect: Syntax,
     explain: &str,
     tenant: &TenantId,
     query: &SearchQuery,
@@ -137,7 +137,7 @@ pub(crate) fn estimate(
 /// Keys (`resource_type`, `id`) of at most `limit` live resources matching `query`, in key
 /// order: what conditional writes act on.
 pub(crate) fn keys(
-    dialect: Dialect,
+    dialect: Syntax,
     tenant: &TenantId,
     query: &SearchQuery,
     limit: usize,

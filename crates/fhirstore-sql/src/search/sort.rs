@@ -6,7 +6,7 @@ use fhirstore_core::{Error, LogicalId, ResourceKey, ResourceType, Result};
 use serde_json::Value;
 
 use super::Sql;
-use crate::Dialect;
+use crate::Syntax;
 
 /// How a sort key's values are stored and compared.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -46,7 +46,7 @@ pub(crate) enum KeyValue {
 
 impl SortColumn {
     /// The column for one `_sort` key, in `dialect`.
-    pub(crate) fn of(k: &fhirstore_core::search::SortKey, dialect: Dialect) -> Self {
+    pub(crate) fn of(k: &fhirstore_core::search::SortKey, dialect: Syntax) -> Self {
         let (kind, source) = match (k.param.as_str(), k.kind) {
             ("_id", _) => (KeyKind::Text, None),
             ("_lastUpdated", _) => (KeyKind::Int, None),

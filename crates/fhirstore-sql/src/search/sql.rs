@@ -2,18 +2,58 @@
 
 use std::fmt::{Display, Write as _};
 
-use crate::Dialect;
+use crate::Syntax;
 
-/// One bind value. The planner binds only these three kinds; the driver layer turns each into
-/// its own parameter type.
+/// One bind value. The planner binds only text, integers and numbers; the store's own statements
+/// bind the rest. Each driver turns a value into its own parameter type.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Bind {
     /// Text: tenants, types, ids, codes, strings, sort keys.
     Text(String),
+    /// Text or SQL `NULL`.
+    OptText(Option<String>),
     /// Integers: instants in microseconds, limits, integer sort keys.
     Int(i64),
+    /// A 32-bit integer, for `int4` columns (segments, groups): PostgreSQL compares a parameter
+    /// of the column's own type without a cast.
+    Int32(i32),
     /// Numbers: number and quantity values.
     Real(f64),
+    /// A boolean.
+    Bool(bool),
+    /// A list of 32-bit integers as one parameter: an `int4[]` on PostgreSQL, JSON text (for
+    /// `json_each`) on SQLite.
+    IntList(Vec<i32>),
+}
+
+impl From<Option<String>> for Bind {
+    fn from(v: Option<String>) -> Self {
+        Bind::OptText(v)
+    }
+}
+
+impl From<&String> for Bind {
+    fn from(v: &String) -> Self {
+        Bind::Text(v.clone())
+    }
+}
+
+impl From<i32> for Bind {
+    fn from(v: i32) -> Self {
+        Bind::Int32(v)
+    }
+}
+
+impl From<bool> for Bind {
+    fn from(v: bool) -> Self {
+        Bind::Bool(v)
+    }
+}
+
+impl From<Vec<i32>> for Bind {
+    fn from(v: Vec<i32>) -> Self {
+        Bind::IntList(v)
+    }
 }
 
 impl From<String> for Bind {
@@ -44,23 +84,44 @@ impl From<f64> for Bind {
 /// PostgreSQL, as sqlx's own query builder writes them) and the values they stand for.
 #[derive(Clone, Debug)]
 pub struct Sql {
-    dialect: Dialect,
+    dialect: Syntax,
     text: String,
     binds: Vec<Bind>,
+    persistent: bool,
 }
 
 impl Sql {
     /// A statement starting with `head`.
-    pub fn new(dialect: Dialect, head: impl Display) -> Self {
+    pub fn new(dialect: Syntax, head: impl Display) -> Self {
         Sql {
             dialect,
             text: head.to_string(),
             binds: Vec::new(),
+            persistent: true,
         }
     }
 
+    /// Binds the value of the next placeholder already in the text (`$1`, `$2`, … in order),
+    /// for statements written out whole.
+    pub fn bind(mut self, value: impl Into<Bind>) -> Self {
+        self.binds.push(value.into());
+        self
+    }
+
+    /// Whether the driver may cache the prepared statement (the default). A statement sent
+    /// unnamed is planned with its actual values every time.
+    pub fn persistent(mut self, yes: bool) -> Self {
+        self.persistent = yes;
+        self
+    }
+
+    /// See [`Sql::persistent`].
+    pub fn is_persistent(&self) -> bool {
+        self.persistent
+    }
+
     /// The dialect the text is written in.
-    pub fn dialect(&self) -> Dialect {
+    pub fn dialect(&self) -> Syntax {
         self.dialect
     }
 
@@ -75,8 +136,8 @@ impl Sql {
     pub fn push_bind(&mut self, value: impl Into<Bind>) -> &mut Self {
         self.binds.push(value.into());
         match self.dialect {
-            Dialect::Sqlite => self.text.push('?'),
-            Dialect::Postgres => {
+            Syntax::Sqlite => self.text.push('?'),
+            Syntax::Postgres => {
                 let _ = write!(self.text, "${}", self.binds.len());
             }
         }
@@ -91,6 +152,20 @@ impl Sql {
             }
             self.push_bind(v);
         }
+    }
+
+    /// Appends `VALUES (…), (…)`, a parenthesised placeholder list per row.
+    pub fn push_values(&mut self, rows: impl IntoIterator<Item = Vec<Bind>>) -> &mut Self {
+        self.text.push_str("VALUES ");
+        for (i, row) in rows.into_iter().enumerate() {
+            if i > 0 {
+                self.text.push_str(", ");
+            }
+            self.text.push('(');
+            self.push_bind_list(row);
+            self.text.push(')');
+        }
+        self
     }
 
     /// The statement's text.

@@ -10,7 +10,7 @@ use fhirstore_core::search::{Handling, SearchQuery};
 use fhirstore_core::{LogicalId, ResourceKey, ResourceType, TenantId};
 
 use super::{Bind, KeyValue, Sql};
-use crate::Dialect;
+use crate::Syntax;
 
 /// A fixed "now", for `ap` and anything relative to the present.
 const NOW: i64 = 1_700_000_000_000_000;
@@ -72,6 +72,7 @@ fn render(sql: &Sql) -> String {
             Bind::Text(t) => format!("{t:?}"),
             Bind::Int(n) => n.to_string(),
             Bind::Real(x) => format!("{x:?}"),
+            other => format!("{other:?}"),
         };
         out.push_str(&format!("\n-- {} = {v}", n + 1));
     }
@@ -79,7 +80,7 @@ fn render(sql: &Sql) -> String {
 }
 
 /// A search page's statement for `qs` over `t` (all types when `None`).
-fn page(dialect: Dialect, t: Option<&str>, qs: &str) -> String {
+fn page(dialect: Syntax, t: Option<&str>, qs: &str) -> String {
     let q = query(t, qs);
     render(&super::page(dialect, &tenant(), &q, NOW).expect(qs).sql)
 }
@@ -234,10 +235,10 @@ const PAGES: &[(&str, Option<&str>, &str)] = &[
     ("count", Some("Patient"), "gender=female&_count=7"),
 ];
 
-fn plans(dialect: Dialect) {
+fn plans(dialect: Syntax) {
     let name = match dialect {
-        Dialect::Sqlite => "sqlite",
-        Dialect::Postgres => "postgres",
+        Syntax::Sqlite => "sqlite",
+        Syntax::Postgres => "postgres",
     };
     let snap = |case: &str, body: String| {
         insta::assert_snapshot!(format!("{name}__{case}"), body);
@@ -325,12 +326,12 @@ fn plans(dialect: Dialect) {
 
 #[test]
 fn sqlite_plans() {
-    plans(Dialect::Sqlite);
+    plans(Syntax::Sqlite);
 }
 
 #[test]
 fn postgres_plans() {
-    plans(Dialect::Postgres);
+    plans(Syntax::Postgres);
 }
 
 /// A forward include from another source type plans nothing.
@@ -338,7 +339,7 @@ fn postgres_plans() {
 fn includes_from_another_type_plan_nothing() {
     let q = query(Some("Observation"), "_include=Encounter:subject");
     let plan = super::linked(
-        Dialect::Sqlite,
+        Syntax::Sqlite,
         &tenant(),
         rt("Observation"),
         &["o1"],
@@ -351,12 +352,12 @@ fn includes_from_another_type_plan_nothing() {
 /// Placeholders follow each dialect's style and count every bind, in order.
 #[test]
 fn placeholders_match_binds() {
-    for (dialect, mark) in [(Dialect::Sqlite, "?"), (Dialect::Postgres, "$")] {
+    for (dialect, mark) in [(Syntax::Sqlite, "?"), (Syntax::Postgres, "$")] {
         for (case, t, qs) in PAGES {
             let plan = super::page(dialect, &tenant(), &query(*t, qs), NOW).expect(qs);
             let marks = plan.sql.text().matches(mark).count();
             assert_eq!(marks, plan.sql.binds().len(), "{case} on {dialect:?}");
-            if dialect == Dialect::Postgres {
+            if dialect == Syntax::Postgres {
                 let last = format!("${}", plan.sql.binds().len());
                 assert!(plan.sql.text().contains(&last), "{case}");
             }
@@ -376,7 +377,7 @@ fn bad_cursors_are_refused() {
         r#"{"k":[1],"t":"Observation","i":"bad id!"}"#,
     ] {
         q.cursor = Some(bad.to_owned());
-        let err = super::page(Dialect::Postgres, &tenant(), &q, NOW).err();
+        let err = super::page(Syntax::Postgres, &tenant(), &q, NOW).err();
         assert!(
             matches!(err, Some(fhirstore_core::Error::InvalidSearch(_))),
             "{bad}: {err:?}"
@@ -384,5 +385,5 @@ fn bad_cursors_are_refused() {
     }
     let mut q = query(Some("Patient"), "");
     q.cursor = Some("Patient/'; DROP TABLE resources; --".to_owned());
-    assert!(super::page(Dialect::Sqlite, &tenant(), &q, NOW).is_err());
+    assert!(super::page(Syntax::Sqlite, &tenant(), &q, NOW).is_err());
 }

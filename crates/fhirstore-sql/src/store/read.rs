@@ -1,0 +1,257 @@
+//! Reads: the current and older versions of a resource, history, search pages and counts.
+
+use super::*;
+use crate::{parse_history_cursor, search_cursor};
+use fhirstore_core::search::TotalMode;
+use fhirstore_core::HistoryScope;
+
+impl<D: Dialect> Store<D> {
+    /// Keys of live resources matching `query`, at most `limit`, in key order.
+    pub(super) async fn find_keys(
+        conn: &mut Conn<D>,
+        tenant: &TenantId,
+        query: &SearchQuery,
+        limit: usize,
+    ) -> Result<Vec<ResourceKey>> {
+        let sql = search::keys(D::SYNTAX, tenant, query, limit, now_micros())?;
+        let rows = sql.fetch_all(&mut *conn).await?;
+        rows.into_iter()
+            .map(|mut row| {
+                let rt: String = row.get(0)?;
+                key_from_row(&rt, row.get(1)?)
+            })
+            .collect()
+    }
+
+    pub(super) async fn read_current(
+        conn: &mut Conn<D>,
+        tenant: &TenantId,
+        rt: ResourceType,
+        id: &LogicalId,
+    ) -> Result<StoredResource> {
+        let mut row = D::sql(
+            "SELECT version, last_updated, deleted, body FROM resource_versions \
+         WHERE tenant = $1 AND resource_type = $2 AND id = $3 ORDER BY version DESC LIMIT 1",
+        )
+        .bind(tenant.as_str())
+        .bind(rt.as_str())
+        .bind(id.as_str())
+        .fetch_optional(&mut *conn)
+        .await?
+        .ok_or_else(|| Error::NotFound(format!("{rt}/{id}")))?;
+        let r = stored(
+            tenant,
+            ResourceKey::new(rt, id.clone()),
+            row.get(0)?,
+            row.get(1)?,
+            row.get(2)?,
+            row.get(3)?,
+        )?;
+        if r.deleted {
+            return Err(Error::Gone(format!(
+                "{rt}/{id} was deleted in version {}",
+                r.version
+            )));
+        }
+        Ok(r)
+    }
+}
+
+impl<D: Dialect> Store<D> {
+    /// The planner's estimate of the number of matches, where the dialect has one.
+    pub(super) async fn estimate_matches(
+        &self,
+        tenant: &TenantId,
+        query: &SearchQuery,
+        now: i64,
+    ) -> Result<Option<u64>> {
+        let Some(explain) = D::ESTIMATE_PREFIX else {
+            return Ok(None);
+        };
+        let sql = search::estimate(D::SYNTAX, explain, tenant, query, now)?;
+        let mut row = sql.fetch_one(&mut *self.read_conn().await?).await?;
+        Ok(D::plan_rows(&mut row))
+    }
+
+    pub(super) async fn count_matches(
+        &self,
+        tenant: &TenantId,
+        query: &SearchQuery,
+        now: i64,
+    ) -> Result<u64> {
+        let sql = search::count(D::SYNTAX, tenant, query, now)?;
+        let n: i64 = sql
+            .persistent(D::PERSISTENT_SEARCH_PLANS)
+            .fetch_one(&mut *self.read_conn().await?)
+            .await?
+            .get(0)?;
+        Ok(u64::try_from(n).unwrap_or(0))
+    }
+
+    /// Version `version` of `rt/id`, a tombstone included.
+    pub(super) async fn read_version(
+        &self,
+        tenant: &TenantId,
+        rt: ResourceType,
+        id: &LogicalId,
+        version: VersionId,
+    ) -> Result<StoredResource> {
+        let mut row = D::sql(
+            "SELECT last_updated, deleted, body FROM resource_versions \
+             WHERE tenant = $1 AND resource_type = $2 AND id = $3 AND version = $4",
+        )
+        .bind(tenant.as_str())
+        .bind(rt.as_str())
+        .bind(id.as_str())
+        .bind(as_i64(version))
+        .fetch_optional(&mut *self.read_conn().await?)
+        .await?
+        .ok_or_else(|| Error::NotFound(format!("{rt}/{id}/_history/{version}")))?;
+        stored(
+            tenant,
+            ResourceKey::new(rt, id.clone()),
+            as_i64(version),
+            row.get(0)?,
+            row.get(1)?,
+            row.get(2)?,
+        )
+    }
+
+    /// One page of history, newest first.
+    pub(super) async fn history_page(
+        &self,
+        tenant: &TenantId,
+        request: &HistoryRequest,
+    ) -> Result<HistoryPage> {
+        let page = request
+            .count
+            .unwrap_or(fhirstore_core::search::DEFAULT_PAGE_SIZE)
+            .min(fhirstore_core::search::MAX_PAGE_SIZE);
+        let mut qb = D::sql(
+            "SELECT resource_type, id, version, seq, last_updated, deleted, body \
+             FROM resource_versions WHERE tenant = ",
+        );
+        qb.push_bind(tenant.as_str().to_owned());
+        match &request.scope {
+            HistoryScope::System => {}
+            HistoryScope::Type(rt) => {
+                qb.push(" AND resource_type = ");
+                qb.push_bind(rt.as_str());
+            }
+            HistoryScope::Instance(rt, id) => {
+                qb.push(" AND resource_type = ");
+                qb.push_bind(rt.as_str());
+                qb.push(" AND id = ");
+                qb.push_bind(id.as_str().to_owned());
+            }
+        }
+        if let Some(since) = request.since {
+            qb.push(" AND last_updated >= ");
+            qb.push_bind(fhirstore_core::to_micros(since));
+        }
+        if let Some(c) = &request.cursor {
+            qb.push(" AND seq < ");
+            qb.push_bind(parse_history_cursor(c)?);
+        }
+        qb.push(" ORDER BY seq DESC LIMIT ");
+        qb.push_bind(i64::from(page) + 1);
+        let rows = qb.fetch_all(&mut *self.read_conn().await?).await?;
+        let more = rows.len() > page as usize;
+        let mut entries = Vec::with_capacity(rows.len().min(page as usize));
+        let mut last_seq = 0i64;
+        for mut row in rows.into_iter().take(page as usize) {
+            let rt: String = row.get(0)?;
+            let key = key_from_row(&rt, row.get(1)?)?;
+            last_seq = row.get(3)?;
+            entries.push(stored(
+                tenant,
+                key,
+                row.get(2)?,
+                row.get(4)?,
+                row.get(5)?,
+                row.get(6)?,
+            )?);
+        }
+        Ok(HistoryPage {
+            entries,
+            next_cursor: more.then(|| last_seq.to_string()),
+        })
+    }
+
+    /// One page of matches, with what they include and the total asked for.
+    pub(super) async fn search_page(
+        &self,
+        tenant: &TenantId,
+        query: &SearchQuery,
+    ) -> Result<SearchPage> {
+        let now = now_micros();
+        let page = query.page_size();
+        if query.summary == Some(fhirstore_core::search::Summary::Count) {
+            return Ok(SearchPage {
+                matches: Vec::new(),
+                included: Vec::new(),
+                total: Some(self.count_matches(tenant, query, now).await?),
+                next_cursor: None,
+            });
+        }
+        if query.sort.iter().any(|k| k.param == "_score") {
+            return Err(Error::Unsupported(
+                "_sort=_score needs a full-text criterion, which the SQL primary does not answer"
+                    .to_owned(),
+            ));
+        }
+        let search::PagePlan { sql, keys } = search::page(D::SYNTAX, tenant, query, now)?;
+        let rows = sql
+            .persistent(D::PERSISTENT_SEARCH_PLANS)
+            .fetch_all(&mut *self.read_conn().await?)
+            .await?;
+        let more = rows.len() > page as usize;
+        let mut matches = Vec::with_capacity(rows.len().min(page as usize));
+        let mut last_keys = Vec::new();
+        for mut row in rows.into_iter().take(page as usize) {
+            last_keys = keys
+                .iter()
+                .enumerate()
+                .map(|(i, k)| read_key(k.kind, &mut row, 5 + i))
+                .collect::<Result<Vec<_>>>()?;
+            let rt: String = row.get(0)?;
+            let key = key_from_row(&rt, row.get(1)?)?;
+            matches.push(stored(
+                tenant,
+                key,
+                row.get(2)?,
+                row.get(3)?,
+                false,
+                row.get(4)?,
+            )?);
+        }
+        let next_cursor = match (more, matches.last()) {
+            (true, Some(last)) if keys.is_empty() => Some(search_cursor(
+                last.key.resource_type.as_str(),
+                last.key.id.as_str(),
+            )),
+            (true, Some(last)) => Some(search::sorted_cursor(&last_keys, &last.key)),
+            _ => None,
+        };
+        let included = {
+            let mut conn = self.reader.acquire().await.map_err(db_err::<D>)?;
+            Self::resolve_includes(&mut conn, tenant, query, &matches).await?
+        };
+        let total = match query.total {
+            TotalMode::None => None,
+            // The first page holds every match: its length is the total, with no second query.
+            _ if query.cursor.is_none() && next_cursor.is_none() => Some(matches.len() as u64),
+            TotalMode::Estimate => Some(match self.estimate_matches(tenant, query, now).await? {
+                Some(n) if n >= ESTIMATE_TRUSTED_FROM => n,
+                _ => self.count_matches(tenant, query, now).await?,
+            }),
+            TotalMode::Accurate => Some(self.count_matches(tenant, query, now).await?),
+        };
+        Ok(SearchPage {
+            matches,
+            included,
+            total,
+            next_cursor,
+        })
+    }
+}
