@@ -220,14 +220,14 @@ impl Row {
             .get_mut(i)
             .map(|c| std::mem::replace(c, Cell::Null))
             .ok_or_else(|| corrupt(format!("a row has no column {i}")))?;
-        let shown = format!("{cell:?}");
-        T::from_cell(cell).ok_or_else(|| {
-            corrupt(format!(
-                "column {i} holds {}, not {}",
-                shown.chars().take(40).collect::<String>(),
-                T::WHAT
-            ))
-        })
+        let kind = match &cell {
+            Cell::Null => "NULL",
+            Cell::Int(_) => "an integer",
+            Cell::Real(_) => "a number",
+            Cell::Text(_) => "text",
+        };
+        T::from_cell(cell)
+            .ok_or_else(|| corrupt(format!("column {i} holds {kind}, not {}", T::WHAT)))
     }
 
     /// The whole row as a tuple of column types.

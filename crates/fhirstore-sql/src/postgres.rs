@@ -175,12 +175,8 @@ fn row_of(row: PgRow) -> Result<Row> {
     let mut cells = Vec::with_capacity(n);
     for i in 0..n {
         let raw = row.try_get_raw(i).map_err(db_err)?;
-        let ty = if raw.is_null() {
-            None
-        } else {
-            Some(raw.type_info().name().to_owned())
-        };
-        let cell = match ty.as_deref() {
+        let ty = (!raw.is_null()).then(|| raw.type_info());
+        let cell = match ty.as_ref().map(|t| t.name()) {
             None => Cell::Null,
             Some("INT8") => Cell::Int(row.try_get(i).map_err(db_err)?),
             Some("INT4") => Cell::Int(i64::from(row.try_get::<i32, _>(i).map_err(db_err)?)),

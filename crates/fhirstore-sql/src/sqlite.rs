@@ -170,12 +170,8 @@ fn row_of(row: SqliteRow) -> Result<Row> {
     let mut cells = Vec::with_capacity(n);
     for i in 0..n {
         let raw = row.try_get_raw(i).map_err(db_err)?;
-        let class = if raw.is_null() {
-            None
-        } else {
-            Some(raw.type_info().name().to_owned())
-        };
-        let cell = match class.as_deref() {
+        let class = (!raw.is_null()).then(|| raw.type_info());
+        let cell = match class.as_ref().map(|t| t.name()) {
             None => Cell::Null,
             Some("INTEGER" | "BOOLEAN") => Cell::Int(row.try_get_unchecked(i).map_err(db_err)?),
             Some("REAL") => Cell::Real(row.try_get_unchecked(i).map_err(db_err)?),
