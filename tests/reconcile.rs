@@ -4,7 +4,9 @@
 
 use std::sync::Arc;
 
-use fhirstore_core::secondary::{fold_groups, in_groups, Change, DigestSource, Secondary};
+use fhirstore_core::secondary::{
+    fold_groups, in_groups, Change, DigestSource, DigestView, Secondary,
+};
 use fhirstore_core::{from_micros, LogicalId, ResourceStorage, ResourceType, VersionId};
 use fhirstore_sync::reconcile::{JobRequest, ReconcileMode, Reconciler, TypeReport};
 use fhirstore_tantivy::{TantivyConfig, TantivySecondary};
@@ -168,7 +170,7 @@ async fn check(secondary: Arc<dyn Secondary>) {
     // A type this small is compared segment by segment, without groups (the primary's groups
     // are read once, for its root).
     let p_segs = primary
-        .segment_digests_of(ctx.tenant(), pt())
+        .segment_digests(ctx.tenant(), pt())
         .await
         .expect("segments");
     let segment_rows = fold_groups(&p_segs).len()
@@ -673,7 +675,7 @@ async fn scheduled_runs_check_recent_writes_then_everything() {
     };
     write("old", 300).await;
     feed(&["old5"], &[]).await;
-    let since = time::OffsetDateTime::now_utc();
+    let since = chrono::Utc::now();
     write("new", 20).await;
     feed(&["old5", "new3", "new4"], &["new7"]).await;
 
@@ -831,7 +833,7 @@ async fn large_types_are_compared_by_group_first() {
         s.mark_built().await.expect("built");
 
         let p_segs = primary
-            .segment_digests_of(ctx.tenant(), pt())
+            .segment_digests(ctx.tenant(), pt())
             .await
             .expect("segments");
         let s_segs = s
@@ -935,21 +937,18 @@ async fn sqlite_digest_groups_are_filled_on_open_and_repaired_by_the_self_check(
     let folded = |segs: &[fhirstore_core::secondary::SegmentDigest]| fold_groups(segs);
     let want_a = folded(
         &store
-            .segment_digests_of(a.tenant(), pt())
+            .segment_digests(a.tenant(), pt())
             .await
             .expect("segments"),
     );
     let want_b = folded(
         &store
-            .segment_digests_of(b.tenant(), pt())
+            .segment_digests(b.tenant(), pt())
             .await
             .expect("segments"),
     );
     assert_eq!(
-        store
-            .group_digests_of(a.tenant(), pt())
-            .await
-            .expect("groups"),
+        store.group_digests(a.tenant(), pt()).await.expect("groups"),
         want_a
     );
     store.close().await;
@@ -963,17 +962,11 @@ async fn sqlite_digest_groups_are_filled_on_open_and_repaired_by_the_self_check(
         .expect("empty the groups, as before migration 0008");
     let store = open().await.expect("reopen");
     assert_eq!(
-        store
-            .group_digests_of(a.tenant(), pt())
-            .await
-            .expect("groups"),
+        store.group_digests(a.tenant(), pt()).await.expect("groups"),
         want_a
     );
     assert_eq!(
-        store
-            .group_digests_of(b.tenant(), pt())
-            .await
-            .expect("groups"),
+        store.group_digests(b.tenant(), pt()).await.expect("groups"),
         want_b
     );
 
@@ -985,19 +978,13 @@ async fn sqlite_digest_groups_are_filled_on_open_and_repaired_by_the_self_check(
         .await
         .expect("damage one group");
     assert_ne!(
-        store
-            .group_digests_of(b.tenant(), pt())
-            .await
-            .expect("groups"),
+        store.group_digests(b.tenant(), pt()).await.expect("groups"),
         want_b
     );
     assert_eq!(store.self_check(a.tenant(), pt()).await.expect("check"), 0);
     assert_eq!(store.self_check(b.tenant(), pt()).await.expect("check"), 1);
     assert_eq!(
-        store
-            .group_digests_of(b.tenant(), pt())
-            .await
-            .expect("groups"),
+        store.group_digests(b.tenant(), pt()).await.expect("groups"),
         want_b
     );
 }

@@ -2,7 +2,7 @@
 //! its own key prefix; plus what only Redis has: every key carries its tenant's hash tag, and a
 //! server that loses everything is noticed and refused until rebuilt.
 
-use fhirstore_core::secondary::{Change, Health, Secondary};
+use fhirstore_core::secondary::{Change, DigestView, Health, Secondary};
 use fhirstore_core::{from_micros, LogicalId, ResourceKey, ResourceType, VersionId};
 use fhirstore_redis::RedisSecondary;
 use serde_json::json;

@@ -136,13 +136,13 @@ macro_rules! sql_primary_tests {
                 assert_eq!(stored, model, "{t}: maintained vs model");
                 // The coarse views agree with the segments: groups fold them, a read by groups
                 // returns exactly their segments, and the root folds everything.
-                use fhirstore_core::secondary::{fold_groups, in_groups, DigestSource};
-                let groups = store.group_digests_of(ctx.tenant(), t).await.expect("groups");
+                use fhirstore_core::secondary::{fold_groups, in_groups, DigestView};
+                let groups = store.group_digests(ctx.tenant(), t).await.expect("groups");
                 assert!(!groups.is_empty());
                 assert_eq!(groups, fold_groups(&stored), "{t}: groups fold the segments");
                 let some: Vec<u16> = groups.iter().step_by(2).map(|g| g.group).collect();
                 assert_eq!(
-                    store.segment_digests_in_of(ctx.tenant(), t, &some).await.expect("by group"),
+                    store.segment_digests_in(ctx.tenant(), t, &some).await.expect("by group"),
                     in_groups(stored.clone(), &some),
                     "{t}: segments by group"
                 );

@@ -208,7 +208,7 @@ where
         // The naive baseline: every key of both sides, compared in memory.
         let t = Instant::now();
         let all: Vec<u16> = (0..=u16::MAX).collect();
-        let p_keys = primary.segment_keys_of(ctx.tenant(), pt, &all).await?;
+        let p_keys = primary.segment_keys(ctx.tenant(), pt, &all).await?;
         let s_keys = s.segment_keys(ctx.tenant(), pt, &all).await?;
         let p_map: std::collections::HashMap<_, _> =
             p_keys.iter().map(|k| (&k.id, (k.version, k.e))).collect();
@@ -253,30 +253,30 @@ where
     primary.root_digest(tenant, rt).await?;
     let p_root = ms(t);
     let t = Instant::now();
-    let p_segs = primary.segment_digests_of(tenant, rt).await?.len();
+    let p_segs = primary.segment_digests(tenant, rt).await?.len();
     let p_seg_ms = ms(t);
     let t = Instant::now();
-    s.digest(tenant, rt).await?;
+    s.root_digest(tenant, rt).await?;
     let s_root = ms(t);
     let t = Instant::now();
     let s_segs = s.segment_digests(tenant, rt).await?.len();
     let s_seg_ms = ms(t);
     let t = Instant::now();
-    let p_groups = primary.group_digests_of(tenant, rt).await?.len();
+    let p_groups = primary.group_digests(tenant, rt).await?.len();
     let p_group_ms = ms(t);
     let t = Instant::now();
     let s_groups = s.group_digests(tenant, rt).await?.len();
     let s_group_ms = ms(t);
     let groups: Vec<u16> = (0..100u16).map(|g| g * 40).collect();
     let t = Instant::now();
-    let p_in = primary.segment_digests_in_of(tenant, rt, &groups).await?;
+    let p_in = primary.segment_digests_in(tenant, rt, &groups).await?;
     let p_in_ms = ms(t);
     let t = Instant::now();
     let s_in = s.segment_digests_in(tenant, rt, &groups).await?;
     let s_in_ms = ms(t);
     let segs: Vec<u16> = p_in.iter().map(|x| x.segment).collect();
     let t = Instant::now();
-    let p_keys = primary.segment_keys_of(tenant, rt, &segs).await?.len();
+    let p_keys = primary.segment_keys(tenant, rt, &segs).await?.len();
     let p_keys_ms = ms(t);
     let t = Instant::now();
     let s_keys = s.segment_keys(tenant, rt, &segs).await?.len();

@@ -4,7 +4,7 @@
 //! the whole minute. Search compares such ranges (R4 search, "date" parameters), so values are
 //! parsed into `[low, high)` rather than a single instant.
 
-use time::{Date, Month, PrimitiveDateTime, Time, UtcOffset};
+use chrono::{FixedOffset, NaiveDate, NaiveTime, TimeZone as _};
 
 use crate::model::to_micros;
 
@@ -50,51 +50,54 @@ pub fn parse_fhir_date(s: &str) -> Option<DateRange> {
     }
     match (month, day, time_part) {
         (None, None, None) => {
-            let start = Date::from_calendar_date(year, Month::January, 1).ok()?;
-            let end = Date::from_calendar_date(year.checked_add(1)?, Month::January, 1).ok()?;
+            let start = NaiveDate::from_ymd_opt(year, 1, 1)?;
+            let end = NaiveDate::from_ymd_opt(year.checked_add(1)?, 1, 1)?;
             Some(span(start, end))
         }
         (Some(m), None, None) => {
-            let month = Month::try_from(m).ok()?;
-            let start = Date::from_calendar_date(year, month, 1).ok()?;
-            let end = if month == Month::December {
-                Date::from_calendar_date(year.checked_add(1)?, Month::January, 1).ok()?
+            let start = NaiveDate::from_ymd_opt(year, u32::from(m), 1)?;
+            let end = if m == 12 {
+                NaiveDate::from_ymd_opt(year.checked_add(1)?, 1, 1)?
             } else {
-                Date::from_calendar_date(year, month.next(), 1).ok()?
+                NaiveDate::from_ymd_opt(year, u32::from(m) + 1, 1)?
             };
             Some(span(start, end))
         }
         (Some(m), Some(d), None) => {
-            let start = Date::from_calendar_date(year, Month::try_from(m).ok()?, d).ok()?;
-            Some(span(start, start.next_day()?))
+            let start = NaiveDate::from_ymd_opt(year, u32::from(m), u32::from(d))?;
+            Some(span(start, start.succ_opt()?))
         }
         (Some(m), Some(d), Some(t)) => {
-            let date = Date::from_calendar_date(year, Month::try_from(m).ok()?, d).ok()?;
+            let date = NaiveDate::from_ymd_opt(year, u32::from(m), u32::from(d))?;
             parse_time(date, t)
         }
         _ => None,
     }
 }
 
-fn span(start: Date, end: Date) -> DateRange {
+fn span(start: NaiveDate, end: NaiveDate) -> DateRange {
+    let midnight = |d: NaiveDate| to_micros(d.and_time(NaiveTime::MIN).and_utc());
     DateRange {
-        low: to_micros(start.midnight().assume_utc()),
-        high: to_micros(end.midnight().assume_utc()),
+        low: midnight(start),
+        high: midnight(end),
     }
 }
 
-fn parse_time(date: Date, t: &str) -> Option<DateRange> {
+fn parse_time(date: NaiveDate, t: &str) -> Option<DateRange> {
     // Split off the zone: `Z`, `+hh:mm` or `-hh:mm`.
     let (clock, offset) = if let Some(c) = t.strip_suffix('Z') {
-        (c, UtcOffset::UTC)
+        (c, FixedOffset::east_opt(0)?)
     } else if t.len() > 6 && matches!(t.as_bytes()[t.len() - 6], b'+' | b'-') {
         let (c, z) = t.split_at(t.len() - 6);
-        let sign: i8 = if z.starts_with('-') { -1 } else { 1 };
+        let sign: i32 = if z.starts_with('-') { -1 } else { 1 };
         let (zh, zm) = z[1..].split_once(':')?;
-        let (zh, zm): (i8, i8) = (digits(zh, 2)?, digits(zm, 2)?);
-        (c, UtcOffset::from_hms(sign * zh, sign * zm, 0).ok()?)
+        let (zh, zm): (i32, i32) = (digits(zh, 2)?, digits(zm, 2)?);
+        if zh > 23 || zm > 59 {
+            return None;
+        }
+        (c, FixedOffset::east_opt(sign * (zh * 3600 + zm * 60))?)
     } else {
-        (t, UtcOffset::UTC)
+        (t, FixedOffset::east_opt(0)?)
     };
     let mut parts = clock.split(':');
     let hour: u8 = digits(parts.next()?, 2)?;
@@ -118,8 +121,11 @@ fn parse_time(date: Date, t: &str) -> Option<DateRange> {
     if parts.next().is_some() {
         return None;
     }
-    let time = Time::from_hms_micro(hour, minute, second, frac).ok()?;
-    let low = to_micros(PrimitiveDateTime::new(date, time).assume_offset(offset));
+    let time =
+        NaiveTime::from_hms_micro_opt(u32::from(hour), u32::from(minute), u32::from(second), frac)
+            .filter(|_| frac < 1_000_000)?;
+    let local = offset.from_local_datetime(&date.and_time(time)).single()?;
+    let low = to_micros(local.to_utc());
     Some(DateRange {
         low,
         high: low.checked_add(width_us)?,
@@ -266,9 +272,8 @@ mod tests {
     use super::*;
 
     fn us(s: &str) -> i64 {
-        let t = time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
-            .expect("rfc3339");
-        to_micros(t)
+        let t = chrono::DateTime::parse_from_rfc3339(s).expect("rfc3339");
+        to_micros(t.to_utc())
     }
 
     #[test]

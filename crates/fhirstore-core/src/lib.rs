@@ -35,8 +35,8 @@ pub mod validate;
 pub use changelog::Primary;
 pub use error::{Error, Result};
 pub use model::{
-    format_instant, from_micros, is_valid_id, now_micros, to_micros, LogicalId, ResourceKey,
-    ResourceType, StoredResource, VersionId,
+    format_instant, from_micros, is_valid_id, now_micros, parse_instant, to_micros, LogicalId,
+    ResourceKey, ResourceType, StoredResource, VersionId,
 };
 pub use search::{Handling, SearchQuery};
 pub use storage::{

@@ -3,8 +3,8 @@
 use std::fmt;
 use std::str::FromStr;
 
+use chrono::{DateTime, Utc};
 use serde_json::Value;
-use time::OffsetDateTime;
 
 use crate::error::{Error, Result};
 use crate::resource_types::RESOURCE_TYPES;
@@ -193,7 +193,7 @@ pub struct StoredResource {
     /// This version's number.
     pub version: VersionId,
     /// When this version was written, in UTC, to the microsecond.
-    pub last_updated: OffsetDateTime,
+    pub last_updated: DateTime<Utc>,
     /// Whether this version is a deletion (a tombstone).
     pub deleted: bool,
     /// The resource JSON, or `Value::Null` for a tombstone.
@@ -201,35 +201,28 @@ pub struct StoredResource {
 }
 
 /// Microseconds since the Unix epoch: the store's clock and column format for instants.
-pub fn to_micros(t: OffsetDateTime) -> i64 {
-    let nanos = t.unix_timestamp_nanos() / 1_000;
-    i64::try_from(nanos).unwrap_or(if nanos < 0 { i64::MIN } else { i64::MAX })
+pub fn to_micros(t: DateTime<Utc>) -> i64 {
+    t.timestamp_micros()
 }
 
-/// The inverse of [`to_micros`]; out-of-range values clamp to the Unix epoch's representable range.
-pub fn from_micros(us: i64) -> OffsetDateTime {
-    OffsetDateTime::from_unix_timestamp_nanos(i128::from(us) * 1_000)
-        .unwrap_or(OffsetDateTime::UNIX_EPOCH)
+/// The inverse of [`to_micros`]; every `i64` is in chrono's range.
+pub fn from_micros(us: i64) -> DateTime<Utc> {
+    DateTime::from_timestamp_micros(us).unwrap_or(DateTime::UNIX_EPOCH)
+}
+
+/// An RFC 3339 date-time with a zone (FHIR's `instant`), in UTC; `None` for anything else.
+pub fn parse_instant(s: &str) -> Option<DateTime<Utc>> {
+    DateTime::parse_from_rfc3339(s).ok().map(|t| t.to_utc())
 }
 
 /// The current time truncated to microseconds, which is what the store can keep.
 pub fn now_micros() -> i64 {
-    to_micros(OffsetDateTime::now_utc())
+    to_micros(Utc::now())
 }
 
 /// Formats an instant as a FHIR `instant` (UTC, microseconds, `Z`).
-pub fn format_instant(t: OffsetDateTime) -> String {
-    let t = t.to_offset(time::UtcOffset::UTC);
-    format!(
-        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:06}Z",
-        t.year(),
-        u8::from(t.month()),
-        t.day(),
-        t.hour(),
-        t.minute(),
-        t.second(),
-        t.microsecond()
-    )
+pub fn format_instant(t: DateTime<Utc>) -> String {
+    t.format("%Y-%m-%dT%H:%M:%S%.6fZ").to_string()
 }
 
 #[cfg(test)]

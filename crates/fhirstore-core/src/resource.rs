@@ -1,7 +1,7 @@
 //! Checking incoming resource bodies and stamping the fields the store owns.
 
+use chrono::{DateTime, Utc};
 use serde_json::{Map, Value};
-use time::OffsetDateTime;
 
 use crate::digest::{canonical_json, content_hash};
 use crate::error::{Error, Result};
@@ -116,7 +116,7 @@ pub fn prepare_body(
     mut body: Value,
     id: &LogicalId,
     version: VersionId,
-    last_updated: OffsetDateTime,
+    last_updated: DateTime<Utc>,
     max_bytes: usize,
 ) -> Result<PreparedBody> {
     let obj = body

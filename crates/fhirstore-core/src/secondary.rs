@@ -10,8 +10,8 @@
 //!   does.
 
 use async_trait::async_trait;
+use chrono::{DateTime, Utc};
 use serde_json::Value;
-use time::OffsetDateTime;
 
 use crate::digest::TOMBSTONE_CONTENT_HASH;
 use crate::digest::{canonical_json, content_hash, element_hash, group_of, segment, Digest};
@@ -32,7 +32,7 @@ pub struct Change {
     /// The version this change brings.
     pub version: VersionId,
     /// When the primary wrote it.
-    pub last_updated: OffsetDateTime,
+    pub last_updated: DateTime<Utc>,
     /// The body as the primary stores it; `None` for a tombstone.
     pub content: Option<Value>,
 }
@@ -217,100 +217,20 @@ pub enum Health {
     Unavailable(String),
 }
 
-/// The primary's digests, as the reconciler compares them with a secondary's: the same
-/// three views [`Secondary`] gives, plus the types a tenant has.
+/// One store's digests of a (tenant, type), in the three resolutions the reconciler descends
+/// through (root, groups, segments), and the keys of a segment. The primary
+/// ([`DigestSource`]) and every [`Secondary`] give the same view, so the reconciler compares
+/// two of them.
 #[async_trait]
-pub trait DigestSource: Send + Sync {
-    /// The (tenant, type) root digest.
-    async fn root_digest(&self, tenant: &TenantId, resource_type: ResourceType) -> Result<Digest>;
-
-    /// Every non-empty segment's digest, in segment order.
-    async fn segment_digests_of(
-        &self,
-        tenant: &TenantId,
-        resource_type: ResourceType,
-    ) -> Result<Vec<SegmentDigest>>;
-
-    /// Every non-empty group's digest, in group order. The default folds
-    /// [`DigestSource::segment_digests_of`]; a backend that can aggregate where the data lives
-    /// overrides it.
-    async fn group_digests_of(
-        &self,
-        tenant: &TenantId,
-        resource_type: ResourceType,
-    ) -> Result<Vec<GroupDigest>> {
-        Ok(fold_groups(
-            &self.segment_digests_of(tenant, resource_type).await?,
-        ))
+pub trait DigestView: Send + Sync {
+    /// The (tenant, type) root digest. The default merges [`DigestView::group_digests`].
+    async fn root_digest(&self, tenant: &TenantId, resource_type: ResourceType) -> Result<Digest> {
+        let mut root = Digest::default();
+        for g in self.group_digests(tenant, resource_type).await? {
+            root.merge(g.digest);
+        }
+        Ok(root)
     }
-
-    /// The non-empty segment digests within `groups`, in segment order.
-    async fn segment_digests_in_of(
-        &self,
-        tenant: &TenantId,
-        resource_type: ResourceType,
-        groups: &[u16],
-    ) -> Result<Vec<SegmentDigest>> {
-        Ok(in_groups(
-            self.segment_digests_of(tenant, resource_type).await?,
-            groups,
-        ))
-    }
-
-    /// The keys in the given segments, tombstones included, in id order.
-    async fn segment_keys_of(
-        &self,
-        tenant: &TenantId,
-        resource_type: ResourceType,
-        segments: &[u16],
-    ) -> Result<Vec<KeyState>>;
-
-    /// The types the tenant holds any resource of.
-    async fn types_of(&self, tenant: &TenantId) -> Result<Vec<ResourceType>>;
-
-    /// Every tenant that holds any resource.
-    async fn tenants(&self) -> Result<Vec<TenantId>>;
-
-    /// Recomputes the (tenant, type) segment digests from the resources themselves and
-    /// rewrites the stored ones where they disagree (a digest table restored from an old
-    /// backup, or damaged); returns how many segments were wrong.
-    async fn self_check(&self, tenant: &TenantId, resource_type: ResourceType) -> Result<u64>;
-}
-
-/// A projection of the primary; see the module documentation for the rules it keeps.
-#[async_trait]
-pub trait Secondary: Send + Sync {
-    /// A short name for logs, status and results (`redis`, `tantivy`).
-    fn name(&self) -> &str;
-
-    /// The reads and searches it answers.
-    fn capabilities(&self) -> Capabilities;
-
-    /// Applies changes, version-guarded and idempotent, in as few round trips as the backend
-    /// allows. Changes may belong to several tenants.
-    async fn apply(&self, changes: &[Change]) -> Result<Applied>;
-
-    /// Like [`Secondary::apply`], but a change whose version equals the held one replaces it
-    /// when the element hashes differ: the repair of a damaged copy, which the version guard
-    /// alone would never overwrite. The reconciler uses it with the primary's current
-    /// versions only.
-    async fn repair(&self, changes: &[Change]) -> Result<Applied>;
-
-    /// The current version of a resource, tombstones included (`deleted` set); `None` when
-    /// the key was never applied.
-    async fn read(
-        &self,
-        ctx: &TenantContext,
-        resource_type: ResourceType,
-        id: &LogicalId,
-    ) -> Result<Option<StoredResource>>;
-
-    /// Runs a search whose every criterion [`Capabilities::can_search`] accepts; anything else
-    /// is [`crate::Error::Unsupported`].
-    async fn search(&self, ctx: &TenantContext, query: &SearchQuery) -> Result<SearchPage>;
-
-    /// The (tenant, type) root digest.
-    async fn digest(&self, tenant: &TenantId, resource_type: ResourceType) -> Result<Digest>;
 
     /// Every non-empty segment's digest, in segment order.
     async fn segment_digests(
@@ -319,8 +239,9 @@ pub trait Secondary: Send + Sync {
         resource_type: ResourceType,
     ) -> Result<Vec<SegmentDigest>>;
 
-    /// Every non-empty group's digest, in group order; the default folds
-    /// [`Secondary::segment_digests`].
+    /// Every non-empty group's digest, in group order. The default folds
+    /// [`DigestView::segment_digests`]; a backend that can aggregate where the data lives
+    /// overrides it.
     async fn group_digests(
         &self,
         tenant: &TenantId,
@@ -351,6 +272,56 @@ pub trait Secondary: Send + Sync {
         resource_type: ResourceType,
         segments: &[u16],
     ) -> Result<Vec<KeyState>>;
+}
+
+/// The primary's side of reconciliation: its [`DigestView`], plus what only the primary
+/// knows (which tenants and types exist) and can do (recompute its digests from the
+/// resources).
+#[async_trait]
+pub trait DigestSource: DigestView {
+    /// The types the tenant holds any resource of.
+    async fn types_of(&self, tenant: &TenantId) -> Result<Vec<ResourceType>>;
+
+    /// Every tenant that holds any resource.
+    async fn tenants(&self) -> Result<Vec<TenantId>>;
+
+    /// Recomputes the (tenant, type) segment digests from the resources themselves and
+    /// rewrites the stored ones where they disagree (a digest table restored from an old
+    /// backup, or damaged); returns how many segments were wrong.
+    async fn self_check(&self, tenant: &TenantId, resource_type: ResourceType) -> Result<u64>;
+}
+
+/// A projection of the primary; see the module documentation for the rules it keeps.
+#[async_trait]
+pub trait Secondary: DigestView {
+    /// A short name for logs, status and results (`redis`, `tantivy`).
+    fn name(&self) -> &str;
+
+    /// The reads and searches it answers.
+    fn capabilities(&self) -> Capabilities;
+
+    /// Applies changes, version-guarded and idempotent, in as few round trips as the backend
+    /// allows. Changes may belong to several tenants.
+    async fn apply(&self, changes: &[Change]) -> Result<Applied>;
+
+    /// Like [`Secondary::apply`], but a change whose version equals the held one replaces it
+    /// when the element hashes differ: the repair of a damaged copy, which the version guard
+    /// alone would never overwrite. The reconciler uses it with the primary's current
+    /// versions only.
+    async fn repair(&self, changes: &[Change]) -> Result<Applied>;
+
+    /// The current version of a resource, tombstones included (`deleted` set); `None` when
+    /// the key was never applied.
+    async fn read(
+        &self,
+        ctx: &TenantContext,
+        resource_type: ResourceType,
+        id: &LogicalId,
+    ) -> Result<Option<StoredResource>>;
+
+    /// Runs a search whose every criterion [`Capabilities::can_search`] accepts; anything else
+    /// is [`crate::Error::Unsupported`].
+    async fn search(&self, ctx: &TenantContext, query: &SearchQuery) -> Result<SearchPage>;
 
     /// Deep scrub of `segments`: recomputes each one's digest from the documents the secondary
     /// actually holds (each body hashed again, not the hash kept beside it) and compares it

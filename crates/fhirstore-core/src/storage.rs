@@ -3,8 +3,8 @@
 use std::sync::Arc;
 
 use async_trait::async_trait;
+use chrono::{DateTime, Utc};
 use serde_json::Value;
-use time::OffsetDateTime;
 
 use crate::error::{Error, Result};
 use crate::model::{LogicalId, ResourceKey, ResourceType, StoredResource, VersionId};
@@ -211,7 +211,7 @@ pub struct HistoryRequest {
     /// The scope.
     pub scope: HistoryScope,
     /// `_since`: only versions written at or after this instant.
-    pub since: Option<OffsetDateTime>,
+    pub since: Option<DateTime<Utc>>,
     /// `_count`: page size (defaults and caps as for search).
     pub count: Option<u32>,
     /// The `next_cursor` of the previous page.

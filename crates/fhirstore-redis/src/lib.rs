@@ -41,8 +41,8 @@ use fhirstore_core::digest::{Digest, SEGMENTS};
 use fhirstore_core::index::{self, IndexEntries};
 use fhirstore_core::search::{CriterionValues, ParamType, Summary, TokenValue, TotalMode};
 use fhirstore_core::secondary::{
-    reference_term, reference_terms, token_term, token_terms, Applied, Change, GroupDigest, Health,
-    KeyState, Scrub, Secondary, SegmentDigest,
+    reference_term, reference_terms, token_term, token_terms, Applied, Change, DigestView,
+    GroupDigest, Health, KeyState, Scrub, Secondary, SegmentDigest,
 };
 use fhirstore_core::{
     from_micros, now_micros, to_micros, Capabilities, Error, LogicalId, Permission, ResourceKey,
@@ -830,7 +830,58 @@ impl Secondary for RedisSecondary {
         })
     }
 
-    async fn digest(&self, tenant: &TenantId, resource_type: ResourceType) -> Result<Digest> {
+    async fn scrub(
+        &self,
+        tenant: &TenantId,
+        resource_type: ResourceType,
+        segments: &[u16],
+        fix: bool,
+    ) -> Result<Scrub> {
+        let mut out = Scrub::default();
+        // A chunk is one script call: small enough not to hold Redis for long.
+        for chunk in segments.chunks(32) {
+            self.scrub_chunk(tenant, resource_type, chunk, fix, &mut out)
+                .await?;
+        }
+        Ok(out)
+    }
+
+    async fn clear(&self, tenant: &TenantId) -> Result<()> {
+        // Tenant ids are [A-Za-z0-9-], so the pattern needs no escaping; SCAN's glob takes
+        // the braces literally.
+        self.delete_matching(&format!("{}*", self.base(tenant)))
+            .await
+    }
+
+    async fn mark_built(&self) -> Result<()> {
+        let mut conn = self.conn.clone();
+        redis::cmd("SET")
+            .arg(self.built_key())
+            .arg(uuid::Uuid::now_v7().to_string())
+            .query_async::<()>(&mut conn)
+            .await
+            .map_err(redis_err)
+    }
+
+    async fn health(&self) -> Health {
+        let mut conn = self.conn.clone();
+        match redis::cmd("GET")
+            .arg(self.built_key())
+            .query_async::<Option<String>>(&mut conn)
+            .await
+        {
+            Ok(Some(_)) => Health::Healthy,
+            Ok(None) => Health::NeedsRebuild(
+                "no built marker: new, or restarted without its data".to_owned(),
+            ),
+            Err(e) => Health::Unavailable(e.to_string()),
+        }
+    }
+}
+
+#[async_trait]
+impl DigestView for RedisSecondary {
+    async fn root_digest(&self, tenant: &TenantId, resource_type: ResourceType) -> Result<Digest> {
         let mut pipe = redis::pipe();
         pipe.cmd("HGET")
             .arg(format!("{}g:{resource_type}", self.base(tenant)))
@@ -964,53 +1015,5 @@ impl Secondary for RedisSecondary {
             }
         }
         Ok(out)
-    }
-
-    async fn scrub(
-        &self,
-        tenant: &TenantId,
-        resource_type: ResourceType,
-        segments: &[u16],
-        fix: bool,
-    ) -> Result<Scrub> {
-        let mut out = Scrub::default();
-        // A chunk is one script call: small enough not to hold Redis for long.
-        for chunk in segments.chunks(32) {
-            self.scrub_chunk(tenant, resource_type, chunk, fix, &mut out)
-                .await?;
-        }
-        Ok(out)
-    }
-
-    async fn clear(&self, tenant: &TenantId) -> Result<()> {
-        // Tenant ids are [A-Za-z0-9-], so the pattern needs no escaping; SCAN's glob takes
-        // the braces literally.
-        self.delete_matching(&format!("{}*", self.base(tenant)))
-            .await
-    }
-
-    async fn mark_built(&self) -> Result<()> {
-        let mut conn = self.conn.clone();
-        redis::cmd("SET")
-            .arg(self.built_key())
-            .arg(uuid::Uuid::now_v7().to_string())
-            .query_async::<()>(&mut conn)
-            .await
-            .map_err(redis_err)
-    }
-
-    async fn health(&self) -> Health {
-        let mut conn = self.conn.clone();
-        match redis::cmd("GET")
-            .arg(self.built_key())
-            .query_async::<Option<String>>(&mut conn)
-            .await
-        {
-            Ok(Some(_)) => Health::Healthy,
-            Ok(None) => Health::NeedsRebuild(
-                "no built marker: new, or restarted without its data".to_owned(),
-            ),
-            Err(e) => Health::Unavailable(e.to_string()),
-        }
     }
 }

@@ -9,7 +9,7 @@ use crate::outcome::{status_line, ApiResult};
 use crate::rest::{etag, shape, wants_resource, Req};
 
 fn now() -> String {
-    fhirstore_core::format_instant(time::OffsetDateTime::now_utc())
+    fhirstore_core::format_instant(chrono::Utc::now())
 }
 
 fn bundle(kind: &str) -> Value {

@@ -117,7 +117,7 @@ pub async fn statement(req: &Req<'_>) -> ApiResult<Value> {
     Ok(json!({
         "resourceType": "CapabilityStatement",
         "status": "active",
-        "date": fhirstore_core::format_instant(time::OffsetDateTime::now_utc()),
+        "date": fhirstore_core::format_instant(chrono::Utc::now()),
         "kind": "instance",
         "software": {"name": "fhirstore", "version": env!("CARGO_PKG_VERSION")},
         "implementation": {

@@ -28,6 +28,7 @@ use std::time::Duration;
 use axum::body::Body;
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::IntoResponse;
+use chrono::{DateTime, Utc};
 use fhirstore_core::compartment::{CompartmentScope, Compartments};
 use fhirstore_core::search::Handling;
 use fhirstore_core::{
@@ -36,7 +37,6 @@ use fhirstore_core::{
 };
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
-use time::OffsetDateTime;
 
 use crate::outcome::{ApiError, ApiResult};
 use crate::rest::Req;
@@ -172,12 +172,9 @@ pub(crate) async fn kick_off(req: &Req<'_>, level: Level, query: &str) -> ApiRes
                 )))
             }
             "_since" => {
-                since = Some(
-                    OffsetDateTime::parse(&v, &time::format_description::well_known::Rfc3339)
-                        .map_err(|_| {
-                            ApiError::bad_request(format!("_since={v:?} is not an instant"))
-                        })?,
-                )
+                since = Some(fhirstore_core::parse_instant(&v).ok_or_else(|| {
+                    ApiError::bad_request(format!("_since={v:?} is not an instant"))
+                })?)
             }
             "_type" => {
                 let list = types.get_or_insert_with(Vec::new);
@@ -396,8 +393,8 @@ async fn write_type(
     rt: ResourceType,
     scopes: &[Option<CompartmentScope>],
     filters: &[SearchQuery],
-    since: Option<OffsetDateTime>,
-    t: OffsetDateTime,
+    since: Option<DateTime<Utc>>,
+    t: DateTime<Utc>,
     path: &Path,
     cancel: &AtomicBool,
 ) -> fhirstore_core::Result<u64> {
@@ -463,7 +460,7 @@ async fn write_type(
     // 2. Written since: each key's newest version at or before the snapshot, if it was live.
     let mut changed = BTreeSet::new();
     let mut h = HistoryRequest::new(HistoryScope::Type(rt));
-    h.since = Some(t + Duration::from_micros(1));
+    h.since = Some(t + chrono::TimeDelta::microseconds(1));
     h.count = Some(PAGE);
     loop {
         let page = storage.history(ctx, &h).await?;
@@ -510,7 +507,7 @@ async fn as_of(
     ctx: &TenantContext,
     rt: ResourceType,
     id: &LogicalId,
-    t: OffsetDateTime,
+    t: DateTime<Utc>,
 ) -> fhirstore_core::Result<Option<StoredResource>> {
     let mut h = HistoryRequest::new(HistoryScope::Instance(rt, id.clone()));
     h.count = Some(PAGE);

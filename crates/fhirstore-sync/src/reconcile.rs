@@ -22,7 +22,7 @@ use std::time::Instant;
 use fhirstore_core::changelog::{ChangeCursor, JobRecord, Primary};
 use fhirstore_core::digest::{group_of, Digest};
 use fhirstore_core::secondary::{
-    Change, DigestSource, GroupDigest, KeyState, Secondary, SegmentDigest,
+    Change, DigestSource, DigestView, GroupDigest, KeyState, Secondary, SegmentDigest,
 };
 use fhirstore_core::{ResourceStorage, ResourceType, Result, TenantContext, TenantId};
 use serde::{Deserialize, Serialize};
@@ -122,7 +122,7 @@ where
     P: DigestSource + ?Sized,
 {
     let mut segments: BTreeSet<u16> = primary
-        .segment_digests_of(tenant, rt)
+        .segment_digests(tenant, rt)
         .await?
         .iter()
         .map(|s| s.segment)
@@ -298,6 +298,90 @@ impl InFlight<'_> {
 /// would only add rows.
 pub const COARSE_ABOVE: i64 = 2 * fhirstore_core::digest::GROUPS as i64;
 
+/// Where two digest views of one (tenant, type) disagree.
+enum Divergence {
+    /// The roots agree.
+    None {
+        /// Digest rows read to find out.
+        rows_read: u64,
+    },
+    /// They do not: the segments to examine, at most the limit asked for.
+    Segments {
+        rows_read: u64,
+        groups_differing: u64,
+        segments_differing: u64,
+        examined: Vec<u16>,
+    },
+}
+
+/// Descends two views of one (tenant, type) from the root to the segments that differ, reading
+/// groups first for a large type so only the segments of differing groups are read. The
+/// reference view `a`'s root is the fold of its groups: one read of the groups serves the root
+/// comparison and the coarse step (PostgreSQL aggregates them in one pass over the segments,
+/// which a separate root would repeat).
+async fn diverging_segments<A, B>(
+    a: &A,
+    b: &B,
+    tenant: &TenantId,
+    rt: ResourceType,
+    max_segments: usize,
+) -> Result<Divergence>
+where
+    A: DigestView + ?Sized,
+    B: DigestView + ?Sized,
+{
+    let a_groups = a.group_digests(tenant, rt).await?;
+    let mut a_root = Digest::default();
+    a_groups.iter().for_each(|g| a_root.merge(g.digest));
+    let b_root = b.root_digest(tenant, rt).await?;
+    let mut rows_read = a_groups.len() as u64;
+    if a_root == b_root {
+        return Ok(Divergence::None { rows_read });
+    }
+    let mut groups_differing = 0;
+    let (a_segs, b_segs) = if a_root.count.max(b_root.count) > COARSE_ABOVE {
+        let b_groups = b.group_digests(tenant, rt).await?;
+        let diff_groups = differing(groups(&a_groups), groups(&b_groups));
+        groups_differing = diff_groups.len() as u64;
+        rows_read += b_groups.len() as u64;
+        (
+            a.segment_digests_in(tenant, rt, &diff_groups).await?,
+            b.segment_digests_in(tenant, rt, &diff_groups).await?,
+        )
+    } else {
+        (
+            a.segment_digests(tenant, rt).await?,
+            b.segment_digests(tenant, rt).await?,
+        )
+    };
+    rows_read += (a_segs.len() + b_segs.len()) as u64;
+    let diff = differing(segments(&a_segs), segments(&b_segs));
+    Ok(Divergence::Segments {
+        rows_read,
+        groups_differing,
+        segments_differing: diff.len() as u64,
+        examined: diff.into_iter().take(max_segments.max(1)).collect(),
+    })
+}
+
+/// The keys both views hold in `segments`.
+async fn keys_of_both<A, B>(
+    a: &A,
+    b: &B,
+    tenant: &TenantId,
+    rt: ResourceType,
+    segments: &[u16],
+) -> Result<(Vec<KeyState>, Vec<KeyState>)>
+where
+    A: DigestView + ?Sized,
+    B: DigestView + ?Sized,
+{
+    Ok((
+        a.segment_keys(tenant, rt, segments).await?,
+        b.segment_keys(tenant, rt, segments).await?,
+    ))
+}
+
 /// Compares one (tenant, type) and repairs it when asked.
 #[allow(clippy::too_many_arguments)]
 pub async fn reconcile_type<P>(
@@ -320,46 +404,27 @@ where
         resource_type: rt.to_string(),
         ..TypeReport::default()
     };
-    // The primary's root is the fold of its groups: one read of the groups serves the root
-    // comparison and, for a large type, the coarse step (PostgreSQL aggregates them in one pass
-    // over the segments, which a separate root would repeat).
-    let p_groups = primary.group_digests_of(tenant, rt).await?;
-    let mut p_root = Digest::default();
-    p_groups.iter().for_each(|g| p_root.merge(g.digest));
-    let s_root = secondary.digest(tenant, rt).await?;
-    report.digest_rows_read = p_groups.len() as u64;
-    if p_root == s_root {
-        report.roots_equal = true;
-        report.duration_ms = start.elapsed().as_millis() as u64;
-        return Ok(report);
-    }
-    let (p_segs, s_segs) = if p_root.count.max(s_root.count) > COARSE_ABOVE {
-        // Coarse groups first: only the segments of groups that differ are read.
-        let s_groups = secondary.group_digests(tenant, rt).await?;
-        let diff_groups = differing(groups(&p_groups), groups(&s_groups));
-        report.groups_differing = diff_groups.len() as u64;
-        report.digest_rows_read += s_groups.len() as u64;
-        (
-            primary
-                .segment_digests_in_of(tenant, rt, &diff_groups)
-                .await?,
-            secondary
-                .segment_digests_in(tenant, rt, &diff_groups)
-                .await?,
-        )
-    } else {
-        (
-            primary.segment_digests_of(tenant, rt).await?,
-            secondary.segment_digests(tenant, rt).await?,
-        )
+    let examined = match diverging_segments(primary, secondary, tenant, rt, max_segments).await? {
+        Divergence::None { rows_read } => {
+            report.digest_rows_read = rows_read;
+            report.roots_equal = true;
+            report.duration_ms = start.elapsed().as_millis() as u64;
+            return Ok(report);
+        }
+        Divergence::Segments {
+            rows_read,
+            groups_differing,
+            segments_differing,
+            examined,
+        } => {
+            report.digest_rows_read = rows_read;
+            report.groups_differing = groups_differing;
+            report.segments_differing = segments_differing;
+            examined
+        }
     };
-    report.digest_rows_read += (p_segs.len() + s_segs.len()) as u64;
-    let diff = differing(segments(&p_segs), segments(&s_segs));
-    report.segments_differing = diff.len() as u64;
-    let examined: Vec<u16> = diff.into_iter().take(max_segments.max(1)).collect();
     report.segments_examined = examined.len() as u64;
-    let p_keys = primary.segment_keys_of(tenant, rt, &examined).await?;
-    let s_keys = secondary.segment_keys(tenant, rt, &examined).await?;
+    let (p_keys, s_keys) = keys_of_both(primary, secondary, tenant, rt, &examined).await?;
     report.keys_read_primary = p_keys.len() as u64;
     report.keys_read_secondary = s_keys.len() as u64;
     let mut drift = classify(&p_keys, &s_keys);
@@ -372,8 +437,7 @@ where
         // worker has passed it.
         let head = f.log.log_head().await?;
         f.settle(head).await?;
-        let p_again = primary.segment_keys_of(tenant, rt, &examined).await?;
-        let s_again = secondary.segment_keys(tenant, rt, &examined).await?;
+        let (p_again, s_again) = keys_of_both(primary, secondary, tenant, rt, &examined).await?;
         report.keys_read_primary += p_again.len() as u64;
         report.keys_read_secondary += s_again.len() as u64;
         let again = classify(&p_again, &s_again);
@@ -422,7 +486,7 @@ where
             .into_iter()
             .collect();
         let after = secondary.segment_digests_in(tenant, rt, &touched).await?;
-        let p_now = primary.segment_digests_in_of(tenant, rt, &touched).await?;
+        let p_now = primary.segment_digests_in(tenant, rt, &touched).await?;
         let still: BTreeSet<u16> = differing(segments(&p_now), segments(&after))
             .into_iter()
             .collect();

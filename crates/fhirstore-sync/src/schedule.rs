@@ -71,7 +71,7 @@ fn judge(p: &StoredResource, s: Option<&StoredResource>) -> Option<Kind> {
 async fn written_since<P: ResourceStorage + ?Sized>(
     primary: &P,
     ctx: &TenantContext,
-    since: time::OffsetDateTime,
+    since: chrono::DateTime<chrono::Utc>,
 ) -> Result<Vec<StoredResource>> {
     let mut newest: BTreeMap<(ResourceType, String), StoredResource> = BTreeMap::new();
     let mut request = HistoryRequest::new(HistoryScope::System);
@@ -101,7 +101,7 @@ pub async fn reconcile_recent<P>(
     secondary: &dyn Secondary,
     name: &str,
     tenant: &TenantId,
-    since: time::OffsetDateTime,
+    since: chrono::DateTime<chrono::Utc>,
     mode: ReconcileMode,
     in_flight: Option<&InFlight<'_>>,
 ) -> Result<Vec<TypeReport>>
@@ -198,7 +198,7 @@ impl Reconciler {
     pub async fn run_recent(
         &self,
         tenants: Option<&[TenantId]>,
-        since: time::OffsetDateTime,
+        since: chrono::DateTime<chrono::Utc>,
         mode: ReconcileMode,
     ) -> Result<JobReport> {
         let tenants = match tenants {
@@ -247,7 +247,11 @@ impl Reconciler {
                 continue;
             }
             next = now + schedule.interval;
-            let since = time::OffsetDateTime::now_utc() - schedule.window;
+            // A window beyond chrono's range reaches back to the start of time.
+            let since = chrono::TimeDelta::from_std(schedule.window)
+                .ok()
+                .and_then(|w| chrono::Utc::now().checked_sub_signed(w))
+                .unwrap_or(chrono::DateTime::<chrono::Utc>::MIN_UTC);
             let mut run = ScheduledRun::default();
             match self.run_recent(None, since, schedule.mode).await {
                 Ok(r) => run.recent = r,

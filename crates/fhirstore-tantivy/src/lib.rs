@@ -34,8 +34,8 @@ use fhirstore_core::search::{
     Criterion, CriterionValues, Modifier, NumberValue, ParamType, Summary, TotalMode,
 };
 use fhirstore_core::secondary::{
-    reference_term, reference_terms, token_term, token_terms, Applied, Change, Health, KeyState,
-    Secondary, SegmentDigest,
+    reference_term, reference_terms, token_term, token_terms, Applied, Change, DigestView, Health,
+    KeyState, Secondary, SegmentDigest,
 };
 use fhirstore_core::{
     from_micros, now_micros, to_micros, Capabilities, Error, LogicalId, Permission, ResourceKey,
@@ -1331,60 +1331,6 @@ impl Secondary for TantivySecondary {
         .await
     }
 
-    async fn digest(&self, tenant: &TenantId, resource_type: ResourceType) -> Result<Digest> {
-        let tenant = tenant.clone();
-        self.blocking(move |inner| {
-            let mut d = Digest::default();
-            for s in inner.type_digests(&tenant, resource_type)?.into_values() {
-                d.merge(s);
-            }
-            Ok(d)
-        })
-        .await
-    }
-
-    async fn segment_digests(
-        &self,
-        tenant: &TenantId,
-        resource_type: ResourceType,
-    ) -> Result<Vec<SegmentDigest>> {
-        let tenant = tenant.clone();
-        self.blocking(move |inner| {
-            Ok(inner
-                .type_digests(&tenant, resource_type)?
-                .into_iter()
-                .map(|(segment, digest)| SegmentDigest { segment, digest })
-                .collect())
-        })
-        .await
-    }
-
-    async fn segment_keys(
-        &self,
-        tenant: &TenantId,
-        resource_type: ResourceType,
-        segments: &[u16],
-    ) -> Result<Vec<KeyState>> {
-        let tenant = tenant.clone();
-        let segments = segments.to_vec();
-        self.blocking(move |inner| {
-            let mut out = inner
-                .all_of_type(&tenant, resource_type, Some(&segments))?
-                .into_iter()
-                .map(|m| {
-                    Ok(KeyState {
-                        id: LogicalId::new(m.id.as_str()).map_err(index_err)?,
-                        version: VersionId::new(m.version).ok_or_else(|| index_err("version 0"))?,
-                        e: m.e,
-                    })
-                })
-                .collect::<Result<Vec<_>>>()?;
-            out.sort();
-            Ok(out)
-        })
-        .await
-    }
-
     async fn clear(&self, tenant: &TenantId) -> Result<()> {
         let tenant = tenant.clone();
         self.blocking(move |inner| {
@@ -1441,5 +1387,62 @@ impl Secondary for TantivySecondary {
 
     async fn flush(&self) -> Result<()> {
         self.blocking(|inner| inner.commit_if_pending()).await
+    }
+}
+
+#[async_trait]
+impl DigestView for TantivySecondary {
+    async fn root_digest(&self, tenant: &TenantId, resource_type: ResourceType) -> Result<Digest> {
+        let tenant = tenant.clone();
+        self.blocking(move |inner| {
+            let mut d = Digest::default();
+            for s in inner.type_digests(&tenant, resource_type)?.into_values() {
+                d.merge(s);
+            }
+            Ok(d)
+        })
+        .await
+    }
+
+    async fn segment_digests(
+        &self,
+        tenant: &TenantId,
+        resource_type: ResourceType,
+    ) -> Result<Vec<SegmentDigest>> {
+        let tenant = tenant.clone();
+        self.blocking(move |inner| {
+            Ok(inner
+                .type_digests(&tenant, resource_type)?
+                .into_iter()
+                .map(|(segment, digest)| SegmentDigest { segment, digest })
+                .collect())
+        })
+        .await
+    }
+
+    async fn segment_keys(
+        &self,
+        tenant: &TenantId,
+        resource_type: ResourceType,
+        segments: &[u16],
+    ) -> Result<Vec<KeyState>> {
+        let tenant = tenant.clone();
+        let segments = segments.to_vec();
+        self.blocking(move |inner| {
+            let mut out = inner
+                .all_of_type(&tenant, resource_type, Some(&segments))?
+                .into_iter()
+                .map(|m| {
+                    Ok(KeyState {
+                        id: LogicalId::new(m.id.as_str()).map_err(index_err)?,
+                        version: VersionId::new(m.version).ok_or_else(|| index_err("version 0"))?,
+                        e: m.e,
+                    })
+                })
+                .collect::<Result<Vec<_>>>()?;
+            out.sort();
+            Ok(out)
+        })
+        .await
     }
 }

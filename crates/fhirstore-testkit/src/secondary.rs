@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use fhirstore_core::digest::Digest;
 use fhirstore_core::index;
 use fhirstore_core::search::Handling;
-use fhirstore_core::secondary::{Change, Health, KeyState, Secondary, SegmentDigest};
+use fhirstore_core::secondary::{Change, DigestView, Health, KeyState, Secondary, SegmentDigest};
 use fhirstore_core::{
     format_instant, from_micros, Error, HistoryRequest, HistoryScope, LogicalId, ResourceKey,
     ResourceStorage, ResourceType, SearchQuery, StoredResource, TenantContext, TenantId, VersionId,
@@ -145,7 +145,7 @@ async fn assert_holds(
         for t in types {
             let tenant = ctx.tenant();
             assert_eq!(
-                secondary.digest(tenant, *t).await.expect("digest"),
+                secondary.root_digest(tenant, *t).await.expect("digest"),
                 model.digest(tenant, *t),
                 "{what}: root digest of {tenant}/{t}"
             );
@@ -342,7 +342,7 @@ pub async fn secondary_rebuild_and_isolation(secondary: &dyn Secondary) {
     secondary.clear(a.tenant()).await.expect("clear a");
     assert_eq!(secondary.read(&a, p, &id).await.expect("read a"), None);
     assert_eq!(
-        secondary.digest(a.tenant(), p).await.expect("digest"),
+        secondary.root_digest(a.tenant(), p).await.expect("digest"),
         Digest::default()
     );
     let kept = secondary
@@ -352,7 +352,11 @@ pub async fn secondary_rebuild_and_isolation(secondary: &dyn Secondary) {
         .expect("b kept");
     assert_eq!(kept.content["name"][0]["family"], "Beta");
     assert_eq!(
-        secondary.digest(b.tenant(), p).await.expect("digest").count,
+        secondary
+            .root_digest(b.tenant(), p)
+            .await
+            .expect("digest")
+            .count,
         1
     );
 }
@@ -642,7 +646,7 @@ pub async fn secondary_search_agrees(primary: &dyn ResourceStorage, secondary: &
             .for_each(|ch| model.apply(ch));
         for t in &types {
             assert_eq!(
-                secondary.digest(c.tenant(), *t).await.expect("digest"),
+                secondary.root_digest(c.tenant(), *t).await.expect("digest"),
                 model.digest(c.tenant(), *t),
                 "digest of {t}"
             );
@@ -785,13 +789,38 @@ impl Secondary for Flaky {
         self.inner.search(ctx, query).await
     }
 
-    async fn digest(
+    async fn clear(&self, tenant: &TenantId) -> fhirstore_core::Result<()> {
+        self.check()?;
+        self.inner.clear(tenant).await
+    }
+
+    async fn mark_built(&self) -> fhirstore_core::Result<()> {
+        self.check()?;
+        self.inner.mark_built().await
+    }
+
+    async fn health(&self) -> Health {
+        if self.down.load(std::sync::atomic::Ordering::SeqCst) {
+            return Health::Unavailable("injected outage".to_owned());
+        }
+        self.inner.health().await
+    }
+
+    async fn flush(&self) -> fhirstore_core::Result<()> {
+        self.check()?;
+        self.inner.flush().await
+    }
+}
+
+#[async_trait::async_trait]
+impl DigestView for Flaky {
+    async fn root_digest(
         &self,
         tenant: &TenantId,
         resource_type: ResourceType,
     ) -> fhirstore_core::Result<Digest> {
         self.check()?;
-        self.inner.digest(tenant, resource_type).await
+        self.inner.root_digest(tenant, resource_type).await
     }
 
     async fn segment_digests(
@@ -834,28 +863,6 @@ impl Secondary for Flaky {
         self.inner
             .segment_keys(tenant, resource_type, segments)
             .await
-    }
-
-    async fn clear(&self, tenant: &TenantId) -> fhirstore_core::Result<()> {
-        self.check()?;
-        self.inner.clear(tenant).await
-    }
-
-    async fn mark_built(&self) -> fhirstore_core::Result<()> {
-        self.check()?;
-        self.inner.mark_built().await
-    }
-
-    async fn health(&self) -> Health {
-        if self.down.load(std::sync::atomic::Ordering::SeqCst) {
-            return Health::Unavailable("injected outage".to_owned());
-        }
-        self.inner.health().await
-    }
-
-    async fn flush(&self) -> fhirstore_core::Result<()> {
-        self.check()?;
-        self.inner.flush().await
     }
 }
 

@@ -284,23 +284,19 @@ pub(crate) fn etag(v: VersionId) -> String {
 }
 
 /// RFC 9110's IMF-fixdate, the HTTP date form that servers send.
-const IMF_FIXDATE: &[time::format_description::BorrowedFormatItem<'static>] = time::macros::format_description!(
-    "[weekday repr:short], [day] [month repr:short] [year] [hour]:[minute]:[second] GMT"
-);
+const IMF_FIXDATE: &str = "%a, %d %b %Y %H:%M:%S GMT";
 
 /// An HTTP date (RFC 9110 IMF-fixdate).
-pub(crate) fn http_date(t: time::OffsetDateTime) -> String {
-    t.to_offset(time::UtcOffset::UTC)
-        .format(IMF_FIXDATE)
-        .unwrap_or_default()
+pub(crate) fn http_date(t: chrono::DateTime<chrono::Utc>) -> String {
+    t.format(IMF_FIXDATE).to_string()
 }
 
 /// An IMF-fixdate, read as UTC. Other (obsolete) forms are `None`, which RFC 9110 lets a
 /// server treat as an absent condition.
-fn parse_http_date(s: &str) -> Option<time::OffsetDateTime> {
-    time::PrimitiveDateTime::parse(s.trim(), IMF_FIXDATE)
+fn parse_http_date(s: &str) -> Option<chrono::DateTime<chrono::Utc>> {
+    chrono::NaiveDateTime::parse_from_str(s.trim(), IMF_FIXDATE)
         .ok()
-        .map(time::PrimitiveDateTime::assume_utc)
+        .map(|t| t.and_utc())
 }
 
 /// `If-None-Match` names the current version, or `If-Modified-Since` (consulted only without
@@ -312,7 +308,7 @@ fn not_modified(req: &Req<'_>, r: &StoredResource) -> bool {
     }
     req.header(header::IF_MODIFIED_SINCE)
         .and_then(parse_http_date)
-        .is_some_and(|since| r.last_updated.unix_timestamp() <= since.unix_timestamp())
+        .is_some_and(|since| r.last_updated.timestamp() <= since.timestamp())
 }
 
 pub(crate) fn resource_type(name: &str) -> ApiResult<ResourceType> {

@@ -149,12 +149,9 @@ pub(super) async fn history(req: &Req<'_>, scope: HistoryScope) -> ApiResult {
                 })?)
             }
             "_since" => {
-                h.since = Some(
-                    time::OffsetDateTime::parse(&v, &time::format_description::well_known::Rfc3339)
-                        .map_err(|_| {
-                            ApiError::bad_request(format!("_since={v:?} is not an instant"))
-                        })?,
-                )
+                h.since = Some(fhirstore_core::parse_instant(&v).ok_or_else(|| {
+                    ApiError::bad_request(format!("_since={v:?} is not an instant"))
+                })?)
             }
             "_cursor" => h.cursor = Some(v.into_owned()),
             _ if req.handling == Handling::Strict => {

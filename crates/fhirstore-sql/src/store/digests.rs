@@ -66,107 +66,6 @@ impl<D: Dialect> Store<D> {
 
 #[async_trait]
 impl<D: Dialect> fhirstore_core::secondary::DigestSource for Store<D> {
-    async fn root_digest(&self, tenant: &TenantId, rt: ResourceType) -> Result<Digest> {
-        let mut d = Digest::default();
-        for g in self.group_digests_of(tenant, rt).await? {
-            d.merge(g.digest);
-        }
-        Ok(d)
-    }
-
-    async fn group_digests_of(
-        &self,
-        tenant: &TenantId,
-        rt: ResourceType,
-    ) -> Result<Vec<fhirstore_core::secondary::GroupDigest>> {
-        let rows = D::sql(D::GROUP_DIGESTS)
-            .bind(tenant.as_str())
-            .bind(rt.as_str())
-            .fetch_all(&mut *self.read_conn().await?)
-            .await?;
-        rows.into_iter()
-            .map(|r| {
-                let s = segment_row(r)?;
-                Ok(fhirstore_core::secondary::GroupDigest {
-                    group: s.segment,
-                    digest: s.digest,
-                })
-            })
-            .collect()
-    }
-
-    async fn segment_digests_in_of(
-        &self,
-        tenant: &TenantId,
-        rt: ResourceType,
-        groups: &[u16],
-    ) -> Result<Vec<SegmentDigest>> {
-        if groups.is_empty() {
-            return Ok(Vec::new());
-        }
-        let list: Vec<i32> = groups
-            .iter()
-            .collect::<std::collections::BTreeSet<_>>()
-            .into_iter()
-            .flat_map(|g| fhirstore_core::digest::group_segments(*g))
-            .map(i32::from)
-            .collect();
-        let rows = D::sql(D::SEGMENTS_LISTED)
-            .bind(tenant.as_str())
-            .bind(rt.as_str())
-            .bind(list)
-            .fetch_all(&mut *self.read_conn().await?)
-            .await?;
-        let mut out = rows
-            .into_iter()
-            .map(segment_row)
-            .collect::<Result<Vec<_>>>()?;
-        out.sort_by_key(|s| s.segment);
-        Ok(out)
-    }
-
-    async fn segment_digests_of(
-        &self,
-        tenant: &TenantId,
-        rt: ResourceType,
-    ) -> Result<Vec<SegmentDigest>> {
-        self.digest_segments(&TenantContext::full(tenant.clone()), rt)
-            .await
-    }
-
-    async fn segment_keys_of(
-        &self,
-        tenant: &TenantId,
-        rt: ResourceType,
-        segments: &[u16],
-    ) -> Result<Vec<fhirstore_core::secondary::KeyState>> {
-        let mut out = Vec::new();
-        let list: Vec<i32> = segments
-            .iter()
-            .map(|s| i32::from(*s))
-            .collect::<std::collections::BTreeSet<_>>()
-            .into_iter()
-            .collect();
-        for chunk in list.chunks(4096) {
-            let rows = D::sql(D::KEYS_IN_SEGMENTS)
-                .bind(tenant.as_str())
-                .bind(rt.as_str())
-                .bind(chunk.to_vec())
-                .fetch_all(&mut *self.read_conn().await?)
-                .await?;
-            for mut r in rows {
-                let id: String = r.get(0)?;
-                out.push(fhirstore_core::secondary::KeyState {
-                    id: LogicalId::new(id).map_err(|e| corrupt(e.to_string()))?,
-                    version: version_of(r.get(1)?)?,
-                    e: join_u128(r.get(2)?, r.get(3)?),
-                });
-            }
-        }
-        out.sort();
-        Ok(out)
-    }
-
     async fn tenants(&self) -> Result<Vec<TenantId>> {
         let rows: Vec<(String,)> =
             D::sql("SELECT DISTINCT tenant FROM digests WHERE count <> 0 ORDER BY tenant")
@@ -223,6 +122,102 @@ impl<D: Dialect> fhirstore_core::secondary::DigestSource for Store<D> {
         rows.into_iter()
             .map(|(t,)| ResourceType::new(&t).map_err(|_| corrupt(format!("type {t:?}"))))
             .collect()
+    }
+}
+
+#[async_trait]
+impl<D: Dialect> fhirstore_core::secondary::DigestView for Store<D> {
+    async fn group_digests(
+        &self,
+        tenant: &TenantId,
+        rt: ResourceType,
+    ) -> Result<Vec<fhirstore_core::secondary::GroupDigest>> {
+        let rows = D::sql(D::GROUP_DIGESTS)
+            .bind(tenant.as_str())
+            .bind(rt.as_str())
+            .fetch_all(&mut *self.read_conn().await?)
+            .await?;
+        rows.into_iter()
+            .map(|r| {
+                let s = segment_row(r)?;
+                Ok(fhirstore_core::secondary::GroupDigest {
+                    group: s.segment,
+                    digest: s.digest,
+                })
+            })
+            .collect()
+    }
+
+    async fn segment_digests_in(
+        &self,
+        tenant: &TenantId,
+        rt: ResourceType,
+        groups: &[u16],
+    ) -> Result<Vec<SegmentDigest>> {
+        if groups.is_empty() {
+            return Ok(Vec::new());
+        }
+        let list: Vec<i32> = groups
+            .iter()
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .flat_map(|g| fhirstore_core::digest::group_segments(*g))
+            .map(i32::from)
+            .collect();
+        let rows = D::sql(D::SEGMENTS_LISTED)
+            .bind(tenant.as_str())
+            .bind(rt.as_str())
+            .bind(list)
+            .fetch_all(&mut *self.read_conn().await?)
+            .await?;
+        let mut out = rows
+            .into_iter()
+            .map(segment_row)
+            .collect::<Result<Vec<_>>>()?;
+        out.sort_by_key(|s| s.segment);
+        Ok(out)
+    }
+
+    async fn segment_digests(
+        &self,
+        tenant: &TenantId,
+        rt: ResourceType,
+    ) -> Result<Vec<SegmentDigest>> {
+        self.digest_segments(&TenantContext::full(tenant.clone()), rt)
+            .await
+    }
+
+    async fn segment_keys(
+        &self,
+        tenant: &TenantId,
+        rt: ResourceType,
+        segments: &[u16],
+    ) -> Result<Vec<fhirstore_core::secondary::KeyState>> {
+        let mut out = Vec::new();
+        let list: Vec<i32> = segments
+            .iter()
+            .map(|s| i32::from(*s))
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        for chunk in list.chunks(4096) {
+            let rows = D::sql(D::KEYS_IN_SEGMENTS)
+                .bind(tenant.as_str())
+                .bind(rt.as_str())
+                .bind(chunk.to_vec())
+                .fetch_all(&mut *self.read_conn().await?)
+                .await?;
+            for mut r in rows {
+                let id: String = r.get(0)?;
+                out.push(fhirstore_core::secondary::KeyState {
+                    id: LogicalId::new(id).map_err(|e| corrupt(e.to_string()))?,
+                    version: version_of(r.get(1)?)?,
+                    e: join_u128(r.get(2)?, r.get(3)?),
+                });
+            }
+        }
+        out.sort();
+        Ok(out)
     }
 }
 
