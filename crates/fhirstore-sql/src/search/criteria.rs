@@ -373,6 +373,11 @@ fn push_composite(
     Ok(())
 }
 
+/// How [`push_in`] opens and closes a positive id set over `resources r` on PostgreSQL.
+const ID_SET_OPEN: &str = " AND r.id = ANY(ARRAY(";
+/// See [`ID_SET_OPEN`].
+const ID_SET_CLOSE: &str = "))";
+
 /// Appends `AND (...)` for every criterion of `query` to a statement over `resources r`.
 fn push_criteria(qb: &mut Sql, tenant: &TenantId, query: &SearchQuery, now: i64) -> Result<()> {
     let scope = Scope {
@@ -380,8 +385,36 @@ fn push_criteria(qb: &mut Sql, tenant: &TenantId, query: &SearchQuery, now: i64)
         rt: query.resource_type,
         alias: "r",
     };
+    // PostgreSQL: the positive id sets of several criteria are intersected in one set (a
+    // hashed set operation, linear in the sets' sizes) instead of each being an
+    // `= ANY(array)` filter of its own, which PostgreSQL checks by scanning the array for
+    // every candidate row: quadratic, 11 searches/s for `family` with `gender` at 10k
+    // Patients.
+    let intersect = scope.rt.is_some() && qb.dialect().id_set_from_array().is_some();
+    let mut sets: Vec<Sql> = Vec::new();
     for c in &query.criteria {
-        push_criterion(qb, &scope, c, &c.chain, now)?;
+        if !intersect {
+            push_criterion(qb, &scope, c, &c.chain, now)?;
+            continue;
+        }
+        let mut part = qb.empty();
+        push_criterion(&mut part, &scope, c, &c.chain, now)?;
+        match part.inside(ID_SET_OPEN, ID_SET_CLOSE) {
+            Some(select) => sets.push(select),
+            None => {
+                qb.append(part);
+            }
+        }
+    }
+    if !sets.is_empty() {
+        qb.push(ID_SET_OPEN);
+        for (i, select) in sets.into_iter().enumerate() {
+            if i > 0 {
+                qb.push(" INTERSECT ");
+            }
+            qb.append(select);
+        }
+        qb.push(ID_SET_CLOSE);
     }
     if let Some(c) = &query.compartment {
         push_compartment(qb, &scope, c);

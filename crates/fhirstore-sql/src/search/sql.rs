@@ -168,6 +168,47 @@ impl Sql {
         self
     }
 
+    /// An empty statement of the same dialect, to build a part in that [`Sql::append`] adds
+    /// later.
+    pub fn empty(&self) -> Sql {
+        Sql::new(self.dialect, "")
+    }
+
+    /// Appends `part`'s text and binds; PostgreSQL placeholders in `part` are renumbered to
+    /// follow this statement's.
+    pub fn append(&mut self, part: Sql) -> &mut Self {
+        match self.dialect {
+            Syntax::Sqlite => self.text.push_str(&part.text),
+            Syntax::Postgres => {
+                let offset = self.binds.len();
+                renumber(&part.text, offset, &mut self.text);
+            }
+        }
+        self.binds.extend(part.binds);
+        self
+    }
+
+    /// The text between `prefix` and `suffix` as a statement with the same binds, when this
+    /// statement is exactly `prefix`, a balanced middle, then `suffix`, and every parenthesis
+    /// `prefix` opens is closed by `suffix`.
+    pub fn inside(&self, prefix: &str, suffix: &str) -> Option<Sql> {
+        let middle = self.text.strip_prefix(prefix)?.strip_suffix(suffix)?;
+        let opens = prefix.matches('(').count();
+        if prefix.contains(')')
+            || suffix.contains('(')
+            || opens != suffix.len() - suffix.trim_start_matches(')').len()
+            || !balanced(middle)
+        {
+            return None;
+        }
+        Some(Sql {
+            dialect: self.dialect,
+            text: middle.to_owned(),
+            binds: self.binds.clone(),
+            persistent: self.persistent,
+        })
+    }
+
     /// The statement's text.
     pub fn text(&self) -> &str {
         &self.text
@@ -177,4 +218,46 @@ impl Sql {
     pub fn binds(&self) -> &[Bind] {
         &self.binds
     }
+}
+
+/// Writes `text` to `out` with every `$n` placeholder outside quotes moved up by `offset`.
+fn renumber(text: &str, offset: usize, out: &mut String) {
+    let mut quoted = false;
+    let mut chars = text.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == '\'' {
+            quoted = !quoted;
+        }
+        if c != '$' || quoted || !chars.peek().is_some_and(char::is_ascii_digit) {
+            out.push(c);
+            continue;
+        }
+        let mut n = 0usize;
+        while let Some(d) = chars.peek().and_then(|d| d.to_digit(10)) {
+            n = n * 10 + d as usize;
+            chars.next();
+        }
+        let _ = write!(out, "${}", n + offset);
+    }
+}
+
+/// Whether every parenthesis in `text` (outside quotes) closes one opened before it, and all
+/// are closed.
+fn balanced(text: &str) -> bool {
+    let mut depth = 0i64;
+    let mut quoted = false;
+    for c in text.chars() {
+        match c {
+            '\'' => quoted = !quoted,
+            '(' if !quoted => depth += 1,
+            ')' if !quoted => {
+                depth -= 1;
+                if depth < 0 {
+                    return false;
+                }
+            }
+            _ => {}
+        }
+    }
+    depth == 0
 }

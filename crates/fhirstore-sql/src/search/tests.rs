@@ -214,6 +214,13 @@ const PAGES: &[(&str, Option<&str>, &str)] = &[
         "_has:Observation:patient:_has:AuditEvent:entity:agent=Practitioner/x",
     ),
     // Several criteria, system-wide searches.
+    // Several selective criteria (intersected into one id set on PostgreSQL), a negated one
+    // and `_id`, which stay apart.
+    (
+        "selective_criteria_with_not",
+        Some("Patient"),
+        "family=smith&gender=female&identifier:not=http://sys|1&_id=p1,p2&address-city=x",
+    ),
     (
         "and_of_criteria",
         Some("Patient"),
@@ -358,8 +365,21 @@ fn placeholders_match_binds() {
             let marks = plan.sql.text().matches(mark).count();
             assert_eq!(marks, plan.sql.binds().len(), "{case} on {dialect:?}");
             if dialect == Syntax::Postgres {
-                let last = format!("${}", plan.sql.binds().len());
-                assert!(plan.sql.text().contains(&last), "{case}");
+                // `$1` … `$n`, each once, in order: parts appended to a statement were
+                // renumbered.
+                let numbers: Vec<usize> = plan
+                    .sql
+                    .text()
+                    .split('$')
+                    .skip(1)
+                    .map(|rest| {
+                        let digits: String =
+                            rest.chars().take_while(char::is_ascii_digit).collect();
+                        digits.parse().expect("a placeholder number")
+                    })
+                    .collect();
+                let expected: Vec<usize> = (1..=plan.sql.binds().len()).collect();
+                assert_eq!(numbers, expected, "{case}");
             }
         }
     }
@@ -386,4 +406,55 @@ fn bad_cursors_are_refused() {
     let mut q = query(Some("Patient"), "");
     q.cursor = Some("Patient/'; DROP TABLE resources; --".to_owned());
     assert!(super::page(Syntax::Sqlite, &tenant(), &q, NOW).is_err());
+}
+
+/// A part built apart keeps its binds, with PostgreSQL placeholders moved up past the
+/// statement's own; quoted text is left alone.
+#[test]
+fn appended_parts_are_renumbered() {
+    for (dialect, want) in [
+        (
+            Syntax::Postgres,
+            "SELECT 1 WHERE x = $1 AND y = $2 AND z = '$1' AND w = $3",
+        ),
+        (
+            Syntax::Sqlite,
+            "SELECT 1 WHERE x = ? AND y = ? AND z = '$1' AND w = ?",
+        ),
+    ] {
+        let mut a = Sql::new(dialect, "SELECT 1 WHERE x = ");
+        a.push_bind("a");
+        let mut b = a.empty();
+        b.push(" AND y = ");
+        b.push_bind(2i64);
+        b.push(" AND z = '$1' AND w = ");
+        b.push_bind("c");
+        a.append(b);
+        assert_eq!(a.text(), want);
+        assert_eq!(
+            a.binds(),
+            [Bind::Text("a".into()), Bind::Int(2), Bind::Text("c".into())]
+        );
+    }
+}
+
+/// Only a statement that is wholly one wrapped set is unwrapped.
+#[test]
+fn inside_unwraps_only_a_whole_set() {
+    let sql = |text: &str| Sql::new(Syntax::Postgres, text);
+    let open = " AND r.id = ANY(ARRAY(";
+    let got = sql(" AND r.id = ANY(ARRAY(SELECT t.id FROM a t WHERE (t.x = $1)))")
+        .inside(open, "))")
+        .map(|s| s.text().to_owned());
+    assert_eq!(
+        got.as_deref(),
+        Some("SELECT t.id FROM a t WHERE (t.x = $1)")
+    );
+    for not_whole in [
+        " AND r.id = ANY(ARRAY(SELECT t.id FROM a t)) AND (r.x = (1))",
+        " AND r.id <> ALL(ARRAY(SELECT t.id FROM a t))",
+        " AND EXISTS (SELECT 1 FROM a t WHERE (t.x = 1))",
+    ] {
+        assert!(sql(not_whole).inside(open, "))").is_none(), "{not_whole}");
+    }
 }
