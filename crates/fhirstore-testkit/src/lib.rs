@@ -56,6 +56,7 @@ macro_rules! conformance_tests {
             history_paging_is_stable_under_writes,
             count_counts_live_resources,
             search_by_id_and_last_updated,
+            counts_agree_with_the_matches,
             search_by_identifier,
             search_paging_covers_every_match_once,
             search_parameter_types,

@@ -378,6 +378,65 @@ const ID_SET_OPEN: &str = " AND r.id = ANY(ARRAY(";
 /// See [`ID_SET_OPEN`].
 const ID_SET_CLOSE: &str = "))";
 
+/// How [`push_in`] opens and closes a positive id set over `resources r` on SQLite.
+const IN_SET_OPEN: &str = " AND r.id IN (";
+/// See [`IN_SET_OPEN`].
+const IN_SET_CLOSE: &str = ")";
+
+/// `SELECT COUNT(*)` of the live resources matching `query`, from the index tables alone, when
+/// every criterion is a positive id set over one index table: index rows exist only for the
+/// live current version of a resource, so the intersection of the sets is the match set and
+/// nothing joins back to `resources` (a count then costs the index entries it reads, not a
+/// resource lookup per match). `None` for any other query.
+pub(crate) fn index_count(
+    dialect: crate::Syntax,
+    tenant: &TenantId,
+    query: &SearchQuery,
+    now: i64,
+) -> Result<Option<Sql>> {
+    if query.resource_type.is_none() || query.compartment.is_some() || query.criteria.is_empty() {
+        return Ok(None);
+    }
+    let (open, close) = match dialect.id_set_from_array() {
+        Some(_) => (ID_SET_OPEN, ID_SET_CLOSE),
+        None => (IN_SET_OPEN, IN_SET_CLOSE),
+    };
+    let scope = Scope {
+        tenant,
+        rt: query.resource_type,
+        alias: "r",
+    };
+    let mut qb = Sql::new(dialect, "SELECT COUNT(");
+    let mut sets = Vec::with_capacity(query.criteria.len());
+    for c in &query.criteria {
+        let mut part = qb.empty();
+        push_criterion(&mut part, &scope, c, &c.chain, now)?;
+        // Only a set read from one index table: chains and `_has` go through other resources,
+        // whose liveness only `resources` knows.
+        match part.inside(open, close) {
+            Some(select) if select.text().starts_with("SELECT t.id FROM search_") => {
+                sets.push(select)
+            }
+            _ => return Ok(None),
+        }
+    }
+    // One set may hold several rows of a resource (two names, two codes); INTERSECT keeps one.
+    qb.push(if sets.len() == 1 {
+        "DISTINCT x.id"
+    } else {
+        "*"
+    });
+    qb.push(") FROM (");
+    for (i, select) in sets.into_iter().enumerate() {
+        if i > 0 {
+            qb.push(" INTERSECT ");
+        }
+        qb.append(select);
+    }
+    qb.push(") x");
+    Ok(Some(qb))
+}
+
 /// Appends `AND (...)` for every criterion of `query` to a statement over `resources r`.
 fn push_criteria(qb: &mut Sql, tenant: &TenantId, query: &SearchQuery, now: i64) -> Result<()> {
     let scope = Scope {

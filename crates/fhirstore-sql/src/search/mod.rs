@@ -108,13 +108,17 @@ pub(crate) fn page(
     Ok(PagePlan { sql: qb, keys })
 }
 
-/// `SELECT COUNT(*)` of the live resources matching `query`.
+/// `SELECT COUNT(*)` of the live resources matching `query`: from the index tables alone where
+/// they suffice (see `criteria::index_count`).
 pub(crate) fn count(
     dialect: Syntax,
     tenant: &TenantId,
     query: &SearchQuery,
     now: i64,
 ) -> Result<Sql> {
+    if let Some(sql) = criteria::index_count(dialect, tenant, query, now)? {
+        return Ok(sql);
+    }
     let mut qb = Sql::new(dialect, "SELECT COUNT(*)");
     criteria::push_search_from(&mut qb, tenant, query, now)?;
     Ok(qb)

@@ -304,6 +304,18 @@ fn plans(dialect: Syntax) {
         "summary_count",
         render(&super::count(dialect, &t, &q, NOW).expect("count")),
     );
+    // Counts from the index tables alone: two sets intersected; and one that must join back to
+    // the resources (a range criterion and `_id` are not index-table sets).
+    let q2 = query(Some("Patient"), "family=Smith&gender=female");
+    snap(
+        "summary_count_two_sets",
+        render(&super::count(dialect, &t, &q2, NOW).expect("count")),
+    );
+    let q3 = query(Some("Patient"), "gender=female&birthdate=ge1970&_id=a,b");
+    snap(
+        "summary_count_joined",
+        render(&super::count(dialect, &t, &q3, NOW).expect("count")),
+    );
     snap(
         "estimate",
         render(&super::estimate(dialect, "EXPLAIN SELECT 1", &t, &q, NOW).expect("estimate")),
