@@ -409,6 +409,14 @@ pub trait ResourceStorage: Send + Sync {
         Ok(Registry::r4_shared().clone())
     }
 
+    /// Brings the backend's planner statistics up to date, after a bulk load, without blocking
+    /// writers: what `fhirstore import` does at its end (and a finished reindex job by itself).
+    /// Statistics are the whole store's, so this needs [`crate::Permission::Admin`]. Backends
+    /// without a planner do nothing.
+    async fn refresh_statistics(&self, ctx: &TenantContext) -> Result<()> {
+        ctx.require(crate::Permission::Admin)
+    }
+
     /// Each of the tenant's own search parameters, with its reindex progress.
     async fn reindex_status(&self, ctx: &TenantContext) -> Result<Vec<ReindexStatus>> {
         ctx.require(crate::Permission::Read)?;
@@ -624,6 +632,9 @@ macro_rules! forward_storage {
             }
             async fn reindex_status(&self, ctx: &TenantContext) -> Result<Vec<ReindexStatus>> {
                 (**self).reindex_status(ctx).await
+            }
+            async fn refresh_statistics(&self, ctx: &TenantContext) -> Result<()> {
+                (**self).refresh_statistics(ctx).await
             }
             async fn reindex(
                 &self,

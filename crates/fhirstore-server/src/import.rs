@@ -409,6 +409,11 @@ pub async fn import(
     }
     w.flush().await?;
     progress(&w.stats);
+    // A bulk load leaves the planner's statistics behind the data. The import itself stands
+    // whatever happens here.
+    if let Err(e) = store.refresh_statistics(ctx).await {
+        tracing::warn!(error = %e, "refreshing statistics after the import failed");
+    }
     Ok(ImportReport {
         stats: w.stats,
         rejections: w.rejections,

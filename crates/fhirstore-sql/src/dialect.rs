@@ -71,7 +71,8 @@ pub trait Dialect: Send + Sync + Copy + Default + std::fmt::Debug + 'static {
     /// Holds off writers' digest updates while the self-check recomputes, where needed.
     const LOCK_DIGESTS: Option<&'static str>;
 
-    /// Refreshes the planner's statistics of the search tables.
+    /// Refreshes the planner's statistics of the search tables (on PostgreSQL, with a
+    /// `VACUUM`), run outside any transaction.
     fn analyze_sql() -> String;
 
     /// The row estimate in the one row an `ESTIMATE_PREFIX` statement returns.

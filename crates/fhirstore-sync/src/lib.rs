@@ -851,6 +851,11 @@ impl ResourceStorage for CompositeStorage {
         self.shared.primary.reindex_status(ctx).await
     }
 
+    /// The primary's planner statistics; the secondaries keep none.
+    async fn refresh_statistics(&self, ctx: &TenantContext) -> Result<()> {
+        self.shared.primary.refresh_statistics(ctx).await
+    }
+
     async fn reindex(
         &self,
         ctx: &TenantContext,

@@ -295,6 +295,11 @@ impl<D: Dialect> ResourceStorage for Store<D> {
             .clone())
     }
 
+    async fn refresh_statistics(&self, ctx: &TenantContext) -> Result<()> {
+        ctx.require(Permission::Admin)?;
+        self.refresh_stats().await
+    }
+
     async fn reindex_status(
         &self,
         ctx: &TenantContext,

@@ -62,6 +62,7 @@ impl<D: Dialect> Store<D> {
     ) -> Result<Vec<ReindexStatus>> {
         let batch = options.batch.clamp(1, 10_000);
         let mut batches = 0u32;
+        let mut finished = false;
         'jobs: loop {
             let pending: Option<String> = D::sql(
                 "SELECT url FROM search_parameters WHERE tenant = $1 AND state <> $2 \
@@ -84,12 +85,20 @@ impl<D: Dialect> Store<D> {
                     Some((status, done)) => {
                         progress(&status);
                         if done {
+                            finished = true;
                             break;
                         }
                     }
                     // Deleted or re-registered under another resource meanwhile.
                     None => break,
                 }
+            }
+        }
+        // A finished job rewrote (or removed) one parameter's rows for a whole tenant: the
+        // planner's picture of that parameter is stale. The job stands whatever happens here.
+        if finished {
+            if let Err(e) = self.refresh_stats().await {
+                tracing::warn!(error = %e, "refreshing statistics after a reindex job failed");
             }
         }
         self.param_statuses(tenant).await

@@ -843,13 +843,20 @@ impl<D: Dialect> Store<D> {
         }
         let store = self.clone();
         tokio::spawn(async move {
-            let analyzed = match store.write_conn().await {
-                Ok(mut conn) => D::sql(D::analyze_sql()).execute(&mut *conn).await,
-                Err(e) => Err(e),
-            };
-            if let Err(e) = analyzed {
+            if let Err(e) = store.refresh_stats().await {
                 tracing::warn!(error = %e, "ANALYZE failed; plans may be slower until it succeeds");
             }
         });
+    }
+
+    /// Runs the dialect's `analyze_sql` on a connection of its own, outside any transaction
+    /// (PostgreSQL's `VACUUM` refuses to run inside one).
+    pub(super) async fn refresh_stats(&self) -> Result<()> {
+        let mut conn = self.write_conn().await?;
+        D::sql(D::analyze_sql())
+            .persistent(false)
+            .execute(&mut *conn)
+            .await?;
+        Ok(())
     }
 }
