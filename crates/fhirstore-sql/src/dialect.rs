@@ -121,12 +121,32 @@ pub trait Exec: Send {
     fn execute<'c>(&'c mut self, sql: &'c Sql) -> impl Future<Output = Result<u64>> + Send + 'c;
 }
 
-/// Implements [`Exec`] for a driver's connection type from its `query_of` (a [`Sql`] as that
-/// driver's bound query), `row_of` (its row, decoded) and `db_err` (its errors, classified).
-/// A macro, not generic code: sqlx's `Executor` is implemented for `&mut` of each concrete
-/// connection, a bound generic code could only state for every lifetime at once.
+/// Implements [`Exec`] for a driver's connection type `$conn` of database `$db`, given how
+/// that driver binds an integer list (`$list`: `&[i32]` to a bindable value), its `row_of`
+/// (a row, decoded) and `db_err` (its errors, classified). A macro, not generic code: sqlx's
+/// `Executor` is implemented for `&mut` of each concrete connection, a bound generic code could
+/// only state for every lifetime at once.
 macro_rules! exec_for {
-    ($conn:ty) => {
+    ($conn:ty, $db:ty, $list:path) => {
+        /// The statement with its values bound.
+        fn query_of(
+            sql: &Sql,
+        ) -> sqlx::query::Query<'_, $db, <$db as sqlx::Database>::Arguments<'_>> {
+            let mut q = sqlx::query(sql.text()).persistent(sql.is_persistent());
+            for b in sql.binds() {
+                q = match b {
+                    Bind::Text(t) => q.bind(t.as_str()),
+                    Bind::OptText(t) => q.bind(t.as_deref()),
+                    Bind::Int(n) => q.bind(*n),
+                    Bind::Int32(n) => q.bind(*n),
+                    Bind::Real(x) => q.bind(*x),
+                    Bind::Bool(b) => q.bind(*b),
+                    Bind::IntList(v) => q.bind($list(v)),
+                };
+            }
+            q
+        }
+
         impl $crate::dialect::Exec for $conn {
             async fn fetch_all(&mut self, sql: &Sql) -> Result<Vec<Row>> {
                 let rows = query_of(sql).fetch_all(self).await.map_err(db_err)?;

@@ -6,7 +6,7 @@
 //! take a transaction-scoped advisory lock on their criteria.
 
 use fhirstore_core::{Error, Result, SearchQuery, TenantId};
-use sqlx::postgres::{PgArguments, PgPoolOptions, PgRow};
+use sqlx::postgres::{PgPoolOptions, PgRow};
 use sqlx::{PgConnection, Row as _, TypeInfo as _, ValueRef as _};
 
 use crate::dialect::{Cell, Dialect, Row};
@@ -154,21 +154,9 @@ impl Dialect for PostgresDialect {
     }
 }
 
-/// The statement with its values bound: lists as `int4[]`.
-fn query_of(sql: &Sql) -> sqlx::query::Query<'_, sqlx::Postgres, PgArguments> {
-    let mut q = sqlx::query(sql.text()).persistent(sql.is_persistent());
-    for b in sql.binds() {
-        q = match b {
-            Bind::Text(t) => q.bind(t.as_str()),
-            Bind::OptText(t) => q.bind(t.as_deref()),
-            Bind::Int(n) => q.bind(*n),
-            Bind::Int32(n) => q.bind(*n),
-            Bind::Real(x) => q.bind(*x),
-            Bind::Bool(b) => q.bind(*b),
-            Bind::IntList(v) => q.bind(v.as_slice()),
-        };
-    }
-    q
+/// An integer list as PostgreSQL binds it: an `int4[]`.
+fn int_array(v: &[i32]) -> &[i32] {
+    v
 }
 
 /// Decodes a row by each column's type.
@@ -200,7 +188,7 @@ fn row_of(row: PgRow) -> Result<Row> {
     Ok(Row::new(cells))
 }
 
-crate::dialect::exec_for!(PgConnection);
+crate::dialect::exec_for!(PgConnection, sqlx::Postgres, int_array);
 
 impl Store<PostgresDialect> {
     /// Connects to `url` and brings the schema up to date (migrations take an advisory lock, so

@@ -10,8 +10,7 @@ use fhirstore_core::digest::join_u128;
 use fhirstore_core::digest::Digest;
 use fhirstore_core::{Error, ResourceType, Result, SearchQuery, TenantId};
 use sqlx::sqlite::{
-    SqliteArguments, SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow,
-    SqliteSynchronous,
+    SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow, SqliteSynchronous,
 };
 use sqlx::{Row as _, SqliteConnection, SqlitePool, TypeInfo as _, ValueRef as _};
 
@@ -144,24 +143,10 @@ impl Dialect for SqliteDialect {
     }
 }
 
-/// The statement with its values bound: lists as JSON text, for `json_each`.
-fn query_of(sql: &Sql) -> sqlx::query::Query<'_, sqlx::Sqlite, SqliteArguments<'_>> {
-    let mut q = sqlx::query(sql.text()).persistent(sql.is_persistent());
-    for b in sql.binds() {
-        q = match b {
-            Bind::Text(t) => q.bind(t.as_str()),
-            Bind::OptText(t) => q.bind(t.as_deref()),
-            Bind::Int(n) => q.bind(*n),
-            Bind::Int32(n) => q.bind(*n),
-            Bind::Real(x) => q.bind(*x),
-            Bind::Bool(b) => q.bind(*b),
-            Bind::IntList(v) => {
-                let items: Vec<String> = v.iter().map(i32::to_string).collect();
-                q.bind(format!("[{}]", items.join(",")))
-            }
-        };
-    }
-    q
+/// An integer list as SQLite binds it: JSON text, which `json_each` turns into rows.
+fn json_list(v: &[i32]) -> String {
+    let items: Vec<String> = v.iter().map(i32::to_string).collect();
+    format!("[{}]", items.join(","))
 }
 
 /// Decodes a row by each value's storage class: SQLite types values, not columns.
@@ -183,7 +168,7 @@ fn row_of(row: SqliteRow) -> Result<Row> {
     Ok(Row::new(cells))
 }
 
-crate::dialect::exec_for!(SqliteConnection);
+crate::dialect::exec_for!(SqliteConnection, sqlx::Sqlite, json_list);
 
 /// Parameters: $1 tenant, $2 type, $3 id, $4 version, $5 now, $6 deleted, $7 segment, $8 e_hi,
 /// $9 e_lo, $10 op, $11 body, $12 was_live, $13 digest delta high, $14 digest delta low,
