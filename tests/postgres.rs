@@ -70,3 +70,15 @@ async fn refresh_statistics_vacuums_and_analyzes() {
         assert!(analyzed.is_some_and(|t| t >= before), "{table} analyzed");
     }
 }
+
+/// Searches past `search_timeout` are cancelled while reads and writes keep answering.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heavy_searches_are_bounded() {
+    let Some(store) =
+        fhirstore_integration::postgres_store_with(fhirstore_integration::bounded_search_config())
+            .await
+    else {
+        return;
+    };
+    fhirstore_integration::heavy_searches_are_bounded(std::sync::Arc::new(store)).await;
+}

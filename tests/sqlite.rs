@@ -116,3 +116,17 @@ async fn custom_parameters_across_stores() {
     let (a, b) = two_stores_on_one_file("params").await;
     fhirstore_testkit::checks::custom_parameters_across_stores(&a, &b).await;
 }
+
+/// Searches past `search_timeout` are cancelled while reads and writes keep answering.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heavy_searches_are_bounded() {
+    let Some(store) = fhirstore_integration::sqlite_store_with(
+        env!("CARGO_TARGET_TMPDIR"),
+        fhirstore_integration::bounded_search_config(),
+    )
+    .await
+    else {
+        return;
+    };
+    fhirstore_integration::heavy_searches_are_bounded(std::sync::Arc::new(store)).await;
+}

@@ -20,11 +20,16 @@ pub fn postgres_url() -> String {
 /// A fresh SQLite database file under `tmp` (tests pass cargo's `CARGO_TARGET_TMPDIR`, so the
 /// files live under `target/` and go with `cargo clean`).
 pub async fn sqlite_store(tmp: &str) -> Option<SqliteStore> {
+    sqlite_store_with(tmp, SqlConfig::default()).await
+}
+
+/// [`sqlite_store`] with `config`.
+pub async fn sqlite_store_with(tmp: &str, config: SqlConfig) -> Option<SqliteStore> {
     let dir = std::path::Path::new(tmp).join("fhirstore-sqlite");
     std::fs::create_dir_all(&dir).expect("create test dir");
     let path = dir.join(format!("{}.sqlite", uuid_like()));
     Some(
-        SqliteStore::open(&path, SqlConfig::default())
+        SqliteStore::open(&path, config)
             .await
             .expect("open SQLite store"),
     )
@@ -32,7 +37,12 @@ pub async fn sqlite_store(tmp: &str) -> Option<SqliteStore> {
 
 /// A store on the test PostgreSQL server, or `None` (skip) when it is down and not required.
 pub async fn postgres_store() -> Option<PostgresStore> {
-    match PostgresStore::connect(&postgres_url(), SqlConfig::default()).await {
+    postgres_store_with(SqlConfig::default()).await
+}
+
+/// [`postgres_store`] with `config`.
+pub async fn postgres_store_with(config: SqlConfig) -> Option<PostgresStore> {
+    match PostgresStore::connect(&postgres_url(), config).await {
         Ok(s) => Some(s),
         Err(e) => fhirstore_testkit::service_unavailable("PostgreSQL", e),
     }
@@ -212,5 +222,188 @@ pub async fn redis_secondary() -> Option<fhirstore_redis::RedisSecondary> {
             _ => Some(s),
         },
         Err(e) => fhirstore_testkit::service_unavailable("Redis", e),
+    }
+}
+
+/// The settings [`heavy_searches_are_bounded`] needs: a short search limit and fewer search
+/// connections than heavy searches, beside as few connections for everything else.
+pub fn bounded_search_config() -> SqlConfig {
+    SqlConfig {
+        search_timeout: std::time::Duration::from_millis(1_500),
+        search_connections: 2,
+        max_connections: 2,
+        ..SqlConfig::default()
+    }
+}
+
+/// A search far too heavy to finish in [`bounded_search_config`]'s limit, yet within every
+/// parse limit: 80 `name:contains` criteria of 250 values each, the last value of each
+/// matching every stored name, so no criterion can be skipped, and an accurate total, so no
+/// match can be either.
+pub fn heavy_query() -> fhirstore_core::SearchQuery {
+    let values: Vec<String> = (0..249)
+        .map(|i| format!("zq{i}"))
+        .chain(["a".into()])
+        .collect();
+    let one = format!("name:contains={}", values.join(","));
+    let text = format!("{}&_total=accurate", vec![one; 80].join("&"));
+    fhirstore_core::SearchQuery::parse(
+        Some(ResourceType::new("Patient").expect("type")),
+        &text,
+        fhirstore_core::search::Handling::Strict,
+    )
+    .expect("within the parse limits")
+}
+
+/// Heavy searches are cancelled at `search_timeout` with a 400-kind error naming the limit,
+/// and free their connections; while they run, reads by id and writes on the same store keep
+/// answering, each well within the limit, since searches hold a pool of their own.
+pub async fn heavy_searches_are_bounded<D: fhirstore_sql::Dialect>(
+    store: std::sync::Arc<fhirstore_sql::Store<D>>,
+) {
+    use fhirstore_core::{Error, WriteOp};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::{Duration, Instant};
+    let limit = bounded_search_config().search_timeout;
+    let ctx = fhirstore_testkit::random_tenant();
+    let pt = ResourceType::new("Patient").expect("type");
+    for chunk in 0..4 {
+        let ops = (0..250)
+            .map(|i| WriteOp::Create {
+                resource_type: pt,
+                resource: serde_json::json!({"resourceType": "Patient",
+                    "name": [{"family": format!("Baker{chunk}x{i}"), "given": ["Anna"]}]}),
+                if_none_exist: None,
+                full_url: None,
+            })
+            .collect();
+        store.transaction(&ctx, ops).await.expect("load");
+    }
+    let probe = store
+        .create(
+            &ctx,
+            pt,
+            serde_json::json!({"resourceType": "Patient", "gender": "male"}),
+        )
+        .await
+        .expect("create")
+        .resource
+        .key
+        .id;
+    let heavy = heavy_query();
+    let started = Instant::now();
+    let done = std::sync::Arc::new(AtomicUsize::new(0));
+    let searches: Vec<_> = (0..4)
+        .map(|_| {
+            let (store, ctx, heavy, done) =
+                (store.clone(), ctx.clone(), heavy.clone(), done.clone());
+            tokio::spawn(async move {
+                let r = store.search(&ctx, &heavy).await;
+                done.fetch_add(1, Ordering::SeqCst);
+                (r, started.elapsed())
+            })
+        })
+        .collect();
+    // Reads and writes while the searches hold every search connection: each is timed, and
+    // the loop runs until the searches end, so it measures the whole window.
+    let (mut answered, mut slowest) = (0u32, Duration::ZERO);
+    while done.load(Ordering::SeqCst) < searches.len() {
+        let t = Instant::now();
+        store
+            .read(&ctx, pt, &probe)
+            .await
+            .expect("read while searching");
+        store
+            .update(
+                &ctx,
+                pt,
+                &probe,
+                serde_json::json!({"resourceType": "Patient",
+                "id": probe.as_str(), "gender": if answered % 2 == 0 { "female" } else { "male" }}),
+                None,
+            )
+            .await
+            .expect("write while searching");
+        slowest = slowest.max(t.elapsed());
+        answered += 1;
+        tokio::task::yield_now().await;
+    }
+    for s in searches {
+        let (result, took) = s.await.expect("search task");
+        match result {
+            Err(Error::TooCostly(m)) => assert!(m.contains("search_timeout"), "{m}"),
+            Ok(page) => panic!(
+                "a heavy search finished in {took:?} with {} matches: make it heavier",
+                page.matches.len()
+            ),
+            Err(e) => panic!("expected the search_timeout, got {e}"),
+        }
+        assert!(took < limit * 4, "cancelled at {took:?}, limit {limit:?}");
+    }
+    assert!(
+        answered >= 3,
+        "only {answered} reads and writes ran beside the searches"
+    );
+    assert!(
+        slowest < limit / 2,
+        "a read and write beside heavy searches took {slowest:?} (limit {limit:?})"
+    );
+    // The cancelled statements let their connections go: a light search answers at once.
+    let light = fhirstore_core::SearchQuery::parse(
+        Some(pt),
+        "gender=male,female",
+        fhirstore_core::search::Handling::Strict,
+    )
+    .expect("query");
+    let t = Instant::now();
+    let page = store
+        .search(&ctx, &light)
+        .await
+        .expect("a light search after");
+    assert_eq!(page.matches.len(), 1);
+    assert!(t.elapsed() < limit / 2, "took {:?}", t.elapsed());
+}
+
+/// Runs `work`, failing the test if it takes longer than `limit`. A hang then fails with its
+/// name instead of holding the run, and prints what the test PostgreSQL server's sessions were
+/// doing (the usual cause of a hang there is a lock wait), without credentials.
+pub async fn within<F: std::future::Future>(
+    limit: std::time::Duration,
+    what: &str,
+    work: F,
+) -> F::Output {
+    match tokio::time::timeout(limit, work).await {
+        Ok(out) => out,
+        Err(_) => panic!(
+            "{what} did not finish within {limit:?}; PostgreSQL sessions at the time:\n{}",
+            postgres_sessions().await
+        ),
+    }
+}
+
+/// A session as listed: pid, state, wait event, the pids blocking it, and its query.
+type Session = (i32, String, String, String, String);
+
+async fn postgres_sessions() -> String {
+    use sqlx::Connection as _;
+    let Ok(mut conn) = sqlx::PgConnection::connect(&postgres_url()).await else {
+        return "(PostgreSQL not reachable)".to_owned();
+    };
+    let rows: Result<Vec<Session>, _> = sqlx::query_as(
+        "SELECT pid, coalesce(state, ''), coalesce(wait_event_type || ':' || wait_event, ''), \
+         coalesce(pg_blocking_pids(pid)::text, ''), left(coalesce(query, ''), 200) \
+         FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()",
+    )
+    .fetch_all(&mut conn)
+    .await;
+    match rows {
+        Ok(rows) => rows
+            .iter()
+            .map(|(pid, state, wait, blockers, query)| {
+                format!("  {pid} {state} wait={wait} blocked_by={blockers} {query}")
+            })
+            .collect::<Vec<_>>()
+            .join("\n"),
+        Err(e) => format!("(could not list sessions: {e})"),
     }
 }

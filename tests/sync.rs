@@ -602,6 +602,15 @@ async fn rejected_changes_follow_the_policy() {
 /// (leases), every change arrives, and Redis ends equal to the primary.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_instances_share_one_postgres() {
+    fhirstore_integration::within(
+        Duration::from_secs(240),
+        "two_instances_share_one_postgres",
+        two_instances_on_postgres(),
+    )
+    .await;
+}
+
+async fn two_instances_on_postgres() {
     let Some(redis) = redis().await else { return };
     let Some(pg) = fhirstore_integration::postgres_store().await else {
         return;

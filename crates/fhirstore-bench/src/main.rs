@@ -40,6 +40,7 @@ pub(crate) fn embedded_settings(
         redis_prefix: "fhirstore".to_owned(),
         redis_mode: fhirstore_server::config::ModeArg::Off,
         index_mode,
+        search: fhirstore_server::config::SearchBounds::default(),
     }
 }
 

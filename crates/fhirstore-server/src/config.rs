@@ -49,6 +49,14 @@ pub struct StorageArgs {
     /// How writes reach the tantivy index under the data directory, or `off` [default: async].
     #[arg(long, env = "FHIRSTORE_INDEX_MODE", global = true)]
     pub index_mode: Option<ModeArg>,
+    /// How long one search may run on the primary before it is cancelled and answered 400
+    /// `too-costly` naming `search_timeout` (`30s`, `2m`) [default: 30s].
+    #[arg(long, env = "FHIRSTORE_SEARCH_TIMEOUT", global = true, value_parser = parse_duration)]
+    pub search_timeout: Option<Duration>,
+    /// Primary connections that searches may hold at once, apart from those of reads by id
+    /// and writes [default: 6].
+    #[arg(long, env = "FHIRSTORE_SEARCH_CONNECTIONS", global = true)]
+    pub search_connections: Option<u32>,
 }
 
 /// The `serve` flags.
@@ -244,6 +252,8 @@ pub struct FileConfig {
     redis_prefix: Option<String>,
     redis_mode: Option<ModeArg>,
     index_mode: Option<ModeArg>,
+    search_timeout: Option<String>,
+    search_connections: Option<u32>,
     listen: Option<SocketAddr>,
     public_url: Option<String>,
     admin_token: Option<String>,
@@ -281,6 +291,38 @@ pub struct StoreSettings {
     pub redis_mode: ModeArg,
     /// tantivy's mode.
     pub index_mode: ModeArg,
+    /// How searches on the primary are bounded.
+    pub search: SearchBounds,
+}
+
+/// How searches on the primary are bounded (see `fhirstore_sql::SqlConfig`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SearchBounds {
+    /// How long one search may run.
+    pub timeout: Duration,
+    /// Connections that searches may hold at once.
+    pub connections: u32,
+}
+
+impl Default for SearchBounds {
+    fn default() -> Self {
+        let sql = fhirstore_sql::SqlConfig::default();
+        SearchBounds {
+            timeout: sql.search_timeout,
+            connections: sql.search_connections,
+        }
+    }
+}
+
+impl SearchBounds {
+    /// The primary's settings with these bounds.
+    pub fn sql_config(&self) -> fhirstore_sql::SqlConfig {
+        fhirstore_sql::SqlConfig {
+            search_timeout: self.timeout,
+            search_connections: self.connections,
+            ..Default::default()
+        }
+    }
 }
 
 /// The HTTP server's settings.
@@ -392,16 +434,38 @@ pub fn redact_url(url: &str) -> String {
 /// Resolves the storage settings, reading the TOML file if one is named.
 pub fn store_settings(args: &StorageArgs) -> Result<StoreSettings, ConfigError> {
     let file = read_file(args.config.as_deref())?;
-    Ok(resolve_store(args, &file))
+    resolve_store(args, &file)
 }
 
-fn resolve_store(args: &StorageArgs, file: &FileConfig) -> StoreSettings {
+fn resolve_store(args: &StorageArgs, file: &FileConfig) -> Result<StoreSettings, ConfigError> {
+    let defaults = SearchBounds::default();
+    let search = SearchBounds {
+        timeout: match args.search_timeout {
+            Some(d) => d,
+            None => file
+                .search_timeout
+                .as_deref()
+                .map(parse_duration)
+                .transpose()
+                .map_err(|e| ConfigError(format!("search_timeout: {e}")))?
+                .unwrap_or(defaults.timeout),
+        },
+        connections: args
+            .search_connections
+            .or(file.search_connections)
+            .unwrap_or(defaults.connections),
+    };
+    if search.connections == 0 {
+        return Err(ConfigError(
+            "search_connections must be at least 1".to_owned(),
+        ));
+    }
     let redis = args.redis.clone().or_else(|| file.redis.clone());
     let redis_mode = match redis {
         None => ModeArg::Off,
         Some(_) => args.redis_mode.or(file.redis_mode).unwrap_or(ModeArg::Sync),
     };
-    StoreSettings {
+    Ok(StoreSettings {
         data_dir: args
             .data_dir
             .clone()
@@ -419,7 +483,8 @@ fn resolve_store(args: &StorageArgs, file: &FileConfig) -> StoreSettings {
             .index_mode
             .or(file.index_mode)
             .unwrap_or(ModeArg::Async),
-    }
+        search,
+    })
 }
 
 /// Resolves the storage and server settings for `serve`.
@@ -478,7 +543,7 @@ pub fn serve_settings(
                 .unwrap_or(defaults.export_ttl),
         },
     };
-    let stores = resolve_store(storage, &file);
+    let stores = resolve_store(storage, &file)?;
     let server = ServerSettings {
         export_dir: Some(stores.data_dir.join("exports")),
         ..server
@@ -544,12 +609,13 @@ mod tests {
             index_mode: Some(ModeArg::Off),
             ..StorageArgs::default()
         };
-        let s = resolve_store(&args, &file);
+        let s = resolve_store(&args, &file).expect("settings");
         assert_eq!(s.data_dir, PathBuf::from("/srv/fhir"));
         assert_eq!(s.redis.as_deref(), Some("redis://cache:6379"));
         assert_eq!(s.redis_mode, ModeArg::Sync);
         assert_eq!(s.index_mode, ModeArg::Off);
-        let none = resolve_store(&StorageArgs::default(), &FileConfig::default());
+        let none =
+            resolve_store(&StorageArgs::default(), &FileConfig::default()).expect("settings");
         assert_eq!(none.data_dir, PathBuf::from("data"));
         assert_eq!(
             (none.redis_mode, none.index_mode),

@@ -139,10 +139,19 @@ pub async fn open(settings: &StoreSettings) -> Result<Arc<Deployment>> {
     }
     let config = SyncConfig::default();
     let deployment: Arc<Deployment> = match &settings.postgres {
-        Some(url) => postgres(url, secondaries, config, parts).await?,
+        Some(url) => {
+            postgres(
+                url,
+                settings.search.sql_config(),
+                secondaries,
+                config,
+                parts,
+            )
+            .await?
+        }
         None => {
             let path = settings.data_dir.join("fhirstore.sqlite");
-            let store = SqliteStore::open(&path, SqlConfig::default()).await?;
+            let store = SqliteStore::open(&path, settings.search.sql_config()).await?;
             parts.insert(0, (format!("sqlite {}", path.display()), "sqlite".into()));
             opened(Arc::new(store), secondaries, config, &parts)?
         }
@@ -153,11 +162,12 @@ pub async fn open(settings: &StoreSettings) -> Result<Arc<Deployment>> {
 #[cfg(feature = "postgres")]
 async fn postgres(
     url: &str,
+    sql: SqlConfig,
     secondaries: Vec<(String, Arc<dyn Secondary>, SecondaryConfig)>,
     config: SyncConfig,
     mut parts: Vec<(String, String)>,
 ) -> Result<Arc<Deployment>> {
-    let store = fhirstore_sql::PostgresStore::connect(url, SqlConfig::default()).await?;
+    let store = fhirstore_sql::PostgresStore::connect(url, sql).await?;
     parts.insert(
         0,
         (
@@ -171,6 +181,7 @@ async fn postgres(
 #[cfg(not(feature = "postgres"))]
 async fn postgres(
     _url: &str,
+    _sql: SqlConfig,
     _secondaries: Vec<(String, Arc<dyn Secondary>, SecondaryConfig)>,
     _config: SyncConfig,
     _parts: Vec<(String, String)>,

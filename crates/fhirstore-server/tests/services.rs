@@ -7,7 +7,7 @@ use std::time::Duration;
 use axum::http::StatusCode;
 use fhirstore_core::changelog::{ChangeLog, Consumers};
 use fhirstore_core::secondary::Secondary;
-use fhirstore_server::config::{ModeArg, ServerSettings, StoreSettings};
+use fhirstore_server::config::{ModeArg, SearchBounds, ServerSettings, StoreSettings};
 use serde_json::json;
 
 fn env_or(name: &str, default: &str) -> String {
@@ -28,6 +28,7 @@ async fn postgres_primary_with_redis_and_tantivy() {
         redis_prefix: format!("fhirstore-srv-{unique}"),
         redis_mode: ModeArg::Sync,
         index_mode: ModeArg::Async,
+        search: SearchBounds::default(),
     };
     // Both secondaries start built, with their cursors at the log's head: on the shared test
     // database a new secondary would otherwise be rebuilt from every earlier run's data.

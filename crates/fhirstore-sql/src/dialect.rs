@@ -94,9 +94,52 @@ pub trait Dialect: Send + Sync + Copy + Default + std::fmt::Debug + 'static {
         query: &'c SearchQuery,
     ) -> impl Future<Output = Result<()>> + Send + 'c;
 
+    /// Readies a connection of the search pool for one search: the statements it runs from
+    /// now on stop with [`crate::STATEMENT_CANCELLED`] once `stop` says so. PostgreSQL needs
+    /// nothing per search: its search connections carry `statement_timeout`.
+    fn arm_search<'c>(
+        conn: &'c mut Conn<Self>,
+        stop: &'c SearchStop,
+    ) -> impl Future<Output = Result<()>> + Send + 'c;
+
     /// A statement of this dialect, written out whole or to be built on.
     fn sql(text: impl Display) -> Sql {
         Sql::new(Self::SYNTAX, text)
+    }
+}
+
+/// When a search's statements must stop: past its deadline, or once its caller has gone away
+/// (the search's future was dropped, which sets `cancelled`).
+#[derive(Debug)]
+pub struct SearchStop {
+    /// The end of the search's time (`SqlConfig::search_timeout` after it began).
+    pub deadline: std::time::Instant,
+    /// Set when the search ends, however it ends.
+    pub cancelled: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl SearchStop {
+    /// A stop `limit` from now.
+    pub fn after(limit: std::time::Duration) -> Self {
+        SearchStop {
+            deadline: std::time::Instant::now() + limit,
+            cancelled: Default::default(),
+        }
+    }
+
+    /// Whether statements must stop now.
+    pub fn due(&self) -> bool {
+        self.cancelled.load(std::sync::atomic::Ordering::Relaxed)
+            || std::time::Instant::now() >= self.deadline
+    }
+}
+
+impl Drop for SearchStop {
+    /// The search is over, finished or abandoned: a statement still running for it (its
+    /// caller dropped the future mid-statement) is interrupted.
+    fn drop(&mut self) {
+        self.cancelled
+            .store(true, std::sync::atomic::Ordering::Relaxed);
     }
 }
 

@@ -67,6 +67,19 @@ pub struct SqlConfig {
     /// measuring what it costs: the digests of writes made without it are wrong until the
     /// reconciler's self-check rebuilds them.
     pub maintain_digests: bool,
+    /// How long one search (its page, includes and total together) may run. Past it, the
+    /// running statement is cancelled (SQLite: interrupted; PostgreSQL: `statement_timeout`
+    /// on the search connections) and the search fails with [`Error::TooCostly`] naming
+    /// `search_timeout`. A search whose caller goes away is cancelled too: at once on SQLite,
+    /// at this bound on PostgreSQL.
+    pub search_timeout: Duration,
+    /// Connections that searches may hold at once, a pool of their own: however heavy the
+    /// searches, reads by id, history and writes keep the `max_connections` of theirs.
+    pub search_connections: u32,
+    /// How long a PostgreSQL session may sit inside a transaction without sending anything
+    /// before the server ends it, releasing its locks. No write of the store pauses that long;
+    /// the bound keeps a stalled client from holding locks that every writer would wait on.
+    pub idle_in_transaction_timeout: Duration,
 }
 
 impl Default for SqlConfig {
@@ -79,6 +92,9 @@ impl Default for SqlConfig {
             validation: fhirstore_core::validate::Validation::Strict,
             max_retries: 8,
             maintain_digests: true,
+            search_timeout: Duration::from_secs(30),
+            search_connections: 6,
+            idle_in_transaction_timeout: Duration::from_secs(60),
         }
     }
 }
@@ -114,6 +130,16 @@ pub enum Syntax {
 }
 
 impl Syntax {
+    /// The most values one statement may bind: SQLite's `SQLITE_MAX_VARIABLE_NUMBER` as the
+    /// bundled library is built (32,766), and the 16-bit parameter count of PostgreSQL's
+    /// protocol.
+    pub(crate) fn max_binds(self) -> usize {
+        match self {
+            Syntax::Sqlite => 32_766,
+            Syntax::Postgres => 65_535,
+        }
+    }
+
     /// What makes text sort keys compare bytewise, so ORDER BY and the keyset condition of the
     /// next page agree whatever the database's default collation. SQLite's default BINARY
     /// collation already does.
@@ -580,6 +606,9 @@ pub(crate) fn classify(err: sqlx::Error, dialect: Syntax) -> Error {
     let temporary = match &err {
         sqlx::Error::Database(db) => {
             let code = db.code().map(|c| c.into_owned()).unwrap_or_default();
+            if is_cancelled(dialect, &code) {
+                return Error::TooCostly(STATEMENT_CANCELLED.to_owned());
+            }
             if is_disk_full(dialect, &code) {
                 // Not retried here: only an operator freeing space helps.
                 return Error::StorageFull(format!(
@@ -595,6 +624,19 @@ pub(crate) fn classify(err: sqlx::Error, dialect: Syntax) -> Error {
         _ => false,
     };
     Error::backend(format!("database: {err}"), temporary, err)
+}
+
+/// What a statement stopped by a search's time limit (or its caller's going away) fails with;
+/// the search names the limit in its place.
+pub const STATEMENT_CANCELLED: &str =
+    "search_timeout: the statement ran past its time limit and was cancelled";
+
+/// SQLITE_INTERRUPT, or PostgreSQL's `query_canceled` (`statement_timeout`, a cancel request).
+fn is_cancelled(dialect: Syntax, code: &str) -> bool {
+    match dialect {
+        Syntax::Postgres => code == "57014",
+        Syntax::Sqlite => code.parse::<i32>().is_ok_and(|c| c & 0xff == 9),
+    }
 }
 
 /// SQLITE_FULL (with its extended codes), or PostgreSQL's `disk_full`.

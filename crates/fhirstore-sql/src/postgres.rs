@@ -6,10 +6,10 @@
 //! take a transaction-scoped advisory lock on their criteria.
 
 use fhirstore_core::{Error, Result, SearchQuery, TenantId};
-use sqlx::postgres::{PgPoolOptions, PgRow};
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgRow};
 use sqlx::{PgConnection, Row as _, TypeInfo as _, ValueRef as _};
 
-use crate::dialect::{Cell, Dialect, Row};
+use crate::dialect::{Cell, Dialect, Row, SearchStop};
 use crate::search::{Bind, Sql};
 use crate::store::Store;
 use crate::{SqlConfig, Syntax, VersionRow};
@@ -152,6 +152,18 @@ impl Dialect for PostgresDialect {
             .map_err(db_err)?;
         Ok(())
     }
+
+    /// Nothing per search: the search pool's sessions carry `statement_timeout`, so a statement
+    /// ends at the limit even when its caller has gone away.
+    async fn arm_search(_conn: &mut PgConnection, _stop: &SearchStop) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// A duration as a PostgreSQL setting in milliseconds; zero would switch the limit off, so the
+/// least is one.
+fn millis(d: std::time::Duration) -> String {
+    format!("{}ms", d.as_millis().max(1))
 }
 
 /// An integer list as PostgreSQL binds it: an `int4[]`.
@@ -194,16 +206,29 @@ impl Store<PostgresDialect> {
     /// Connects to `url` and brings the schema up to date (migrations take an advisory lock, so
     /// several processes may start at once).
     pub async fn connect(url: &str, config: SqlConfig) -> Result<Self> {
+        let options: PgConnectOptions = url
+            .parse()
+            .map_err(|e| Error::Configuration(format!("the PostgreSQL URL does not parse: {e}")))?;
+        let options = options.options([(
+            "idle_in_transaction_session_timeout",
+            millis(config.idle_in_transaction_timeout),
+        )]);
         let pool = PgPoolOptions::new()
             .max_connections(config.max_connections.max(2))
-            .connect(url)
+            .connect_with(options.clone())
             .await
             .map_err(db_err)?;
         MIGRATOR
             .run(&pool)
             .await
             .map_err(|e| Error::backend("running PostgreSQL migrations", false, e))?;
-        Ok(Store::new(pool.clone(), pool, config))
+        // Opened on first use: a store that never searches holds no search connections.
+        let searcher = PgPoolOptions::new()
+            .max_connections(config.search_connections.max(1))
+            .connect_lazy_with(
+                options.options([("statement_timeout", millis(config.search_timeout))]),
+            );
+        Ok(Store::new(pool.clone(), pool, searcher, config))
     }
 }
 

@@ -14,7 +14,7 @@ use sqlx::sqlite::{
 };
 use sqlx::{Row as _, SqliteConnection, SqlitePool, TypeInfo as _, ValueRef as _};
 
-use crate::dialect::{Cell, Dialect, Row};
+use crate::dialect::{Cell, Dialect, Row, SearchStop};
 use crate::search::{Bind, Sql};
 use crate::store::Store;
 use crate::{corrupt, Durability, SqlConfig, Syntax, VersionRow};
@@ -141,7 +141,23 @@ impl Dialect for SqliteDialect {
     ) -> Result<()> {
         Ok(())
     }
+
+    /// A progress handler that interrupts the statement (`SQLITE_INTERRUPT`) once the search
+    /// is due: checked every `PROGRESS_STEPS` virtual-machine steps, a few microseconds apart.
+    async fn arm_search(conn: &mut SqliteConnection, stop: &SearchStop) -> Result<()> {
+        let deadline = stop.deadline;
+        let cancelled = stop.cancelled.clone();
+        let mut handle = conn.lock_handle().await.map_err(db_err)?;
+        handle.set_progress_handler(PROGRESS_STEPS, move || {
+            !cancelled.load(std::sync::atomic::Ordering::Relaxed)
+                && std::time::Instant::now() < deadline
+        });
+        Ok(())
+    }
 }
+
+/// Virtual-machine steps between two checks of a search's deadline.
+const PROGRESS_STEPS: i32 = 1_000;
 
 /// An integer list as SQLite binds it: JSON text, which `json_each` turns into rows.
 fn json_list(v: &[i32]) -> String {
@@ -270,19 +286,24 @@ impl Store<SqliteDialect> {
             .await
             .map_err(|e| Error::backend("running SQLite migrations", false, e))?;
         fill_digest_groups(&writer).await?;
+        let read_only = options.read_only(true);
         let reader = SqlitePoolOptions::new()
             .test_before_acquire(false)
             .max_connections(config.max_connections.max(1))
-            .connect_with(options.read_only(true))
+            .connect_with(read_only.clone())
             .await
             .map_err(db_err)?;
+        let searcher = SqlitePoolOptions::new()
+            .test_before_acquire(false)
+            .max_connections(config.search_connections.max(1))
+            .connect_lazy_with(read_only);
         // Statistics from an earlier run may be missing or stale; `optimize` refreshes only
         // those that need it, and the limit keeps it to a bounded sample of each index.
         sqlx::query(ANALYZE_SAMPLED)
             .execute(&writer)
             .await
             .map_err(db_err)?;
-        Ok(Store::new(reader, writer, config))
+        Ok(Store::new(reader, writer, searcher, config))
     }
 }
 

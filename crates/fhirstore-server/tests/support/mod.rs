@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use axum::body::Body;
 use axum::http::{HeaderMap, Method, Request, StatusCode};
 use axum::Router;
-use fhirstore_server::config::{ModeArg, ServerSettings, StoreSettings};
+use fhirstore_server::config::{ModeArg, SearchBounds, ServerSettings, StoreSettings};
 use fhirstore_server::{deploy, router, App};
 use serde_json::Value;
 use tower::ServiceExt as _;
@@ -56,6 +56,7 @@ pub fn store_settings(dir: &std::path::Path) -> StoreSettings {
         redis_prefix: "fhirstore".to_owned(),
         redis_mode: ModeArg::Off,
         index_mode: ModeArg::Async,
+        search: SearchBounds::default(),
     }
 }
 

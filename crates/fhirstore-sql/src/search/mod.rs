@@ -105,7 +105,10 @@ pub(crate) fn page(
     qb.push_bind(tenant.as_str());
     qb.push(" AND v.resource_type = p.rt AND v.id = p.id AND v.version = p.version");
     qb.push(order_by("p"));
-    Ok(PagePlan { sql: qb, keys })
+    Ok(PagePlan {
+        sql: qb.within_bind_limit()?,
+        keys,
+    })
 }
 
 /// `SELECT COUNT(*)` of the live resources matching `query`: from the index tables alone where
@@ -117,11 +120,11 @@ pub(crate) fn count(
     now: i64,
 ) -> Result<Sql> {
     if let Some(sql) = criteria::index_count(dialect, tenant, query, now)? {
-        return Ok(sql);
+        return sql.within_bind_limit();
     }
     let mut qb = Sql::new(dialect, "SELECT COUNT(*)");
     criteria::push_search_from(&mut qb, tenant, query, now)?;
-    Ok(qb)
+    qb.within_bind_limit()
 }
 
 /// The matching statement behind `explain` (the dialect's plan-estimate prefix, such as
@@ -135,7 +138,7 @@ pub(crate) fn estimate(
 ) -> Result<Sql> {
     let mut qb = Sql::new(dialect, explain);
     criteria::push_search_from(&mut qb, tenant, query, now)?;
-    Ok(qb)
+    qb.within_bind_limit()
 }
 
 /// Keys (`resource_type`, `id`) of at most `limit` live resources matching `query`, in key
@@ -151,7 +154,7 @@ pub(crate) fn keys(
     criteria::push_search_from(&mut qb, tenant, query, now)?;
     qb.push(" ORDER BY r.resource_type, r.id LIMIT ");
     qb.push_bind(i64::try_from(limit).unwrap_or(i64::MAX));
-    Ok(qb)
+    qb.within_bind_limit()
 }
 
 pub(crate) use sort::sorted_cursor;

@@ -3,6 +3,7 @@
 use std::fmt::{Display, Write as _};
 
 use crate::Syntax;
+use fhirstore_core::{Error, Result};
 
 /// One bind value. The planner binds only text, integers and numbers; the store's own statements
 /// bind the rest. Each driver turns a value into its own parameter type.
@@ -217,6 +218,22 @@ impl Sql {
     /// The values, in placeholder order.
     pub fn binds(&self) -> &[Bind] {
         &self.binds
+    }
+
+    /// This statement, if the database takes all its values in one statement; otherwise
+    /// [`Error::TooCostly`] saying how many it needs. The search limits (criteria, OR values)
+    /// allow queries with more values than that, which must be refused, not fail inside the
+    /// driver.
+    pub fn within_bind_limit(self) -> Result<Self> {
+        let max = self.dialect.max_binds();
+        if self.binds.len() > max {
+            return Err(Error::TooCostly(format!(
+                "the search needs {} values in one statement, beyond the database's limit of \
+                 {max}; use fewer criteria or OR values, or split the search",
+                self.binds.len()
+            )));
+        }
+        Ok(self)
     }
 }
 

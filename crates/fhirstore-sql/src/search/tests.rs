@@ -470,3 +470,39 @@ fn inside_unwraps_only_a_whole_set() {
         assert!(sql(not_whole).inside(open, "))").is_none(), "{not_whole}");
     }
 }
+
+/// A query within every search limit may still need more bound values than the database takes
+/// in one statement: it is refused as too costly, naming the count and the database's limit,
+/// on every statement the store plans from it; a query just within the limit is planned.
+#[test]
+fn statements_beyond_the_bind_limit_are_refused() {
+    let many = |criteria: usize, values: usize| {
+        let one = format!(
+            "name:contains={}",
+            (0..values)
+                .map(|i| format!("v{i}"))
+                .collect::<Vec<_>>()
+                .join(",")
+        );
+        query(Some("Patient"), &vec![one; criteria].join("&"))
+    };
+    let huge = many(100, 1_000);
+    for syntax in [Syntax::Sqlite, Syntax::Postgres] {
+        let refused = [
+            super::page(syntax, &tenant(), &huge, NOW).map(|p| p.sql),
+            super::count(syntax, &tenant(), &huge, NOW),
+            super::keys(syntax, &tenant(), &huge, 2, NOW),
+            super::estimate(syntax, "EXPLAIN SELECT 1", &tenant(), &huge, NOW),
+        ];
+        for r in refused {
+            match r {
+                Err(fhirstore_core::Error::TooCostly(m)) => {
+                    assert!(m.contains(&syntax.max_binds().to_string()), "{m}");
+                }
+                other => panic!("{syntax:?}: expected too costly, got {other:?}"),
+            }
+        }
+        let fits = super::page(syntax, &tenant(), &many(20, 1_000), NOW).expect("planned");
+        assert!(fits.sql.binds().len() > 20_000);
+    }
+}

@@ -28,7 +28,7 @@ use fhirstore_core::{
 use serde_json::Value;
 use tracing::instrument;
 
-use crate::dialect::{db_err, Conn, Dialect, Row};
+use crate::dialect::{db_err, Conn, Dialect, Row, SearchStop};
 use crate::search;
 use crate::{corrupt, SegmentDigest, SqlConfig};
 
@@ -119,6 +119,8 @@ pub struct Store<D: Dialect> {
     reader: sqlx::Pool<D::Db>,
     /// Writes (SQLite: exactly one connection).
     writer: sqlx::Pool<D::Db>,
+    /// Searches, a pool of their own (see `SqlConfig::search_connections`).
+    searcher: sqlx::Pool<D::Db>,
     config: SqlConfig,
     stats: Arc<crate::StatsUpkeep>,
     params: Arc<crate::ParamCache>,
@@ -130,6 +132,7 @@ impl<D: Dialect> Clone for Store<D> {
         Store {
             reader: self.reader.clone(),
             writer: self.writer.clone(),
+            searcher: self.searcher.clone(),
             config: self.config.clone(),
             stats: self.stats.clone(),
             params: self.params.clone(),
@@ -152,11 +155,13 @@ impl<D: Dialect> Store<D> {
     pub(crate) fn new(
         reader: sqlx::Pool<D::Db>,
         writer: sqlx::Pool<D::Db>,
+        searcher: sqlx::Pool<D::Db>,
         config: SqlConfig,
     ) -> Self {
         Store {
             reader,
             writer,
+            searcher,
             config,
             stats: crate::StatsUpkeep::new(),
             params: Arc::default(),
@@ -168,6 +173,14 @@ impl<D: Dialect> Store<D> {
     pub async fn close(&self) {
         self.writer.close().await;
         self.reader.close().await;
+        self.searcher.close().await;
+    }
+
+    /// Connections of the search pool now held by searches: a gauge of search load, and how a
+    /// caller sees that a search it gave up on has let its connection go.
+    pub fn searches_in_flight(&self) -> u32 {
+        let idle = u32::try_from(self.searcher.num_idle()).unwrap_or(u32::MAX);
+        self.searcher.size().saturating_sub(idle)
     }
 
     fn span_tenant(ctx: &TenantContext) -> &str {
@@ -279,7 +292,7 @@ impl<D: Dialect> ResourceStorage for Store<D> {
         fields(backend = D::NAME, tenant = %Self::span_tenant(ctx)))]
     async fn count(&self, ctx: &TenantContext, rt: Option<ResourceType>) -> Result<u64> {
         ctx.require(Permission::Read)?;
-        self.count_matches(ctx.tenant(), &SearchQuery::all(rt), now_micros())
+        self.count_bounded(ctx.tenant(), &SearchQuery::all(rt))
             .await
     }
 

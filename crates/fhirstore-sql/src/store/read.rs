@@ -4,6 +4,7 @@ use super::*;
 use crate::{parse_history_cursor, search_cursor};
 use fhirstore_core::search::TotalMode;
 use fhirstore_core::HistoryScope;
+use std::future::Future;
 
 impl<D: Dialect> Store<D> {
     /// Keys of live resources matching `query`, at most `limit`, in key order.
@@ -59,8 +60,8 @@ impl<D: Dialect> Store<D> {
 
 impl<D: Dialect> Store<D> {
     /// The planner's estimate of the number of matches, where the dialect has one.
-    pub(super) async fn estimate_matches(
-        &self,
+    async fn estimate_matches(
+        conn: &mut Conn<D>,
         tenant: &TenantId,
         query: &SearchQuery,
         now: i64,
@@ -69,12 +70,12 @@ impl<D: Dialect> Store<D> {
             return Ok(None);
         };
         let sql = search::estimate(D::SYNTAX, explain, tenant, query, now)?;
-        let mut row = sql.fetch_one(&mut *self.read_conn().await?).await?;
+        let mut row = sql.fetch_one(&mut *conn).await?;
         Ok(D::plan_rows(&mut row))
     }
 
-    pub(super) async fn count_matches(
-        &self,
+    async fn count_matches(
+        conn: &mut Conn<D>,
         tenant: &TenantId,
         query: &SearchQuery,
         now: i64,
@@ -82,10 +83,59 @@ impl<D: Dialect> Store<D> {
         let sql = search::count(D::SYNTAX, tenant, query, now)?;
         let n: i64 = sql
             .persistent(D::PERSISTENT_SEARCH_PLANS)
-            .fetch_one(&mut *self.read_conn().await?)
+            .fetch_one(&mut *conn)
             .await?
             .get(0)?;
         Ok(u64::try_from(n).unwrap_or(0))
+    }
+
+    /// Runs `work` on a connection of the search pool within `SqlConfig::search_timeout`
+    /// (waiting for the connection included). Past the limit, or when the caller drops the
+    /// returned future, the statement running is stopped (see [`Dialect::arm_search`]).
+    pub(super) async fn bounded_search<T, F>(
+        &self,
+        work: impl FnOnce(sqlx::pool::PoolConnection<D::Db>) -> F,
+    ) -> Result<T>
+    where
+        F: Future<Output = Result<T>>,
+    {
+        let limit = self.config.search_timeout;
+        let stop = SearchStop::after(limit);
+        let timed_out = || {
+            Error::TooCostly(format!(
+                "search_timeout: the search did not finish within {limit:?}; narrow it \
+                 (more selective criteria, fewer OR values, chains or includes)"
+            ))
+        };
+        let deadline = tokio::time::Instant::from_std(stop.deadline);
+        let run = async {
+            let mut conn = self.searcher.acquire().await.map_err(db_err::<D>)?;
+            D::arm_search(&mut conn, &stop).await?;
+            // A connection that came free only after the deadline is not used to start a
+            // statement that would run on after the caller has been told the search failed.
+            if stop.due() {
+                return Err(Error::TooCostly(crate::STATEMENT_CANCELLED.to_owned()));
+            }
+            work(conn).await
+        };
+        match tokio::time::timeout_at(deadline, run).await {
+            Err(_) => Err(timed_out()),
+            Ok(Err(Error::TooCostly(m))) if m == crate::STATEMENT_CANCELLED => Err(timed_out()),
+            Ok(result) => result,
+        }
+    }
+
+    /// The number of live resources matching `query`.
+    pub(super) async fn count_bounded(
+        &self,
+        tenant: &TenantId,
+        query: &SearchQuery,
+    ) -> Result<u64> {
+        let now = now_micros();
+        self.bounded_search(|mut conn| async move {
+            Self::count_matches(&mut conn, tenant, query, now).await
+        })
+        .await
     }
 
     /// Version `version` of `rt/id`, a tombstone included.
@@ -184,26 +234,35 @@ impl<D: Dialect> Store<D> {
         tenant: &TenantId,
         query: &SearchQuery,
     ) -> Result<SearchPage> {
-        let now = now_micros();
-        let page = query.page_size();
-        if query.summary == Some(fhirstore_core::search::Summary::Count) {
-            return Ok(SearchPage {
-                matches: Vec::new(),
-                included: Vec::new(),
-                total: Some(self.count_matches(tenant, query, now).await?),
-                next_cursor: None,
-            });
-        }
         if query.sort.iter().any(|k| k.param == "_score") {
             return Err(Error::Unsupported(
                 "_sort=_score needs a full-text criterion, which the SQL primary does not answer"
                     .to_owned(),
             ));
         }
+        self.bounded_search(|mut conn| async move { Self::page_on(&mut conn, tenant, query).await })
+            .await
+    }
+
+    async fn page_on(
+        conn: &mut Conn<D>,
+        tenant: &TenantId,
+        query: &SearchQuery,
+    ) -> Result<SearchPage> {
+        let now = now_micros();
+        let page = query.page_size();
+        if query.summary == Some(fhirstore_core::search::Summary::Count) {
+            return Ok(SearchPage {
+                matches: Vec::new(),
+                included: Vec::new(),
+                total: Some(Self::count_matches(conn, tenant, query, now).await?),
+                next_cursor: None,
+            });
+        }
         let search::PagePlan { sql, keys } = search::page(D::SYNTAX, tenant, query, now)?;
         let rows = sql
             .persistent(D::PERSISTENT_SEARCH_PLANS)
-            .fetch_all(&mut *self.read_conn().await?)
+            .fetch_all(&mut *conn)
             .await?;
         let more = rows.len() > page as usize;
         let mut matches = Vec::with_capacity(rows.len().min(page as usize));
@@ -233,19 +292,18 @@ impl<D: Dialect> Store<D> {
             (true, Some(last)) => Some(search::sorted_cursor(&last_keys, &last.key)),
             _ => None,
         };
-        let included = {
-            let mut conn = self.reader.acquire().await.map_err(db_err::<D>)?;
-            Self::resolve_includes(&mut conn, tenant, query, &matches).await?
-        };
+        let included = Self::resolve_includes(conn, tenant, query, &matches).await?;
         let total = match query.total {
             TotalMode::None => None,
             // The first page holds every match: its length is the total, with no second query.
             _ if query.cursor.is_none() && next_cursor.is_none() => Some(matches.len() as u64),
-            TotalMode::Estimate => Some(match self.estimate_matches(tenant, query, now).await? {
-                Some(n) if n >= ESTIMATE_TRUSTED_FROM => n,
-                _ => self.count_matches(tenant, query, now).await?,
-            }),
-            TotalMode::Accurate => Some(self.count_matches(tenant, query, now).await?),
+            TotalMode::Estimate => Some(
+                match Self::estimate_matches(conn, tenant, query, now).await? {
+                    Some(n) if n >= ESTIMATE_TRUSTED_FROM => n,
+                    _ => Self::count_matches(conn, tenant, query, now).await?,
+                },
+            ),
+            TotalMode::Accurate => Some(Self::count_matches(conn, tenant, query, now).await?),
         };
         Ok(SearchPage {
             matches,
