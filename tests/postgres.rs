@@ -82,3 +82,75 @@ async fn heavy_searches_are_bounded() {
     };
     fhirstore_integration::heavy_searches_are_bounded(std::sync::Arc::new(store)).await;
 }
+
+/// A search whose caller goes away mid-statement is cancelled on the server at once, not at
+/// `search_timeout`: the one search connection answers the next search right away.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn abandoned_searches_are_cancelled_at_once() {
+    use fhirstore_core::ResourceStorage as _;
+    use std::time::{Duration, Instant};
+    let config = fhirstore_sql::SqlConfig {
+        search_timeout: Duration::from_secs(120),
+        search_connections: 1,
+        ..Default::default()
+    };
+    let Some(store) = fhirstore_integration::postgres_store_with(config).await else {
+        return;
+    };
+    let store = std::sync::Arc::new(store);
+    let ctx = fhirstore_testkit::random_tenant();
+    fhirstore_integration::load_named_patients(&*store, &ctx, 1_000).await;
+    let mut watcher =
+        <sqlx::PgConnection as sqlx::Connection>::connect(&fhirstore_integration::postgres_url())
+            .await
+            .expect("connect");
+    let heavy = {
+        let (store, ctx) = (store.clone(), ctx.clone());
+        tokio::spawn(async move {
+            store
+                // Seconds of work on the server (60,000 bound values, PostgreSQL's limit being
+                // 65,535), far longer than the next search may wait.
+                .search(&ctx, &fhirstore_integration::heavy_query_of(100, 600))
+                .await
+        })
+    };
+    // Until the heavy statement has run on the server for a while: no other search of the
+    // suite runs that long.
+    let running = "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
+         AND application_name = 'fhirstore-search' AND state = 'active' \
+         AND now() - query_start > interval '300 milliseconds'";
+    let waited = Instant::now();
+    loop {
+        let (n,): (i64,) = sqlx::query_as(running)
+            .fetch_one(&mut watcher)
+            .await
+            .expect("activity");
+        if n > 0 {
+            break;
+        }
+        assert!(
+            !heavy.is_finished(),
+            "the heavy search ended before it was abandoned"
+        );
+        assert!(
+            waited.elapsed() < Duration::from_secs(60),
+            "the heavy search never ran"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    heavy.abort();
+    let light = fhirstore_core::SearchQuery::parse(
+        Some(fhirstore_core::ResourceType::new("Patient").expect("type")),
+        "family:exact=Baker0x1",
+        fhirstore_core::search::Handling::Strict,
+    )
+    .expect("query");
+    let t = Instant::now();
+    let page = store.search(&ctx, &light).await.expect("light search");
+    assert_eq!(page.matches.len(), 1);
+    assert!(
+        t.elapsed() < Duration::from_secs(1),
+        "the next search waited {:?} for the abandoned one",
+        t.elapsed()
+    );
+}

@@ -237,16 +237,21 @@ pub fn bounded_search_config() -> SqlConfig {
 }
 
 /// A search far too heavy to finish in [`bounded_search_config`]'s limit, yet within every
-/// parse limit: 80 `name:contains` criteria of 250 values each, the last value of each
+/// parse limit: 80 `name:contains` criteria of 250 values each.
+pub fn heavy_query() -> fhirstore_core::SearchQuery {
+    heavy_query_of(80, 250)
+}
+
+/// `criteria` `name:contains` criteria of `values` values each, the last value of each
 /// matching every stored name, so no criterion can be skipped, and an accurate total, so no
 /// match can be either.
-pub fn heavy_query() -> fhirstore_core::SearchQuery {
-    let values: Vec<String> = (0..249)
+pub fn heavy_query_of(criteria: usize, values: usize) -> fhirstore_core::SearchQuery {
+    let values: Vec<String> = (1..values)
         .map(|i| format!("zq{i}"))
         .chain(["a".into()])
         .collect();
     let one = format!("name:contains={}", values.join(","));
-    let text = format!("{}&_total=accurate", vec![one; 80].join("&"));
+    let text = format!("{}&_total=accurate", vec![one; criteria].join("&"));
     fhirstore_core::SearchQuery::parse(
         Some(ResourceType::new("Patient").expect("type")),
         &text,
@@ -255,20 +260,12 @@ pub fn heavy_query() -> fhirstore_core::SearchQuery {
     .expect("within the parse limits")
 }
 
-/// Heavy searches are cancelled at `search_timeout` with a 400-kind error naming the limit,
-/// and free their connections; while they run, reads by id and writes on the same store keep
-/// answering, each well within the limit, since searches hold a pool of their own.
-pub async fn heavy_searches_are_bounded<D: fhirstore_sql::Dialect>(
-    store: std::sync::Arc<fhirstore_sql::Store<D>>,
-) {
-    use fhirstore_core::{Error, WriteOp};
-    use std::sync::atomic::{AtomicUsize, Ordering};
-    use std::time::{Duration, Instant};
-    let limit = bounded_search_config().search_timeout;
-    let ctx = fhirstore_testkit::random_tenant();
+/// Creates `n` Patients named `Anna Baker…`, in transactions of 250.
+pub async fn load_named_patients(store: &dyn ResourceStorage, ctx: &TenantContext, n: usize) {
+    use fhirstore_core::WriteOp;
     let pt = ResourceType::new("Patient").expect("type");
-    for chunk in 0..4 {
-        let ops = (0..250)
+    for chunk in 0..n.div_ceil(250) {
+        let ops = (0..250.min(n - chunk * 250))
             .map(|i| WriteOp::Create {
                 resource_type: pt,
                 resource: serde_json::json!({"resourceType": "Patient",
@@ -277,8 +274,23 @@ pub async fn heavy_searches_are_bounded<D: fhirstore_sql::Dialect>(
                 full_url: None,
             })
             .collect();
-        store.transaction(&ctx, ops).await.expect("load");
+        store.transaction(ctx, ops).await.expect("load");
     }
+}
+
+/// Heavy searches are cancelled at `search_timeout` with a 400-kind error naming the limit,
+/// and free their connections; while they run, reads by id and writes on the same store keep
+/// answering, each well within the limit, since searches hold a pool of their own.
+pub async fn heavy_searches_are_bounded<D: fhirstore_sql::Dialect>(
+    store: std::sync::Arc<fhirstore_sql::Store<D>>,
+) {
+    use fhirstore_core::Error;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::{Duration, Instant};
+    let limit = bounded_search_config().search_timeout;
+    let ctx = fhirstore_testkit::random_tenant();
+    let pt = ResourceType::new("Patient").expect("type");
+    load_named_patients(&*store, &ctx, 1_000).await;
     let probe = store
         .create(
             &ctx,

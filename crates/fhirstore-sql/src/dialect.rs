@@ -70,6 +70,9 @@ pub trait Dialect: Send + Sync + Copy + Default + std::fmt::Debug + 'static {
     const LOG_HEAD: &'static str;
     /// Holds off writers' digest updates while the self-check recomputes, where needed.
     const LOCK_DIGESTS: Option<&'static str>;
+    /// Stops what a search connection runs, sent on another connection with the backend id
+    /// its `arm_search` recorded in the slot: where closing the slot alone does not stop it.
+    const CANCEL_BACKEND: Option<&'static str>;
 
     /// Refreshes the planner's statistics of the search tables (on PostgreSQL, with a
     /// `VACUUM`), run outside any transaction.
@@ -94,13 +97,13 @@ pub trait Dialect: Send + Sync + Copy + Default + std::fmt::Debug + 'static {
         query: &'c SearchQuery,
     ) -> impl Future<Output = Result<()>> + Send + 'c;
 
-    /// Readies a connection of the search pool for one search: the statements it runs from
-    /// now on stop with [`crate::STATEMENT_CANCELLED`] once `stop` says so. PostgreSQL needs
-    /// nothing per search: its search connections carry `statement_timeout`.
-    fn arm_search<'c>(
-        conn: &'c mut Conn<Self>,
-        stop: &'c SearchStop,
-    ) -> impl Future<Output = Result<()>> + Send + 'c;
+    /// Readies a new connection of the search pool, once: from then on its statements stop
+    /// with [`crate::STATEMENT_CANCELLED`] whenever `slot` is due. PostgreSQL needs nothing:
+    /// its search connections carry `statement_timeout`.
+    fn arm_search(
+        conn: &mut Conn<Self>,
+        slot: std::sync::Arc<SearchSlot>,
+    ) -> impl Future<Output = Result<()>> + Send + '_;
 
     /// A statement of this dialect, written out whole or to be built on.
     fn sql(text: impl Display) -> Sql {
@@ -108,38 +111,57 @@ pub trait Dialect: Send + Sync + Copy + Default + std::fmt::Debug + 'static {
     }
 }
 
-/// When a search's statements must stop: past its deadline, or once its caller has gone away
-/// (the search's future was dropped, which sets `cancelled`).
-#[derive(Debug)]
-pub struct SearchStop {
-    /// The end of the search's time (`SqlConfig::search_timeout` after it began).
-    pub deadline: std::time::Instant,
-    /// Set when the search ends, however it ends.
-    pub cancelled: std::sync::Arc<std::sync::atomic::AtomicBool>,
+/// The deadline of the search that holds a connection of the search pool, shared with the
+/// check that connection was armed with once ([`Dialect::arm_search`]). It is set when a search
+/// takes the connection and cleared (zero: due at once) when the search ends, however it ends,
+/// so a statement a finished or abandoned search left running is stopped too.
+#[derive(Debug, Default)]
+pub struct SearchSlot {
+    /// Nanoseconds after [`SearchSlot::base`] at which statements must stop.
+    until: std::sync::atomic::AtomicU64,
+    /// The server's id of the connection (PostgreSQL's backend pid), where it has one.
+    backend: std::sync::atomic::AtomicI64,
 }
 
-impl SearchStop {
-    /// A stop `limit` from now.
-    pub fn after(limit: std::time::Duration) -> Self {
-        SearchStop {
-            deadline: std::time::Instant::now() + limit,
-            cancelled: Default::default(),
-        }
+impl SearchSlot {
+    /// The instant deadlines count from, fixed at first use.
+    fn base() -> std::time::Instant {
+        static BASE: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+        *BASE.get_or_init(std::time::Instant::now)
     }
 
-    /// Whether statements must stop now.
+    fn nanos(t: std::time::Instant) -> u64 {
+        let since = t.saturating_duration_since(Self::base()).as_nanos();
+        u64::try_from(since).unwrap_or(u64::MAX)
+    }
+
+    /// A search holds the connection until `deadline`.
+    pub fn open_until(&self, deadline: std::time::Instant) {
+        self.until.store(
+            Self::nanos(deadline).max(1),
+            std::sync::atomic::Ordering::Relaxed,
+        );
+    }
+
+    /// No search holds the connection: anything still running on it must stop.
+    pub fn close(&self) {
+        self.until.store(0, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Records the server's id of the connection.
+    pub fn set_backend(&self, id: i64) {
+        self.backend.store(id, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// The server's id of the connection, if recorded.
+    pub fn backend(&self) -> Option<i64> {
+        Some(self.backend.load(std::sync::atomic::Ordering::Relaxed)).filter(|&id| id != 0)
+    }
+
+    /// Whether statements on the connection must stop now.
     pub fn due(&self) -> bool {
-        self.cancelled.load(std::sync::atomic::Ordering::Relaxed)
-            || std::time::Instant::now() >= self.deadline
-    }
-}
-
-impl Drop for SearchStop {
-    /// The search is over, finished or abandoned: a statement still running for it (its
-    /// caller dropped the future mid-statement) is interrupted.
-    fn drop(&mut self) {
-        self.cancelled
-            .store(true, std::sync::atomic::Ordering::Relaxed);
+        Self::nanos(std::time::Instant::now())
+            >= self.until.load(std::sync::atomic::Ordering::Relaxed)
     }
 }
 

@@ -9,7 +9,7 @@ use fhirstore_core::{Error, Result, SearchQuery, TenantId};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgRow};
 use sqlx::{PgConnection, Row as _, TypeInfo as _, ValueRef as _};
 
-use crate::dialect::{Cell, Dialect, Row, SearchStop};
+use crate::dialect::{Cell, Dialect, Row, SearchSlot};
 use crate::search::{Bind, Sql};
 use crate::store::Store;
 use crate::{SqlConfig, Syntax, VersionRow};
@@ -83,6 +83,9 @@ impl Dialect for PostgresDialect {
     const LOG_VISIBLE: &'static str = " AND txid < pg_snapshot_xmin(pg_current_snapshot())";
     const LOG_HEAD: &'static str = "SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint \
          - 1, 9223372036854775807::bigint";
+    /// A statement keeps running after its client stops reading; only a cancel request (or
+    /// `statement_timeout`) ends it.
+    const CANCEL_BACKEND: Option<&'static str> = Some("SELECT pg_cancel_backend($1::int4)");
     const LOCK_DIGESTS: Option<&'static str> =
         Some("LOCK TABLE digests IN SHARE ROW EXCLUSIVE MODE");
 
@@ -153,9 +156,14 @@ impl Dialect for PostgresDialect {
         Ok(())
     }
 
-    /// Nothing per search: the search pool's sessions carry `statement_timeout`, so a statement
-    /// ends at the limit even when its caller has gone away.
-    async fn arm_search(_conn: &mut PgConnection, _stop: &SearchStop) -> Result<()> {
+    /// Records the backend pid, for `CANCEL_BACKEND` when a search is abandoned mid-statement;
+    /// the deadline itself is the session's `statement_timeout`.
+    async fn arm_search(conn: &mut PgConnection, slot: std::sync::Arc<SearchSlot>) -> Result<()> {
+        let (pid,): (i32,) = sqlx::query_as("SELECT pg_backend_pid()")
+            .fetch_one(&mut *conn)
+            .await
+            .map_err(db_err)?;
+        slot.set_backend(i64::from(pid));
         Ok(())
     }
 }
@@ -209,7 +217,7 @@ impl Store<PostgresDialect> {
         let options: PgConnectOptions = url
             .parse()
             .map_err(|e| Error::Configuration(format!("the PostgreSQL URL does not parse: {e}")))?;
-        let options = options.options([(
+        let options = options.application_name("fhirstore").options([(
             "idle_in_transaction_session_timeout",
             millis(config.idle_in_transaction_timeout),
         )]);
@@ -226,7 +234,9 @@ impl Store<PostgresDialect> {
         let searcher = PgPoolOptions::new()
             .max_connections(config.search_connections.max(1))
             .connect_lazy_with(
-                options.options([("statement_timeout", millis(config.search_timeout))]),
+                options
+                    .application_name("fhirstore-search")
+                    .options([("statement_timeout", millis(config.search_timeout))]),
             );
         Ok(Store::new(pool.clone(), pool, searcher, config))
     }

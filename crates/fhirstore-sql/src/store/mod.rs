@@ -11,6 +11,7 @@ mod digests;
 mod include;
 mod params;
 mod read;
+mod search_pool;
 mod write;
 
 use std::collections::{HashMap, HashSet};
@@ -28,7 +29,7 @@ use fhirstore_core::{
 use serde_json::Value;
 use tracing::instrument;
 
-use crate::dialect::{db_err, Conn, Dialect, Row, SearchStop};
+use crate::dialect::{db_err, Conn, Dialect, Row};
 use crate::search;
 use crate::{corrupt, SegmentDigest, SqlConfig};
 
@@ -120,7 +121,7 @@ pub struct Store<D: Dialect> {
     /// Writes (SQLite: exactly one connection).
     writer: sqlx::Pool<D::Db>,
     /// Searches, a pool of their own (see `SqlConfig::search_connections`).
-    searcher: sqlx::Pool<D::Db>,
+    searcher: Arc<search_pool::SearchPool<D>>,
     config: SqlConfig,
     stats: Arc<crate::StatsUpkeep>,
     params: Arc<crate::ParamCache>,
@@ -158,6 +159,11 @@ impl<D: Dialect> Store<D> {
         searcher: sqlx::Pool<D::Db>,
         config: SqlConfig,
     ) -> Self {
+        let searcher = Arc::new(search_pool::SearchPool::new(
+            searcher,
+            reader.clone(),
+            config.search_connections,
+        ));
         Store {
             reader,
             writer,
@@ -179,8 +185,7 @@ impl<D: Dialect> Store<D> {
     /// Connections of the search pool now held by searches: a gauge of search load, and how a
     /// caller sees that a search it gave up on has let its connection go.
     pub fn searches_in_flight(&self) -> u32 {
-        let idle = u32::try_from(self.searcher.num_idle()).unwrap_or(u32::MAX);
-        self.searcher.size().saturating_sub(idle)
+        self.searcher.in_use()
     }
 
     fn span_tenant(ctx: &TenantContext) -> &str {

@@ -4,7 +4,6 @@ use super::*;
 use crate::{parse_history_cursor, search_cursor};
 use fhirstore_core::search::TotalMode;
 use fhirstore_core::HistoryScope;
-use std::future::Future;
 
 impl<D: Dialect> Store<D> {
     /// Keys of live resources matching `query`, at most `limit`, in key order.
@@ -92,33 +91,33 @@ impl<D: Dialect> Store<D> {
     /// Runs `work` on a connection of the search pool within `SqlConfig::search_timeout`
     /// (waiting for the connection included). Past the limit, or when the caller drops the
     /// returned future, the statement running is stopped (see [`Dialect::arm_search`]).
-    pub(super) async fn bounded_search<T, F>(
+    pub(super) async fn bounded_search<T>(
         &self,
-        work: impl FnOnce(sqlx::pool::PoolConnection<D::Db>) -> F,
-    ) -> Result<T>
-    where
-        F: Future<Output = Result<T>>,
-    {
+        work: impl AsyncFnOnce(&mut Conn<D>) -> Result<T>,
+    ) -> Result<T> {
         let limit = self.config.search_timeout;
-        let stop = SearchStop::after(limit);
+        let deadline = std::time::Instant::now() + limit;
         let timed_out = || {
             Error::TooCostly(format!(
                 "search_timeout: the search did not finish within {limit:?}; narrow it \
                  (more selective criteria, fewer OR values, chains or includes)"
             ))
         };
-        let deadline = tokio::time::Instant::from_std(stop.deadline);
         let run = async {
-            let mut conn = self.searcher.acquire().await.map_err(db_err::<D>)?;
-            D::arm_search(&mut conn, &stop).await?;
+            let mut held = self.searcher.acquire(deadline).await?;
             // A connection that came free only after the deadline is not used to start a
             // statement that would run on after the caller has been told the search failed.
-            if stop.due() {
-                return Err(Error::TooCostly(crate::STATEMENT_CANCELLED.to_owned()));
+            if held.due() {
+                return Err(timed_out());
             }
-            work(conn).await
+            let result = work(held.conn()?).await;
+            // After a backend error the connection may be broken: sqlx checks it, not us.
+            if !matches!(result, Err(Error::Backend { .. })) {
+                held.finish();
+            }
+            result
         };
-        match tokio::time::timeout_at(deadline, run).await {
+        match tokio::time::timeout_at(deadline.into(), run).await {
             Err(_) => Err(timed_out()),
             Ok(Err(Error::TooCostly(m))) if m == crate::STATEMENT_CANCELLED => Err(timed_out()),
             Ok(result) => result,
@@ -132,10 +131,8 @@ impl<D: Dialect> Store<D> {
         query: &SearchQuery,
     ) -> Result<u64> {
         let now = now_micros();
-        self.bounded_search(|mut conn| async move {
-            Self::count_matches(&mut conn, tenant, query, now).await
-        })
-        .await
+        self.bounded_search(async |conn| Self::count_matches(conn, tenant, query, now).await)
+            .await
     }
 
     /// Version `version` of `rt/id`, a tombstone included.
@@ -240,7 +237,7 @@ impl<D: Dialect> Store<D> {
                     .to_owned(),
             ));
         }
-        self.bounded_search(|mut conn| async move { Self::page_on(&mut conn, tenant, query).await })
+        self.bounded_search(async |conn| Self::page_on(conn, tenant, query).await)
             .await
     }
 
