@@ -624,6 +624,37 @@ mod tests {
         assert!(toml::from_str::<FileConfig>("nonsense = 1").is_err());
     }
 
+    /// The search bounds reach the primary's settings: a flag over the file, the file over
+    /// the defaults; a bad duration or zero connections is a configuration error.
+    #[test]
+    fn search_bounds_reach_the_primary() {
+        let file: FileConfig =
+            toml::from_str("search_timeout = \"2m\"\nsearch_connections = 3").expect("file");
+        let s = resolve_store(&StorageArgs::default(), &file).expect("settings");
+        let sql = s.search.sql_config();
+        assert_eq!(sql.search_timeout, Duration::from_secs(120));
+        assert_eq!(sql.search_connections, 3);
+        let args = StorageArgs {
+            search_timeout: Some(Duration::from_secs(5)),
+            ..StorageArgs::default()
+        };
+        let s = resolve_store(&args, &file).expect("settings");
+        assert_eq!(s.search.timeout, Duration::from_secs(5));
+        assert_eq!(s.search.connections, 3);
+        let defaults = resolve_store(&StorageArgs::default(), &FileConfig::default())
+            .expect("settings")
+            .search;
+        assert_eq!(
+            defaults.timeout,
+            fhirstore_sql::SqlConfig::default().search_timeout
+        );
+        for bad in ["search_timeout = \"soon\"", "search_connections = 0"] {
+            let file: FileConfig = toml::from_str(bad).expect("parses");
+            let e = resolve_store(&StorageArgs::default(), &file).expect_err(bad);
+            assert!(e.0.contains("search_"), "{e}");
+        }
+    }
+
     #[test]
     fn durations_and_the_reconcile_schedule() {
         assert_eq!(parse_duration("90s"), Ok(Duration::from_secs(90)));
