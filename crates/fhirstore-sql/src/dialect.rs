@@ -34,8 +34,6 @@ pub trait Dialect: Send + Sync + Copy + Default + std::fmt::Debug + 'static {
     /// What `_total=estimate` prefixes a search's FROM with to read the planner's estimate;
     /// `None` when the dialect has no estimate and counts exactly.
     const ESTIMATE_PREFIX: Option<&'static str>;
-    /// Whether search statements may be cached as prepared statements.
-    const PERSISTENT_SEARCH_PLANS: bool;
     /// The statement that opens a write transaction; `None` for the driver's plain `BEGIN`.
     const BEGIN_WRITE: Option<&'static str>;
     /// Whether every write applies its digest change inline, even inside a transaction of

@@ -36,11 +36,6 @@ impl Dialect for PostgresDialect {
          FOR UPDATE";
     /// `_total=estimate` reads the planner's row estimate for the search's FROM and WHERE.
     const ESTIMATE_PREFIX: Option<&'static str> = Some("EXPLAIN (FORMAT JSON) SELECT 1");
-    /// Search statements are sent unnamed, so PostgreSQL plans each with its actual values. A
-    /// cached (named) statement switches to a generic plan after five runs, chosen without
-    /// knowing the tenant, parameter or code: 34 ms instead of 7 ms for a 5,000-match token
-    /// search.
-    const PERSISTENT_SEARCH_PLANS: bool = false;
     /// Plain `BEGIN` (READ COMMITTED): row locks taken by the write path order the writers.
     const BEGIN_WRITE: Option<&'static str> = None;
     /// A transaction writing several versions applies its digest changes once at its end, in
@@ -233,11 +228,16 @@ impl Store<PostgresDialect> {
         // Opened on first use: a store that never searches holds no search connections.
         let searcher = PgPoolOptions::new()
             .max_connections(config.search_connections.max(1))
-            .connect_lazy_with(
-                options
-                    .application_name("fhirstore-search")
-                    .options([("statement_timeout", millis(config.search_timeout))]),
-            );
+            .connect_lazy_with(options.application_name("fhirstore-search").options([
+                ("statement_timeout", millis(config.search_timeout)),
+                // Search statements are prepared once per connection (parsing and
+                // analysing a search's SQL cost a cheap search a third of its time)
+                // but planned on every run with its values: a generic plan, which a
+                // prepared statement switches to after five runs, is chosen without
+                // knowing the tenant, parameter or code (34 ms instead of 7 ms for a
+                // 5,000-match token search).
+                ("plan_cache_mode", "force_custom_plan".to_owned()),
+            ]));
         Ok(Store::new(pool.clone(), pool, searcher, config))
     }
 }

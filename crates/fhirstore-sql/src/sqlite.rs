@@ -42,9 +42,6 @@ impl Dialect for SqliteDialect {
          FROM resources WHERE tenant = $1 AND resource_type = $2 AND id = $3 AND segment = $4";
     /// SQLite's planner exposes no row estimates: `_total=estimate` counts exactly.
     const ESTIMATE_PREFIX: Option<&'static str> = None;
-    /// SQLite plans each statement once, with no generic-plan switch; caching the prepared
-    /// statement saves re-parsing.
-    const PERSISTENT_SEARCH_PLANS: bool = true;
     /// Write transactions take SQLite's write lock up front, so a second process's writer waits
     /// on the busy timeout. A deferred transaction that read before another connection
     /// committed would fail with SQLITE_BUSY_SNAPSHOT instead; the retry loop recovers from

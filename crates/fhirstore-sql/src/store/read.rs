@@ -80,11 +80,7 @@ impl<D: Dialect> Store<D> {
         now: i64,
     ) -> Result<u64> {
         let sql = search::count(D::SYNTAX, tenant, query, now)?;
-        let n: i64 = sql
-            .persistent(D::PERSISTENT_SEARCH_PLANS)
-            .fetch_one(&mut *conn)
-            .await?
-            .get(0)?;
+        let n: i64 = sql.fetch_one(&mut *conn).await?.get(0)?;
         Ok(u64::try_from(n).unwrap_or(0))
     }
 
@@ -257,10 +253,7 @@ impl<D: Dialect> Store<D> {
             });
         }
         let search::PagePlan { sql, keys } = search::page(D::SYNTAX, tenant, query, now)?;
-        let rows = sql
-            .persistent(D::PERSISTENT_SEARCH_PLANS)
-            .fetch_all(&mut *conn)
-            .await?;
+        let rows = sql.fetch_all(&mut *conn).await?;
         let more = rows.len() > page as usize;
         let mut matches = Vec::with_capacity(rows.len().min(page as usize));
         let mut last_keys = Vec::new();
