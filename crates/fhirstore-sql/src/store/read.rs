@@ -227,12 +227,6 @@ impl<D: Dialect> Store<D> {
         tenant: &TenantId,
         query: &SearchQuery,
     ) -> Result<SearchPage> {
-        if query.sort.iter().any(|k| k.param == "_score") {
-            return Err(Error::Unsupported(
-                "_sort=_score needs a full-text criterion, which the SQL primary does not answer"
-                    .to_owned(),
-            ));
-        }
         self.bounded_search(async |conn| Self::page_on(conn, tenant, query).await)
             .await
     }
@@ -251,6 +245,12 @@ impl<D: Dialect> Store<D> {
                 total: Some(Self::count_matches(conn, tenant, query, now).await?),
                 next_cursor: None,
             });
+        }
+        if query.sort.iter().any(|k| k.param == "_score") {
+            return Err(Error::Unsupported(
+                "_sort=_score needs a full-text criterion, which the SQL primary does not answer"
+                    .to_owned(),
+            ));
         }
         let search::PagePlan { sql, keys } = search::page(D::SYNTAX, tenant, query, now)?;
         let rows = sql.fetch_all(&mut *conn).await?;
