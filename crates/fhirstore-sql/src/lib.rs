@@ -68,10 +68,10 @@ pub struct SqlConfig {
     /// reconciler's self-check rebuilds them.
     pub maintain_digests: bool,
     /// How long one search (its page, includes and total together) may run. Past it, the
-    /// running statement is cancelled (SQLite: interrupted; PostgreSQL: `statement_timeout`
-    /// on the search connections) and the search fails with [`Error::TooCostly`] naming
-    /// `search_timeout`. A search whose caller goes away is cancelled too: at once on SQLite,
-    /// at this bound on PostgreSQL.
+    /// running statement is stopped (SQLite: interrupted; PostgreSQL: a cancel request, with
+    /// `statement_timeout` on the search connections as the backstop) and the search fails
+    /// with [`Error::TooCostly`] naming `search_timeout`. A search whose caller goes away is
+    /// stopped the same way, at once.
     pub search_timeout: Duration,
     /// Connections that searches may hold at once, a pool of their own: however heavy the
     /// searches, reads by id, history and writes keep the `max_connections` of theirs.
