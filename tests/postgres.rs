@@ -154,3 +154,24 @@ async fn abandoned_searches_are_cancelled_at_once() {
         t.elapsed()
     );
 }
+
+/// The search checks hold under each page strategy: the smallest set driving, and every
+/// page walking its order (by id, or by the sort parameter's index).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_page_strategy_answers_the_search_checks() {
+    for (_, config) in fhirstore_integration::strategy_configs() {
+        let Some(store) = fhirstore_integration::postgres_store_with(config).await else {
+            return;
+        };
+        fhirstore_integration::search_checks(&store).await;
+    }
+}
+
+/// Sorted pages under the default strategy choice follow the model.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sorted_pages_follow_the_model() {
+    let Some(store) = fhirstore_integration::postgres_store().await else {
+        return;
+    };
+    fhirstore_integration::sorted_pages_follow_the_model(&store).await;
+}

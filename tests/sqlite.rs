@@ -130,3 +130,26 @@ async fn heavy_searches_are_bounded() {
     };
     fhirstore_integration::heavy_searches_are_bounded(std::sync::Arc::new(store)).await;
 }
+
+/// The search checks hold under each page strategy: the smallest set driving, and every
+/// page walking its order (by id, or by the sort parameter's index).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_page_strategy_answers_the_search_checks() {
+    for (_, config) in fhirstore_integration::strategy_configs() {
+        let Some(store) =
+            fhirstore_integration::sqlite_store_with(env!("CARGO_TARGET_TMPDIR"), config).await
+        else {
+            return;
+        };
+        fhirstore_integration::search_checks(&store).await;
+    }
+}
+
+/// Sorted pages under the default strategy choice follow the model.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sorted_pages_follow_the_model() {
+    let Some(store) = sqlite_store().await else {
+        return;
+    };
+    fhirstore_integration::sorted_pages_follow_the_model(&store).await;
+}

@@ -80,6 +80,14 @@ pub struct SqlConfig {
     /// before the server ends it, releasing its locks. No write of the store pauses that long;
     /// the bound keeps a stalled client from holding locks that every writer would wait on.
     pub idle_in_transaction_timeout: Duration,
+    /// Below how many index entries a criterion counts as selective. Before a page, the store
+    /// counts each criterion's entries up to this bound (one statement, index only). A page
+    /// whose smallest criterion is under it is driven from that criterion's entries, the
+    /// others checked per candidate; a page whose every criterion reaches it walks the page's
+    /// order (the resources by id, or the sort parameter's index) and checks each resource
+    /// until the page is full. `0` always walks where the order allows; `u32::MAX` always
+    /// drives.
+    pub selective_below: u32,
 }
 
 impl Default for SqlConfig {
@@ -95,6 +103,7 @@ impl Default for SqlConfig {
             search_timeout: Duration::from_secs(30),
             search_connections: 6,
             idle_in_transaction_timeout: Duration::from_secs(60),
+            selective_below: 1_000,
         }
     }
 }

@@ -11,7 +11,7 @@ use fhirstore_core::search::{
 };
 use fhirstore_core::{Error, ResourceType, Result, SearchQuery, TenantId};
 
-use super::Sql;
+use super::{Sql, Strategy};
 
 /// The index table holding a parameter type's rows.
 fn index_table(kind: ParamType) -> Option<&'static str> {
@@ -53,7 +53,7 @@ fn push_in(
     let mut close = ")";
     let not = if negate { " NOT" } else { "" };
     let r = scope.alias;
-    if correlated {
+    if correlated || scope.correlate {
         qb.push(format_args!(
             " AND{not} EXISTS (SELECT 1 FROM {table} t WHERE t.tenant = {r}.tenant \
              AND t.resource_type = {r}.resource_type AND t.id = {r}.id"
@@ -94,11 +94,13 @@ fn push_in(
 }
 
 /// Where a criterion applies: the tenant, the type of the resources aliased `alias` (when
-/// known), and that alias.
+/// known), that alias, and whether an index-set criterion is checked per resource instead
+/// (see [`Strategy`]).
 struct Scope<'a> {
     tenant: &'a TenantId,
     rt: Option<ResourceType>,
     alias: &'a str,
+    correlate: bool,
 }
 
 /// Pushes `(p1 OR p2 …)`, one alternative per value.
@@ -397,29 +399,11 @@ pub(crate) fn index_count(
     if query.resource_type.is_none() || query.compartment.is_some() || query.criteria.is_empty() {
         return Ok(None);
     }
-    let (open, close) = match dialect.id_set_from_array() {
-        Some(_) => (ID_SET_OPEN, ID_SET_CLOSE),
-        None => (IN_SET_OPEN, IN_SET_CLOSE),
-    };
-    let scope = Scope {
-        tenant,
-        rt: query.resource_type,
-        alias: "r",
-    };
-    let mut qb = Sql::new(dialect, "SELECT COUNT(");
-    let mut sets = Vec::with_capacity(query.criteria.len());
-    for c in &query.criteria {
-        let mut part = qb.empty();
-        push_criterion(&mut part, &scope, c, &c.chain, now)?;
-        // Only a set read from one index table: chains and `_has` go through other resources,
-        // whose liveness only `resources` knows.
-        match part.inside(open, close) {
-            Some(select) if select.text().starts_with("SELECT t.id FROM search_") => {
-                sets.push(select)
-            }
-            _ => return Ok(None),
-        }
+    let sets = index_sets(dialect, tenant, query, now)?;
+    if sets.len() != query.criteria.len() {
+        return Ok(None);
     }
+    let mut qb = Sql::new(dialect, "SELECT COUNT(");
     // One set may hold several rows of a resource (two names, two codes); INTERSECT keeps one.
     qb.push(if sets.len() == 1 {
         "DISTINCT x.id"
@@ -427,7 +411,7 @@ pub(crate) fn index_count(
         "*"
     });
     qb.push(") FROM (");
-    for (i, select) in sets.into_iter().enumerate() {
+    for (i, (_, select)) in sets.into_iter().enumerate() {
         if i > 0 {
             qb.push(" INTERSECT ");
         }
@@ -437,12 +421,57 @@ pub(crate) fn index_count(
     Ok(Some(qb))
 }
 
-/// Appends `AND (...)` for every criterion of `query` to a statement over `resources r`.
-fn push_criteria(qb: &mut Sql, tenant: &TenantId, query: &SearchQuery, now: i64) -> Result<()> {
+/// The criteria of `query` that are a positive id set read from one index table, each with
+/// its `SELECT t.id FROM search_…` (by position in `query.criteria`). Chains and `_has` go
+/// through other resources, whose liveness only `resources` knows; negations and `:missing`
+/// are complements.
+pub(crate) fn index_sets(
+    dialect: crate::Syntax,
+    tenant: &TenantId,
+    query: &SearchQuery,
+    now: i64,
+) -> Result<Vec<(usize, Sql)>> {
+    if query.resource_type.is_none() || query.compartment.is_some() {
+        return Ok(Vec::new());
+    }
+    let (open, close) = match dialect.id_set_from_array() {
+        Some(_) => (ID_SET_OPEN, ID_SET_CLOSE),
+        None => (IN_SET_OPEN, IN_SET_CLOSE),
+    };
     let scope = Scope {
         tenant,
         rt: query.resource_type,
         alias: "r",
+        correlate: false,
+    };
+    let mut sets = Vec::with_capacity(query.criteria.len());
+    for (i, c) in query.criteria.iter().enumerate() {
+        let mut part = Sql::new(dialect, "");
+        push_criterion(&mut part, &scope, c, &c.chain, now)?;
+        if let Some(select) = part
+            .inside(open, close)
+            .filter(|s| s.text().starts_with("SELECT t.id FROM search_"))
+        {
+            sets.push((i, select));
+        }
+    }
+    Ok(sets)
+}
+
+/// Appends `AND (...)` for every criterion of `query` to a statement over `resources r`, each
+/// an id set or a per-resource check as `strategy` says.
+fn push_criteria(
+    qb: &mut Sql,
+    tenant: &TenantId,
+    query: &SearchQuery,
+    now: i64,
+    strategy: Strategy,
+) -> Result<()> {
+    let scope = Scope {
+        tenant,
+        rt: query.resource_type,
+        alias: "r",
+        correlate: false,
     };
     // PostgreSQL: the positive id sets of several criteria are intersected in one set (a
     // hashed set operation, linear in the sets' sizes) instead of each being an
@@ -451,7 +480,15 @@ fn push_criteria(qb: &mut Sql, tenant: &TenantId, query: &SearchQuery, now: i64)
     // Patients.
     let intersect = scope.rt.is_some() && qb.dialect().id_set_from_array().is_some();
     let mut sets: Vec<Sql> = Vec::new();
-    for c in &query.criteria {
+    for (i, c) in query.criteria.iter().enumerate() {
+        let scope = Scope {
+            correlate: match strategy {
+                Strategy::Gather => false,
+                Strategy::Drive(d) => i != d,
+                Strategy::Walk => true,
+            },
+            ..scope
+        };
         if !intersect {
             push_criterion(qb, &scope, c, &c.chain, now)?;
             continue;
@@ -619,6 +656,7 @@ fn push_criterion(
             tenant: scope.tenant,
             rt: Some(next_rt),
             alias: &next,
+            correlate: false,
         };
         push_criterion(qb, &inner, c, rest, now)?;
         qb.push(")");
@@ -725,6 +763,18 @@ pub(crate) fn push_search_from(
     now: i64,
 ) -> Result<()> {
     qb.push(" FROM resources r");
+    push_search_where(qb, tenant, query, now, Strategy::Gather)
+}
+
+/// ` WHERE` the resource aliased `r` is of the tenant and type, live, and matches the criteria
+/// (as `strategy` says).
+pub(crate) fn push_search_where(
+    qb: &mut Sql,
+    tenant: &TenantId,
+    query: &SearchQuery,
+    now: i64,
+    strategy: Strategy,
+) -> Result<()> {
     qb.push(" WHERE r.tenant = ");
     qb.push_bind(tenant.as_str().to_owned());
     if let Some(rt) = query.resource_type {
@@ -737,5 +787,5 @@ pub(crate) fn push_search_from(
     }
     // A literal, not a bind: the planner can then use indexes restricted to live rows.
     qb.push(" AND NOT r.deleted");
-    push_criteria(qb, tenant, query, now)
+    push_criteria(qb, tenant, query, now, strategy)
 }

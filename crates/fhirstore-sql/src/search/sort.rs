@@ -97,23 +97,52 @@ impl SortColumn {
                 ));
                 qb.push_bind(self.param.clone());
                 qb.push("), ");
-                // Missing values sort last: the largest sentinel ascending, the smallest
-                // descending.
-                match (self.kind, self.descending) {
-                    (KeyKind::Text, false) => qb.push_bind("\u{10FFFF}".to_owned()),
-                    (KeyKind::Text, true) => qb.push_bind(String::new()),
-                    (KeyKind::Int, false) => qb.push_bind(i64::MAX),
-                    (KeyKind::Int, true) => qb.push_bind(i64::MIN),
-                    (KeyKind::Real, false) => qb.push_bind(f64::MAX),
-                    (KeyKind::Real, true) => qb.push_bind(f64::MIN),
-                };
+                self.push_missing(qb);
                 qb.push(format_args!("){}", self.collate()));
             }
         }
     }
 }
 
-fn push_key_value(qb: &mut Sql, v: &KeyValue) {
+impl SortColumn {
+    /// The value a resource without one sorts by: last in either direction, the largest
+    /// sentinel ascending, the smallest descending.
+    pub(super) fn push_missing(&self, qb: &mut Sql) {
+        match (self.kind, self.descending) {
+            (KeyKind::Text, false) => qb.push_bind("\u{10FFFF}".to_owned()),
+            (KeyKind::Text, true) => qb.push_bind(String::new()),
+            (KeyKind::Int, false) => qb.push_bind(i64::MAX),
+            (KeyKind::Int, true) => qb.push_bind(i64::MIN),
+            (KeyKind::Real, false) => qb.push_bind(f64::MAX),
+            (KeyKind::Real, true) => qb.push_bind(f64::MIN),
+        };
+    }
+
+    /// Whether `v` is the missing-value sentinel: a cursor there has left every resource with
+    /// a value behind.
+    pub(super) fn is_missing(&self, v: &KeyValue) -> bool {
+        match (v, self.descending) {
+            (KeyValue::Text(t), false) => t == "\u{10FFFF}",
+            (KeyValue::Text(t), true) => t.is_empty(),
+            (KeyValue::Int(n), false) => *n == i64::MAX,
+            (KeyValue::Int(n), true) => *n == i64::MIN,
+            (KeyValue::Real(x), false) => *x == f64::MAX,
+            (KeyValue::Real(x), true) => *x == f64::MIN,
+        }
+    }
+
+    /// `(table, column, param)` when the key's index can be walked in the key's own order: an
+    /// index-table column whose stored order is the order compared (numbers, instants, and the
+    /// bytewise text of strings and uris; token codes and reference ids compare bytewise
+    /// against a column ordered by the database's collation).
+    pub(super) fn walkable(&self) -> Option<(&'static str, &'static str, &str)> {
+        let (table, column) = self.source?;
+        let ordered = self.kind != KeyKind::Text || matches!(table, "search_string" | "search_uri");
+        ordered.then_some((table, column, self.param.as_str()))
+    }
+}
+
+pub(super) fn push_key_value(qb: &mut Sql, v: &KeyValue) {
     match v {
         KeyValue::Text(t) => qb.push_bind(t.as_str()),
         KeyValue::Int(n) => qb.push_bind(*n),

@@ -9,7 +9,7 @@ use fhirstore_core::compartment::CompartmentScope;
 use fhirstore_core::search::{Handling, SearchQuery};
 use fhirstore_core::{LogicalId, ResourceKey, ResourceType, TenantId};
 
-use super::{Bind, KeyValue, Sql};
+use super::{Bind, KeyValue, Sql, Strategy};
 use crate::Syntax;
 
 /// A fixed "now", for `ap` and anything relative to the present.
@@ -82,7 +82,12 @@ fn render(sql: &Sql) -> String {
 /// A search page's statement for `qs` over `t` (all types when `None`).
 fn page(dialect: Syntax, t: Option<&str>, qs: &str) -> String {
     let q = query(t, qs);
-    render(&super::page(dialect, &tenant(), &q, NOW).expect(qs).sql)
+    render(
+        &super::page(dialect, &tenant(), &q, NOW, Strategy::Gather)
+            .expect(qs)
+            .sql
+            .expect("statement"),
+    )
 }
 
 /// The searches whose page statements are snapshotted: (name, type, query string).
@@ -254,12 +259,67 @@ fn plans(dialect: Syntax) {
         snap(case, page(dialect, *t, qs));
     }
     let t = tenant();
+    // The strategies the store picks from the criteria's counts (see `Strategy`).
+    let strategy = |case: &str, ty: &str, qs: &str, strategy: Strategy| {
+        let q = query(Some(ty), qs);
+        let plan = super::page(dialect, &t, &q, NOW, strategy).expect(qs);
+        snap(case, render(&plan.sql.expect("statement")));
+    };
+    strategy("walk_by_id", "Patient", "gender=female", Strategy::Walk);
+    strategy(
+        "walk_sorted",
+        "Observation",
+        "code=http://loinc.org|8867-4&_sort=-date",
+        Strategy::Walk,
+    );
+    strategy(
+        "walk_sorted_string",
+        "Patient",
+        "_sort=family",
+        Strategy::Walk,
+    );
+    strategy(
+        "drive_smallest",
+        "Observation",
+        "code=http://loinc.org|8867-4&subject=Patient/p1&_sort=-date",
+        Strategy::Drive(1),
+    );
+    let mut q = query(Some("Observation"), "code=x&_sort=date");
+    let key = ResourceKey::new(rt("Observation"), LogicalId::new("o9").expect("id"));
+    q.cursor = Some(super::sorted_cursor(&[KeyValue::Int(5)], &key));
+    let plan = super::page(dialect, &t, &q, NOW, Strategy::Walk).expect("walk");
+    snap("walk_cursor", render(&plan.sql.expect("statement")));
+    assert_eq!(plan.then_missing, Some(None));
+    // A cursor among the resources without a value: only those remain.
+    q.cursor = Some(super::sorted_cursor(&[KeyValue::Int(i64::MAX)], &key));
+    let plan = super::page(dialect, &t, &q, NOW, Strategy::Walk).expect("walk");
+    assert!(plan.sql.is_none());
+    let after = plan.then_missing.flatten();
+    assert_eq!(after.as_ref().map(|i| i.as_str()), Some("o9"));
+    snap(
+        "walk_missing",
+        render(&super::missing_page(dialect, &t, &q, NOW, after.as_ref(), 3).expect("missing")),
+    );
+    let q = query(
+        Some("Observation"),
+        "code=x&subject=Patient/p1&subject:Patient.name=y&date=ge2020",
+    );
+    let (sql, which) = super::selectivity(dialect, &t, &q, NOW, 1000)
+        .expect("probe")
+        .expect("index criteria");
+    assert_eq!(which, [0, 1], "chains and ranges are not counted");
+    snap("selectivity", render(&sql));
     // Cursors: after a key, and after a sorted key with its values.
     let mut q = query(Some("Patient"), "gender=female");
     q.cursor = Some(crate::search_cursor("Patient", "p5"));
     snap(
         "cursor",
-        render(&super::page(dialect, &t, &q, NOW).expect("page").sql),
+        render(
+            &super::page(dialect, &t, &q, NOW, Strategy::Gather)
+                .expect("page")
+                .sql
+                .expect("statement"),
+        ),
     );
     let mut q = query(Some("Observation"), "_sort=-date,subject");
     let key = ResourceKey::new(rt("Observation"), LogicalId::new("o9").expect("id"));
@@ -269,7 +329,12 @@ fn plans(dialect: Syntax) {
     ));
     snap(
         "cursor_sorted",
-        render(&super::page(dialect, &t, &q, NOW).expect("page").sql),
+        render(
+            &super::page(dialect, &t, &q, NOW, Strategy::Gather)
+                .expect("page")
+                .sql
+                .expect("statement"),
+        ),
     );
     // Compartments: one type, and every member type.
     let mut q = query(Some("Observation"), "code=x");
@@ -283,7 +348,12 @@ fn plans(dialect: Syntax) {
     );
     snap(
         "compartment_one_type",
-        render(&super::page(dialect, &t, &q, NOW).expect("page").sql),
+        render(
+            &super::page(dialect, &t, &q, NOW, Strategy::Gather)
+                .expect("page")
+                .sql
+                .expect("statement"),
+        ),
     );
     let mut q = query(None, "");
     q.compartment = Some(
@@ -296,7 +366,12 @@ fn plans(dialect: Syntax) {
     );
     snap(
         "compartment_every_type",
-        render(&super::page(dialect, &t, &q, NOW).expect("page").sql),
+        render(
+            &super::page(dialect, &t, &q, NOW, Strategy::Gather)
+                .expect("page")
+                .sql
+                .expect("statement"),
+        ),
     );
     // The other statements over the same criteria.
     let q = query(Some("Patient"), "family=Smith");
@@ -372,15 +447,16 @@ fn includes_from_another_type_plan_nothing() {
 #[test]
 fn placeholders_match_binds() {
     for (dialect, mark) in [(Syntax::Sqlite, "?"), (Syntax::Postgres, "$")] {
-        for (case, t, qs) in PAGES {
-            let plan = super::page(dialect, &tenant(), &query(*t, qs), NOW).expect(qs);
-            let marks = plan.sql.text().matches(mark).count();
-            assert_eq!(marks, plan.sql.binds().len(), "{case} on {dialect:?}");
+        let every = [Strategy::Gather, Strategy::Walk, Strategy::Drive(0)];
+        for ((case, t, qs), strategy) in PAGES.iter().flat_map(|p| every.map(|s| (p, s))) {
+            let plan = super::page(dialect, &tenant(), &query(*t, qs), NOW, strategy).expect(qs);
+            let sql = plan.sql.expect("statement");
+            let marks = sql.text().matches(mark).count();
+            assert_eq!(marks, sql.binds().len(), "{case} on {dialect:?}");
             if dialect == Syntax::Postgres {
                 // `$1` … `$n`, each once, in order: parts appended to a statement were
                 // renumbered.
-                let numbers: Vec<usize> = plan
-                    .sql
+                let numbers: Vec<usize> = sql
                     .text()
                     .split('$')
                     .skip(1)
@@ -390,7 +466,7 @@ fn placeholders_match_binds() {
                         digits.parse().expect("a placeholder number")
                     })
                     .collect();
-                let expected: Vec<usize> = (1..=plan.sql.binds().len()).collect();
+                let expected: Vec<usize> = (1..=sql.binds().len()).collect();
                 assert_eq!(numbers, expected, "{case}");
             }
         }
@@ -409,7 +485,7 @@ fn bad_cursors_are_refused() {
         r#"{"k":[1],"t":"Observation","i":"bad id!"}"#,
     ] {
         q.cursor = Some(bad.to_owned());
-        let err = super::page(Syntax::Postgres, &tenant(), &q, NOW).err();
+        let err = super::page(Syntax::Postgres, &tenant(), &q, NOW, Strategy::Gather).err();
         assert!(
             matches!(err, Some(fhirstore_core::Error::InvalidSearch(_))),
             "{bad}: {err:?}"
@@ -417,7 +493,7 @@ fn bad_cursors_are_refused() {
     }
     let mut q = query(Some("Patient"), "");
     q.cursor = Some("Patient/'; DROP TABLE resources; --".to_owned());
-    assert!(super::page(Syntax::Sqlite, &tenant(), &q, NOW).is_err());
+    assert!(super::page(Syntax::Sqlite, &tenant(), &q, NOW, Strategy::Gather).is_err());
 }
 
 /// A part built apart keeps its binds, with PostgreSQL placeholders moved up past the
@@ -489,7 +565,10 @@ fn statements_beyond_the_bind_limit_are_refused() {
     let huge = many(100, 1_000);
     for syntax in [Syntax::Sqlite, Syntax::Postgres] {
         let refused = [
-            super::page(syntax, &tenant(), &huge, NOW).map(|p| p.sql),
+            super::page(syntax, &tenant(), &huge, NOW, Strategy::Gather).and_then(|p| {
+                p.sql
+                    .ok_or_else(|| fhirstore_core::Error::InvalidSearch("no statement".into()))
+            }),
             super::count(syntax, &tenant(), &huge, NOW),
             super::keys(syntax, &tenant(), &huge, 2, NOW),
             super::estimate(syntax, "EXPLAIN SELECT 1", &tenant(), &huge, NOW),
@@ -502,7 +581,40 @@ fn statements_beyond_the_bind_limit_are_refused() {
                 other => panic!("{syntax:?}: expected too costly, got {other:?}"),
             }
         }
-        let fits = super::page(syntax, &tenant(), &many(20, 1_000), NOW).expect("planned");
-        assert!(fits.sql.binds().len() > 20_000);
+        let fits = super::page(syntax, &tenant(), &many(20, 1_000), NOW, Strategy::Gather)
+            .expect("planned");
+        assert!(fits.sql.expect("statement").binds().len() > 20_000);
     }
+}
+
+/// The store's choice follows the counts: the smallest set under the cap drives, criteria all
+/// at the cap walk an order that has an index, anything else gathers.
+#[test]
+fn strategies_follow_the_counts() {
+    let q = query(Some("Observation"), "code=x&subject=Patient/p1&_sort=-date");
+    assert_eq!(
+        super::choose(&q, &[(0, 1000), (1, 3)], 1000),
+        Strategy::Drive(1)
+    );
+    assert_eq!(
+        super::choose(&q, &[(0, 1000), (1, 1000)], 1000),
+        Strategy::Walk
+    );
+    let by_id = query(Some("Patient"), "gender=female");
+    assert_eq!(super::choose(&by_id, &[(0, 5)], 0), Strategy::Walk);
+    assert_eq!(super::choose(&by_id, &[(0, 5)], 6), Strategy::Drive(0));
+    let two_keys = query(Some("Observation"), "code=x&_sort=-date,subject");
+    assert_eq!(
+        super::choose(&two_keys, &[(0, 1000)], 1000),
+        Strategy::Gather
+    );
+    // Token codes compare bytewise, their index by the database's collation.
+    let token = query(Some("Patient"), "gender=female&_sort=gender");
+    assert_eq!(super::choose(&token, &[(0, 1000)], 1000), Strategy::Gather);
+    let no_criteria = query(Some("Observation"), "_sort=date");
+    assert_eq!(super::choose(&no_criteria, &[], 1000), Strategy::Walk);
+    let chain = query(Some("Observation"), "subject:Patient.name=x");
+    assert_eq!(super::choose(&chain, &[], 1000), Strategy::Gather);
+    let every_type = query(None, "_sort=_lastUpdated");
+    assert_eq!(super::choose(&every_type, &[], 0), Strategy::Gather);
 }

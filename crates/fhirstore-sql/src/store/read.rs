@@ -227,14 +227,40 @@ impl<D: Dialect> Store<D> {
         tenant: &TenantId,
         query: &SearchQuery,
     ) -> Result<SearchPage> {
-        self.bounded_search(async |conn| Self::page_on(conn, tenant, query).await)
+        let cap = self.config.selective_below;
+        self.bounded_search(async |conn| Self::page_on(conn, tenant, query, cap).await)
             .await
+    }
+
+    /// How this page's criteria meet the resources (see [`search::Strategy`]): from each index
+    /// criterion's entries, counted up to `cap` in one statement.
+    async fn strategy(
+        conn: &mut Conn<D>,
+        tenant: &TenantId,
+        query: &SearchQuery,
+        now: i64,
+        cap: u32,
+    ) -> Result<search::Strategy> {
+        let counts = match search::selectivity(D::SYNTAX, tenant, query, now, cap)? {
+            Some((sql, which)) => {
+                let mut row = sql.fetch_one(&mut *conn).await?;
+                let mut counts = Vec::with_capacity(which.len());
+                for (col, i) in which.into_iter().enumerate() {
+                    let n: i64 = row.get(col)?;
+                    counts.push((i, u64::try_from(n).unwrap_or(0)));
+                }
+                counts
+            }
+            None => Vec::new(),
+        };
+        Ok(search::choose(query, &counts, cap))
     }
 
     async fn page_on(
         conn: &mut Conn<D>,
         tenant: &TenantId,
         query: &SearchQuery,
+        selective_below: u32,
     ) -> Result<SearchPage> {
         let now = now_micros();
         let page = query.page_size();
@@ -252,8 +278,28 @@ impl<D: Dialect> Store<D> {
                     .to_owned(),
             ));
         }
-        let search::PagePlan { sql, keys } = search::page(D::SYNTAX, tenant, query, now)?;
-        let rows = sql.fetch_all(&mut *conn).await?;
+        let strategy = Self::strategy(conn, tenant, query, now, selective_below).await?;
+        let plan = search::page(D::SYNTAX, tenant, query, now, strategy)?;
+        let mut rows = match plan.sql {
+            Some(sql) => sql.fetch_all(&mut *conn).await?,
+            None => Vec::new(),
+        };
+        if let Some(after) = &plan.then_missing {
+            // The walk ran out of resources with a value before the page was full.
+            let want = page as usize + 1;
+            if rows.len() < want {
+                let missing = search::missing_page(
+                    D::SYNTAX,
+                    tenant,
+                    query,
+                    now,
+                    after.as_ref(),
+                    want - rows.len(),
+                )?;
+                rows.extend(missing.fetch_all(&mut *conn).await?);
+            }
+        }
+        let keys = plan.keys;
         let more = rows.len() > page as usize;
         let mut matches = Vec::with_capacity(rows.len().min(page as usize));
         let mut last_keys = Vec::new();
