@@ -207,14 +207,21 @@ async fn open_store(
     args: &StoreArgs,
     dir: &tempfile::TempDir,
 ) -> Result<Arc<dyn ResourceStorage>, BoxError> {
+    open_store_with(args, dir, SqlConfig::default()).await
+}
+
+/// [`open_store`] with `config`; a second call opens the same database again.
+async fn open_store_with(
+    args: &StoreArgs,
+    dir: &tempfile::TempDir,
+    config: SqlConfig,
+) -> Result<Arc<dyn ResourceStorage>, BoxError> {
     let postgres = args.postgres.as_str();
     Ok(match args.backend {
-        Backend::Sqlite => Arc::new(
-            SqliteStore::open(dir.path().join("bench.sqlite"), SqlConfig::default()).await?,
-        ),
-        Backend::Postgres => {
-            Arc::new(PostgresStore::connect(postgres, SqlConfig::default()).await?)
+        Backend::Sqlite => {
+            Arc::new(SqliteStore::open(dir.path().join("bench.sqlite"), config).await?)
         }
+        Backend::Postgres => Arc::new(PostgresStore::connect(postgres, config).await?),
     })
 }
 
@@ -602,21 +609,73 @@ async fn patients(args: PatientsArgs) -> Result<(), BoxError> {
                 )
             }),
         ),
+        (
+            "_sort=-birthdate (_count=20)",
+            Box::new(|_| "_sort=-birthdate&_count=20".to_owned()),
+        ),
+        (
+            "gender, _sort=birthdate (_count=20)",
+            Box::new(|i| {
+                format!(
+                    "gender={}&_sort=birthdate&_count=20",
+                    if i % 2 == 0 { "female" } else { "male" }
+                )
+            }),
+        ),
+        (
+            "family, _sort=-birthdate (_count=20)",
+            Box::new(|i| format!("family={}&_sort=-birthdate&_count=20", family_name(i % 100))),
+        ),
     ];
+    // The same data through the page strategies side by side: the store's choice from the
+    // criteria's counts, every page walking its order, and the smallest set always driving
+    // (for one criterion, the plan before strategies, plus the count).
+    let modes = [
+        ("chosen", SqlConfig::default()),
+        (
+            "walk",
+            SqlConfig {
+                selective_below: 0,
+                ..SqlConfig::default()
+            },
+        ),
+        (
+            "drive",
+            SqlConfig {
+                selective_below: u32::MAX,
+                ..SqlConfig::default()
+            },
+        ),
+    ];
+    let mut stores = Vec::with_capacity(modes.len());
+    for (_, config) in &modes {
+        stores.push(open_store_with(&args.store, &dir, config.clone()).await?);
+    }
+    println!(
+        "{:<34} {:>10} {:>10} {:>10} {:>10}",
+        "search (searches/s)", "chosen", "walk", "drive", "avg hits"
+    );
     for (label, make) in shapes {
+        let mut rates = Vec::with_capacity(stores.len());
         let mut hits = 0usize;
-        let start = Instant::now();
-        for i in 0..args.searches {
-            let q = fhirstore_core::SearchQuery::parse(
-                Some(pt),
-                &make(i),
-                fhirstore_core::Handling::Strict,
-            )?;
-            hits += store.search(&ctx, &q).await?.matches.len();
+        for store in &stores {
+            hits = 0;
+            let start = Instant::now();
+            for i in 0..args.searches {
+                let q = fhirstore_core::SearchQuery::parse(
+                    Some(pt),
+                    &make(i),
+                    fhirstore_core::Handling::Strict,
+                )?;
+                hits += store.search(&ctx, &q).await?.matches.len();
+            }
+            rates.push(args.searches as f64 / start.elapsed().as_secs_f64());
         }
-        let rate = args.searches as f64 / start.elapsed().as_secs_f64();
         println!(
-            "{label:<34} {rate:>10.0} {:>10.1}",
+            "{label:<34} {:>10.0} {:>10.0} {:>10.0} {:>10.1}",
+            rates[0],
+            rates[1],
+            rates[2],
             hits as f64 / args.searches.max(1) as f64
         );
     }

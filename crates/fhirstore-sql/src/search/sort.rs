@@ -131,13 +131,19 @@ impl SortColumn {
         }
     }
 
-    /// `(table, column, param)` when the key's index can be walked in the key's own order: an
-    /// index-table column whose stored order is the order compared (numbers, instants, and the
-    /// bytewise text of strings and uris; token codes and reference ids compare bytewise
-    /// against a column ordered by the database's collation).
+    /// `(table, column, param)` when an index lists the key's rows in the key's own order with
+    /// ties by id ascending, so a walk can stop when the page is full: dates both ways
+    /// (`search_date_lookup` by lowest, `search_date_high` by highest descending), and
+    /// numbers, strings and uris ascending (their lookup indexes; strings and uris compare
+    /// bytewise as the columns are ordered). Token codes and reference ids compare bytewise
+    /// against columns ordered by the database's collation.
     pub(super) fn walkable(&self) -> Option<(&'static str, &'static str, &str)> {
         let (table, column) = self.source?;
-        let ordered = self.kind != KeyKind::Text || matches!(table, "search_string" | "search_uri");
+        let ordered = match table {
+            "search_date" => true,
+            "search_string" | "search_uri" | "search_quantity" => !self.descending,
+            _ => false,
+        };
         ordered.then_some((table, column, self.param.as_str()))
     }
 }

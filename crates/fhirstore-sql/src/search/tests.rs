@@ -611,6 +611,12 @@ fn strategies_follow_the_counts() {
     // Token codes compare bytewise, their index by the database's collation.
     let token = query(Some("Patient"), "gender=female&_sort=gender");
     assert_eq!(super::choose(&token, &[(0, 1000)], 1000), Strategy::Gather);
+    // No index lists strings highest first with ties by id ascending.
+    let descending_string = query(Some("Patient"), "gender=female&_sort=-family");
+    assert_eq!(
+        super::choose(&descending_string, &[(0, 1000)], 1000),
+        Strategy::Gather
+    );
     let no_criteria = query(Some("Observation"), "_sort=date");
     assert_eq!(super::choose(&no_criteria, &[], 1000), Strategy::Walk);
     let chain = query(Some("Observation"), "subject:Patient.name=x");

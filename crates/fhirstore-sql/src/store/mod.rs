@@ -125,6 +125,7 @@ pub struct Store<D: Dialect> {
     config: SqlConfig,
     stats: Arc<crate::StatsUpkeep>,
     params: Arc<crate::ParamCache>,
+    sizes: Arc<crate::SizeCache>,
     dialect: PhantomData<D>,
 }
 
@@ -137,6 +138,7 @@ impl<D: Dialect> Clone for Store<D> {
             config: self.config.clone(),
             stats: self.stats.clone(),
             params: self.params.clone(),
+            sizes: self.sizes.clone(),
             dialect: PhantomData,
         }
     }
@@ -171,6 +173,7 @@ impl<D: Dialect> Store<D> {
             config,
             stats: crate::StatsUpkeep::new(),
             params: Arc::default(),
+            sizes: Arc::default(),
             dialect: PhantomData,
         }
     }

@@ -227,20 +227,31 @@ impl<D: Dialect> Store<D> {
         tenant: &TenantId,
         query: &SearchQuery,
     ) -> Result<SearchPage> {
-        let cap = self.config.selective_below;
-        self.bounded_search(async |conn| Self::page_on(conn, tenant, query, cap).await)
+        self.bounded_search(async |conn| self.page_on(conn, tenant, query).await)
             .await
     }
 
     /// How this page's criteria meet the resources (see [`search::Strategy`]): from each index
-    /// criterion's entries, counted up to `cap` in one statement.
+    /// criterion's entries, counted up to the threshold `SqlConfig::selective_below` describes,
+    /// in one statement.
     async fn strategy(
+        &self,
         conn: &mut Conn<D>,
         tenant: &TenantId,
         query: &SearchQuery,
         now: i64,
-        cap: u32,
     ) -> Result<search::Strategy> {
+        let floor = self.config.selective_below;
+        let cap = match (floor, query.resource_type) {
+            (0 | u32::MAX, _) | (_, None) => floor,
+            (_, Some(rt)) => {
+                let resources = self.type_size(conn, tenant, rt).await?;
+                let page = f64::from(query.page_size()) + 1.0;
+                // Saturating: the float is finite and non-negative.
+                let even = (4.0 * page * resources as f64).sqrt().ceil() as u32;
+                even.max(floor)
+            }
+        };
         let counts = match search::selectivity(D::SYNTAX, tenant, query, now, cap)? {
             Some((sql, which)) => {
                 let mut row = sql.fetch_one(&mut *conn).await?;
@@ -256,11 +267,35 @@ impl<D: Dialect> Store<D> {
         Ok(search::choose(query, &counts, cap))
     }
 
+    /// The live resources of `rt` in the tenant, counted at most every `SizeCache::FRESH`.
+    async fn type_size(
+        &self,
+        conn: &mut Conn<D>,
+        tenant: &TenantId,
+        rt: ResourceType,
+    ) -> Result<u64> {
+        if let Some(n) = self.sizes.get(tenant.as_str(), rt.as_str()) {
+            return Ok(n);
+        }
+        let n: i64 = D::sql(
+            "SELECT COUNT(*) FROM resources WHERE tenant = $1 AND resource_type = $2 \
+             AND NOT deleted",
+        )
+        .bind(tenant.as_str())
+        .bind(rt.as_str())
+        .fetch_one(&mut *conn)
+        .await?
+        .get(0)?;
+        let n = u64::try_from(n).unwrap_or(0);
+        self.sizes.put(tenant.as_str(), rt.as_str(), n);
+        Ok(n)
+    }
+
     async fn page_on(
+        &self,
         conn: &mut Conn<D>,
         tenant: &TenantId,
         query: &SearchQuery,
-        selective_below: u32,
     ) -> Result<SearchPage> {
         let now = now_micros();
         let page = query.page_size();
@@ -278,7 +313,7 @@ impl<D: Dialect> Store<D> {
                     .to_owned(),
             ));
         }
-        let strategy = Self::strategy(conn, tenant, query, now, selective_below).await?;
+        let strategy = self.strategy(conn, tenant, query, now).await?;
         let plan = search::page(D::SYNTAX, tenant, query, now, strategy)?;
         let mut rows = match plan.sql {
             Some(sql) => sql.fetch_all(&mut *conn).await?,
