@@ -334,6 +334,10 @@ pub struct SearchQuery {
     pub compartment: Option<crate::compartment::CompartmentScope>,
     /// `_type` of a system-level search: only these types (empty: every type).
     pub types: Vec<ResourceType>,
+    /// Only resources with these ids (of [`SearchQuery::resource_type`]): the id set one part
+    /// of a split search hands the other (see `CompositeStorage`). Never parsed from a URL;
+    /// unlike `_id`, it is one bound value however many ids it holds.
+    pub among: Option<std::sync::Arc<[crate::LogicalId]>>,
 }
 
 /// The type of a parameter from the R4 registry, or `None` when it is not defined for

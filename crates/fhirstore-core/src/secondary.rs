@@ -323,6 +323,23 @@ pub trait Secondary: DigestView {
     /// is [`crate::Error::Unsupported`].
     async fn search(&self, ctx: &TenantContext, query: &SearchQuery) -> Result<SearchPage>;
 
+    /// The ids of at most `limit` live resources matching the criteria of `query` (within
+    /// [`SearchQuery::among`] when set): most relevant first when `query` sorts by `_score`,
+    /// otherwise in id order. Paging, includes and summary are ignored. One side of a split
+    /// search (`CompositeStorage`), so a backend that claims criteria the primary lacks should
+    /// answer it; the default is [`crate::Error::Unsupported`].
+    async fn search_ids(
+        &self,
+        _ctx: &TenantContext,
+        _query: &SearchQuery,
+        _limit: usize,
+    ) -> Result<Vec<LogicalId>> {
+        Err(crate::Error::Unsupported(format!(
+            "{} does not list matching ids",
+            self.name()
+        )))
+    }
+
     /// Deep scrub of `segments`: recomputes each one's digest from the documents the secondary
     /// actually holds (each body hashed again, not the hash kept beside it) and compares it
     /// with the digest it maintains. Drift that bypassed `apply` (a key evicted or deleted out

@@ -46,6 +46,8 @@ pub struct Capabilities {
     pub sort_params: Vec<&'static str>,
     /// Searches restricted to a compartment ([`SearchQuery::compartment`]).
     pub compartments: bool,
+    /// Searches restricted to an id set ([`SearchQuery::among`]).
+    pub id_sets: bool,
 }
 
 impl Capabilities {
@@ -64,21 +66,31 @@ impl Capabilities {
         if query.compartment.is_some() && !self.compartments {
             return false;
         }
+        if query.among.is_some() && !self.id_sets {
+            return false;
+        }
         let includes = !(query.includes.is_empty() && query.revincludes.is_empty());
         if includes && !self.includes {
             return false;
         }
-        let known = |name: &str| {
+        let known_in = |rt: Option<crate::ResourceType>, name: &str| {
             self.search_params.contains(&name)
-                || crate::search::param_type_in(reg, query.resource_type, name)
+                || crate::search::param_type_in(reg, rt, name)
                     .is_some_and(|t| self.search_types.contains(&t))
         };
+        let known = |name: &str| known_in(query.resource_type, name);
         let criteria = query.criteria.iter().all(|c| {
             let modifier = match (&c.values, c.modifier) {
                 (CriterionValues::Missing(..), _) => Some("missing"),
                 (_, m) => m.map(|m| m.code()),
             };
-            known(&c.param)
+            // A chained criterion's parameter belongs to the type at the chain's end.
+            let owner = match c.chain.last() {
+                None => query.resource_type,
+                Some(crate::search::ChainLink::Forward { target, .. }) => Some(*target),
+                Some(crate::search::ChainLink::Reverse { source, .. }) => Some(*source),
+            };
+            known_in(owner, &c.param)
                 && (c.chain.is_empty() || self.chaining)
                 && modifier.is_none_or(|m| self.modifiers.contains(&m))
         });
@@ -301,6 +313,41 @@ pub trait ResourceStorage: Send + Sync {
 
     /// A page of search results.
     async fn search(&self, ctx: &TenantContext, query: &SearchQuery) -> Result<SearchPage>;
+
+    /// The ids of at most `limit` resources matching the criteria of `query` (of its one
+    /// resource type, within [`SearchQuery::among`] when set), in id order. Sort, paging,
+    /// includes and summary are ignored. One side of a split search; a caller that asks for
+    /// one id more than its bound learns whether the bound was passed.
+    ///
+    /// The default pages through [`ResourceStorage::search`]; a backend with a cheaper way
+    /// (an index-only statement) overrides it.
+    async fn search_ids(
+        &self,
+        ctx: &TenantContext,
+        query: &SearchQuery,
+        limit: usize,
+    ) -> Result<Vec<LogicalId>> {
+        let mut q = SearchQuery {
+            resource_type: query.resource_type,
+            criteria: query.criteria.clone(),
+            compartment: query.compartment.clone(),
+            types: query.types.clone(),
+            among: query.among.clone(),
+            count: Some(crate::search::MAX_PAGE_SIZE),
+            ..SearchQuery::default()
+        };
+        let mut ids = Vec::new();
+        while ids.len() < limit {
+            let page = self.search(ctx, &q).await?;
+            ids.extend(page.matches.into_iter().map(|m| m.key.id));
+            match page.next_cursor {
+                Some(c) => q.cursor = Some(c),
+                None => break,
+            }
+        }
+        ids.truncate(limit);
+        Ok(ids)
+    }
 
     /// Creates a resource with a server-assigned id.
     async fn create(
@@ -570,6 +617,14 @@ macro_rules! forward_storage {
             }
             async fn search(&self, ctx: &TenantContext, query: &SearchQuery) -> Result<SearchPage> {
                 (**self).search(ctx, query).await
+            }
+            async fn search_ids(
+                &self,
+                ctx: &TenantContext,
+                query: &SearchQuery,
+                limit: usize,
+            ) -> Result<Vec<LogicalId>> {
+                (**self).search_ids(ctx, query, limit).await
             }
             async fn create(
                 &self,

@@ -81,7 +81,10 @@ pub async fn statement(req: &Req<'_>) -> ApiResult<Value> {
     .collect();
     for p in ["_text", "_content"] {
         if caps.search_params.contains(&p) {
-            common.push(json!({"name": p, "type": "string"}));
+            // The composite splits a query the full-text index cannot answer alone: the
+            // index lists its matches and the primary does the rest.
+            common.push(json!({"name": p, "type": "string",
+                "documentation": "Full text, answered by the full-text index. Combines with                 every other parameter, chains, _has, _include, _revinclude, _total and _sort                 (by a parameter, or by relevance with _sort=_score), which the primary answers                 within the index's matches; x-search-route reports which backend did what."}));
         }
     }
     let mut system = vec![json!({"code": "history-system"})];

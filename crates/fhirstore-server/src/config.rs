@@ -57,6 +57,11 @@ pub struct StorageArgs {
     /// and writes [default: 6].
     #[arg(long, env = "FHIRSTORE_SEARCH_CONNECTIONS", global = true)]
     pub search_connections: Option<u32>,
+    /// The most ids one backend hands another in a search split between them (full text with
+    /// a chain, an include or a sort): past it on both sides the search is refused, 400
+    /// `too-costly` naming `split_bound` [default: 100000].
+    #[arg(long, env = "FHIRSTORE_SEARCH_SPLIT_BOUND", global = true)]
+    pub search_split_bound: Option<usize>,
 }
 
 /// The `serve` flags.
@@ -254,6 +259,7 @@ pub struct FileConfig {
     index_mode: Option<ModeArg>,
     search_timeout: Option<String>,
     search_connections: Option<u32>,
+    search_split_bound: Option<usize>,
     listen: Option<SocketAddr>,
     public_url: Option<String>,
     admin_token: Option<String>,
@@ -302,6 +308,9 @@ pub struct SearchBounds {
     pub timeout: Duration,
     /// Connections that searches may hold at once.
     pub connections: u32,
+    /// The most ids one side of a split search hands the other
+    /// (`fhirstore_sync::SyncConfig::split_bound`).
+    pub split_bound: usize,
 }
 
 impl Default for SearchBounds {
@@ -310,6 +319,7 @@ impl Default for SearchBounds {
         SearchBounds {
             timeout: sql.search_timeout,
             connections: sql.search_connections,
+            split_bound: fhirstore_sync::SyncConfig::default().split_bound,
         }
     }
 }
@@ -454,10 +464,19 @@ fn resolve_store(args: &StorageArgs, file: &FileConfig) -> Result<StoreSettings,
             .search_connections
             .or(file.search_connections)
             .unwrap_or(defaults.connections),
+        split_bound: args
+            .search_split_bound
+            .or(file.search_split_bound)
+            .unwrap_or(defaults.split_bound),
     };
     if search.connections == 0 {
         return Err(ConfigError(
             "search_connections must be at least 1".to_owned(),
+        ));
+    }
+    if search.split_bound == 0 {
+        return Err(ConfigError(
+            "search_split_bound must be at least 1".to_owned(),
         ));
     }
     let redis = args.redis.clone().or_else(|| file.redis.clone());
@@ -628,12 +647,15 @@ mod tests {
     /// the defaults; a bad duration or zero connections is a configuration error.
     #[test]
     fn search_bounds_reach_the_primary() {
-        let file: FileConfig =
-            toml::from_str("search_timeout = \"2m\"\nsearch_connections = 3").expect("file");
+        let file: FileConfig = toml::from_str(
+            "search_timeout = \"2m\"\nsearch_connections = 3\nsearch_split_bound = 50",
+        )
+        .expect("file");
         let s = resolve_store(&StorageArgs::default(), &file).expect("settings");
         let sql = s.search.sql_config();
         assert_eq!(sql.search_timeout, Duration::from_secs(120));
         assert_eq!(sql.search_connections, 3);
+        assert_eq!(s.search.split_bound, 50);
         let args = StorageArgs {
             search_timeout: Some(Duration::from_secs(5)),
             ..StorageArgs::default()
@@ -648,7 +670,15 @@ mod tests {
             defaults.timeout,
             fhirstore_sql::SqlConfig::default().search_timeout
         );
-        for bad in ["search_timeout = \"soon\"", "search_connections = 0"] {
+        assert_eq!(
+            defaults.split_bound,
+            fhirstore_sync::SyncConfig::default().split_bound
+        );
+        for bad in [
+            "search_timeout = \"soon\"",
+            "search_connections = 0",
+            "search_split_bound = 0",
+        ] {
             let file: FileConfig = toml::from_str(bad).expect("parses");
             let e = resolve_store(&StorageArgs::default(), &file).expect_err(bad);
             assert!(e.0.contains("search_"), "{e}");

@@ -137,7 +137,10 @@ pub async fn open(settings: &StoreSettings) -> Result<Arc<Deployment>> {
             format!("redis ({:?})", settings.redis_mode),
         ));
     }
-    let config = SyncConfig::default();
+    let config = SyncConfig {
+        split_bound: settings.search.split_bound,
+        ..SyncConfig::default()
+    };
     let deployment: Arc<Deployment> = match &settings.postgres {
         Some(url) => {
             postgres(

@@ -132,6 +132,7 @@ pub(crate) async fn everything(
         },
         backend: fhirstore_sync::PRIMARY.to_owned(),
         behind: false,
+        parts: Vec::new(),
     };
     if shaping.summary == Some(Summary::Count) {
         return Err(ApiError::bad_request(

@@ -959,9 +959,13 @@ async fn capability_statement_follows_the_tenant_search_parameters() {
         .filter_map(|i| i["code"].as_str())
         .collect();
     assert!(system.contains(&"transaction") && system.contains(&"batch"));
-    assert!(rest["searchParam"]
+    let text = rest["searchParam"]
         .as_array()
-        .is_some_and(|p| p.iter().any(|p| p["name"] == "_text")));
+        .and_then(|p| p.iter().find(|p| p["name"] == "_text"))
+        .expect("_text");
+    assert!(text["documentation"]
+        .as_str()
+        .is_some_and(|d| d.contains("_include")));
 
     let ext = "http://example.org/fhir/StructureDefinition/favourite-colour";
     let p = json!({"resourceType": "Patient",
@@ -997,5 +1001,66 @@ async fn capability_statement_follows_the_tenant_search_parameters() {
     assert!(
         !params_of(&other, "Patient").contains(&"favourite-colour".to_owned()),
         "another tenant does not see it"
+    );
+}
+
+/// Full text combined with what only the SQL primary answers (an include and a sort by date)
+/// is answered by both together on the embedded default, and the response says how.
+#[tokio::test]
+async fn full_text_combines_with_includes_and_sorts() {
+    let s = open_server().await;
+    let pid = create(
+        &s,
+        "m",
+        &json!({"resourceType": "Patient", "name": [{"family": "Chalmers"}]}),
+    )
+    .await;
+    let mut ids = Vec::new();
+    for (day, text) in [
+        ("01", "chest pain at rest"),
+        ("03", "chest pain on exertion"),
+        ("02", "ankle sprain"),
+    ] {
+        let o = json!({"resourceType": "Observation", "status": "final",
+            "code": {"text": "note"},
+            "text": {"status": "generated", "div": format!("<div xmlns=\"http://www.w3.org/1999/xhtml\">{text}</div>")},
+            "subject": {"reference": format!("Patient/{pid}")},
+            "effectiveDateTime": format!("2024-05-{day}")});
+        ids.push(create(&s, "m", &o).await);
+    }
+    // Another tenant's matching note stays out.
+    create(
+        &s,
+        "other",
+        &json!({"resourceType": "Observation", "status": "final", "code": {"text": "note"},
+            "text": {"status": "generated", "div": "<div xmlns=\"http://www.w3.org/1999/xhtml\">chest pain</div>"}}),
+    )
+    .await;
+    let r = s
+        .get("/fhir/m/Observation?_text=chest%20pain&_include=Observation:subject&_sort=-date")
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.issue());
+    let b = r.json();
+    let entries: Vec<(String, String)> = b["entry"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|e| {
+            (
+                e["search"]["mode"].as_str().unwrap_or("").to_owned(),
+                e["resource"]["id"].as_str().unwrap_or("").to_owned(),
+            )
+        })
+        .collect();
+    let want = vec![
+        ("match".to_owned(), ids[1].clone()),
+        ("match".to_owned(), ids[0].clone()),
+        ("include".to_owned(), pid.clone()),
+    ];
+    assert_eq!(entries, want);
+    let route = r.header("x-search-route").unwrap_or_default().to_owned();
+    assert!(
+        route.contains("tantivy[_text]") && route.contains("primary[_sort,_include,ids]"),
+        "{route}"
     );
 }

@@ -185,12 +185,13 @@ pub trait Exec: Send {
 }
 
 /// Implements [`Exec`] for a driver's connection type `$conn` of database `$db`, given how
-/// that driver binds an integer list (`$list`: `&[i32]` to a bindable value), its `row_of`
+/// that driver binds an integer list (`$list`: `&[i32]` to a bindable value) and a text list
+/// (`$texts`: `&[String]` to a bindable value), its `row_of`
 /// (a row, decoded) and `db_err` (its errors, classified). A macro, not generic code: sqlx's
 /// `Executor` is implemented for `&mut` of each concrete connection, a bound generic code could
 /// only state for every lifetime at once.
 macro_rules! exec_for {
-    ($conn:ty, $db:ty, $list:path) => {
+    ($conn:ty, $db:ty, $list:path, $texts:path) => {
         /// The statement with its values bound.
         fn query_of(
             sql: &Sql,
@@ -205,6 +206,7 @@ macro_rules! exec_for {
                     Bind::Real(x) => q.bind(*x),
                     Bind::Bool(b) => q.bind(*b),
                     Bind::IntList(v) => q.bind($list(v)),
+                    Bind::TextList(v) => q.bind($texts(v)),
                 };
             }
             q

@@ -177,6 +177,16 @@ impl Syntax {
             Syntax::Postgres => Some(("= ANY", "<> ALL")),
         }
     }
+
+    /// How a `SELECT` of the values of one [`Bind::TextList`](search::Bind::TextList) parameter opens and
+    /// closes around the placeholder: an uncorrelated set each engine reads once (a hashed
+    /// semi-join on PostgreSQL, an ephemeral index on SQLite), not a list scanned per row.
+    pub(crate) fn text_set(self) -> (&'static str, &'static str) {
+        match self {
+            Syntax::Sqlite => ("SELECT value FROM json_each(", ")"),
+            Syntax::Postgres => ("SELECT unnest(CAST(", " AS text[]))"),
+        }
+    }
 }
 
 /// Everything one version write stores, handed to the dialect's single-round-trip writer.

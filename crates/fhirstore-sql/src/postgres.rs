@@ -174,6 +174,11 @@ fn int_array(v: &[i32]) -> &[i32] {
     v
 }
 
+/// A text list as PostgreSQL binds it: a `text[]`.
+fn text_array(v: &[String]) -> &[String] {
+    v
+}
+
 /// Decodes a row by each column's type.
 fn row_of(row: PgRow) -> Result<Row> {
     let n = row.columns().len();
@@ -203,7 +208,7 @@ fn row_of(row: PgRow) -> Result<Row> {
     Ok(Row::new(cells))
 }
 
-crate::dialect::exec_for!(PgConnection, sqlx::Postgres, int_array);
+crate::dialect::exec_for!(PgConnection, sqlx::Postgres, int_array, text_array);
 
 impl Store<PostgresDialect> {
     /// Connects to `url` and brings the schema up to date (migrations take an advisory lock, so

@@ -162,6 +162,11 @@ fn json_list(v: &[i32]) -> String {
     format!("[{}]", items.join(","))
 }
 
+/// A text list as SQLite binds it: a JSON array, which `json_each` turns into rows.
+fn json_texts(v: &[String]) -> String {
+    serde_json::Value::from(v.to_vec()).to_string()
+}
+
 /// Decodes a row by each value's storage class: SQLite types values, not columns.
 fn row_of(row: SqliteRow) -> Result<Row> {
     let n = row.columns().len();
@@ -181,7 +186,7 @@ fn row_of(row: SqliteRow) -> Result<Row> {
     Ok(Row::new(cells))
 }
 
-crate::dialect::exec_for!(SqliteConnection, sqlx::Sqlite, json_list);
+crate::dialect::exec_for!(SqliteConnection, sqlx::Sqlite, json_list, json_texts);
 
 /// Parameters: $1 tenant, $2 type, $3 id, $4 version, $5 now, $6 deleted, $7 segment, $8 e_hi,
 /// $9 e_lo, $10 op, $11 body, $12 was_live, $13 digest delta high, $14 digest delta low,

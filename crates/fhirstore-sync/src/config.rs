@@ -105,6 +105,10 @@ pub struct SyncConfig {
     /// from the primary. Renewed every third of it; a write whose synchronous apply failed
     /// waits (at most about this long) until every other process has heard of it.
     pub read_lease_ttl: Duration,
+    /// The most ids one side of a split search may hand the other (see
+    /// [`crate::CompositeStorage::search_routed`]): when the secondary's criteria match more,
+    /// the primary's side drives; when both do, the search is refused naming this limit.
+    pub split_bound: usize,
     /// Prune outbox entries every consumer has passed.
     pub prune: bool,
     /// This process's name in leases; unique per process.
@@ -142,6 +146,7 @@ impl Default for SyncConfig {
             token_wait: Duration::from_millis(500),
             search_wait: Duration::from_secs(2),
             read_lease_ttl: Duration::from_secs(2),
+            split_bound: 100_000,
             prune: true,
             holder: format!("fhirstore-{}", uuid::Uuid::now_v7().simple()),
             failpoint: None,

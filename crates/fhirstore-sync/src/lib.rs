@@ -38,6 +38,7 @@ mod config;
 mod lane;
 pub mod reconcile;
 pub mod schedule;
+mod split;
 mod worker;
 
 use std::sync::Arc;
@@ -86,6 +87,85 @@ pub struct Routed {
     /// began, and waited [`SyncConfig::search_wait`] in vain: recent writes may be missing.
     /// Only when no other backend could answer.
     pub behind: bool,
+    /// What each backend did, in order: one part when one backend answered the whole query,
+    /// several when the query was split between backends (see [`SyncConfig::split_bound`]).
+    pub parts: Vec<RoutePart>,
+}
+
+/// One backend's part in answering a search (see [`Routed::parts`]).
+#[derive(Clone, Debug, PartialEq)]
+pub struct RoutePart {
+    /// The backend: `primary` or a secondary's name.
+    pub backend: String,
+    /// What it was asked: each criterion's parameter as written (with its modifier, and the
+    /// chain before it), then `_sort`, `_include` and `_revinclude` when it did those, and
+    /// `ids` when the search was restricted to another part's id set.
+    pub asked: Vec<String>,
+    /// The ids it listed, or the matches on the page it returned.
+    pub rows: usize,
+    /// How long it took.
+    pub took: Duration,
+}
+
+impl RoutePart {
+    pub(crate) fn new(backend: &str, query: &SearchQuery, rows: usize, started: Instant) -> Self {
+        use fhirstore_core::search::ChainLink;
+        let mut asked: Vec<String> = query
+            .criteria
+            .iter()
+            .map(|c| {
+                let mut name = String::new();
+                for link in &c.chain {
+                    match link {
+                        ChainLink::Forward { param, target } => {
+                            name.push_str(&format!("{param}:{target}."));
+                        }
+                        ChainLink::Reverse { source, param } => {
+                            name.push_str(&format!("_has:{source}:{param}:"));
+                        }
+                    }
+                }
+                name.push_str(&c.param);
+                if let Some(m) = c.modifier {
+                    name.push(':');
+                    name.push_str(m.code());
+                }
+                name
+            })
+            .collect();
+        if !query.sort.is_empty() {
+            asked.push("_sort".to_owned());
+        }
+        if !query.includes.is_empty() {
+            asked.push("_include".to_owned());
+        }
+        if !query.revincludes.is_empty() {
+            asked.push("_revinclude".to_owned());
+        }
+        if query.among.is_some() {
+            asked.push("ids".to_owned());
+        }
+        RoutePart {
+            backend: backend.to_owned(),
+            asked,
+            rows,
+            took: started.elapsed(),
+        }
+    }
+}
+
+impl std::fmt::Display for RoutePart {
+    /// `tantivy[_text] 120 rows 3.1 ms`: the form of the server's `X-Search-Route` header.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{}[{}] {} rows {:.1} ms",
+            self.backend,
+            self.asked.join(","),
+            self.rows,
+            self.took.as_secs_f64() * 1000.0
+        )
+    }
 }
 
 /// Whether a lane may answer a search now (see [`CompositeStorage::search_routed`]).
@@ -471,12 +551,24 @@ impl CompositeStorage {
                         fit = Fit::Behind;
                     }
                 }
+                let started = Instant::now();
                 let page = lane.secondary.search(ctx, query).await?;
                 return Ok(Routed {
+                    parts: vec![RoutePart::new(
+                        &lane.name,
+                        query,
+                        page.matches.len(),
+                        started,
+                    )],
                     page,
                     backend: lane.name.clone(),
                     behind: fit != Fit::Current,
                 });
+            }
+            if cursor.starts_with(split::SPLIT_CURSOR) {
+                if let Some(routed) = self.split(ctx, query, token).await? {
+                    return Ok(routed);
+                }
             }
             return self.on_primary(ctx, query).await;
         }
@@ -502,6 +594,7 @@ impl CompositeStorage {
                     continue;
                 }
             }
+            let started = Instant::now();
             match lane.secondary.search(ctx, query).await {
                 Ok(page) => {
                     if fit == Fit::Behind {
@@ -509,6 +602,12 @@ impl CompositeStorage {
                             "search answered by a secondary that has not caught up");
                     }
                     return Ok(Routed {
+                        parts: vec![RoutePart::new(
+                            &lane.name,
+                            query,
+                            page.matches.len(),
+                            started,
+                        )],
                         page,
                         backend: lane.name.clone(),
                         behind: fit == Fit::Behind,
@@ -518,6 +617,11 @@ impl CompositeStorage {
                 Err(e) => {
                     tracing::warn!(secondary = %lane.name, error = %e, "search failed; the primary answers");
                 }
+            }
+        }
+        if !primary_can {
+            if let Some(routed) = self.split(ctx, query, token).await? {
+                return Ok(routed);
             }
         }
         self.on_primary(ctx, query).await
@@ -569,7 +673,7 @@ impl CompositeStorage {
             // Only the secondary can answer: one still starting (not yet probed, or being
             // built) is worth the same bounded wait.
             let available = lane.available();
-            if available && lane.lock().cursor >= target {
+            if available && self.holds_all_before(lane, target).await? {
                 return Ok(Fit::Current);
             }
             let left = deadline.saturating_duration_since(Instant::now());
@@ -583,9 +687,26 @@ impl CompositeStorage {
         }
     }
 
+    /// Whether `lane` has applied every change at or before `target`. Its cursor names the last
+    /// change it applied, and a log head need not be a change's position: on PostgreSQL the
+    /// head is the oldest transaction still running, which the cursor of a caught-up lane
+    /// never reaches. So a cursor short of the head still holds everything when no change
+    /// lies between the two.
+    async fn holds_all_before(&self, lane: &Lane, target: ChangeCursor) -> Result<bool> {
+        let cursor = lane.lock().cursor;
+        if cursor >= target {
+            return Ok(true);
+        }
+        let next = self.shared.primary.changes_after(cursor, 1).await?;
+        Ok(next.first().is_none_or(|c| c.cursor > target))
+    }
+
     async fn on_primary(&self, ctx: &TenantContext, query: &SearchQuery) -> Result<Routed> {
+        let started = Instant::now();
+        let page = self.shared.primary.search(ctx, query).await?;
         Ok(Routed {
-            page: self.shared.primary.search(ctx, query).await?,
+            parts: vec![RoutePart::new(PRIMARY, query, page.matches.len(), started)],
+            page,
             backend: PRIMARY.to_owned(),
             behind: false,
         })

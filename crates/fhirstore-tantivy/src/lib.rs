@@ -48,7 +48,7 @@ use fhirstore_core::{
 };
 use serde_json::Value;
 use tantivy::collector::{DocSetCollector, TopDocs};
-use tantivy::query::{AllQuery, BooleanQuery, Occur, Query, RangeQuery, TermQuery};
+use tantivy::query::{AllQuery, BooleanQuery, Occur, Query, RangeQuery, TermQuery, TermSetQuery};
 use tantivy::schema::{
     Field, IndexRecordOption, Schema, TextFieldIndexing, TextOptions, Value as _, FAST, INDEXED,
     STORED, STRING,
@@ -515,6 +515,7 @@ impl Secondary for TantivySecondary {
         ];
         caps.modifiers = vec!["not", "exact", "missing"];
         caps.sort_params = vec!["_score", "_id", "_lastUpdated"];
+        caps.id_sets = true;
         caps
     }
 
@@ -593,6 +594,34 @@ impl Secondary for TantivySecondary {
         self.blocking(move |inner| {
             inner.commit_if_pending()?;
             inner.search(&tenant, &query)
+        })
+        .await
+    }
+
+    async fn search_ids(
+        &self,
+        ctx: &TenantContext,
+        query: &SearchQuery,
+        limit: usize,
+    ) -> Result<Vec<LogicalId>> {
+        ctx.require(Permission::Read)?;
+        let criteria_only = SearchQuery {
+            resource_type: query.resource_type,
+            criteria: query.criteria.clone(),
+            sort: query.sort.clone(),
+            among: query.among.clone(),
+            ..SearchQuery::default()
+        };
+        if !self.capabilities().can_search(&criteria_only) {
+            return Err(Error::Unsupported(
+                "tantivy cannot answer this search (see its capabilities)".to_owned(),
+            ));
+        }
+        self.require_built()?;
+        let tenant = ctx.tenant().clone();
+        self.blocking(move |inner| {
+            inner.commit_if_pending()?;
+            inner.search_ids(&tenant, &criteria_only, limit)
         })
         .await
     }

@@ -23,6 +23,18 @@ pub(crate) fn term_range(
     Box::new(RangeQuery::new(lo, hi))
 }
 
+/// A search ready to run: its query, the date checks after it, and a searcher.
+struct Prepared {
+    q: BooleanQuery,
+    verify: Vec<Verify>,
+    searcher: Searcher,
+    cols: Vec<Columns>,
+    now: i64,
+}
+
+/// A date criterion (parameter, values) that the index's candidates must be checked against.
+type Verify = (String, Vec<DateValue>);
+
 pub(crate) fn any_of(mut qs: Vec<Box<dyn Query>>) -> Box<dyn Query> {
     if qs.len() == 1 {
         return qs.remove(0);
@@ -251,11 +263,15 @@ impl Inner {
         }
     }
 
-    pub(crate) fn search(&self, tenant: &TenantId, query: &SearchQuery) -> Result<SearchPage> {
-        let Some(rt) = query.resource_type else {
-            return Err(Error::Unsupported("tantivy searches one type".to_owned()));
-        };
-        let now = now_micros();
+    /// The query matching `query`'s criteria in the tenant (within its `among` set), with the
+    /// date criteria that candidates must be checked against once found.
+    fn matcher(
+        &self,
+        tenant: &TenantId,
+        rt: ResourceType,
+        query: &SearchQuery,
+        now: i64,
+    ) -> Result<(BooleanQuery, Vec<Verify>)> {
         let mut clauses: Vec<(Occur, Box<dyn Query>)> = self
             .scope(tenant, rt)
             .into_iter()
@@ -265,6 +281,12 @@ impl Inner {
             Occur::Must,
             term_query(Term::from_field_u64(self.f.deleted, 0)),
         ));
+        if let Some(ids) = &query.among {
+            let keys = ids
+                .iter()
+                .map(|id| Term::from_field_text(self.f.key, &key_of(tenant, rt, id.as_str())));
+            clauses.push((Occur::Must, Box::new(TermSetQuery::new(keys))));
+        }
         let mut verify = Vec::new();
         for c in &query.criteria {
             if !c.chain.is_empty() {
@@ -272,36 +294,34 @@ impl Inner {
             }
             clauses.push(self.criterion_query(c, now, &mut verify)?);
         }
-        let q = BooleanQuery::new(clauses);
-        let searcher = self.searcher();
-        let cols = columns(&searcher)?;
-        let count_only = query.summary == Some(Summary::Count);
-        if count_only && verify.is_empty() {
-            let total = searcher
-                .search(&q, &tantivy::collector::Count)
-                .map_err(index_err)?;
-            return Ok(SearchPage {
-                matches: Vec::new(),
-                included: Vec::new(),
-                total: Some(total as u64),
-                next_cursor: None,
-            });
-        }
+        Ok((BooleanQuery::new(clauses), verify))
+    }
+
+    /// Every match of `q` that passes `verify`, in `query`'s order (ties by id).
+    fn ordered(
+        &self,
+        searcher: &Searcher,
+        cols: &[Columns],
+        q: &BooleanQuery,
+        verify: &[Verify],
+        query: &SearchQuery,
+        now: i64,
+    ) -> Result<Vec<(f32, Meta, DocAddress)>> {
         let by_score = query.sort.first().is_some_and(|k| k.param == "_score");
         let mut hits: Vec<(f32, DocAddress)> = if by_score {
             let n = searcher
-                .search(&q, &tantivy::collector::Count)
+                .search(q, &tantivy::collector::Count)
                 .map_err(index_err)?;
             if n == 0 {
                 Vec::new()
             } else {
                 searcher
-                    .search(&q, &TopDocs::with_limit(n))
+                    .search(q, &TopDocs::with_limit(n))
                     .map_err(index_err)?
             }
         } else {
             searcher
-                .search(&q, &DocSetCollector)
+                .search(q, &DocSetCollector)
                 .map_err(index_err)?
                 .into_iter()
                 .map(|a| (0.0, a))
@@ -325,7 +345,7 @@ impl Inner {
         }
         let mut rows: Vec<(f32, Meta, DocAddress)> = hits
             .into_iter()
-            .map(|(s, a)| meta(&cols, a).map(|m| (s, m, a)))
+            .map(|(s, a)| meta(cols, a).map(|m| (s, m, a)))
             .collect::<Result<_>>()?;
         rows.sort_by(|x, y| {
             for k in &query.sort {
@@ -345,6 +365,66 @@ impl Inner {
             }
             x.1.id.cmp(&y.1.id)
         });
+        Ok(rows)
+    }
+
+    /// See [`fhirstore_core::secondary::Secondary::search_ids`].
+    pub(crate) fn search_ids(
+        &self,
+        tenant: &TenantId,
+        query: &SearchQuery,
+        limit: usize,
+    ) -> Result<Vec<LogicalId>> {
+        let p = self.prepare(tenant, query)?;
+        let rows = self.ordered(&p.searcher, &p.cols, &p.q, &p.verify, query, p.now)?;
+        rows.into_iter()
+            .take(limit)
+            .map(|(_, m, _)| LogicalId::new(m.id.as_str()).map_err(index_err))
+            .collect()
+    }
+
+    /// The matcher of `query` with a searcher to run it on.
+    fn prepare(&self, tenant: &TenantId, query: &SearchQuery) -> Result<Prepared> {
+        let Some(rt) = query.resource_type else {
+            return Err(Error::Unsupported("tantivy searches one type".to_owned()));
+        };
+        let now = now_micros();
+        let (q, verify) = self.matcher(tenant, rt, query, now)?;
+        let searcher = self.searcher();
+        let cols = columns(&searcher)?;
+        Ok(Prepared {
+            q,
+            verify,
+            searcher,
+            cols,
+            now,
+        })
+    }
+
+    pub(crate) fn search(&self, tenant: &TenantId, query: &SearchQuery) -> Result<SearchPage> {
+        let rt = query
+            .resource_type
+            .ok_or_else(|| Error::Unsupported("tantivy searches one type".to_owned()))?;
+        let Prepared {
+            q,
+            verify,
+            searcher,
+            cols,
+            now,
+        } = self.prepare(tenant, query)?;
+        let count_only = query.summary == Some(Summary::Count);
+        if count_only && verify.is_empty() {
+            let total = searcher
+                .search(&q, &tantivy::collector::Count)
+                .map_err(index_err)?;
+            return Ok(SearchPage {
+                matches: Vec::new(),
+                included: Vec::new(),
+                total: Some(total as u64),
+                next_cursor: None,
+            });
+        }
+        let rows = self.ordered(&searcher, &cols, &q, &verify, query, now)?;
         let total = rows.len() as u64;
         let page = if count_only {
             0

@@ -66,6 +66,10 @@ pub(crate) fn shape(resource: &Value, summary: Option<Summary>, elements: &[Stri
     out
 }
 
+/// The response header that reports how a search was answered: each part as
+/// `backend[criteria] rows ms`, separated by `; `.
+pub const ROUTE_HEADER: &str = "x-search-route";
+
 pub(super) async fn search(req: &Req<'_>, rt: Option<ResourceType>, query: String) -> ApiResult {
     let path = rt.map(|t| t.to_string()).unwrap_or_default();
     // A system search of one `_type` is that type's search, so its own parameters apply
@@ -115,7 +119,14 @@ pub(super) async fn search_in(
         .search_routed(&req.ctx, &q, None)
         .await?;
     let body = bundles::searchset(&req.base, path, &query, &q, &routed);
-    Ok(req.json(StatusCode::OK, &body))
+    let mut response = req.json(StatusCode::OK, &body);
+    // Which backend answered which criteria, with id-set sizes and times, so a caller can see
+    // why a search is slow; no tenant data beyond counts.
+    let route: Vec<String> = routed.parts.iter().map(ToString::to_string).collect();
+    if let Ok(v) = HeaderValue::from_str(&route.join("; ")) {
+        response.headers_mut().insert(ROUTE_HEADER, v);
+    }
+    Ok(response)
 }
 
 /// `GET [base]/Patient/p1/Observation?…` and `GET [base]/Patient/p1/*?…` (R4 3.1.0.10.1): a

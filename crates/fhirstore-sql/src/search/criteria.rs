@@ -11,7 +11,7 @@ use fhirstore_core::search::{
 };
 use fhirstore_core::{Error, ResourceType, Result, SearchQuery, TenantId};
 
-use super::{Sql, Strategy};
+use super::{Bind, Sql, Strategy};
 
 /// The index table holding a parameter type's rows.
 fn index_table(kind: ParamType) -> Option<&'static str> {
@@ -396,7 +396,11 @@ pub(crate) fn index_count(
     query: &SearchQuery,
     now: i64,
 ) -> Result<Option<Sql>> {
-    if query.resource_type.is_none() || query.compartment.is_some() || query.criteria.is_empty() {
+    if query.resource_type.is_none()
+        || query.compartment.is_some()
+        || query.among.is_some()
+        || query.criteria.is_empty()
+    {
         return Ok(None);
     }
     let sets = index_sets(dialect, tenant, query, now)?;
@@ -485,7 +489,7 @@ fn push_criteria(
             correlate: match strategy {
                 Strategy::Gather => false,
                 Strategy::Drive(d) => i != d,
-                Strategy::Walk => true,
+                Strategy::Walk | Strategy::Among => true,
             },
             ..scope
         };
@@ -514,6 +518,14 @@ fn push_criteria(
     }
     if let Some(c) = &query.compartment {
         push_compartment(qb, &scope, c);
+    }
+    if let Some(ids) = &query.among {
+        let (open, close) = qb.dialect().text_set();
+        qb.push(format_args!(" AND r.id IN ({open}"));
+        qb.push_bind(Bind::TextList(
+            ids.iter().map(|id| id.as_str().to_owned()).collect(),
+        ));
+        qb.push(format_args!("{close})"));
     }
     Ok(())
 }

@@ -38,6 +38,9 @@ pub(crate) enum Strategy {
     /// resources by id, or the sort parameter's index. The walk stops when the page is full,
     /// so broad criteria cost the page, not their matches.
     Walk,
+    /// The id set a split search handed over ([`SearchQuery::among`]) drives, being smaller
+    /// than any criterion's; every criterion is checked per candidate.
+    Among,
 }
 
 /// A page of a search: the statements, and the sort columns whose values follow the five fixed
@@ -92,6 +95,12 @@ pub(crate) fn choose(query: &SearchQuery, counts: &[(usize, u64)], cap: u32) -> 
             [k] => SortColumn::of(k, Syntax::Sqlite).walkable().is_some(),
             _ => false,
         };
+    if let Some(ids) = &query.among {
+        let n = ids.len() as u64;
+        if n < u64::from(cap) && counts.iter().all(|&(_, c)| n <= c) {
+            return Strategy::Among;
+        }
+    }
     match counts.iter().min_by_key(|(_, n)| *n) {
         Some(&(i, n)) if n < u64::from(cap) => Strategy::Drive(i),
         Some(_) if walkable => Strategy::Walk,

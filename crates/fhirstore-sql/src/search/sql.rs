@@ -25,6 +25,10 @@ pub enum Bind {
     /// A list of 32-bit integers as one parameter: an `int4[]` on PostgreSQL, JSON text (for
     /// `json_each`) on SQLite.
     IntList(Vec<i32>),
+    /// A list of text values as one parameter: a `text[]` on PostgreSQL, JSON text (for
+    /// `json_each`) on SQLite. One parameter whatever its length, so an id set of 100,000 ids
+    /// stays within the drivers' bind limits.
+    TextList(Vec<String>),
 }
 
 impl From<Option<String>> for Bind {

@@ -284,6 +284,18 @@ fn plans(dialect: Syntax) {
         "code=http://loinc.org|8867-4&subject=Patient/p1&_sort=-date",
         Strategy::Drive(1),
     );
+    // A split search's id set: one bound list, driving when it is the smallest set.
+    let mut among = query(Some("Patient"), "gender=female&_sort=birthdate");
+    among.among = Some(
+        ["p1", "p2"]
+            .map(|i| LogicalId::new(i).expect("id"))
+            .as_slice()
+            .into(),
+    );
+    let plan = super::page(dialect, &t, &among, NOW, Strategy::Among).expect("among");
+    snap("among_drives", render(&plan.sql.expect("statement")));
+    let count = super::count(dialect, &t, &among, NOW).expect("count");
+    snap("among_count", render(&count));
     let mut q = query(Some("Observation"), "code=x&_sort=date");
     let key = ResourceKey::new(rt("Observation"), LogicalId::new("o9").expect("id"));
     q.cursor = Some(super::sorted_cursor(&[KeyValue::Int(5)], &key));
@@ -623,4 +635,16 @@ fn strategies_follow_the_counts() {
     assert_eq!(super::choose(&chain, &[], 1000), Strategy::Gather);
     let every_type = query(None, "_sort=_lastUpdated");
     assert_eq!(super::choose(&every_type, &[], 0), Strategy::Gather);
+    // A split search's id set drives when it is smaller than every criterion's count and
+    // below the threshold; otherwise the counts decide as before.
+    let mut among = query(Some("Patient"), "gender=female");
+    among.among = Some(
+        ["p1", "p2", "p3"]
+            .map(|i| LogicalId::new(i).expect("id"))
+            .as_slice()
+            .into(),
+    );
+    assert_eq!(super::choose(&among, &[(0, 900)], 1000), Strategy::Among);
+    assert_eq!(super::choose(&among, &[(0, 2)], 1000), Strategy::Drive(0));
+    assert_eq!(super::choose(&among, &[(0, 900)], 3), Strategy::Walk);
 }

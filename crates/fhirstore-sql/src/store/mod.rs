@@ -233,6 +233,7 @@ impl<D: Dialect> ResourceStorage for Store<D> {
         caps.includes = true;
         caps.system_search = true;
         caps.compartments = true;
+        caps.id_sets = true;
         caps.sort_any = true;
         caps.sort_params = NATIVE_PARAMS.to_vec();
         caps
@@ -294,6 +295,21 @@ impl<D: Dialect> ResourceStorage for Store<D> {
     async fn search(&self, ctx: &TenantContext, query: &SearchQuery) -> Result<SearchPage> {
         ctx.require(Permission::Read)?;
         self.search_page(ctx.tenant(), query).await
+    }
+
+    /// One index-backed statement of keys, bounded like a search; no bodies are read.
+    async fn search_ids(
+        &self,
+        ctx: &TenantContext,
+        query: &SearchQuery,
+        limit: usize,
+    ) -> Result<Vec<LogicalId>> {
+        ctx.require(Permission::Read)?;
+        let tenant = ctx.tenant();
+        let keys = self
+            .bounded_search(async |conn| Self::find_keys(conn, tenant, query, limit).await)
+            .await?;
+        Ok(keys.into_iter().map(|k| k.id).collect())
     }
 
     #[instrument(name = "storage.sql.count", skip_all,
