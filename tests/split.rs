@@ -162,6 +162,12 @@ const CASES: &[Case] = &[
     Case {
         ty: "Observation",
         text: "_content=blood",
+        rest: "subject=Patient/example&_sort=-date",
+        split: true,
+    },
+    Case {
+        ty: "Observation",
+        text: "_content=blood",
         rest: "category=vital-signs&_include=Observation:subject",
         split: true,
     },

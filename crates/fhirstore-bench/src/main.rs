@@ -17,6 +17,7 @@ mod reconcile;
 mod reindex;
 mod search;
 mod secondary;
+mod split;
 mod sync;
 
 use std::sync::Arc;
@@ -66,6 +67,9 @@ enum Command {
     Reindex(reindex::ReindexArgs),
     /// Redis and tantivy: apply throughput, search and read latency against the primary.
     Secondaries(secondary::SecondaryArgs),
+    /// Full text with what only the primary answers (chains, includes, sorts), split between
+    /// tantivy and the primary, beside each part alone.
+    Split(split::SplitArgs),
     /// CompositeStorage: writes in each sync mode against the primary alone, asynchronous
     /// lag, catch-up after an outage.
     Sync(sync::SyncArgs),
@@ -170,6 +174,7 @@ async fn main() -> Result<(), BoxError> {
         Command::Generate(args) => generate_ndjson(args),
         Command::Reindex(args) => reindex::run(args).await,
         Command::Secondaries(args) => secondary::run(args).await,
+        Command::Split(args) => split::run(args).await,
         Command::Sync(args) => sync::run(args).await,
         Command::Reconcile(args) => reconcile::run(args).await,
         Command::Http(args) => http::run(args).await,

@@ -325,7 +325,9 @@ pub trait Secondary: DigestView {
 
     /// The ids of at most `limit` live resources matching the criteria of `query` (within
     /// [`SearchQuery::among`] when set): most relevant first when `query` sorts by `_score`,
-    /// otherwise in id order. Paging, includes and summary are ignored. One side of a split
+    /// otherwise in id order. When more than `limit` match, which `limit` come back is the
+    /// backend's choice, so that it need not hold them all. Paging, includes and summary are
+    /// ignored. One side of a split
     /// search (`CompositeStorage`), so a backend that claims criteria the primary lacks should
     /// answer it; the default is [`crate::Error::Unsupported`].
     async fn search_ids(

@@ -178,13 +178,18 @@ impl Syntax {
         }
     }
 
-    /// How a `SELECT` of the values of one [`Bind::TextList`](search::Bind::TextList) parameter opens and
-    /// closes around the placeholder: an uncorrelated set each engine reads once (a hashed
-    /// semi-join on PostgreSQL, an ephemeral index on SQLite), not a list scanned per row.
+    /// How `r.id` is restricted to the values of one [`Bind::TextList`](search::Bind::TextList)
+    /// parameter: the text before and after its placeholder.
+    ///
+    /// On PostgreSQL the list is a constant array, `= ANY` of which is an index condition or a
+    /// hashed filter. As `IN (SELECT unnest(…))` PostgreSQL, not yet knowing a new tenant's
+    /// chain rows, put the set inside a nested loop and compared every chained match with
+    /// every id (470 million comparisons, 43 s, for 14,144 ids). On SQLite, `json_each` gives
+    /// rows that `IN` reads once into an ephemeral index.
     pub(crate) fn text_set(self) -> (&'static str, &'static str) {
         match self {
-            Syntax::Sqlite => ("SELECT value FROM json_each(", ")"),
-            Syntax::Postgres => ("SELECT unnest(CAST(", " AS text[]))"),
+            Syntax::Sqlite => (" AND r.id IN (SELECT value FROM json_each(", "))"),
+            Syntax::Postgres => (" AND r.id = ANY(CAST(", " AS text[]))"),
         }
     }
 }

@@ -376,6 +376,31 @@ impl Inner {
         limit: usize,
     ) -> Result<Vec<LogicalId>> {
         let p = self.prepare(tenant, query)?;
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        // A side past the caller's bound is not materialised: it is counted, and `limit` ids
+        // (a bounded top-k) stand for it. Date criteria are checked per document, so there
+        // the count is only an upper bound and every candidate is looked at.
+        if p.verify.is_empty() {
+            let n = p
+                .searcher
+                .search(&p.q, &tantivy::collector::Count)
+                .map_err(index_err)?;
+            if n > limit {
+                let top = p
+                    .searcher
+                    .search(&p.q, &TopDocs::with_limit(limit))
+                    .map_err(index_err)?;
+                return top
+                    .into_iter()
+                    .map(|(_, a)| {
+                        let m = meta(&p.cols, a)?;
+                        LogicalId::new(m.id.as_str()).map_err(index_err)
+                    })
+                    .collect();
+            }
+        }
         let rows = self.ordered(&p.searcher, &p.cols, &p.q, &p.verify, query, p.now)?;
         rows.into_iter()
             .take(limit)

@@ -521,11 +521,11 @@ fn push_criteria(
     }
     if let Some(ids) = &query.among {
         let (open, close) = qb.dialect().text_set();
-        qb.push(format_args!(" AND r.id IN ({open}"));
+        qb.push(open);
         qb.push_bind(Bind::TextList(
             ids.iter().map(|id| id.as_str().to_owned()).collect(),
         ));
-        qb.push(format_args!("{close})"));
+        qb.push(close);
     }
     Ok(())
 }
