@@ -694,6 +694,11 @@ impl CompositeStorage {
     /// lies between the two.
     async fn holds_all_before(&self, lane: &Lane, target: ChangeCursor) -> Result<bool> {
         let cursor = lane.lock().cursor;
+        self.nothing_between(cursor, target).await
+    }
+
+    /// Whether no change lies after `cursor` and at or before `target`.
+    async fn nothing_between(&self, cursor: ChangeCursor, target: ChangeCursor) -> Result<bool> {
         if cursor >= target {
             return Ok(true);
         }
@@ -821,8 +826,7 @@ impl CompositeStorage {
             let mut all = true;
             for lane in &self.shared.lanes {
                 let cursor = self.shared.primary.consumer(&lane.name).await?.cursor;
-                let next = self.shared.primary.changes_after(cursor, 1).await?;
-                let behind = next.first().is_some_and(|c| c.cursor <= head);
+                let behind = !self.nothing_between(cursor, head).await?;
                 let s = lane.lock();
                 if behind || s.backfilling || s.health != Health::Healthy {
                     all = false;

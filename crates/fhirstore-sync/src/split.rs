@@ -237,7 +237,7 @@ impl CompositeStorage {
         let filtered = !primary_side.criteria.is_empty() || primary_side.compartment.is_some();
         let ranked = if filtered {
             let bound = ranked.len();
-            primary_side.among = Some(ranked.clone().into());
+            primary_side.among = Some(Arc::from(ranked.as_slice()));
             let started = Instant::now();
             let kept = self
                 .shared
