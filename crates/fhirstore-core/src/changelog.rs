@@ -200,8 +200,9 @@ pub trait JobLog: Send + Sync {
 
 /// The role of the store every write goes through first: it stores and searches resources,
 /// keeps the ordered change log with its consumers, dead letters and read fences, answers
-/// digests for reconciliation, and records reconcile jobs. `CompositeStorage` and the
-/// reconciler hold it as `Arc<dyn Primary>`; any type with all of these is one.
+/// digests for reconciliation, records reconcile jobs, and keeps subscriptions' events.
+/// `CompositeStorage` and the reconciler hold it as `Arc<dyn Primary>`; any type with all of
+/// these is one.
 pub trait Primary:
     crate::ResourceStorage
     + ChangeLog
@@ -210,6 +211,7 @@ pub trait Primary:
     + ReadFences
     + crate::secondary::DigestSource
     + JobLog
+    + crate::subscription::SubscriptionLog
 {
 }
 
@@ -221,6 +223,7 @@ impl<T> Primary for T where
         + ReadFences
         + crate::secondary::DigestSource
         + JobLog
+        + crate::subscription::SubscriptionLog
         + ?Sized
 {
 }

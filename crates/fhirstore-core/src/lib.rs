@@ -10,6 +10,7 @@
 //! - [`digest`]: the element hashes and XOR segment digests used to find drift.
 //! - [`json`]: JSON reading that refuses duplicate keys.
 //! - [`secondary`]: the contract of a secondary store (version-guarded apply, digests).
+//! - [`subscription`]: R4 Subscriptions: their criteria, matching, and the event log.
 
 pub mod bundle;
 pub mod changelog;
@@ -27,6 +28,7 @@ mod resource_types;
 pub mod search;
 pub mod secondary;
 mod storage;
+pub mod subscription;
 pub mod summary;
 mod tenant;
 #[cfg(feature = "validation")]

@@ -110,6 +110,97 @@ pub struct ServeArgs {
     /// [default: 1d].
     #[arg(long, env = "FHIRSTORE_EXPORT_TTL", value_parser = parse_duration)]
     pub export_ttl: Option<Duration>,
+    /// Where and how subscription notifications are delivered.
+    #[command(flatten)]
+    pub subscriptions: SubscriptionArgs,
+}
+
+/// Subscription delivery: each a flag, an environment variable, or a key of the TOML file's
+/// `[subscriptions]` table (`endpoints = [...]`, `timeout`, `retry_period`, `retry_base`,
+/// `concurrency`, `retention`).
+#[derive(clap::Args, Clone, Debug, Default)]
+pub struct SubscriptionArgs {
+    /// A URL prefix notifications may be sent to although the default rule refuses it (the
+    /// default allows https endpoints on public addresses only), such as
+    /// `http://127.0.0.1:9000/`; repeat for more.
+    #[arg(long = "subscription-endpoint", value_name = "PREFIX")]
+    pub endpoints: Vec<String>,
+    /// How long one delivery may take [default: 10s].
+    #[arg(long = "subscription-timeout", env = "FHIRSTORE_SUBSCRIPTION_TIMEOUT", value_parser = parse_duration)]
+    pub timeout: Option<Duration>,
+    /// How long a failing endpoint is retried before its subscription goes to `error`
+    /// [default: 1h].
+    #[arg(long = "subscription-retry-period", env = "FHIRSTORE_SUBSCRIPTION_RETRY_PERIOD", value_parser = parse_duration)]
+    pub retry_period: Option<Duration>,
+    /// The first retry's delay; each later one doubles it, up to 5 minutes, with jitter
+    /// [default: 1s].
+    #[arg(long = "subscription-retry-base", env = "FHIRSTORE_SUBSCRIPTION_RETRY_BASE", value_parser = parse_duration)]
+    pub retry_base: Option<Duration>,
+    /// Deliveries in flight at once, across all subscriptions [default: 16].
+    #[arg(
+        long = "subscription-concurrency",
+        env = "FHIRSTORE_SUBSCRIPTION_CONCURRENCY"
+    )]
+    pub concurrency: Option<usize>,
+    /// How long delivered events are kept for `$events` [default: 7d].
+    #[arg(long = "subscription-retention", env = "FHIRSTORE_SUBSCRIPTION_RETENTION", value_parser = parse_duration)]
+    pub retention: Option<Duration>,
+}
+
+/// The TOML file's `[subscriptions]` table; see [`SubscriptionArgs`].
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SubscriptionFile {
+    #[serde(default)]
+    endpoints: Vec<String>,
+    timeout: Option<String>,
+    retry_period: Option<String>,
+    retry_base: Option<String>,
+    concurrency: Option<usize>,
+    retention: Option<String>,
+}
+
+impl SubscriptionArgs {
+    /// These settings, each from the flags (`self`), else the file, else the default.
+    fn resolve(
+        &self,
+        file: &SubscriptionFile,
+    ) -> Result<crate::subscriptions::Settings, ConfigError> {
+        let d = crate::subscriptions::Settings::default();
+        let pick = |flag: Option<Duration>, file: &Option<String>, default: Duration| match flag {
+            Some(v) => Ok(v),
+            None => file
+                .as_deref()
+                .map(parse_duration)
+                .transpose()
+                .map(|v| v.unwrap_or(default))
+                .map_err(ConfigError),
+        };
+        let mut endpoints = file.endpoints.clone();
+        endpoints.extend(self.endpoints.iter().cloned());
+        for e in &endpoints {
+            crate::subscriptions::deliver::check_prefix(e)
+                .map_err(|why| ConfigError(format!("subscription endpoint {e:?}: {why}")))?;
+        }
+        let concurrency = self
+            .concurrency
+            .or(file.concurrency)
+            .unwrap_or(d.concurrency);
+        if concurrency == 0 {
+            return Err(ConfigError(
+                "subscription concurrency must be at least 1".to_owned(),
+            ));
+        }
+        Ok(crate::subscriptions::Settings {
+            endpoints,
+            timeout: pick(self.timeout, &file.timeout, d.timeout)?,
+            retry_period: pick(self.retry_period, &file.retry_period, d.retry_period)?,
+            retry_base: pick(self.retry_base, &file.retry_base, d.retry_base)?,
+            concurrency,
+            retention: pick(self.retention, &file.retention, d.retention)?,
+            ..d
+        })
+    }
 }
 
 /// Bounds on what one request may ask for; each is a flag, an environment variable, or a key
@@ -227,19 +318,25 @@ impl Default for Limits {
     }
 }
 
-/// `90s`, `15m`, `6h`, `1d`, or plain seconds.
+/// `250ms`, `90s`, `15m`, `6h`, `1d`, or plain seconds.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let t = text.trim();
     let (num, unit) = t.split_at(t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len()));
     let n: u64 = num
         .parse()
         .map_err(|_| format!("{text:?}: expected a number and a unit (s, m, h, d)"))?;
+    if unit == "ms" {
+        if n == 0 {
+            return Err(format!("{text:?}: must be more than zero"));
+        }
+        return Ok(Duration::from_millis(n));
+    }
     let secs = match unit {
         "" | "s" => n,
         "m" => n * 60,
         "h" => n * 3_600,
         "d" => n * 86_400,
-        _ => return Err(format!("{text:?}: the unit is one of s, m, h, d")),
+        _ => return Err(format!("{text:?}: the unit is one of ms, s, m, h, d")),
     };
     if secs == 0 {
         return Err(format!("{text:?}: must be more than zero"));
@@ -275,6 +372,8 @@ pub struct FileConfig {
     tokens: BTreeMap<String, Vec<String>>,
     #[serde(default)]
     limits: LimitArgs,
+    #[serde(default)]
+    subscriptions: SubscriptionFile,
 }
 
 /// A configuration problem, reported before anything is opened.
@@ -359,6 +458,8 @@ pub struct ServerSettings {
     pub export_dir: Option<PathBuf>,
     /// How long an export's files are kept after its kick-off.
     pub export_ttl: Duration,
+    /// Subscription delivery.
+    pub subscriptions: crate::subscriptions::Settings,
 }
 
 impl Default for ServerSettings {
@@ -374,6 +475,7 @@ impl Default for ServerSettings {
             limits: Limits::default(),
             export_dir: None,
             export_ttl: Duration::from_secs(24 * 3_600),
+            subscriptions: crate::subscriptions::Settings::default(),
         }
     }
 }
@@ -561,6 +663,7 @@ pub fn serve_settings(
                 .map_err(ConfigError)?
                 .unwrap_or(defaults.export_ttl),
         },
+        subscriptions: serve.subscriptions.resolve(&file.subscriptions)?,
     };
     let stores = resolve_store(storage, &file)?;
     let server = ServerSettings {

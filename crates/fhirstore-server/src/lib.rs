@@ -22,6 +22,7 @@ pub mod metrics;
 pub mod outcome;
 pub mod rest;
 mod route;
+pub mod subscriptions;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -60,6 +61,8 @@ pub struct App {
     pub jobs: Jobs,
     /// Bulk export jobs this process runs.
     pub exports: export::Exports,
+    /// Subscription matching and delivery.
+    pub subscriptions: Arc<subscriptions::Engine>,
     /// Tenants with a reindex running, and whether another pass was asked for meanwhile.
     reindexing: Mutex<HashMap<TenantId, bool>>,
     /// Itself, for the background tasks it starts.
@@ -69,7 +72,14 @@ pub struct App {
 impl App {
     /// The state for these stores and settings.
     pub fn new(store: Arc<Deployment>, settings: ServerSettings) -> Arc<App> {
+        let base = settings
+            .public_url
+            .clone()
+            .unwrap_or_else(|| format!("http://{}", settings.listen));
+        let subscriptions =
+            subscriptions::Engine::new(store.clone(), settings.subscriptions.clone(), base);
         Arc::new_cyclic(|me| App {
+            subscriptions,
             store,
             auth: Auth::new(&settings.tokens, settings.admin_token.as_deref()),
             metrics: Metrics::default(),
@@ -84,6 +94,7 @@ impl App {
     /// After a write: a tenant's own SearchParameter changed, so its reindex job runs in the
     /// background until the parameter is searchable (or its rows are gone).
     pub(crate) fn after_write(&self, ctx: &TenantContext, types: &[ResourceType]) {
+        self.subscriptions.wake();
         if types.iter().any(|t| t.as_str() == "SearchParameter") {
             self.reindex_in_background(ctx.tenant().clone());
         }
@@ -244,11 +255,13 @@ async fn admin_status(State(app): State<Arc<App>>, headers: HeaderMap) -> Respon
     let r = async {
         app.auth.admin(&headers)?;
         let status = app.store.composite().status().await?;
+        let subscriptions = app.subscriptions.report().await?;
         Ok(json_response(
             StatusCode::OK,
             &json!({
                 "stores": app.store.describe(),
                 "secondaries": status.iter().map(jobs::status_json).collect::<Vec<_>>(),
+                "subscriptions": subscriptions.iter().map(subscriptions::state_json).collect::<Vec<_>>(),
             }),
         ))
     }
@@ -337,7 +350,8 @@ async fn metrics(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
     let r = async {
         app.auth.admin(&headers)?;
         let status = app.store.composite().status().await?;
-        let mut resp = app.metrics.render(&status).into_response();
+        let subscriptions = app.subscriptions.report().await?;
+        let mut resp = app.metrics.render(&status, &subscriptions).into_response();
         resp.headers_mut().insert(
             header::CONTENT_TYPE,
             HeaderValue::from_static("text/plain; version=0.0.4"),
@@ -384,9 +398,15 @@ pub async fn serve(
                 .await;
         })
     });
+    let engine = app.subscriptions.clone();
+    let loops = engine.start();
     let limits = &app.settings.limits;
     let buffer = head_buffer(limits.max_uri_bytes + limits.max_header_bytes);
     let served = serve_with(store, router(app), listener, buffer, shutdown).await;
+    engine.stop();
+    for task in loops {
+        let _ = task.await;
+    }
     sweeper.abort();
     stop.store(true, std::sync::atomic::Ordering::SeqCst);
     if let Some(task) = scheduled {

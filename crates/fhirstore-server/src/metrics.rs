@@ -47,6 +47,32 @@ const SYNC_GAUGES: [(&str, &str, Gauge); 4] = [
     ),
 ];
 
+type SubscriptionGauge = fn(&fhirstore_core::subscription::State) -> f64;
+
+/// The per-subscription gauges, set from their delivery state on each scrape.
+const SUBSCRIPTION_GAUGES: [(&str, &str, SubscriptionGauge); 4] = [
+    (
+        "fhirstore_subscription_lag_events",
+        "Events a subscription recorded but has not delivered yet.",
+        |s| (s.events - s.delivered) as f64,
+    ),
+    (
+        "fhirstore_subscription_events",
+        "Events a subscription recorded since it started.",
+        |s| s.events as f64,
+    ),
+    (
+        "fhirstore_subscription_failures",
+        "Failed delivery attempts since the last success.",
+        |s| s.failures as f64,
+    ),
+    (
+        "fhirstore_subscription_last_delivery_seconds",
+        "When a subscription last delivered, seconds since the Unix epoch; 0 when never.",
+        |s| s.last_sent as f64 / 1e6,
+    ),
+];
+
 /// Request counters and latency histograms, with the recorder that renders them.
 pub struct Metrics {
     recorder: PrometheusRecorder,
@@ -69,6 +95,9 @@ impl Default for Metrics {
                 "Reconcile jobs finished, and the drift they found and repaired."
             );
             for (name, help, _) in SYNC_GAUGES {
+                describe_gauge!(name, help);
+            }
+            for (name, help, _) in SUBSCRIPTION_GAUGES {
                 describe_gauge!(name, help);
             }
         });
@@ -97,12 +126,24 @@ impl Metrics {
         });
     }
 
-    /// The text exposition, with the sync gauges set from `sync` first.
-    pub fn render(&self, sync: &[fhirstore_sync::SecondaryStatus]) -> String {
+    /// The text exposition, with the sync gauges set from `sync` and the subscription gauges
+    /// from `subscriptions` first.
+    pub fn render(
+        &self,
+        sync: &[fhirstore_sync::SecondaryStatus],
+        subscriptions: &[fhirstore_core::subscription::State],
+    ) -> String {
         metrics::with_local_recorder(&self.recorder, || {
             for (name, _, value) in SYNC_GAUGES {
                 for s in sync {
                     gauge!(name, "secondary" => s.name.clone()).set(value(s));
+                }
+            }
+            for (name, _, value) in SUBSCRIPTION_GAUGES {
+                for s in subscriptions {
+                    gauge!(name, "tenant" => s.tenant.as_str().to_owned(),
+                        "subscription" => s.id.as_str().to_owned())
+                    .set(value(s));
                 }
             }
         });
@@ -127,7 +168,7 @@ mod tests {
         m.observe("read", 200, Duration::from_micros(700));
         m.observe("read", 404, Duration::from_millis(30));
         m.observe("read", 200, Duration::from_millis(2));
-        let text = m.render(&[]);
+        let text = m.render(&[], &[]);
         let req = |status: &str| {
             sample(
                 &text,
@@ -162,8 +203,8 @@ mod tests {
         let (a, b) = (Metrics::default(), Metrics::default());
         a.observe("search-type", 200, Duration::from_millis(1));
         let series = format!("{REQUESTS}{{interaction=\"search-type\",status=\"200\"}}");
-        assert_eq!(sample(&a.render(&[]), &series), Some(1.0));
-        assert_eq!(sample(&b.render(&[]), &series), None);
+        assert_eq!(sample(&a.render(&[], &[]), &series), Some(1.0));
+        assert_eq!(sample(&b.render(&[], &[]), &series), None);
     }
 
     #[test]
@@ -171,7 +212,7 @@ mod tests {
         let m = Metrics::default();
         m.reconciled(&[("missing", 3), ("repaired", 3)]);
         m.reconciled(&[("missing", 1)]);
-        let text = m.render(&[]);
+        let text = m.render(&[], &[]);
         assert_eq!(
             sample(&text, &format!("{RECONCILE}{{count=\"missing\"}}")),
             Some(4.0)

@@ -83,6 +83,10 @@ pub(crate) enum Route<'a> {
         /// The focal resource; `None` at type level.
         id: Option<LogicalId>,
     },
+    /// `GET [base]/Subscription/[id]/$status`.
+    SubscriptionStatus(LogicalId),
+    /// `GET [base]/Subscription/[id]/$events`.
+    SubscriptionEvents(LogicalId),
 }
 
 impl<'a> Route<'a> {
@@ -116,6 +120,13 @@ impl<'a> Route<'a> {
                 };
                 return Ok(Route::Everything { rt, id });
             }
+            ("GET" | "POST", ["Subscription", id, "$status"]) => {
+                return Ok(Route::SubscriptionStatus(logical_id(id)?));
+            }
+            ("GET" | "POST", ["Subscription", id, "$events"]) => {
+                return Ok(Route::SubscriptionEvents(logical_id(id)?));
+            }
+            (_, ["Subscription", _, "$status" | "$events"]) => return not_allowed("GET, POST"),
             _ => {}
         }
         // An operation this server does not define is the client's request for something
@@ -223,6 +234,8 @@ impl<'a> Route<'a> {
                 "export-status"
             }
             Route::Everything { .. } => "everything",
+            Route::SubscriptionStatus(_) => "subscription-status",
+            Route::SubscriptionEvents(_) => "subscription-events",
         }
     }
 }
@@ -274,6 +287,16 @@ mod tests {
             (Method::GET, "$export-file/j1/f.ndjson", "export-status"),
             (Method::GET, "Patient/p1/$everything", "everything"),
             (Method::POST, "Encounter/$everything", "everything"),
+            (
+                Method::GET,
+                "Subscription/s1/$status",
+                "subscription-status",
+            ),
+            (
+                Method::GET,
+                "Subscription/s1/$events",
+                "subscription-events",
+            ),
         ] {
             assert_eq!(label(method.clone(), path), want, "{method} {path}");
         }

@@ -301,7 +301,7 @@ async fn scheduled_reconcile_runs_while_serving() {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let text = app.metrics.render(&[]);
+    let text = app.metrics.render(&[], &[]);
     assert!(
         text.contains("fhirstore_reconcile_total{count=\"jobs\"}"),
         "{text}"

@@ -28,7 +28,8 @@ pub(super) async fn bundle(req: &Req<'_>, body: Body) -> ApiResult {
     let storage = req.app.store.storage();
     match kind {
         "transaction" => {
-            let (ops, reads) = transaction_ops_in(&reg, &b).map_err(bundle_error)?;
+            let (mut ops, reads) = transaction_ops_in(&reg, &b).map_err(bundle_error)?;
+            crate::subscriptions::rest::admit_ops(req, &mut ops).await?;
             let types = op_types(&ops);
             let outcomes = if ops.is_empty() {
                 Vec::new()
@@ -80,6 +81,10 @@ pub(super) async fn bundle(req: &Req<'_>, body: Body) -> ApiResult {
             let mut ops = Vec::new();
             for item in &mut parsed {
                 if let BatchItem::Write(Ok(o)) = item {
+                    if let Err(e) = crate::subscriptions::rest::admit_ops(req, o).await {
+                        *item = BatchItem::Write(Err(e));
+                        continue;
+                    }
                     ops.append(o);
                 }
             }

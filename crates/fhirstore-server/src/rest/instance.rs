@@ -113,6 +113,7 @@ pub(super) async fn patch(req: &Req<'_>, rt: ResourceType, id: LogicalId, body: 
             "a patch may not change resourceType or id",
         ));
     }
+    crate::subscriptions::rest::admit(req, &mut doc).await?;
     let w = storage
         .update(&req.ctx, rt, &id, doc, Some(current.version))
         .await?;

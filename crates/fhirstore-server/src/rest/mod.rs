@@ -402,6 +402,8 @@ async fn dispatch(req: &Req<'_>, route: Route<'_>, body: Body) -> ApiResult {
         Route::ExportCancel(id) => crate::export::cancel(req, id).await,
         Route::ExportFile(id, file) => crate::export::file(req, id, file).await,
         Route::Everything { rt, id } => crate::everything::everything(req, rt, id).await,
+        Route::SubscriptionStatus(id) => crate::subscriptions::rest::status(req, &id).await,
+        Route::SubscriptionEvents(id) => crate::subscriptions::rest::events(req, &id).await,
     }
 }
 
@@ -462,9 +464,12 @@ async fn json_body(req: &Req<'_>, body: Body) -> ApiResult<Value> {
 
 /// A resource body of type `rt`: a body of another type is a 400.
 async fn resource_body(req: &Req<'_>, rt: ResourceType, body: Body) -> ApiResult<Value> {
-    let v = json_body(req, body).await?;
+    let mut v = json_body(req, body).await?;
     match v.get("resourceType").and_then(Value::as_str) {
-        Some(t) if t == rt.as_str() => Ok(v),
+        Some(t) if t == rt.as_str() => {
+            crate::subscriptions::rest::admit(req, &mut v).await?;
+            Ok(v)
+        }
         Some(t) => Err(ApiError::bad_request(format!(
             "the body is a {t}, the URL names {rt}"
         ))),

@@ -3,8 +3,9 @@
 //! By concern: [`write`] (the write path: transactions, batches, conditional operations),
 //! [`read`] (reads, history, search pages and counts), [`include`] (`_include` and
 //! `_revinclude`), [`params`] (a tenant's own SearchParameters and their reindex jobs),
-//! [`changelog`] (the change log and its consumers) and [`digests`] (the digests the reconciler
-//! compares, and its job log). The search SQL itself is planned in [`crate::search`].
+//! [`changelog`] (the change log and its consumers), [`subscriptions`] (subscription state and
+//! events) and [`digests`] (the digests the reconciler compares, and its job log). The search
+//! SQL itself is planned in [`crate::search`].
 
 mod changelog;
 mod digests;
@@ -12,6 +13,7 @@ mod include;
 mod params;
 mod read;
 mod search_pool;
+mod subscriptions;
 mod write;
 
 use std::collections::{HashMap, HashSet};
