@@ -18,6 +18,7 @@ mod reindex;
 mod search;
 mod secondary;
 mod split;
+mod subscriptions;
 mod sync;
 
 use std::sync::Arc;
@@ -73,6 +74,9 @@ enum Command {
     /// CompositeStorage: writes in each sync mode against the primary alone, asynchronous
     /// lag, catch-up after an outage.
     Sync(sync::SyncArgs),
+    /// Subscriptions: notification latency and write throughput with 100 and 1,000 active
+    /// rest-hook subscriptions, against the same writes with none.
+    Subscriptions(subscriptions::SubscriptionArgs),
     /// Reconciler: detect and repair drift against a naive full comparison.
     Reconcile(reconcile::ReconcileArgs),
     /// The REST server under `wrk` (read, token search, create at several connection counts)
@@ -176,6 +180,7 @@ async fn main() -> Result<(), BoxError> {
         Command::Secondaries(args) => secondary::run(args).await,
         Command::Split(args) => split::run(args).await,
         Command::Sync(args) => sync::run(args).await,
+        Command::Subscriptions(args) => subscriptions::run(args).await,
         Command::Reconcile(args) => reconcile::run(args).await,
         Command::Http(args) => http::run(args).await,
         Command::Clinical(args) => clinical::run(args).await,

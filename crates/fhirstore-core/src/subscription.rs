@@ -371,17 +371,27 @@ impl Criteria {
         version: &StoredResource,
         now: i64,
     ) -> Option<Vec<&'a Criterion>> {
+        self.undecided_in(&index::extract_in(reg, &version.content), version, now)
+    }
+
+    /// [`Criteria::undecided`] from the version's index entries, extracted once however many
+    /// subscriptions judge it.
+    pub fn undecided_in<'a>(
+        &'a self,
+        entries: &IndexEntries,
+        version: &StoredResource,
+        now: i64,
+    ) -> Option<Vec<&'a Criterion>> {
         if version.key.resource_type != self.resource_type || version.deleted {
             return None;
         }
-        let entries = index::extract_in(reg, &version.content);
         let mut open = Vec::new();
         for c in &self.query.criteria {
             if !c.chain.is_empty() {
                 open.push(c);
                 continue;
             }
-            match judge_one(c, version, &entries, now) {
+            match judge_one(c, version, entries, now) {
                 Some(true) => {}
                 Some(false) => return None,
                 None => open.push(c),

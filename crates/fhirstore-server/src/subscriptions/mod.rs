@@ -18,7 +18,7 @@ pub mod deliver;
 pub mod notify;
 pub(crate) mod rest;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -94,29 +94,44 @@ fn micros(d: Duration) -> i64 {
 struct Sub {
     version: i64,
     spec: Spec,
+    /// The type its criteria select, as written before the `?`.
+    rt: String,
     /// The criteria, compiled in the registry they were parsed with (a tenant's own
     /// SearchParameters can change it); `Err` when they no longer parse.
     compiled: Option<(usize, std::result::Result<Arc<Criteria>, String>)>,
 }
 
+impl Sub {
+    fn new(version: i64, spec: Spec) -> Sub {
+        Sub {
+            version,
+            rt: spec.criteria.split('?').next().unwrap_or("").to_owned(),
+            spec,
+            compiled: None,
+        }
+    }
+
+    /// Whether it records a change of type `rt` written at `at`.
+    fn hears(&self, rt: &str, at: i64) -> bool {
+        self.spec.status.records() && self.rt == rt && self.spec.end.is_none_or(|end| at <= end)
+    }
+}
+
 /// Every tenant's subscriptions, as of the matcher's cursor.
 #[derive(Default)]
 struct Subs {
-    by_tenant: HashMap<TenantId, HashMap<LogicalId, Sub>>,
+    /// In id order, so events of one change are recorded in the same order every time.
+    by_tenant: HashMap<TenantId, BTreeMap<LogicalId, Sub>>,
 }
 
 impl Subs {
     fn load(states: Vec<State>) -> Subs {
         let mut subs = Subs::default();
         for s in states {
-            subs.by_tenant.entry(s.tenant).or_default().insert(
-                s.id,
-                Sub {
-                    version: s.version,
-                    spec: s.spec,
-                    compiled: None,
-                },
-            );
+            subs.by_tenant
+                .entry(s.tenant)
+                .or_default()
+                .insert(s.id, Sub::new(s.version, s.spec));
         }
         subs
     }
@@ -136,14 +151,7 @@ impl Subs {
         }
         match spec {
             Some(spec) => {
-                tenant_subs.insert(
-                    id.clone(),
-                    Sub {
-                        version,
-                        spec,
-                        compiled: None,
-                    },
-                );
+                tenant_subs.insert(id.clone(), Sub::new(version, spec));
             }
             None => {
                 tenant_subs.remove(id);
@@ -357,11 +365,8 @@ impl Engine {
                 continue;
             };
             let at = fhirstore_core::to_micros(ch.last_updated);
-            let interested = tenant_subs.values().any(|s| {
-                s.spec.status.records()
-                    && s.spec.criteria.split('?').next() == Some(ch.key.resource_type.as_str())
-                    && s.spec.end.is_none_or(|end| at <= end)
-            });
+            let rt = ch.key.resource_type.as_str();
+            let interested = tenant_subs.values().any(|s| s.hears(rt, at));
             if !interested {
                 continue;
             }
@@ -396,14 +401,10 @@ impl Engine {
             };
             let Some(judged) = judged else { continue };
             let reg_key = Arc::as_ptr(&reg) as usize;
-            let mut ids: Vec<&LogicalId> = tenant_subs.keys().collect();
-            ids.sort();
-            let ids: Vec<LogicalId> = ids.into_iter().cloned().collect();
-            for id in ids {
-                let Some(sub) = tenant_subs.get_mut(&id) else {
-                    continue;
-                };
-                if !sub.spec.status.records() || sub.spec.end.is_some_and(|end| at > end) {
+            // Extracted once for every subscription that judges this version.
+            let entries = fhirstore_core::index::extract_in(&reg, &judged.content);
+            for (id, sub) in tenant_subs.iter_mut() {
+                if !sub.hears(rt, at) {
                     continue;
                 }
                 if sub.compiled.as_ref().is_none_or(|(k, _)| *k != reg_key) {
@@ -415,9 +416,10 @@ impl Engine {
                 let Some((_, Ok(criteria))) = &sub.compiled else {
                     continue;
                 };
-                let hit = match criteria.undecided(&reg, &judged, now) {
+                let hit = match criteria.undecided_in(&entries, &judged, now) {
                     None => false,
-                    Some(open) => self.ask_store(&ctx, &reg, &judged, &open).await?,
+                    Some(open) if open.is_empty() => true,
+                    Some(open) => self.ask_store(&ctx, &entries, &judged, &open).await?,
                 };
                 if hit {
                     matched.events.push((
@@ -446,7 +448,7 @@ impl Engine {
     async fn ask_store(
         &self,
         ctx: &TenantContext,
-        reg: &Registry,
+        entries: &fhirstore_core::index::IndexEntries,
         judged: &fhirstore_core::StoredResource,
         open: &[&Criterion],
     ) -> Result<bool> {
@@ -459,7 +461,6 @@ impl Engine {
             };
             let q = match c.chain.first() {
                 Some(ChainLink::Forward { param, target }) => {
-                    let entries = fhirstore_core::index::extract_in(reg, &judged.content);
                     let ids: Vec<LogicalId> = entries
                         .references
                         .iter()
