@@ -132,7 +132,7 @@ async fn measure(args: &SubscriptionArgs, subs: usize) -> Result<Run, BoxError> 
                 .await?;
         }
         let engine = app.subscriptions.clone();
-        let loops = engine.start();
+        let loops = engine.start().await;
         // The matcher has read the subscriptions once their creation is behind its cursor.
         let primary = store.composite().primary().clone();
         let head = primary.log_head().await?;

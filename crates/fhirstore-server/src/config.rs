@@ -117,7 +117,7 @@ pub struct ServeArgs {
 
 /// Subscription delivery: each a flag, an environment variable, or a key of the TOML file's
 /// `[subscriptions]` table (`endpoints = [...]`, `timeout`, `retry_period`, `retry_base`,
-/// `concurrency`, `retention`).
+/// `concurrency`, `retention`, `ca`).
 #[derive(clap::Args, Clone, Debug, Default)]
 pub struct SubscriptionArgs {
     /// A URL prefix notifications may be sent to although the default rule refuses it (the
@@ -145,6 +145,14 @@ pub struct SubscriptionArgs {
     /// How long delivered events are kept for `$events` [default: 7d].
     #[arg(long = "subscription-retention", env = "FHIRSTORE_SUBSCRIPTION_RETENTION", value_parser = parse_duration)]
     pub retention: Option<Duration>,
+    /// A PEM file of certificate authorities to trust for https endpoints beside the public
+    /// web's (an endpoint under a private CA).
+    #[arg(
+        long = "subscription-ca",
+        env = "FHIRSTORE_SUBSCRIPTION_CA",
+        value_name = "FILE"
+    )]
+    pub ca: Option<PathBuf>,
 }
 
 /// The TOML file's `[subscriptions]` table; see [`SubscriptionArgs`].
@@ -158,6 +166,7 @@ struct SubscriptionFile {
     retry_base: Option<String>,
     concurrency: Option<usize>,
     retention: Option<String>,
+    ca: Option<PathBuf>,
 }
 
 impl SubscriptionArgs {
@@ -191,8 +200,14 @@ impl SubscriptionArgs {
                 "subscription concurrency must be at least 1".to_owned(),
             ));
         }
+        let extra_roots = match self.ca.as_ref().or(file.ca.as_ref()) {
+            Some(path) => crate::subscriptions::deliver::read_pem_certificates(path)
+                .map_err(|why| ConfigError(format!("subscription CA {}: {why}", path.display())))?,
+            None => Vec::new(),
+        };
         Ok(crate::subscriptions::Settings {
             endpoints,
+            extra_roots,
             timeout: pick(self.timeout, &file.timeout, d.timeout)?,
             retry_period: pick(self.retry_period, &file.retry_period, d.retry_period)?,
             retry_base: pick(self.retry_base, &file.retry_base, d.retry_base)?,

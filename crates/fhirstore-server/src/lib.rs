@@ -399,7 +399,7 @@ pub async fn serve(
         })
     });
     let engine = app.subscriptions.clone();
-    let loops = engine.start();
+    let loops = engine.start().await;
     let limits = &app.settings.limits;
     let buffer = head_buffer(limits.max_uri_bytes + limits.max_header_bytes);
     let served = serve_with(store, router(app), listener, buffer, shutdown).await;

@@ -339,7 +339,7 @@ async fn two_tenants(stores: &StoreSettings, dir: tempfile::TempDir) {
     let u = uuid::Uuid::now_v7().simple().to_string();
     let (ta, tb) = (format!("a-{}", &u[20..]), format!("b-{}", &u[20..]));
     let engine = s.app.subscriptions.clone();
-    let loops = engine.start();
+    let loops = engine.start().await;
 
     let code = "http://loinc.org|1111-1";
     let subs = [
@@ -699,7 +699,7 @@ async fn a_failing_receiver_is_retried_then_errors_and_resumes_when_reactivated(
     settings.subscriptions.timeout = Duration::from_millis(300);
     let s = support::server(settings).await;
     let engine = s.app.subscriptions.clone();
-    let loops = engine.start();
+    let loops = engine.start().await;
     let created = s
         .post(
             "/fhir/t/Subscription",
@@ -1030,4 +1030,265 @@ async fn two_processes_on_one_postgres_deliver_each_event_once() {
         );
     }
     drop((one, two));
+}
+
+// ---------------------------------------------------------------- heartbeats, slow endpoints
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quiet_subscription_sends_heartbeats() {
+    let r = receiver().await;
+    let s = support::server(settings_for(&r)).await;
+    let engine = s.app.subscriptions.clone();
+    let loops = engine.start().await;
+    let mut body = subscription("Patient?gender=other", &r.url("hb"), None);
+    body["channel"]["extension"] = json!([{
+        "url": fhirstore_core::subscription::HEARTBEAT_URL, "valueUnsignedInt": 1}]);
+    let created = s.post("/fhir/t/Subscription", &body).await;
+    assert_eq!(created.status, StatusCode::CREATED);
+    let notes = r
+        .wait("hb", Duration::from_secs(20), |n| {
+            n.iter().filter(|x| kind(x) == "heartbeat").count() >= 2
+        })
+        .await;
+    for n in notes.iter().filter(|x| kind(x) == "heartbeat") {
+        assert_eq!(
+            status_param(n, "events-since-subscription-start").map(|p| p["valueString"].clone()),
+            Some(json!("0"))
+        );
+        assert!(event_numbers(n).is_empty());
+    }
+    engine.stop();
+    for t in loops {
+        let _ = t.await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_endpoint_that_hangs_stalls_no_other_subscription() {
+    let slow = receiver().await;
+    slow.set(Mode::Hang);
+    let fast = receiver().await;
+    let mut settings = settings_for(&fast);
+    settings.subscriptions.endpoints.push(slow.prefix());
+    settings.subscriptions.timeout = Duration::from_millis(500);
+    settings.subscriptions.concurrency = 2;
+    let s = support::server(settings).await;
+    let engine = s.app.subscriptions.clone();
+    let loops = engine.start().await;
+    for (name, r) in [("slow", &slow), ("fast", &fast)] {
+        let resp = s
+            .post(
+                "/fhir/t/Subscription",
+                &subscription("Patient?gender=male", &r.url(name), None),
+            )
+            .await;
+        assert_eq!(resp.status, StatusCode::CREATED);
+    }
+    for i in 0..20 {
+        let resp = s
+            .put(
+                &format!("/fhir/t/Patient/m{i}"),
+                &json!({"resourceType": "Patient", "id": format!("m{i}"), "gender": "male"}),
+            )
+            .await;
+        assert!(resp.status.is_success());
+    }
+    // The hanging endpoint holds at most one delivery at a time, each cut at the timeout; the
+    // other subscription is delivered meanwhile.
+    let notes = fast
+        .wait("fast", Duration::from_secs(20), |n| {
+            complete_in_order(&numbers(n), 20)
+        })
+        .await;
+    assert_eq!(numbers(&notes), (1..=20).collect::<Vec<_>>());
+    assert!(slow.notes("slow").is_empty());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let stuck = loop {
+        let admin = s.get("/admin/status").await.json();
+        let stuck = admin["subscriptions"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|x| x["lag"] == 20)
+            .cloned()
+            .expect("the hanging subscription shows its lag");
+        if stuck["lastError"].is_string() {
+            break stuck;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no timeout was recorded: {stuck}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(
+        stuck["lastError"]
+            .as_str()
+            .unwrap_or("")
+            .contains("no answer within 500 ms"),
+        "{stuck}"
+    );
+    engine.stop();
+    for t in loops {
+        let _ = t.await;
+    }
+}
+
+// ---------------------------------------------------------------- https
+
+/// The last delivery error `$status` reports for a subscription.
+async fn delivery_error(s: &support::Srv, tenant: &str, id: &str) -> Option<String> {
+    let status = s
+        .get(&format!("/fhir/{tenant}/Subscription/{id}/$status"))
+        .await
+        .json();
+    status["entry"][0]["resource"]["parameter"]
+        .as_array()?
+        .iter()
+        .find(|p| p["name"] == "error")?["valueCodeableConcept"]["text"]
+        .as_str()
+        .map(str::to_owned)
+}
+
+/// An https receiver on loopback with a certificate for `localhost` from a CA made here; the
+/// CA's PEM is returned for the server to trust.
+async fn tls_receiver() -> (Receiver, String) {
+    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+    use tokio_rustls::rustls;
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("CA params");
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca =
+        CertifiedIssuer::self_signed(ca_params, KeyPair::generate().expect("CA key")).expect("CA");
+    let key = KeyPair::generate().expect("key");
+    let cert = CertificateParams::new(vec!["localhost".to_owned()])
+        .expect("params")
+        .signed_by(&key, &ca)
+        .expect("certificate");
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("versions")
+    .with_no_client_auth()
+    .with_single_cert(
+        vec![cert.der().clone(), ca.der().clone()],
+        rustls::pki_types::PrivateKeyDer::try_from(key.serialize_der()).expect("key der"),
+    )
+    .expect("server config");
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let inbox = Arc::new(Inbox::default());
+    let app = axum::Router::new()
+        .route("/hook/{name}", post(hook))
+        .with_state(inbox.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let task = tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let (acceptor, app) = (acceptor.clone(), app.clone());
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let service = hyper_util::service::TowerToHyperService::new(app);
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
+                    .await;
+            });
+        }
+    });
+    (Receiver { port, inbox, task }, ca.pem())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_endpoints_are_delivered_to_over_verified_tls() {
+    let (r, ca_pem) = tls_receiver().await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let ca_file = dir.path().join("ca.pem");
+    std::fs::write(&ca_file, ca_pem).expect("write the CA");
+    let prefix = format!("https://localhost:{}/", r.port);
+    // The operator allows the loopback endpoint and trusts the CA, as the flags do.
+    let args = fhirstore_server::config::SubscriptionArgs {
+        endpoints: vec![prefix.clone()],
+        ca: Some(ca_file),
+        retry_base: Some(Duration::from_millis(50)),
+        ..Default::default()
+    };
+    let storage = fhirstore_server::config::StorageArgs::default();
+    let serve = fhirstore_server::config::ServeArgs {
+        subscriptions: args,
+        ..Default::default()
+    };
+    let (_, mut settings) =
+        fhirstore_server::config::serve_settings(&storage, &serve).expect("settings");
+    settings.subscriptions.poll = Duration::from_millis(50);
+    let s = support::server(settings.clone()).await;
+    let engine = s.app.subscriptions.clone();
+    let loops = engine.start().await;
+    let url = format!("{prefix}hook/tls");
+    let resp = s
+        .post(
+            "/fhir/t/Subscription",
+            &subscription("Patient?gender=male", &url, None),
+        )
+        .await;
+    assert_eq!(resp.status, StatusCode::CREATED);
+    let id = resp.json()["id"].as_str().unwrap_or("").to_owned();
+    let resp = s
+        .put(
+            "/fhir/t/Patient/m1",
+            &json!({"resourceType": "Patient", "id": "m1", "gender": "male"}),
+        )
+        .await;
+    assert!(resp.status.is_success());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while numbers(&r.notes("tls")) != [1] {
+        assert!(
+            Instant::now() < deadline,
+            "nothing arrived over TLS; the subscription's last error: {:?}",
+            delivery_error(&s, "t", &id).await
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    engine.stop();
+    for t in loops {
+        let _ = t.await;
+    }
+
+    // Without the CA, the same endpoint fails verification and nothing arrives.
+    settings.subscriptions.extra_roots.clear();
+    let s = support::server(settings).await;
+    let engine = s.app.subscriptions.clone();
+    let loops = engine.start().await;
+    let resp = s
+        .post(
+            "/fhir/t/Subscription",
+            &subscription(
+                "Patient?gender=male",
+                &format!("{prefix}hook/untrusted"),
+                None,
+            ),
+        )
+        .await;
+    let id = resp.json()["id"].as_str().unwrap_or("").to_owned();
+    s.put(
+        "/fhir/t/Patient/m1",
+        &json!({"resourceType": "Patient", "id": "m1", "gender": "male"}),
+    )
+    .await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let error = loop {
+        if let Some(e) = delivery_error(&s, "t", &id).await {
+            break e;
+        }
+        assert!(Instant::now() < deadline, "no delivery error was recorded");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(error.contains("TLS"), "{error}");
+    assert!(r.notes("untrusted").is_empty());
+    engine.stop();
+    for t in loops {
+        let _ = t.await;
+    }
 }

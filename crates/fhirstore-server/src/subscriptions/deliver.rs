@@ -38,6 +38,24 @@ pub fn check_prefix(prefix: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// The certificates (DER) of a PEM file: the authorities an operator trusts for endpoints
+/// under a private CA.
+pub fn read_pem_certificates(path: &std::path::Path) -> Result<Vec<Vec<u8>>, String> {
+    use tokio_rustls::rustls::pki_types::pem::PemObject as _;
+    use tokio_rustls::rustls::pki_types::CertificateDer;
+    let pem = std::fs::read(path).map_err(|e| e.to_string())?;
+    let certs = CertificateDer::pem_slice_iter(&pem)
+        .map(|c| {
+            c.map(|c| c.to_vec())
+                .map_err(|e| format!("not a PEM certificate: {e}"))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    if certs.is_empty() {
+        return Err("holds no certificate".to_owned());
+    }
+    Ok(certs)
+}
+
 /// A parsed endpoint and whether an operator's prefix allowed it.
 #[derive(Clone, Debug)]
 pub struct Target {

@@ -218,13 +218,38 @@ impl Engine {
         self.store.composite().primary()
     }
 
-    /// Runs matching and delivery until [`Engine::stop`].
-    pub fn start(self: &Arc<Self>) -> Vec<tokio::task::JoinHandle<()>> {
+    /// Runs matching and delivery until [`Engine::stop`]. On a store where matching never
+    /// ran, it first records the subscriptions already stored and starts matching at the log's
+    /// head; a caller that awaits this before taking writes (as `serve` does) has every later
+    /// write matched.
+    pub async fn start(self: &Arc<Self>) -> Vec<tokio::task::JoinHandle<()>> {
+        let bootstrapped = match self.begin().await {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!(error = %e, "subscription matching could not start yet; retrying");
+                false
+            }
+        };
         let (m, d) = (self.clone(), self.clone());
         vec![
-            tokio::spawn(async move { m.match_loop().await }),
+            tokio::spawn(async move { m.match_loop(bootstrapped).await }),
             tokio::spawn(async move { d.deliver_loop().await }),
         ]
+    }
+
+    /// Takes the matcher's lease and, when its cursor has never moved, bootstraps it.
+    async fn begin(&self) -> Result<()> {
+        let p = self.primary();
+        if p.lease(CONSUMER, &self.holder, self.match_lease()).await?
+            && p.consumer(CONSUMER).await?.cursor == ChangeCursor::default()
+        {
+            self.bootstrap().await?;
+        }
+        Ok(())
+    }
+
+    fn match_lease(&self) -> Duration {
+        (self.settings.poll * 10).max(Duration::from_secs(10))
     }
 
     /// Stops both loops after their current round.
@@ -242,9 +267,8 @@ impl Engine {
         let _ = tokio::time::timeout(self.settings.poll, notify.notified()).await;
     }
 
-    async fn match_loop(self: Arc<Self>) {
+    async fn match_loop(self: Arc<Self>, mut bootstrapped: bool) {
         let mut subs: Option<Subs> = None;
-        let mut bootstrapped = false;
         while !self.stopped() {
             match self.match_round(&mut subs, &mut bootstrapped).await {
                 Ok(true) => {}
@@ -262,8 +286,7 @@ impl Engine {
     /// One round: `true` when it did work and another may follow at once.
     async fn match_round(&self, subs: &mut Option<Subs>, bootstrapped: &mut bool) -> Result<bool> {
         let p = self.primary();
-        let lease = (self.settings.poll * 10).max(Duration::from_secs(10));
-        if !p.lease(CONSUMER, &self.holder, lease).await? {
+        if !p.lease(CONSUMER, &self.holder, self.match_lease()).await? {
             *subs = None;
             return Ok(false);
         }
