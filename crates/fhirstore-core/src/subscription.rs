@@ -239,6 +239,13 @@ impl Spec {
         })
     }
 
+    /// When the next heartbeat falls due after a send at `at` (microseconds); 0 for none.
+    pub fn heartbeat_after(&self, at: i64) -> i64 {
+        self.heartbeat.map_or(0, |h| {
+            at.saturating_add(i64::try_from(h.as_micros()).unwrap_or(i64::MAX))
+        })
+    }
+
     /// The spec as the state row keeps it.
     pub fn to_json(&self) -> Value {
         serde_json::json!({
@@ -589,6 +596,8 @@ pub enum Attempt {
     Delivered {
         /// The last event number delivered.
         through: i64,
+        /// When the next heartbeat falls due, microseconds; 0 for none.
+        heartbeat_due: i64,
     },
     /// It failed; the next attempt is not before `retry_at`.
     Failed {
@@ -609,6 +618,17 @@ pub enum Attempt {
         /// The version that was failing.
         version: i64,
     },
+}
+
+/// A delivery attempt to record: the subscription and how it ended.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Finished {
+    /// The subscription's tenant.
+    pub tenant: TenantId,
+    /// The Subscription's id.
+    pub id: LogicalId,
+    /// How the attempt ended.
+    pub attempt: Attempt,
 }
 
 /// The subscription state and event log a primary keeps beside its change log.
@@ -653,15 +673,15 @@ pub trait SubscriptionLog: Send + Sync {
         limit: u32,
     ) -> Result<Vec<State>>;
 
-    /// Records an attempt and releases the lease; `false` when `holder` had lost it.
-    async fn finish_delivery(
+    /// Records attempts and releases their leases, all in one transaction (deliveries finish
+    /// many at a time, and each would otherwise be a commit of its own). For each, `false`
+    /// when `holder` had lost its lease.
+    async fn finish_deliveries(
         &self,
-        tenant: &TenantId,
-        id: &LogicalId,
         holder: &str,
-        attempt: &Attempt,
+        finished: &[Finished],
         now: i64,
-    ) -> Result<bool>;
+    ) -> Result<Vec<bool>>;
 
     /// Events every subscription has delivered, older than `before` (microseconds), are
     /// deleted, at most `limit`; returns how many. `$events` can replay only what is kept.

@@ -26,7 +26,9 @@ use std::time::{Duration, Instant};
 use fhirstore_core::changelog::{ChangeCursor, LoggedChange, Primary};
 use fhirstore_core::registry::Registry;
 use fhirstore_core::search::{ChainLink, Criterion, CriterionValues, ReferenceValue};
-use fhirstore_core::subscription::{Attempt, Criteria, Event, Matched, Spec, State, Status};
+use fhirstore_core::subscription::{
+    Attempt, Criteria, Event, Finished, Matched, Spec, State, Status,
+};
 use fhirstore_core::{
     now_micros, Handling, LogicalId, ResourceStorage, ResourceType, Result, SearchQuery,
     TenantContext, TenantId, VersionId,
@@ -524,6 +526,8 @@ impl Engine {
 
     async fn deliver_loop(self: Arc<Self>) {
         let permits = Arc::new(tokio::sync::Semaphore::new(self.settings.concurrency));
+        let (done_tx, done_rx) = tokio::sync::mpsc::unbounded_channel();
+        let flusher = tokio::spawn(self.clone().flush_loop(done_rx));
         let mut last_prune = Instant::now();
         while !self.stopped() {
             let free = permits.available_permits();
@@ -544,10 +548,11 @@ impl Engine {
                             let Ok(permit) = permits.clone().acquire_owned().await else {
                                 break;
                             };
-                            let me = self.clone();
+                            let (me, done) = (self.clone(), done_tx.clone());
                             tokio::spawn(async move {
-                                me.deliver(state).await;
+                                let finished = me.deliver(state).await;
                                 drop(permit);
+                                let _ = done.send(finished);
                             });
                         }
                     }
@@ -563,6 +568,42 @@ impl Engine {
             }
             self.idle(&self.matched).await;
         }
+        // Rounds in flight finish (each within the timeout) and are recorded; a round cut off
+        // here is sent again once its lease runs out.
+        drop(done_tx);
+        let _ = tokio::time::timeout(self.delivery_lease() / 2, flusher).await;
+    }
+
+    /// Records finished rounds, as many as have finished, in one transaction: under load one
+    /// commit covers many notifications instead of one each. A subscription stays leased
+    /// until its round is recorded, so no other round of it starts before.
+    async fn flush_loop(self: Arc<Self>, mut done: tokio::sync::mpsc::UnboundedReceiver<Finished>) {
+        let mut batch = Vec::new();
+        while done.recv_many(&mut batch, 1_000).await > 0 {
+            let more = batch
+                .iter()
+                .any(|f| matches!(f.attempt, Attempt::Delivered { .. }));
+            match self
+                .primary()
+                .finish_deliveries(&self.holder, &batch, now_micros())
+                .await
+            {
+                Ok(held) => {
+                    for (f, held) in batch.iter().zip(held) {
+                        if !held {
+                            tracing::warn!(tenant = %f.tenant, id = %f.id,
+                                "a subscription's delivery lease ran out before its round was recorded");
+                        }
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e,
+                    "recording subscription deliveries failed; they will be sent again"),
+            }
+            batch.clear();
+            if more {
+                self.matched.notify_one();
+            }
+        }
     }
 
     /// Long enough that a round (at most half of it, see [`Engine::deliver`]) ends well
@@ -572,8 +613,8 @@ impl Engine {
     }
 
     /// One delivery round for a claimed subscription: its next events in order, or a
-    /// heartbeat.
-    async fn deliver(&self, state: State) {
+    /// heartbeat. Returns what to record.
+    async fn deliver(&self, state: State) -> Finished {
         let started = Instant::now();
         let base = self.tenant_base(&state.tenant);
         let timeout = state
@@ -626,22 +667,16 @@ impl Engine {
         .await;
         let now = now_micros();
         let attempt = match outcome {
-            Ok(()) => Attempt::Delivered { through },
+            Ok(()) => Attempt::Delivered {
+                through,
+                heartbeat_due: state.spec.heartbeat_after(now),
+            },
             Err(error) => self.failed(&state, through, error, now).await,
         };
-        match self
-            .primary()
-            .finish_delivery(&state.tenant, &state.id, &self.holder, &attempt, now)
-            .await
-        {
-            Ok(true) => {}
-            Ok(false) => tracing::warn!(tenant = %state.tenant, id = %state.id,
-                "a subscription's delivery lease ran out before its round ended"),
-            Err(e) => tracing::warn!(tenant = %state.tenant, id = %state.id, error = %e,
-                "recording a subscription delivery failed; it will be sent again"),
-        }
-        if matches!(attempt, Attempt::Delivered { .. }) && through < state.events {
-            self.matched.notify_one();
+        Finished {
+            tenant: state.tenant,
+            id: state.id,
+            attempt,
         }
     }
 

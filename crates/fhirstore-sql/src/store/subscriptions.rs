@@ -2,7 +2,9 @@
 
 use super::*;
 use fhirstore_core::changelog::ChangeCursor;
-use fhirstore_core::subscription::{Attempt, Event, Matched, Spec, State, Status, SubscriptionLog};
+use fhirstore_core::subscription::{
+    Attempt, Event, Finished, Matched, Spec, State, Status, SubscriptionLog,
+};
 
 /// The state columns, in the order [`state_of`] reads them.
 const STATE_COLUMNS: &str = "tenant, id, version, spec, events, delivered, failures, \
@@ -28,13 +30,6 @@ fn state_of(mut r: Row) -> Result<State> {
         next_attempt: r.get(8)?,
         last_sent: r.get(9)?,
         last_error: r.get(10)?,
-    })
-}
-
-/// When the next heartbeat falls due after a send at `at`; 0 for none.
-fn heartbeat_after(spec: &Spec, at: i64) -> i64 {
-    spec.heartbeat.map_or(0, |h| {
-        at.saturating_add(i64::try_from(h.as_micros()).unwrap_or(i64::MAX))
     })
 }
 
@@ -77,7 +72,7 @@ impl<D: Dialect> Store<D> {
         .bind(version)
         .bind(spec.status.code())
         .bind(spec.to_json().to_string())
-        .bind(heartbeat_after(spec, now))
+        .bind(spec.heartbeat_after(now))
         .execute(&mut *conn)
         .await?;
         Ok(())
@@ -275,71 +270,28 @@ impl<D: Dialect> SubscriptionLog for Store<D> {
         rows.into_iter().map(state_of).collect()
     }
 
-    async fn finish_delivery(
+    async fn finish_deliveries(
         &self,
-        tenant: &TenantId,
-        id: &LogicalId,
         holder: &str,
-        attempt: &Attempt,
+        finished: &[Finished],
         now: i64,
-    ) -> Result<bool> {
-        let Some(state) = self.subscription_state(tenant, id).await? else {
-            return Ok(false);
-        };
-        let q = match attempt {
-            Attempt::Delivered { through } => D::sql(
-                "UPDATE subscription_state SET \
-                 delivered = CASE WHEN delivered < $4 THEN $4 ELSE delivered END, \
-                 failures = 0, failing_since = 0, next_attempt = 0, last_error = NULL, \
-                 last_sent = $5, heartbeat_due = $6, holder = NULL, lease_until = 0 \
-                 WHERE tenant = $1 AND id = $2 AND holder = $3",
-            )
-            .bind(tenant.as_str())
-            .bind(id.as_str())
-            .bind(holder)
-            .bind(*through)
-            .bind(now)
-            .bind(heartbeat_after(&state.spec, now)),
-            Attempt::Failed {
-                through,
-                error,
-                retry_at,
-            } => D::sql(
-                "UPDATE subscription_state SET \
-                 failures = CASE WHEN delivered < $7 THEN 1 ELSE failures + 1 END, \
-                 failing_since = CASE WHEN delivered < $7 OR failing_since = 0 THEN $4 \
-                   ELSE failing_since END, \
-                 delivered = CASE WHEN delivered < $7 THEN $7 ELSE delivered END, \
-                 next_attempt = $5, last_error = $6, holder = NULL, lease_until = 0 \
-                 WHERE tenant = $1 AND id = $2 AND holder = $3",
-            )
-            .bind(tenant.as_str())
-            .bind(id.as_str())
-            .bind(holder)
-            .bind(now)
-            .bind(*retry_at)
-            .bind(error.clone())
-            .bind(*through),
-            Attempt::GaveUp {
-                through,
-                error,
-                version,
-            } => D::sql(
-                "UPDATE subscription_state SET status = CASE WHEN version = $4 THEN $5 \
-                 ELSE status END, failures = failures + 1, last_error = $6, \
-                 delivered = CASE WHEN delivered < $7 THEN $7 ELSE delivered END, \
-                 holder = NULL, lease_until = 0 \
-                 WHERE tenant = $1 AND id = $2 AND holder = $3",
-            )
-            .bind(tenant.as_str())
-            .bind(id.as_str())
-            .bind(holder)
-            .bind(*version)
-            .bind(Status::Error.code())
-            .bind(error.clone())
-            .bind(*through),
-        };
-        Ok(q.execute(&mut *self.write_conn().await?).await? == 1)
+    ) -> Result<Vec<bool>> {
+        if finished.is_empty() {
+            return Ok(Vec::new());
+        }
+        let store = self.clone();
+        let (holder, finished) = (holder.to_owned(), finished.to_vec());
+        crate::detached(async move {
+            let mut tx = store.begin_write().await?;
+            let mut held = Vec::with_capacity(finished.len());
+            for f in &finished {
+                let q = finish_statement::<D>(&f.tenant, &f.id, &holder, &f.attempt, now);
+                held.push(q.execute(&mut *tx).await? == 1);
+            }
+            tx.commit().await.map_err(db_err::<D>)?;
+            Ok(held)
+        })
+        .await
     }
 
     async fn prune_events(&self, before: i64, limit: u32) -> Result<u64> {
@@ -353,5 +305,71 @@ impl<D: Dialect> SubscriptionLog for Store<D> {
         .bind(i64::from(limit))
         .execute(&mut *self.write_conn().await?)
         .await
+    }
+}
+
+/// The UPDATE recording one finished attempt; it changes a row only for the lease holder.
+fn finish_statement<D: Dialect>(
+    tenant: &TenantId,
+    id: &LogicalId,
+    holder: &str,
+    attempt: &Attempt,
+    now: i64,
+) -> crate::search::Sql {
+    match attempt {
+        Attempt::Delivered {
+            through,
+            heartbeat_due,
+        } => D::sql(
+            "UPDATE subscription_state SET \
+             delivered = CASE WHEN delivered < $4 THEN $4 ELSE delivered END, \
+             failures = 0, failing_since = 0, next_attempt = 0, last_error = NULL, \
+             last_sent = $5, heartbeat_due = $6, holder = NULL, lease_until = 0 \
+             WHERE tenant = $1 AND id = $2 AND holder = $3",
+        )
+        .bind(tenant.as_str())
+        .bind(id.as_str())
+        .bind(holder)
+        .bind(*through)
+        .bind(now)
+        .bind(*heartbeat_due),
+        Attempt::Failed {
+            through,
+            error,
+            retry_at,
+        } => D::sql(
+            "UPDATE subscription_state SET \
+             failures = CASE WHEN delivered < $7 THEN 1 ELSE failures + 1 END, \
+             failing_since = CASE WHEN delivered < $7 OR failing_since = 0 THEN $4 \
+               ELSE failing_since END, \
+             delivered = CASE WHEN delivered < $7 THEN $7 ELSE delivered END, \
+             next_attempt = $5, last_error = $6, holder = NULL, lease_until = 0 \
+             WHERE tenant = $1 AND id = $2 AND holder = $3",
+        )
+        .bind(tenant.as_str())
+        .bind(id.as_str())
+        .bind(holder)
+        .bind(now)
+        .bind(*retry_at)
+        .bind(error.clone())
+        .bind(*through),
+        Attempt::GaveUp {
+            through,
+            error,
+            version,
+        } => D::sql(
+            "UPDATE subscription_state SET status = CASE WHEN version = $4 THEN $5 \
+             ELSE status END, failures = failures + 1, last_error = $6, \
+             delivered = CASE WHEN delivered < $7 THEN $7 ELSE delivered END, \
+             holder = NULL, lease_until = 0 \
+             WHERE tenant = $1 AND id = $2 AND holder = $3",
+        )
+        .bind(tenant.as_str())
+        .bind(id.as_str())
+        .bind(holder)
+        .bind(*version)
+        .bind(Status::Error.code())
+        .bind(error.clone())
+        .bind(*through),
     }
 }
