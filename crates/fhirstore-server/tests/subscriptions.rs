@@ -692,12 +692,36 @@ async fn subscription_status(s: &support::Srv, tenant: &str, id: &str) -> Value 
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_failing_receiver_is_retried_then_errors_and_resumes_when_reactivated() {
+async fn a_failing_receiver_is_retried_then_errors_and_resumes_on_sqlite() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let stores = support::store_settings(dir.path());
+    failing_receiver(&stores, dir).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_receiver_is_retried_then_errors_and_resumes_on_postgres() {
+    let Some(db) = OwnDatabase::create().await else {
+        return;
+    };
+    let dir = tempfile::tempdir().expect("temp dir");
+    let stores = StoreSettings {
+        postgres: Some(db.url.clone()),
+        ..support::store_settings(dir.path())
+    };
+    failing_receiver(&stores, dir).await;
+}
+
+/// Retries with backoff, `error` past the retry period, events recorded meanwhile, and
+/// delivery resumed at the first event not delivered once reactivated; then delivered events
+/// pruned.
+async fn failing_receiver(stores: &StoreSettings, dir: tempfile::TempDir) {
     let r = receiver().await;
     let mut settings = settings_for(&r);
     settings.subscriptions.retry_period = Duration::from_millis(1_500);
     settings.subscriptions.timeout = Duration::from_millis(300);
-    let s = support::server(settings).await;
+    let s = support::server_on(dir, stores, settings)
+        .await
+        .expect("open the stores");
     let engine = s.app.subscriptions.clone();
     let loops = engine.start().await;
     let created = s
@@ -780,6 +804,41 @@ async fn a_failing_receiver_is_retried_then_errors_and_resumes_when_reactivated(
         (1..=4)
             .map(|n| format!("Patient/p{n}/_history/1"))
             .collect::<Vec<_>>()
+    );
+    // Delivered events past the retention are pruned; `$status` still counts them.
+    let primary = s.app.store.composite().primary().clone();
+    let (tenant, sub_id) = (
+        fhirstore_core::TenantId::new("t").expect("tenant"),
+        fhirstore_core::LogicalId::new(id.as_str()).expect("id"),
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while primary
+        .subscription_state(&tenant, &sub_id)
+        .await
+        .expect("state")
+        .is_some_and(|st| st.delivered < 4)
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the deliveries were never recorded"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let pruned = primary
+        .prune_events(fhirstore_core::now_micros() + 1, 1_000)
+        .await
+        .expect("prune");
+    assert_eq!(pruned, 4);
+    let replay = s
+        .get(&format!(
+            "/fhir/t/Subscription/{id}/$events?eventsSinceNumber=1"
+        ))
+        .await
+        .json();
+    assert!(event_numbers(&replay).is_empty());
+    assert_eq!(
+        status_param(&replay, "events-since-subscription-start").map(|p| p["valueString"].clone()),
+        Some(json!("4"))
     );
     engine.stop();
     for t in loops {
@@ -874,13 +933,26 @@ fn random_below(n: u64) -> u64 {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_server_killed_at_random_points_loses_no_notification() {
+async fn a_server_killed_at_random_points_loses_no_notification_on_sqlite() {
+    killed_at_random_points(None).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_killed_at_random_points_loses_no_notification_on_postgres() {
+    let Some(db) = OwnDatabase::create().await else {
+        return;
+    };
+    killed_at_random_points(Some(&db.url)).await;
+}
+
+/// Writes while the server process is killed at random points and restarted, five times.
+async fn killed_at_random_points(postgres: Option<&str>) {
     let r = receiver().await;
     // A slow receiver keeps a backlog, so kills land during delivery too.
     r.inbox.slow_ms.store(5, Ordering::SeqCst);
     let dir = tempfile::tempdir().expect("temp dir");
     let data = dir.path().to_owned();
-    let mut server = start(&data, &r, None);
+    let mut server = start(&data, &r, postgres);
     let (status, sub) = http(
         server.port,
         "POST",
@@ -921,7 +993,7 @@ async fn a_server_killed_at_random_points_loses_no_notification() {
         let _ = server.child.kill();
         let _ = server.child.wait();
         written += writer.join().unwrap_or(0);
-        server = start(&data, &r, None);
+        server = start(&data, &r, postgres);
     }
     // Every Observation stored is one event; a write cut off by a kill may have committed.
     let (_, count) = http(
@@ -1035,9 +1107,30 @@ async fn two_processes_on_one_postgres_deliver_each_event_once() {
 // ---------------------------------------------------------------- heartbeats, slow endpoints
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_quiet_subscription_sends_heartbeats() {
+async fn a_quiet_subscription_sends_heartbeats_on_sqlite() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let stores = support::store_settings(dir.path());
+    heartbeats(&stores, dir).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quiet_subscription_sends_heartbeats_on_postgres() {
+    let Some(db) = OwnDatabase::create().await else {
+        return;
+    };
+    let dir = tempfile::tempdir().expect("temp dir");
+    let stores = StoreSettings {
+        postgres: Some(db.url.clone()),
+        ..support::store_settings(dir.path())
+    };
+    heartbeats(&stores, dir).await;
+}
+
+async fn heartbeats(stores: &StoreSettings, dir: tempfile::TempDir) {
     let r = receiver().await;
-    let s = support::server(settings_for(&r)).await;
+    let s = support::server_on(dir, stores, settings_for(&r))
+        .await
+        .expect("open the stores");
     let engine = s.app.subscriptions.clone();
     let loops = engine.start().await;
     let mut body = subscription("Patient?gender=other", &r.url("hb"), None);

@@ -66,6 +66,9 @@ pub trait Dialect: Send + Sync + Copy + Default + std::fmt::Debug + 'static {
     const LOG_VISIBLE: &'static str;
     /// The log's head: `major, minor`.
     const LOG_HEAD: &'static str;
+    /// Appended to a `SELECT` of rows to claim, so concurrent claimers take different rows
+    /// rather than wait on each other's (`""` where one writer claims at a time).
+    const SKIP_LOCKED: &'static str;
     /// Holds off writers' digest updates while the self-check recomputes, where needed.
     const LOCK_DIGESTS: Option<&'static str>;
     /// Stops what a search connection runs, sent on another connection with the backend id

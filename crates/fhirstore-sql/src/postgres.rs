@@ -76,6 +76,7 @@ impl Dialect for PostgresDialect {
     const LOG_AFTER: &'static str = "(txid, seq) > (($1::bigint)::text::xid8, $2)";
     const LOG_UPTO: &'static str = "(txid, seq) <= (($1::bigint)::text::xid8, $2)";
     const LOG_VISIBLE: &'static str = " AND txid < pg_snapshot_xmin(pg_current_snapshot())";
+    const SKIP_LOCKED: &'static str = " FOR UPDATE SKIP LOCKED";
     const LOG_HEAD: &'static str = "SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint \
          - 1, 9223372036854775807::bigint";
     /// A statement keeps running after its client stops reading; only a cancel request (or

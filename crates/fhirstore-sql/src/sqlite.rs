@@ -81,6 +81,7 @@ impl Dialect for SqliteDialect {
     const LOG_AFTER: &'static str = "(seq, seq) > ($1, $2)";
     const LOG_UPTO: &'static str = "(seq, seq) <= ($1, $2)";
     const LOG_VISIBLE: &'static str = "";
+    const SKIP_LOCKED: &'static str = "";
     const LOG_HEAD: &'static str =
         "SELECT COALESCE(MAX(seq), 0), COALESCE(MAX(seq), 0) FROM outbox";
     /// The one writer connection already holds off writers during the self-check.

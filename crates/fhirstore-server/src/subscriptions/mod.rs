@@ -583,11 +583,23 @@ impl Engine {
             let more = batch
                 .iter()
                 .any(|f| matches!(f.attempt, Attempt::Delivered { .. }));
-            match self
-                .primary()
-                .finish_deliveries(&self.holder, &batch, now_micros())
-                .await
-            {
+            // A temporary failure (a serialisation conflict, a dropped connection) is tried
+            // again: given up, the rounds would be sent twice once their leases ran out.
+            let mut tries = 0;
+            let recorded = loop {
+                tries += 1;
+                match self
+                    .primary()
+                    .finish_deliveries(&self.holder, &batch, now_micros())
+                    .await
+                {
+                    Err(e) if e.is_temporary() && tries < 5 => {
+                        tokio::time::sleep(Duration::from_millis(10 << tries)).await;
+                    }
+                    other => break other,
+                }
+            };
+            match recorded {
                 Ok(held) => {
                     for (f, held) in batch.iter().zip(held) {
                         if !held {

@@ -143,6 +143,9 @@ impl<D: Dialect> SubscriptionLog for Store<D> {
                     None => runs.push((tenant, id, vec![event])),
                 }
             }
+            // Rows are locked in key order, as `finish_deliveries` locks them, so a matcher
+            // and a deliverer never wait on each other in a cycle.
+            runs.sort_by(|a, b| (a.0, a.1).cmp(&(b.0, b.1)));
             for (tenant, id, events) in runs {
                 let n = i64::try_from(events.len()).unwrap_or(i64::MAX);
                 let last: Option<(i64,)> = D::sql(
@@ -250,16 +253,18 @@ impl<D: Dialect> SubscriptionLog for Store<D> {
         // The lease condition sits in the outer WHERE, which PostgreSQL checks again on each row
         // after waiting for a concurrent claimer's lock: two processes never both take one. A
         // subscription this holder is delivering is leased to it, so it is not taken twice here
-        // either.
+        // either. Rows another transaction holds are skipped, not waited for, so a claim takes
+        // no part in a lock cycle.
         let rows = D::sql(format!(
             "UPDATE subscription_state SET holder = $1, lease_until = $2 \
              WHERE (tenant, id) IN (SELECT tenant, id FROM subscription_state \
                WHERE status IN ('active', 'requested') AND next_attempt <= $3 \
                AND (delivered < events OR (heartbeat_due > 0 AND heartbeat_due <= $3)) \
                AND (holder IS NULL OR lease_until < $3) \
-               ORDER BY next_attempt LIMIT $4) \
+               ORDER BY next_attempt LIMIT $4{skip_locked}) \
              AND (holder IS NULL OR lease_until < $3) \
-             RETURNING {STATE_COLUMNS}"
+             RETURNING {STATE_COLUMNS}",
+            skip_locked = D::SKIP_LOCKED
         ))
         .bind(holder)
         .bind(until)
@@ -280,13 +285,20 @@ impl<D: Dialect> SubscriptionLog for Store<D> {
             return Ok(Vec::new());
         }
         let store = self.clone();
-        let (holder, finished) = (holder.to_owned(), finished.to_vec());
+        let holder = holder.to_owned();
+        // In key order, as `record_matches` locks rows, so the two never deadlock.
+        let mut order: Vec<usize> = (0..finished.len()).collect();
+        order.sort_by(|&a, &b| {
+            (&finished[a].tenant, &finished[a].id).cmp(&(&finished[b].tenant, &finished[b].id))
+        });
+        let finished = finished.to_vec();
         crate::detached(async move {
             let mut tx = store.begin_write().await?;
-            let mut held = Vec::with_capacity(finished.len());
-            for f in &finished {
+            let mut held = vec![false; finished.len()];
+            for i in order {
+                let f = &finished[i];
                 let q = finish_statement::<D>(&f.tenant, &f.id, &holder, &f.attempt, now);
-                held.push(q.execute(&mut *tx).await? == 1);
+                held[i] = q.execute(&mut *tx).await? == 1;
             }
             tx.commit().await.map_err(db_err::<D>)?;
             Ok(held)
