@@ -331,6 +331,52 @@ impl TenantParams {
     }
 }
 
+/// Recent index-entry counts of search criteria, by tenant and the criterion's statement: what
+/// a page's strategy is chosen from (see `search::choose`). Counts only steer the plan (every
+/// strategy returns the same page), so one up to [`SizeCache::FRESH`] old serves: a search
+/// repeated with the same criterion (a code, a gender, a family name) skips the counting
+/// round trip. Keyed by the statement with its values bound, so a different value, tenant or
+/// instant is counted afresh.
+#[derive(Debug, Default)]
+pub(crate) struct CountCache(Mutex<HashMap<(String, String), CachedCount>>);
+
+/// When a count was taken, the cap it was taken with, and the count.
+type CachedCount = (std::time::Instant, u32, u64);
+
+impl CountCache {
+    /// Entries kept at most; past it the cache starts over rather than grow.
+    const ENTRIES: usize = 50_000;
+
+    /// The key of a criterion's counting statement.
+    pub(crate) fn key(sql: &search::Sql) -> String {
+        format!("{}\u{0}{:?}", sql.text(), sql.binds())
+    }
+
+    /// The count for `key`, capped at `cap`, when a fresh one tells it: an exact count (below
+    /// the cap it was taken with), or one capped at least as high as `cap`.
+    pub(crate) fn get(&self, tenant: &str, key: &str, cap: u32) -> Option<u64> {
+        let map = self.0.lock();
+        let (at, taken_cap, n) = map.get(&(tenant.to_owned(), key.to_owned()))?;
+        if at.elapsed() >= SizeCache::FRESH {
+            return None;
+        }
+        let exact = *n < u64::from(*taken_cap);
+        (exact || *taken_cap >= cap).then(|| (*n).min(u64::from(cap)))
+    }
+
+    /// Records a count taken with `cap`.
+    pub(crate) fn put(&self, tenant: &str, key: String, cap: u32, n: u64) {
+        let mut map = self.0.lock();
+        if map.len() >= Self::ENTRIES {
+            map.clear();
+        }
+        map.insert(
+            (tenant.to_owned(), key),
+            (std::time::Instant::now(), cap, n),
+        );
+    }
+}
+
 /// `search_parameters.state` values.
 pub(crate) const STATE_REINDEXING: &str = "reindexing";
 /// See [`STATE_REINDEXING`].
@@ -858,5 +904,21 @@ mod tests {
         let rows = d.rows();
         assert_eq!(rows.len(), 1);
         assert_eq!(rows[0].0, "Observation");
+    }
+
+    #[test]
+    fn a_cached_count_answers_only_for_caps_it_can_tell() {
+        let c = CountCache::default();
+        c.put("t", "k".to_owned(), 100, 7);
+        c.put("t", "broad".to_owned(), 100, 100);
+        // Exact below its cap: good for any cap, capped by it.
+        assert_eq!(c.get("t", "k", 1_000), Some(7));
+        assert_eq!(c.get("t", "k", 5), Some(5));
+        // Capped: good only for a cap no higher.
+        assert_eq!(c.get("t", "broad", 50), Some(50));
+        assert_eq!(c.get("t", "broad", 100), Some(100));
+        assert_eq!(c.get("t", "broad", 101), None);
+        // Another tenant's count is not this one's.
+        assert_eq!(c.get("u", "k", 100), None);
     }
 }

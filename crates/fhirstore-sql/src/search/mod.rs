@@ -59,6 +59,7 @@ pub(crate) struct PagePlan {
 /// One statement counting each index criterion's entries up to `cap` (index only, each
 /// stopping at the cap), with the positions in `query.criteria` of the criteria counted;
 /// `None` when no criterion is an index set.
+#[cfg(test)]
 pub(crate) fn selectivity(
     dialect: Syntax,
     tenant: &TenantId,
@@ -66,7 +67,30 @@ pub(crate) fn selectivity(
     now: i64,
     cap: u32,
 ) -> Result<Option<(Sql, Vec<usize>)>> {
-    let sets = criteria::index_sets(dialect, tenant, query, now)?;
+    count_sets(
+        dialect,
+        criteria::index_sets(dialect, tenant, query, now)?,
+        cap,
+    )
+}
+
+/// The index criteria of `query` as id sets, each with its position in `query.criteria`: what
+/// [`count_sets`] counts.
+pub(crate) fn index_sets(
+    dialect: Syntax,
+    tenant: &TenantId,
+    query: &SearchQuery,
+    now: i64,
+) -> Result<Vec<(usize, Sql)>> {
+    criteria::index_sets(dialect, tenant, query, now)
+}
+
+/// One statement counting each of `sets` up to `cap` (see [`selectivity`]); `None` for none.
+pub(crate) fn count_sets(
+    dialect: Syntax,
+    sets: Vec<(usize, Sql)>,
+    cap: u32,
+) -> Result<Option<(Sql, Vec<usize>)>> {
     if sets.is_empty() {
         return Ok(None);
     }

@@ -128,6 +128,7 @@ pub struct Store<D: Dialect> {
     stats: Arc<crate::StatsUpkeep>,
     params: Arc<crate::ParamCache>,
     sizes: Arc<crate::SizeCache>,
+    counts: Arc<crate::CountCache>,
     dialect: PhantomData<D>,
 }
 
@@ -141,6 +142,7 @@ impl<D: Dialect> Clone for Store<D> {
             stats: self.stats.clone(),
             params: self.params.clone(),
             sizes: self.sizes.clone(),
+            counts: self.counts.clone(),
             dialect: PhantomData,
         }
     }
@@ -176,6 +178,7 @@ impl<D: Dialect> Store<D> {
             stats: crate::StatsUpkeep::new(),
             params: Arc::default(),
             sizes: Arc::default(),
+            counts: Arc::default(),
             dialect: PhantomData,
         }
     }

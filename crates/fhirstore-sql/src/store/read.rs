@@ -252,18 +252,32 @@ impl<D: Dialect> Store<D> {
                 even.max(floor)
             }
         };
-        let counts = match search::selectivity(D::SYNTAX, tenant, query, now, cap)? {
-            Some((sql, which)) => {
-                let mut row = sql.fetch_one(&mut *conn).await?;
-                let mut counts = Vec::with_capacity(which.len());
-                for (col, i) in which.into_iter().enumerate() {
-                    let n: i64 = row.get(col)?;
-                    counts.push((i, u64::try_from(n).unwrap_or(0)));
+        // Criteria counted within `SizeCache::FRESH` are not counted again (see `CountCache`).
+        let mut counts = Vec::new();
+        let mut uncounted = Vec::new();
+        let mut keys = HashMap::new();
+        for (i, set) in search::index_sets(D::SYNTAX, tenant, query, now)? {
+            let key = crate::CountCache::key(&set);
+            match self.counts.get(tenant.as_str(), &key, cap) {
+                Some(n) => counts.push((i, n)),
+                None => {
+                    keys.insert(i, key);
+                    uncounted.push((i, set));
                 }
-                counts
             }
-            None => Vec::new(),
-        };
+        }
+        if let Some((sql, which)) = search::count_sets(D::SYNTAX, uncounted, cap)? {
+            let mut row = sql.fetch_one(&mut *conn).await?;
+            for (col, i) in which.into_iter().enumerate() {
+                let n: i64 = row.get(col)?;
+                let n = u64::try_from(n).unwrap_or(0);
+                if let Some(key) = keys.remove(&i) {
+                    self.counts.put(tenant.as_str(), key, cap, n);
+                }
+                counts.push((i, n));
+            }
+        }
+        counts.sort_unstable();
         Ok(search::choose(query, &counts, cap))
     }
 
