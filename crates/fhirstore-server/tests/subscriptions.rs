@@ -607,27 +607,9 @@ async fn two_tenants(stores: &StoreSettings, dir: tempfile::TempDir) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_tenants_hear_exactly_their_events_on_sqlite() {
-    let (dir, stores) = on_sqlite();
-    two_tenants(&stores, dir).await;
-}
-
-/// A fresh SQLite store's directory and settings.
-fn on_sqlite() -> (tempfile::TempDir, StoreSettings) {
     let dir = tempfile::tempdir().expect("temp dir");
     let stores = support::store_settings(dir.path());
-    (dir, stores)
-}
-
-/// A PostgreSQL database of the test's own (dropped with the first value), a data directory,
-/// and the settings naming both; `None` when PostgreSQL is not there and not required.
-async fn on_postgres() -> Option<(OwnDatabase, tempfile::TempDir, StoreSettings)> {
-    let db = OwnDatabase::create().await?;
-    let dir = tempfile::tempdir().expect("temp dir");
-    let stores = StoreSettings {
-        postgres: Some(db.url.clone()),
-        ..support::store_settings(dir.path())
-    };
-    Some((db, dir, stores))
+    two_tenants(&stores, dir).await;
 }
 
 /// A PostgreSQL database of the test's own, dropped when the test ends (or fails).
@@ -690,8 +672,13 @@ impl Drop for OwnDatabase {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_tenants_hear_exactly_their_events_on_postgres() {
-    let Some((_db, dir, stores)) = on_postgres().await else {
+    let Some(db) = OwnDatabase::create().await else {
         return;
+    };
+    let dir = tempfile::tempdir().expect("temp dir");
+    let stores = StoreSettings {
+        postgres: Some(db.url.clone()),
+        ..support::store_settings(dir.path())
     };
     two_tenants(&stores, dir).await;
 }
@@ -706,14 +693,20 @@ async fn subscription_status(s: &support::Srv, tenant: &str, id: &str) -> Value 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failing_receiver_is_retried_then_errors_and_resumes_on_sqlite() {
-    let (dir, stores) = on_sqlite();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let stores = support::store_settings(dir.path());
     failing_receiver(&stores, dir).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failing_receiver_is_retried_then_errors_and_resumes_on_postgres() {
-    let Some((_db, dir, stores)) = on_postgres().await else {
+    let Some(db) = OwnDatabase::create().await else {
         return;
+    };
+    let dir = tempfile::tempdir().expect("temp dir");
+    let stores = StoreSettings {
+        postgres: Some(db.url.clone()),
+        ..support::store_settings(dir.path())
     };
     failing_receiver(&stores, dir).await;
 }
@@ -1115,14 +1108,20 @@ async fn two_processes_on_one_postgres_deliver_each_event_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_quiet_subscription_sends_heartbeats_on_sqlite() {
-    let (dir, stores) = on_sqlite();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let stores = support::store_settings(dir.path());
     heartbeats(&stores, dir).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_quiet_subscription_sends_heartbeats_on_postgres() {
-    let Some((_db, dir, stores)) = on_postgres().await else {
+    let Some(db) = OwnDatabase::create().await else {
         return;
+    };
+    let dir = tempfile::tempdir().expect("temp dir");
+    let stores = StoreSettings {
+        postgres: Some(db.url.clone()),
+        ..support::store_settings(dir.path())
     };
     heartbeats(&stores, dir).await;
 }
