@@ -20,10 +20,8 @@ use fhirstore_sync::{CompositeStorage, Routed, SecondaryConfig, SyncConfig};
 use fhirstore_tantivy::{TantivyConfig, TantivySecondary};
 use serde_json::json;
 
-/// The stack users run by default: the primary and an asynchronous tantivy index, named
-/// `tantivy`. A PostgreSQL primary is shared by every test, and a secondary's cursor lives in
-/// it under the secondary's name: there each stack names its index apart (see [`INDEX`]).
-async fn stack(primary: Arc<dyn Primary>, split_bound: usize, name: &str) -> CompositeStorage {
+/// The stack users run by default: the primary and an asynchronous tantivy index.
+async fn stack(primary: Arc<dyn Primary>, split_bound: usize) -> CompositeStorage {
     let index = TantivySecondary::in_memory(TantivyConfig {
         commit_interval: Duration::from_millis(20),
         ..TantivyConfig::default()
@@ -39,7 +37,7 @@ async fn stack(primary: Arc<dyn Primary>, split_bound: usize, name: &str) -> Com
     let store = CompositeStorage::new(
         primary,
         vec![(
-            name.to_owned(),
+            "tantivy".to_owned(),
             Arc::new(index) as Arc<dyn Secondary>,
             SecondaryConfig::index(),
         )],
@@ -51,14 +49,6 @@ async fn stack(primary: Arc<dyn Primary>, split_bound: usize, name: &str) -> Com
         .await
         .expect("built"));
     store
-}
-
-/// The index's name on a primary of its own.
-const INDEX: &str = "tantivy";
-
-/// A name no other stack on the shared PostgreSQL database uses.
-fn index_name() -> String {
-    format!("tantivy-{}", fhirstore_testkit::random_tenant().tenant())
 }
 
 fn rt(t: &str) -> ResourceType {
@@ -488,28 +478,29 @@ async fn sqlite_split_searches() {
     else {
         return;
     };
-    let store = stack(Arc::new(primary), 100_000, INDEX).await;
+    let store = stack(Arc::new(primary), 100_000).await;
     split_answers_equal_the_intersection(&store).await;
     split_searches_see_writes_and_page_stably(&store).await;
     let Some(primary) = fhirstore_integration::sqlite_store(env!("CARGO_TARGET_TMPDIR")).await
     else {
         return;
     };
-    broad_full_text_lets_the_primary_drive(&stack(Arc::new(primary), 20, INDEX).await).await;
+    broad_full_text_lets_the_primary_drive(&stack(Arc::new(primary), 20).await).await;
 }
 
 #[tokio::test]
 async fn postgres_split_searches() {
-    let Some(primary) = fhirstore_integration::postgres_store().await else {
+    // A database of the test's own: a new index catches up with every tenant's change log, and
+    // on the shared database that is whatever every test before this one wrote.
+    let Some((_db, primary)) = fhirstore_integration::postgres_own_store().await else {
         return;
     };
-    let store = stack(Arc::new(primary), 100_000, &index_name()).await;
+    let store = stack(Arc::new(primary), 100_000).await;
     split_answers_equal_the_intersection(&store).await;
     split_searches_see_writes_and_page_stably(&store).await;
     drop(store);
-    let Some(primary) = fhirstore_integration::postgres_store().await else {
+    let Some((_db, primary)) = fhirstore_integration::postgres_own_store().await else {
         return;
     };
-    broad_full_text_lets_the_primary_drive(&stack(Arc::new(primary), 20, &index_name()).await)
-        .await;
+    broad_full_text_lets_the_primary_drive(&stack(Arc::new(primary), 20).await).await;
 }

@@ -12,11 +12,7 @@ use fhirstore_core::{
 };
 use fhirstore_sql::{PostgresStore, SegmentDigest, SqlConfig, SqliteStore};
 
-/// The PostgreSQL server the tests use.
-pub fn postgres_url() -> String {
-    std::env::var("FHIRSTORE_TEST_POSTGRES_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
-}
+pub use fhirstore_testkit::postgres::{postgres_url, OwnDatabase};
 
 /// A fresh SQLite database file under `tmp` (tests pass cargo's `CARGO_TARGET_TMPDIR`, so the
 /// files live under `target/` and go with `cargo clean`).
@@ -45,6 +41,16 @@ pub async fn postgres_store() -> Option<PostgresStore> {
 pub async fn postgres_store_with(config: SqlConfig) -> Option<PostgresStore> {
     match PostgresStore::connect(&postgres_url(), config).await {
         Ok(s) => Some(s),
+        Err(e) => fhirstore_testkit::service_unavailable("PostgreSQL", e),
+    }
+}
+
+/// A store on a PostgreSQL database of the test's own (dropped with the first value), for tests
+/// whose work would otherwise grow with what other tests left in the shared database.
+pub async fn postgres_own_store() -> Option<(OwnDatabase, PostgresStore)> {
+    let db = OwnDatabase::create().await?;
+    match PostgresStore::connect(db.url(), SqlConfig::default()).await {
+        Ok(s) => Some((db, s)),
         Err(e) => fhirstore_testkit::service_unavailable("PostgreSQL", e),
     }
 }

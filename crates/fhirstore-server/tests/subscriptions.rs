@@ -17,6 +17,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::routing::post;
 use fhirstore_server::config::{ServerSettings, StoreSettings};
 use fhirstore_server::subscriptions::Settings;
+use fhirstore_testkit::postgres::OwnDatabase;
 use parking_lot::Mutex;
 use serde_json::{json, Value};
 use tokio::sync::Notify;
@@ -607,78 +608,33 @@ async fn two_tenants(stores: &StoreSettings, dir: tempfile::TempDir) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_tenants_hear_exactly_their_events_on_sqlite() {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let stores = support::store_settings(dir.path());
+    let (dir, stores) = on_sqlite();
     two_tenants(&stores, dir).await;
 }
 
-/// A PostgreSQL database of the test's own, dropped when the test ends (or fails).
-struct OwnDatabase {
-    admin: String,
-    name: String,
-    url: String,
+/// A fresh SQLite store's directory and settings.
+fn on_sqlite() -> (tempfile::TempDir, StoreSettings) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let stores = support::store_settings(dir.path());
+    (dir, stores)
 }
 
-impl OwnDatabase {
-    async fn create() -> Option<OwnDatabase> {
-        use sqlx::Connection as _;
-        let admin = std::env::var("FHIRSTORE_TEST_POSTGRES_URL")
-            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned());
-        let name = format!("fhirstore_subs_{}", uuid::Uuid::now_v7().simple());
-        let created = async {
-            let mut c = sqlx::PgConnection::connect(&admin).await?;
-            sqlx::query(&format!("CREATE DATABASE {name}"))
-                .execute(&mut c)
-                .await?;
-            Ok::<_, sqlx::Error>(())
-        }
-        .await;
-        if let Err(e) = created {
-            if std::env::var("FHIRSTORE_REQUIRE_SERVICES").as_deref() == Ok("1") {
-                panic!("PostgreSQL unavailable: {e}");
-            }
-            eprintln!("skipping: PostgreSQL unavailable: {e}");
-            return None;
-        }
-        let base = admin.rsplit_once('/').map_or(admin.as_str(), |(b, _)| b);
-        let url = format!("{base}/{name}");
-        Some(OwnDatabase { admin, name, url })
-    }
-}
-
-impl Drop for OwnDatabase {
-    fn drop(&mut self) {
-        let (admin, name) = (self.admin.clone(), self.name.clone());
-        // Dropped from async code: the drop runs on a thread and runtime of its own.
-        let _ = std::thread::spawn(move || {
-            use sqlx::Connection as _;
-            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            else {
-                return;
-            };
-            rt.block_on(async {
-                if let Ok(mut c) = sqlx::PgConnection::connect(&admin).await {
-                    let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-                        .execute(&mut c)
-                        .await;
-                }
-            });
-        })
-        .join();
-    }
+/// A PostgreSQL database of the test's own (dropped with the first value), a data directory,
+/// and the settings naming both; `None` when PostgreSQL is not there and not required.
+async fn on_postgres() -> Option<(OwnDatabase, tempfile::TempDir, StoreSettings)> {
+    let db = OwnDatabase::create().await?;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let stores = StoreSettings {
+        postgres: Some(db.url().to_owned()),
+        ..support::store_settings(dir.path())
+    };
+    Some((db, dir, stores))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_tenants_hear_exactly_their_events_on_postgres() {
-    let Some(db) = OwnDatabase::create().await else {
+    let Some((_db, dir, stores)) = on_postgres().await else {
         return;
-    };
-    let dir = tempfile::tempdir().expect("temp dir");
-    let stores = StoreSettings {
-        postgres: Some(db.url.clone()),
-        ..support::store_settings(dir.path())
     };
     two_tenants(&stores, dir).await;
 }
@@ -693,20 +649,14 @@ async fn subscription_status(s: &support::Srv, tenant: &str, id: &str) -> Value 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failing_receiver_is_retried_then_errors_and_resumes_on_sqlite() {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let stores = support::store_settings(dir.path());
+    let (dir, stores) = on_sqlite();
     failing_receiver(&stores, dir).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failing_receiver_is_retried_then_errors_and_resumes_on_postgres() {
-    let Some(db) = OwnDatabase::create().await else {
+    let Some((_db, dir, stores)) = on_postgres().await else {
         return;
-    };
-    let dir = tempfile::tempdir().expect("temp dir");
-    let stores = StoreSettings {
-        postgres: Some(db.url.clone()),
-        ..support::store_settings(dir.path())
     };
     failing_receiver(&stores, dir).await;
 }
@@ -942,7 +892,7 @@ async fn a_server_killed_at_random_points_loses_no_notification_on_postgres() {
     let Some(db) = OwnDatabase::create().await else {
         return;
     };
-    killed_at_random_points(Some(&db.url)).await;
+    killed_at_random_points(Some(db.url())).await;
 }
 
 /// Writes while the server process is killed at random points and restarted, five times.
@@ -1057,8 +1007,8 @@ async fn two_processes_on_one_postgres_deliver_each_event_once() {
         tempfile::tempdir().expect("temp dir"),
         tempfile::tempdir().expect("temp dir"),
     );
-    let one = start(d1.path(), &r, Some(&db.url));
-    let two = start(d2.path(), &r, Some(&db.url));
+    let one = start(d1.path(), &r, Some(db.url()));
+    let two = start(d2.path(), &r, Some(db.url()));
     let mut ids = Vec::new();
     for k in 0..4 {
         let port = if k % 2 == 0 { one.port } else { two.port };
@@ -1108,20 +1058,14 @@ async fn two_processes_on_one_postgres_deliver_each_event_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_quiet_subscription_sends_heartbeats_on_sqlite() {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let stores = support::store_settings(dir.path());
+    let (dir, stores) = on_sqlite();
     heartbeats(&stores, dir).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_quiet_subscription_sends_heartbeats_on_postgres() {
-    let Some(db) = OwnDatabase::create().await else {
+    let Some((_db, dir, stores)) = on_postgres().await else {
         return;
-    };
-    let dir = tempfile::tempdir().expect("temp dir");
-    let stores = StoreSettings {
-        postgres: Some(db.url.clone()),
-        ..support::store_settings(dir.path())
     };
     heartbeats(&stores, dir).await;
 }

@@ -8,6 +8,8 @@
 
 pub mod checks;
 pub mod fixtures;
+#[cfg(feature = "postgres")]
+pub mod postgres;
 mod reindex;
 pub mod secondary;
 mod services;

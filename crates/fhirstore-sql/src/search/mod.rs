@@ -18,6 +18,7 @@ mod tests;
 
 use fhirstore_core::{Result, SearchQuery, TenantId};
 
+pub(crate) use criteria::index_sets;
 pub(crate) use include::{current, linked};
 pub(crate) use sort::{KeyKind, KeyValue, SortColumn};
 pub use sql::{Bind, Sql};
@@ -72,17 +73,6 @@ pub(crate) fn selectivity(
         criteria::index_sets(dialect, tenant, query, now)?,
         cap,
     )
-}
-
-/// The index criteria of `query` as id sets, each with its position in `query.criteria`: what
-/// [`count_sets`] counts.
-pub(crate) fn index_sets(
-    dialect: Syntax,
-    tenant: &TenantId,
-    query: &SearchQuery,
-    now: i64,
-) -> Result<Vec<(usize, Sql)>> {
-    criteria::index_sets(dialect, tenant, query, now)
 }
 
 /// One statement counting each of `sets` up to `cap` (see [`selectivity`]); `None` for none.
