@@ -262,27 +262,12 @@ async fn redis_paused_then_killed() {
     let redis = fhirstore_redis::RedisSecondary::connect(&config)
         .await
         .expect("redis");
-    let composite = CompositeStorage::new(
+    let composite = fhirstore_integration::redis_cache_composite(
         primary.clone(),
-        vec![(
-            "redis".to_owned(),
-            Arc::new(redis.clone()) as Arc<dyn Secondary>,
-            SecondaryConfig::cache(),
-        )],
-        SyncConfig {
-            sync_timeout: Duration::from_millis(300),
-            read_lease_ttl: Duration::from_millis(300),
-            poll_interval: Duration::from_millis(20),
-            retry_max: Duration::from_millis(100),
-            breaker_cooldown: Duration::from_millis(100),
-            ..SyncConfig::default()
-        },
+        &redis,
+        Duration::from_millis(300),
     )
-    .expect("composite");
-    assert!(composite
-        .wait_for_sync(Duration::from_secs(30))
-        .await
-        .expect("built"));
+    .await;
     let ctx = fhirstore_testkit::random_tenant();
     let acked = parking_lot::Mutex::new(BTreeMap::new());
     let done = AtomicUsize::new(0);
@@ -407,14 +392,7 @@ async fn tantivy_directory_deleted_then_corrupted() {
 type Composite = CompositeStorage;
 
 async fn caught_up(composite: &Composite) {
-    assert!(
-        composite
-            .wait_for_sync(Duration::from_secs(60))
-            .await
-            .expect("wait"),
-        "{:?}",
-        composite.status().await
-    );
+    fhirstore_integration::caught_up(composite).await;
 }
 
 /// How many Patients full text finds, answered by tantivy.

@@ -3,7 +3,7 @@
 //! server that loses everything is noticed and refused until rebuilt.
 
 use fhirstore_core::secondary::{Change, DigestView, Health, Secondary};
-use fhirstore_core::{from_micros, LogicalId, ResourceKey, ResourceType, VersionId};
+use fhirstore_core::{LogicalId, ResourceType};
 use fhirstore_redis::RedisSecondary;
 use serde_json::json;
 
@@ -39,21 +39,7 @@ async fn keys(conn: &mut redis::aio::MultiplexedConnection, pattern: &str) -> Ve
 }
 
 fn patient(tenant: &fhirstore_core::TenantId, id: &str, v: u64) -> Change {
-    Change {
-        tenant: tenant.clone(),
-        key: ResourceKey {
-            resource_type: ResourceType::new("Patient").expect("type"),
-            id: LogicalId::new(id).expect("id"),
-        },
-        version: VersionId::new(v).expect("version"),
-        last_updated: from_micros(1_700_000_000_000_000 + v as i64),
-        content: Some(json!({
-            "resourceType": "Patient", "id": id,
-            "identifier": [{"system": "urn:mrn", "value": format!("{id}-{v}")}],
-            "name": [{"family": "Ünal"}],
-            "managingOrganization": {"reference": "Organization/o1"},
-        })),
-    }
+    fhirstore_integration::indexed_patient_change(tenant, id, v)
 }
 
 /// Every key but the global `built` marker starts with `prefix:{tenant}:`, the tenant in a

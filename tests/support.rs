@@ -587,3 +587,73 @@ pub async fn sorted_pages_follow_the_model(store: &dyn ResourceStorage) {
         }
     }
 }
+
+/// A version of Patient `id` in `tenant` with an identifier (`{id}-{v}`), a family name and an
+/// organization reference: one change that writes every kind of Redis index entry.
+pub fn indexed_patient_change(
+    tenant: &fhirstore_core::TenantId,
+    id: &str,
+    v: u64,
+) -> fhirstore_core::secondary::Change {
+    fhirstore_core::secondary::Change {
+        tenant: tenant.clone(),
+        key: fhirstore_core::ResourceKey {
+            resource_type: ResourceType::new("Patient").expect("type"),
+            id: LogicalId::new(id).expect("id"),
+        },
+        version: fhirstore_core::VersionId::new(v).expect("version"),
+        last_updated: fhirstore_core::from_micros(1_700_000_000_000_000 + v as i64),
+        content: Some(serde_json::json!({
+            "resourceType": "Patient", "id": id,
+            "identifier": [{"system": "urn:mrn", "value": format!("{id}-{v}")}],
+            "name": [{"family": "Ünal"}],
+            "managingOrganization": {"reference": "Organization/o1"},
+        })),
+    }
+}
+
+/// `primary` with `redis` as its synchronous cache, on short timeouts (`timeout` for a
+/// synchronous apply and a read lease, a third of it at most between retries) so outage tests
+/// move quickly; returned once the cache is built.
+pub async fn redis_cache_composite(
+    primary: std::sync::Arc<dyn fhirstore_core::changelog::Primary>,
+    redis: &fhirstore_redis::RedisSecondary,
+    timeout: std::time::Duration,
+) -> fhirstore_sync::CompositeStorage {
+    let composite = fhirstore_sync::CompositeStorage::new(
+        primary,
+        vec![(
+            "redis".to_owned(),
+            std::sync::Arc::new(redis.clone())
+                as std::sync::Arc<dyn fhirstore_core::secondary::Secondary>,
+            fhirstore_sync::SecondaryConfig::cache(),
+        )],
+        fhirstore_sync::SyncConfig {
+            sync_timeout: timeout,
+            read_lease_ttl: timeout,
+            poll_interval: std::time::Duration::from_millis(20),
+            retry_max: timeout / 3,
+            breaker_cooldown: timeout / 3,
+            ..fhirstore_sync::SyncConfig::default()
+        },
+    )
+    .expect("composite");
+    assert!(composite
+        .wait_for_sync(std::time::Duration::from_secs(60))
+        .await
+        .expect("built"));
+    composite
+}
+
+/// Waits up to 60 s until every secondary of `composite` has applied everything; fails with
+/// the sync status otherwise.
+pub async fn caught_up(composite: &fhirstore_sync::CompositeStorage) {
+    assert!(
+        composite
+            .wait_for_sync(std::time::Duration::from_secs(60))
+            .await
+            .expect("wait"),
+        "{:?}",
+        composite.status().await
+    );
+}

@@ -44,8 +44,20 @@ impl RedisSecondary {
         if changes.is_empty() {
             return Ok(Applied::default());
         }
-        let mut pipe = redis::pipe();
+        // One pipeline, or on a cluster one per tenant: a tenant's keys share a slot, and a
+        // pipeline may not span slots there. Order matters only within a key, and a key's
+        // changes stay in one pipeline, in order.
+        let mut groups: Vec<(Option<&TenantId>, Pipeline)> = Vec::new();
         for c in changes {
+            let group = self.is_cluster().then_some(&c.tenant);
+            let at = match groups.iter().position(|(g, _)| *g == group) {
+                Some(at) => at,
+                None => {
+                    groups.push((group, redis::pipe()));
+                    groups.len() - 1
+                }
+            };
+            let pipe = &mut groups[at].1;
             let rt = c.key.resource_type;
             let id = c.key.id.as_str();
             let lu = to_micros(c.last_updated);
@@ -76,11 +88,13 @@ impl RedisSecondary {
             ];
             let args: Vec<&str> = args.iter().map(String::as_str).collect();
             let doc = self.doc_key(&c.tenant, rt, id);
-            Self::evalsha(&mut pipe, &self.apply, &[&doc], &args);
+            Self::evalsha(pipe, &self.apply, &[&doc], &args);
         }
-        let replies = self.run(&pipe).await?;
+        let replies = self
+            .run_groups(groups.into_iter().map(|(_, p)| p).collect())
+            .await?;
         let mut out = Applied::default();
-        for r in replies {
+        for r in replies.into_iter().flatten() {
             match r {
                 RValue::Int(1) => out.applied += 1,
                 RValue::Int(0) => out.skipped += 1,

@@ -34,6 +34,13 @@
 //! [`Secondary::mark_built`], so it never answers from a partial copy, and never with a version
 //! older than one it served before it lost its data.
 //!
+//! A `redis+cluster://host:port[,host:port…]` URL connects to a Redis Cluster instead. Every
+//! command and script then goes to the shard of its tenant's slot, a batch of changes is one
+//! pipeline per tenant, and the `built` marker is kept once per slot (see `cluster.rs` for
+//! why), so a shard that comes back empty is noticed. With `?replicas=N`, each batch waits
+//! (`WAIT`) until `N` replicas of its shard hold it, so a failover does not lose a batch the
+//! sync layer was told was applied.
+//!
 //! Indexes cover R4's search parameters; a tenant's own SearchParameters are answered by the
 //! primary.
 
@@ -53,11 +60,15 @@ use fhirstore_core::{
     ResourceType, Result, SearchPage, SearchQuery, StoredResource, TenantContext, TenantId,
     VersionId,
 };
+use futures::{StreamExt as _, TryStreamExt as _};
 use redis::aio::ConnectionManager;
+use redis::cluster_async::ClusterConnection;
+use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
 use redis::{Pipeline, Script, Value as RValue};
 use serde_json::{json, Value};
 
 mod apply;
+mod cluster;
 mod config;
 mod digests;
 mod search;
@@ -68,11 +79,49 @@ use digests::parse_digest;
 /// The name this backend reports.
 pub const BACKEND_NAME: &str = "redis";
 
+/// A connection to a single server or to a cluster; both reconnect on their own.
+#[derive(Clone)]
+enum Conn {
+    Single(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+impl redis::aio::ConnectionLike for Conn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a redis::Cmd) -> redis::RedisFuture<'a, RValue> {
+        match self {
+            Conn::Single(c) => c.req_packed_command(cmd),
+            Conn::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        cmd: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> redis::RedisFuture<'a, Vec<RValue>> {
+        match self {
+            Conn::Single(c) => c.req_packed_commands(cmd, offset, count),
+            Conn::Cluster(c) => c.req_packed_commands(cmd, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Conn::Single(c) => c.get_db(),
+            Conn::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
 /// The Redis secondary. Cheap to clone: clones share one multiplexed, self-reconnecting
-/// connection.
+/// connection (one per shard on a cluster).
 #[derive(Clone)]
 pub struct RedisSecondary {
-    conn: ConnectionManager,
+    conn: Conn,
+    /// On a cluster, how many replicas each batch of changes waits for.
+    replicas: Option<u32>,
+    timeout: std::time::Duration,
     prefix: String,
     apply: Script,
     search: Script,
@@ -85,6 +134,7 @@ impl std::fmt::Debug for RedisSecondary {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RedisSecondary")
             .field("prefix", &self.prefix)
+            .field("cluster", &self.is_cluster())
             .finish_non_exhaustive()
     }
 }
@@ -97,7 +147,16 @@ fn redis_err(e: redis::RedisError) -> Error {
         || e.is_timeout()
         || matches!(
             e.kind(),
-            redis::ErrorKind::BusyLoadingError | redis::ErrorKind::TryAgain
+            redis::ErrorKind::BusyLoadingError
+                | redis::ErrorKind::TryAgain
+                // A cluster in failover or resharding: the client follows redirects itself,
+                // and what is left after its retries passes once the cluster settles.
+                | redis::ErrorKind::Moved
+                | redis::ErrorKind::Ask
+                | redis::ErrorKind::ClusterDown
+                | redis::ErrorKind::MasterDown
+                | redis::ErrorKind::ClusterConnectionNotFound
+                | redis::ErrorKind::ReadOnly
         );
     Error::backend(format!("redis: {e}"), temporary, e)
 }
@@ -152,18 +211,35 @@ impl RedisSecondary {
                 config.prefix
             )));
         }
-        let client = redis::Client::open(config.url.as_str()).map_err(redis_err)?;
-        let manager = redis::aio::ConnectionManagerConfig::new()
-            .set_connection_timeout(config.timeout)
-            .set_response_timeout(config.timeout)
-            .set_number_of_retries(2)
-            .set_max_delay(200);
-        let conn = client
-            .get_connection_manager_with_config(manager)
-            .await
-            .map_err(redis_err)?;
+        let (conn, replicas) = match cluster::parse_url(&config.url)? {
+            Some(url) => {
+                let client = redis::cluster::ClusterClientBuilder::new(url.nodes)
+                    .connection_timeout(config.timeout)
+                    .response_timeout(config.timeout)
+                    .retries(3)
+                    .build()
+                    .map_err(redis_err)?;
+                let conn = client.get_async_connection().await.map_err(redis_err)?;
+                (Conn::Cluster(conn), Some(url.replicas))
+            }
+            None => {
+                let client = redis::Client::open(config.url.as_str()).map_err(redis_err)?;
+                let manager = redis::aio::ConnectionManagerConfig::new()
+                    .set_connection_timeout(config.timeout)
+                    .set_response_timeout(config.timeout)
+                    .set_number_of_retries(2)
+                    .set_max_delay(200);
+                let conn = client
+                    .get_connection_manager_with_config(manager)
+                    .await
+                    .map_err(redis_err)?;
+                (Conn::Single(conn), None)
+            }
+        };
         Ok(RedisSecondary {
             conn,
+            replicas,
+            timeout: config.timeout,
             prefix: config.prefix.clone(),
             apply: Script::new(include_str!("lua/apply.lua")),
             search: Script::new(include_str!("lua/search.lua")),
@@ -183,8 +259,19 @@ impl RedisSecondary {
         format!("{}:{{{}}}:", self.prefix, tenant.as_str())
     }
 
-    fn built_key(&self) -> String {
-        format!("{}:built", self.prefix)
+    /// Whether this secondary talks to a Redis Cluster.
+    pub fn is_cluster(&self) -> bool {
+        matches!(self.conn, Conn::Cluster(_))
+    }
+
+    /// The `built` marker that vouches for `tenant`'s keys: the one marker of a single server,
+    /// or the marker of the tenant's slot on a cluster.
+    fn built_key(&self, tenant: &TenantId) -> String {
+        if self.is_cluster() {
+            cluster::marker_key(&self.prefix, cluster::key_slot(tenant.as_str().as_bytes()))
+        } else {
+            format!("{}:built", self.prefix)
+        }
     }
 
     fn doc_key(&self, tenant: &TenantId, rt: ResourceType, id: &str) -> String {
@@ -229,34 +316,127 @@ impl RedisSecondary {
     /// Deletes every key under this secondary's prefix, every tenant's and the `built`
     /// marker: the secondary is then new and must be rebuilt.
     pub async fn purge(&self) -> Result<()> {
-        self.delete_matching(&format!("{}:*", self.prefix)).await
+        self.delete_matching(&format!("{}:*", self.prefix), None)
+            .await
     }
 
-    async fn delete_matching(&self, pattern: &str) -> Result<()> {
-        let mut conn = self.conn.clone();
-        let mut cursor: u64 = 0;
-        loop {
-            let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
-                .arg(cursor)
-                .arg("MATCH")
-                .arg(pattern)
-                .arg("COUNT")
-                .arg(1000)
-                .query_async(&mut conn)
+    /// Deletes the keys matching `pattern`: on a cluster, on the master of `slot`, or on
+    /// every master when `slot` is `None`.
+    async fn delete_matching(&self, pattern: &str, slot: Option<u16>) -> Result<()> {
+        let nodes = match (&self.conn, slot) {
+            (Conn::Single(_), _) => vec![None],
+            (Conn::Cluster(_), Some(slot)) => vec![Some(SingleNodeRoutingInfo::SpecificNode(
+                Route::new(slot, SlotAddr::Master),
+            ))],
+            (Conn::Cluster(_), None) => self
+                .slot_ranges()
+                .await?
+                .into_iter()
+                .map(|r| {
+                    Some(SingleNodeRoutingInfo::ByAddress {
+                        host: r.host,
+                        port: r.port,
+                    })
+                })
+                .collect(),
+        };
+        for node in nodes {
+            let mut cursor: u64 = 0;
+            loop {
+                let mut scan = redis::cmd("SCAN");
+                scan.arg(cursor)
+                    .arg("MATCH")
+                    .arg(pattern)
+                    .arg("COUNT")
+                    .arg(1000);
+                let (next, keys): (u64, Vec<String>) = match (&self.conn, &node) {
+                    (Conn::Cluster(c), Some(node)) => {
+                        let reply = c
+                            .clone()
+                            .route_command(&scan, RoutingInfo::SingleNode(node.clone()))
+                            .await
+                            .map_err(redis_err)?;
+                        redis::from_redis_value(&reply).map_err(redis_err)?
+                    }
+                    _ => scan
+                        .query_async(&mut self.conn.clone())
+                        .await
+                        .map_err(redis_err)?,
+                };
+                self.unlink(keys).await?;
+                if next == 0 {
+                    break;
+                }
+                cursor = next;
+            }
+        }
+        Ok(())
+    }
+
+    /// Unlinks `keys`: in one command, or on a cluster one command per slot (a command may
+    /// not span slots there).
+    async fn unlink(&self, keys: Vec<String>) -> Result<()> {
+        let mut by_slot: std::collections::BTreeMap<u16, Vec<String>> = Default::default();
+        for k in keys {
+            let slot = if self.is_cluster() {
+                cluster::key_slot(k.as_bytes())
+            } else {
+                0
+            };
+            by_slot.entry(slot).or_default().push(k);
+        }
+        for keys in by_slot.into_values() {
+            redis::cmd("UNLINK")
+                .arg(&keys)
+                .query_async::<()>(&mut self.conn.clone())
                 .await
                 .map_err(redis_err)?;
-            if !keys.is_empty() {
-                redis::cmd("UNLINK")
-                    .arg(&keys)
-                    .query_async::<()>(&mut conn)
-                    .await
-                    .map_err(redis_err)?;
-            }
-            if next == 0 {
-                return Ok(());
-            }
-            cursor = next;
         }
+        Ok(())
+    }
+
+    /// The cluster's slot ranges and their masters (`CLUSTER SLOTS`).
+    async fn slot_ranges(&self) -> Result<Vec<cluster::SlotRange>> {
+        let reply: RValue = redis::cmd("CLUSTER")
+            .arg("SLOTS")
+            .query_async(&mut self.conn.clone())
+            .await
+            .map_err(redis_err)?;
+        cluster::parse_slots(&reply)
+    }
+
+    /// Runs one pipeline per tenant group (on a cluster, a pipeline may not span slots), each
+    /// followed by a `WAIT` for the configured replicas, and returns the replies in the order
+    /// of `groups`' commands. Groups run concurrently.
+    async fn run_groups(&self, groups: Vec<Pipeline>) -> Result<Vec<Vec<RValue>>> {
+        let wait = self.replicas.filter(|n| *n > 0);
+        futures::stream::iter(groups.into_iter().map(|mut pipe| async move {
+            if let Some(n) = wait {
+                let ms = u64::try_from(self.timeout.as_millis()).unwrap_or(u64::MAX);
+                pipe.cmd("WAIT").arg(n).arg(ms);
+            }
+            let mut replies = self.run(&pipe).await?;
+            if let Some(n) = wait {
+                match replies.pop() {
+                    Some(RValue::Int(got)) if got >= i64::from(n) => {}
+                    Some(RValue::Int(got)) => {
+                        return Err(Error::backend_msg(
+                            format!(
+                                "redis: {got} of the {n} replicas (replicas=) acknowledged a \
+                                 batch within {} ms",
+                                self.timeout.as_millis()
+                            ),
+                            true,
+                        ))
+                    }
+                    _ => return Err(bad_data("WAIT reply")),
+                }
+            }
+            Ok(replies)
+        }))
+        .buffered(16)
+        .try_collect()
+        .await
     }
 
     /// Fails unless the `built` marker is there; see the module documentation.
@@ -338,7 +518,7 @@ impl Secondary for RedisSecondary {
         let mut pipe = redis::pipe();
         // The marker first: a restart between the two commands leaves the document missing,
         // which reads as a miss, never as stale data.
-        pipe.cmd("GET").arg(self.built_key());
+        pipe.cmd("GET").arg(self.built_key(ctx.tenant()));
         pipe.cmd("HMGET")
             .arg(self.doc_key(ctx.tenant(), resource_type, id.as_str()))
             .arg(&["v", "lu", "d", "b"]);
@@ -389,33 +569,84 @@ impl Secondary for RedisSecondary {
     async fn clear(&self, tenant: &TenantId) -> Result<()> {
         // Tenant ids are [A-Za-z0-9-], so the pattern needs no escaping; SCAN's glob takes
         // the braces literally.
-        self.delete_matching(&format!("{}*", self.base(tenant)))
+        let slot = cluster::key_slot(tenant.as_str().as_bytes());
+        self.delete_matching(&format!("{}*", self.base(tenant)), Some(slot))
             .await
     }
 
     async fn mark_built(&self) -> Result<()> {
-        let mut conn = self.conn.clone();
-        redis::cmd("SET")
-            .arg(self.built_key())
-            .arg(uuid::Uuid::now_v7().to_string())
-            .query_async::<()>(&mut conn)
-            .await
-            .map_err(redis_err)
+        let value = uuid::Uuid::now_v7().to_string();
+        let keys: Vec<String> = match self.conn {
+            Conn::Single(_) => vec![format!("{}:built", self.prefix)],
+            Conn::Cluster(_) => (0..cluster::SLOTS)
+                .map(|slot| cluster::marker_key(&self.prefix, slot))
+                .collect(),
+        };
+        futures::stream::iter(keys.into_iter().map(|k| {
+            let value = value.clone();
+            let mut conn = self.conn.clone();
+            async move {
+                redis::cmd("SET")
+                    .arg(k)
+                    .arg(value)
+                    .query_async::<()>(&mut conn)
+                    .await
+                    .map_err(redis_err)
+            }
+        }))
+        .buffer_unordered(256)
+        .try_collect()
+        .await
     }
 
     async fn health(&self) -> Health {
-        let mut conn = self.conn.clone();
-        match redis::cmd("GET")
-            .arg(self.built_key())
-            .query_async::<Option<String>>(&mut conn)
-            .await
-        {
-            Ok(Some(_)) => Health::Healthy,
-            Ok(None) => Health::NeedsRebuild(
-                "no built marker: new, or restarted without its data".to_owned(),
-            ),
-            Err(e) => Health::Unavailable(e.to_string()),
+        let ranges = match self.conn {
+            Conn::Single(_) => None,
+            Conn::Cluster(_) => match self.slot_ranges().await {
+                Ok(r) => Some(r),
+                Err(e) => return Health::Unavailable(e.to_string()),
+            },
+        };
+        let Some(ranges) = ranges else {
+            return match redis::cmd("GET")
+                .arg(format!("{}:built", self.prefix))
+                .query_async::<Option<String>>(&mut self.conn.clone())
+                .await
+            {
+                Ok(Some(_)) => Health::Healthy,
+                Ok(None) => Health::NeedsRebuild(
+                    "no built marker: new, or restarted without its data".to_owned(),
+                ),
+                Err(e) => Health::Unavailable(e.to_string()),
+            };
+        };
+        let gaps = cluster::uncovered(&ranges);
+        if !gaps.is_empty() {
+            return Health::Unavailable(format!(
+                "the cluster serves no master for slots {}",
+                gaps.join(", ")
+            ));
         }
+        // A shard loses its slots together: the first slot's marker speaks for the range.
+        // Reads check the marker of their own slot besides.
+        for r in &ranges {
+            match redis::cmd("GET")
+                .arg(cluster::marker_key(&self.prefix, r.first))
+                .query_async::<Option<String>>(&mut self.conn.clone())
+                .await
+            {
+                Ok(Some(_)) => {}
+                Ok(None) => {
+                    return Health::NeedsRebuild(format!(
+                        "slots {}-{} (the shard at {}:{}) have no built marker: that shard \
+                         is new or restarted without its data",
+                        r.first, r.last, r.host, r.port
+                    ))
+                }
+                Err(e) => return Health::Unavailable(e.to_string()),
+            }
+        }
+        Health::Healthy
     }
 }
 

@@ -118,7 +118,7 @@ impl RedisSecondary {
         let base = self.base(ctx.tenant());
         let live = format!("{base}lu:{rt}");
         let mut pipe = redis::pipe();
-        pipe.cmd("GET").arg(self.built_key());
+        pipe.cmd("GET").arg(self.built_key(ctx.tenant()));
         Self::evalsha(
             &mut pipe,
             &self.search,

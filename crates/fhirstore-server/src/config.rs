@@ -36,7 +36,9 @@ pub struct StorageArgs {
     /// Use this PostgreSQL database as the primary instead of the embedded SQLite file.
     #[arg(long, env = "FHIRSTORE_POSTGRES", global = true)]
     pub postgres: Option<String>,
-    /// Keep a Redis read cache and lookup index at this `redis://` URL.
+    /// Keep a Redis read cache and lookup index at this `redis://` URL, or on a Redis Cluster
+    /// at `redis+cluster://host:port[,host:port…][?replicas=N]` (seed nodes; `replicas`: how
+    /// many replicas of a shard must hold each batch before it counts as applied).
     #[arg(long, env = "FHIRSTORE_REDIS", global = true)]
     pub redis: Option<String>,
     /// The first part of every Redis key, so several deployments can share one Redis
@@ -840,6 +842,10 @@ mod tests {
         for (url, shown) in [
             ("redis://:s3cret@host:6379/0", "redis://:***@host:6379/0"),
             ("redis://user:s3cret@host/0", "redis://user:***@host/0"),
+            (
+                "redis+cluster://:s3cret@a:7000,b:7001?replicas=1",
+                "redis+cluster://:***@a:7000,b:7001?replicas=1",
+            ),
             ("postgres://token@db/x", "postgres://***@db/x"),
             (
                 "postgres://u@db/x?sslmode=require&password=s3cret",

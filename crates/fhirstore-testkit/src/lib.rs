@@ -14,7 +14,9 @@ mod reindex;
 pub mod secondary;
 mod services;
 
-pub use services::{loopback_port, require_services, service_unavailable, OwnRedis};
+pub use services::{
+    loopback_port, require_services, service_unavailable, OwnRedis, OwnRedisCluster,
+};
 
 use fhirstore_core::{TenantContext, TenantId};
 

@@ -124,3 +124,221 @@ impl Drop for OwnRedis {
         self.kill();
     }
 }
+
+/// A Redis Cluster of a test's own: `masters` masters with `replicas` replicas each, every
+/// node a `redis-server` on a loopback port, all killed (SIGKILL) and their directories removed
+/// when dropped.
+pub struct OwnRedisCluster {
+    nodes: Vec<ClusterNode>,
+    dir: std::path::PathBuf,
+}
+
+struct ClusterNode {
+    port: u16,
+    child: Option<std::process::Child>,
+}
+
+/// A port for a cluster node: free, and so is its cluster bus port (the port plus 10,000),
+/// both below the ephemeral range.
+fn cluster_port() -> u16 {
+    let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<u32>().ok())
+        .unwrap_or(32768);
+    for _ in 0..10_000 {
+        let port = loopback_port();
+        let bus = u32::from(port) + 10_000;
+        if bus < low
+            && std::net::TcpListener::bind(("127.0.0.1", u16::try_from(bus).unwrap_or(0))).is_ok()
+        {
+            return port;
+        }
+    }
+    panic!("no loopback port whose cluster bus port is free too");
+}
+
+fn redis_cli(port: u16, args: &[&str]) -> std::io::Result<std::process::Output> {
+    std::process::Command::new("redis-cli")
+        .args(["-h", "127.0.0.1", "-p", &port.to_string()])
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .output()
+}
+
+impl OwnRedisCluster {
+    /// Starts the nodes, joins them (`redis-cli --cluster create`), and waits until every node
+    /// reports the cluster ok. `None` (skip) when `redis-server` is not installed and services
+    /// are not required; a cluster that does not form within 30 s is a test failure.
+    pub fn start(masters: usize, replicas: usize) -> Option<Self> {
+        let dir = std::env::temp_dir().join(format!(
+            "fhirstore-cluster-{}",
+            uuid::Uuid::new_v4().simple()
+        ));
+        std::fs::create_dir_all(&dir).expect("cluster directory");
+        let mut cluster = OwnRedisCluster {
+            nodes: Vec::new(),
+            dir,
+        };
+        for _ in 0..masters * (1 + replicas) {
+            let port = cluster_port();
+            match cluster.spawn(port) {
+                Ok(child) => cluster.nodes.push(ClusterNode {
+                    port,
+                    child: Some(child),
+                }),
+                Err(e) => return service_unavailable("redis-server binary", e),
+            }
+        }
+        for n in &cluster.nodes {
+            cluster.wait_for(n.port, "PING", "PONG");
+        }
+        let mut create = vec!["--cluster".to_owned(), "create".to_owned()];
+        create.extend(
+            cluster
+                .nodes
+                .iter()
+                .map(|n| format!("127.0.0.1:{}", n.port)),
+        );
+        create.extend([
+            "--cluster-replicas".to_owned(),
+            replicas.to_string(),
+            "--cluster-yes".to_owned(),
+        ]);
+        let args: Vec<&str> = create.iter().map(String::as_str).collect();
+        let out = redis_cli(cluster.nodes[0].port, &args).expect("redis-cli");
+        assert!(
+            out.status.success(),
+            "redis-cli --cluster create failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        for n in &cluster.nodes {
+            cluster.wait_for(n.port, "CLUSTER INFO", "cluster_state:ok");
+        }
+        Some(cluster)
+    }
+
+    fn spawn(&self, port: u16) -> std::io::Result<std::process::Child> {
+        let dir = self.dir.join(port.to_string());
+        std::fs::create_dir_all(&dir)?;
+        std::process::Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--cluster-enabled", "yes", "--cluster-node-timeout", "1000"])
+            // A replica takes over however long it was cut off: the test kills a master on
+            // purpose and wants the failover.
+            .args(["--cluster-replica-validity-factor", "0"])
+            .args(["--save", "", "--appendonly", "no"])
+            .arg("--dir")
+            .arg(&dir)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+    }
+
+    /// Waits until `command` on the node at `port` answers with text containing `expect`.
+    fn wait_for(&self, port: u16, command: &str, expect: &str) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        let args: Vec<&str> = command.split(' ').collect();
+        loop {
+            if let Ok(out) = redis_cli(port, &args) {
+                if String::from_utf8_lossy(&out.stdout).contains(expect) {
+                    return;
+                }
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "redis node {port} did not answer {command} with {expect} within 30 s"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    }
+
+    /// `redis+cluster://127.0.0.1:P1,127.0.0.1:P2,…` naming every node, with `query` (e.g.
+    /// `?replicas=1`) appended.
+    pub fn url(&self, query: &str) -> String {
+        let nodes: Vec<String> = self
+            .nodes
+            .iter()
+            .map(|n| format!("127.0.0.1:{}", n.port))
+            .collect();
+        format!("redis+cluster://{}{query}", nodes.join(","))
+    }
+
+    /// Every node's port.
+    pub fn ports(&self) -> Vec<u16> {
+        self.nodes.iter().map(|n| n.port).collect()
+    }
+
+    /// The ports of the nodes that are masters now (`ROLE`), among those still running.
+    pub fn masters(&self) -> Vec<u16> {
+        self.nodes
+            .iter()
+            .filter(|n| n.child.is_some())
+            .filter(|n| {
+                redis_cli(n.port, &["ROLE"])
+                    .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).starts_with("master"))
+            })
+            .map(|n| n.port)
+            .collect()
+    }
+
+    /// Kills the node at `port` (SIGKILL) and reaps it.
+    pub fn kill(&mut self, port: u16) {
+        for n in &mut self.nodes {
+            if n.port == port {
+                if let Some(mut c) = n.child.take() {
+                    let _ = c.kill();
+                    let _ = c.wait();
+                }
+            }
+        }
+    }
+
+    /// Waits until every running node reports the cluster ok, and no slot is served by a
+    /// node that is down: after a failover, once a replica has taken over.
+    pub fn wait_until_ok(&self) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        let down: Vec<String> = self
+            .nodes
+            .iter()
+            .filter(|n| n.child.is_none())
+            .map(|n| format!("127.0.0.1:{}@", n.port))
+            .collect();
+        loop {
+            let ok = self.nodes.iter().filter(|n| n.child.is_some()).all(|n| {
+                let info = redis_cli(n.port, &["CLUSTER", "INFO"]);
+                let nodes = redis_cli(n.port, &["CLUSTER", "NODES"]);
+                let (Ok(info), Ok(nodes)) = (info, nodes) else {
+                    return false;
+                };
+                // `CLUSTER NODES`: id, address, flags, master, ping, pong, epoch, link, then
+                // the slots the node serves.
+                let serves_down = String::from_utf8_lossy(&nodes.stdout).lines().any(|l| {
+                    let words: Vec<&str> = l.split_whitespace().collect();
+                    words.len() > 8 && down.iter().any(|d| words[1].starts_with(d.as_str()))
+                });
+                String::from_utf8_lossy(&info.stdout).contains("cluster_state:ok") && !serves_down
+            });
+            if ok {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the cluster did not settle within 30 s after losing {down:?}"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for OwnRedisCluster {
+    fn drop(&mut self) {
+        for n in &mut self.nodes {
+            if let Some(mut c) = n.child.take() {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
