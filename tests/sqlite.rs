@@ -6,33 +6,14 @@ async fn sqlite_store() -> Option<fhirstore_sql::SqliteStore> {
 
 fhirstore_testkit::conformance_tests!(sqlite_store());
 
-/// Two stores on one new database file, as two processes would have; each waits up to 30 s
-/// for the other's write lock.
 async fn two_stores_on_one_file(
     prefix: &str,
 ) -> (fhirstore_sql::SqliteStore, fhirstore_sql::SqliteStore) {
-    let path = fresh_file(prefix);
-    let config = fhirstore_sql::SqlConfig {
-        busy_timeout: std::time::Duration::from_secs(30),
-        ..Default::default()
-    };
-    let a = fhirstore_sql::SqliteStore::open(&path, config.clone())
-        .await
-        .expect("open a");
-    let b = fhirstore_sql::SqliteStore::open(&path, config)
-        .await
-        .expect("open b");
-    (a, b)
+    fhirstore_integration::two_sqlite_stores_on_one_file(env!("CARGO_TARGET_TMPDIR"), prefix).await
 }
 
-/// A path for a new database file under cargo's test directory, for tests that open it twice.
 fn fresh_file(prefix: &str) -> std::path::PathBuf {
-    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("fhirstore-sqlite");
-    std::fs::create_dir_all(&dir).expect("test dir");
-    dir.join(format!(
-        "{prefix}-{}.sqlite",
-        fhirstore_testkit::random_tenant().tenant()
-    ))
+    fhirstore_integration::fresh_sqlite_file(env!("CARGO_TARGET_TMPDIR"), prefix)
 }
 fhirstore_integration::sql_primary_tests!(sqlite_store());
 

@@ -657,3 +657,25 @@ pub async fn caught_up(composite: &fhirstore_sync::CompositeStorage) {
         composite.status().await
     );
 }
+
+/// Two stores on one new database file under `tmp`, as two processes would have; each waits up
+/// to 30 s for the other's write lock.
+pub async fn two_sqlite_stores_on_one_file(tmp: &str, prefix: &str) -> (SqliteStore, SqliteStore) {
+    let path = fresh_sqlite_file(tmp, prefix);
+    let config = SqlConfig {
+        busy_timeout: std::time::Duration::from_secs(30),
+        ..Default::default()
+    };
+    let a = SqliteStore::open(&path, config.clone())
+        .await
+        .expect("open a");
+    let b = SqliteStore::open(&path, config).await.expect("open b");
+    (a, b)
+}
+
+/// A path for a new database file under `tmp`, for tests that open it twice.
+pub fn fresh_sqlite_file(tmp: &str, prefix: &str) -> std::path::PathBuf {
+    let dir = std::path::Path::new(tmp).join("fhirstore-sqlite");
+    std::fs::create_dir_all(&dir).expect("test dir");
+    dir.join(format!("{prefix}-{}.sqlite", uuid_like()))
+}

@@ -27,6 +27,9 @@ pub struct HttpArgs {
     /// Concurrent connections (HTTP) and tasks (library).
     #[arg(long, value_delimiter = ',', default_value = "1,8,32")]
     connections: Vec<usize>,
+    /// Bytes of the server's in-process read cache (`0`: off), as `--memory-cache` sets it.
+    #[arg(long, default_value_t = fhirstore_server::config::DEFAULT_MEMORY_CACHE)]
+    memory_cache: usize,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -178,7 +181,10 @@ async fn library(
 /// Runs the benchmark.
 pub async fn run(args: HttpArgs) -> Result<(), BoxError> {
     let dir = tempfile::tempdir()?;
-    let settings = crate::embedded_settings(dir.path(), ModeArg::Async);
+    let settings = fhirstore_server::config::StoreSettings {
+        memory_cache: args.memory_cache,
+        ..crate::embedded_settings(dir.path(), ModeArg::Async)
+    };
     let store = deploy::open(&settings).await?;
     let ctx = TenantContext::full(TenantId::new("bench")?);
     let patient = ResourceType::new("Patient")?;

@@ -43,6 +43,7 @@ pub(crate) fn embedded_settings(
         redis_mode: fhirstore_server::config::ModeArg::Off,
         index_mode,
         search: fhirstore_server::config::SearchBounds::default(),
+        memory_cache: fhirstore_server::config::DEFAULT_MEMORY_CACHE,
     }
 }
 
@@ -232,6 +233,21 @@ async fn open_store_with(
             Arc::new(SqliteStore::open(dir.path().join("bench.sqlite"), config).await?)
         }
         Backend::Postgres => Arc::new(PostgresStore::connect(postgres, config).await?),
+    })
+}
+
+/// The store of [`open_store_with`] as a primary, for a `CompositeStorage` in front of it; on
+/// SQLite a second handle on the same file, as another process would have.
+async fn open_primary(
+    args: &StoreArgs,
+    dir: &tempfile::TempDir,
+) -> Result<Arc<dyn fhirstore_core::changelog::Primary>, BoxError> {
+    let config = SqlConfig::default();
+    Ok(match args.backend {
+        Backend::Sqlite => {
+            Arc::new(SqliteStore::open(dir.path().join("bench.sqlite"), config).await?)
+        }
+        Backend::Postgres => Arc::new(PostgresStore::connect(&args.postgres, config).await?),
     })
 }
 
@@ -572,9 +588,44 @@ async fn patients(args: PatientsArgs) -> Result<(), BoxError> {
         store.read(&ctx, pt, id).await?;
     }
     let read = n as f64 / start.elapsed().as_secs_f64();
+    // The same reads through the server's stack with its in-process cache (the default size),
+    // once to fill it and once more from it.
+    let cached = fhirstore_sync::CompositeStorage::new(
+        open_primary(&args.store, &dir).await?,
+        Vec::new(),
+        fhirstore_sync::SyncConfig {
+            memory_cache_bytes: fhirstore_server::config::DEFAULT_MEMORY_CACHE,
+            ..Default::default()
+        },
+    )?;
+    let mut cached_rates = Vec::new();
+    for _ in 0..2 {
+        let start = Instant::now();
+        for id in &ids {
+            cached.read(&ctx, pt, id).await?;
+        }
+        cached_rates.push(n as f64 / start.elapsed().as_secs_f64());
+    }
+    let hits = cached.memory_cache_stats().map_or(0, |s| s.hits);
+    cached.shutdown().await;
     println!("{:<34} {:>10} {:>10}", "operation", "ops/s", "avg hits");
     println!("{:<34} {create:>10.0} {:>10}", "create (sequential)", "-");
     println!("{:<34} {read:>10.0} {:>10}", "read by id", "-");
+    println!(
+        "{:<34} {:>10.0} {:>10}",
+        "read by id, memory cache (filling)", cached_rates[0], "-"
+    );
+    println!(
+        "{:<34} {:>10.0} {:>10}",
+        "read by id, memory cache (warm)",
+        cached_rates[1],
+        format!("{hits} hit")
+    );
+    println!(
+        "{:<34} {:>10.2}",
+        "  warm cache / primary read",
+        cached_rates[1] / read
+    );
     type Shape = (&'static str, Box<dyn Fn(usize) -> String>);
     let ids2 = ids.clone();
     let shapes: Vec<Shape> = vec![

@@ -86,6 +86,17 @@ pub trait ChangeLog: Send + Sync {
     /// The position up to which the log is complete now.
     async fn log_head(&self) -> Result<ChangeCursor>;
 
+    /// A value that changes with every commit to the primary, by this process or any other,
+    /// read without a round trip to the database; `None` when there is no such value (or it
+    /// cannot be read now). A primary that gives one also numbers its log without gaps (an
+    /// entry's `seq` is one more than the previous entry's) and reports as its head the
+    /// highest `seq` ever committed, pruned or not: a reader that stopped at some entry can
+    /// then tell whether entries were pruned before it read them. The in-process cache of
+    /// `fhirstore-sync` serves reads only while this vouches that nothing committed unseen.
+    fn change_stamp(&self) -> Option<u128> {
+        None
+    }
+
     /// Where an entry stands in the log, by its sequence number; `None` when it was pruned
     /// (every consumer had passed it) or never existed.
     async fn position_of(&self, seq: i64) -> Result<Option<ChangeCursor>>;

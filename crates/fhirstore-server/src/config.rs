@@ -64,6 +64,11 @@ pub struct StorageArgs {
     /// `too-costly` naming `split_bound` [default: 100000].
     #[arg(long, env = "FHIRSTORE_SEARCH_SPLIT_BOUND", global = true)]
     pub search_split_bound: Option<usize>,
+    /// Bytes of current resource versions this process keeps in memory for reads by id, `0`
+    /// for none; used on the embedded SQLite primary, whose commits the cache sees from any
+    /// process [default: 67108864, 64 MiB].
+    #[arg(long, env = "FHIRSTORE_MEMORY_CACHE", global = true)]
+    pub memory_cache: Option<usize>,
 }
 
 /// The `serve` flags.
@@ -361,6 +366,9 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     Ok(Duration::from_secs(secs))
 }
 
+/// The in-process read cache's default size: 64 MiB.
+pub const DEFAULT_MEMORY_CACHE: usize = 64 << 20;
+
 /// The TOML file: the same settings as the flags, with tokens as a table of tenant to tokens.
 #[derive(Clone, Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -374,6 +382,7 @@ pub struct FileConfig {
     search_timeout: Option<String>,
     search_connections: Option<u32>,
     search_split_bound: Option<usize>,
+    memory_cache: Option<usize>,
     listen: Option<SocketAddr>,
     public_url: Option<String>,
     admin_token: Option<String>,
@@ -415,6 +424,8 @@ pub struct StoreSettings {
     pub index_mode: ModeArg,
     /// How searches on the primary are bounded.
     pub search: SearchBounds,
+    /// Bytes of the in-process read cache (`fhirstore_sync::SyncConfig::memory_cache_bytes`).
+    pub memory_cache: usize,
 }
 
 /// How searches on the primary are bounded (see `fhirstore_sql::SqlConfig`).
@@ -622,6 +633,10 @@ fn resolve_store(args: &StorageArgs, file: &FileConfig) -> Result<StoreSettings,
             .or(file.index_mode)
             .unwrap_or(ModeArg::Async),
         search,
+        memory_cache: args
+            .memory_cache
+            .or(file.memory_cache)
+            .unwrap_or(DEFAULT_MEMORY_CACHE),
     })
 }
 

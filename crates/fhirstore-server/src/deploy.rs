@@ -139,6 +139,7 @@ pub async fn open(settings: &StoreSettings) -> Result<Arc<Deployment>> {
     }
     let config = SyncConfig {
         split_bound: settings.search.split_bound,
+        memory_cache_bytes: settings.memory_cache,
         ..SyncConfig::default()
     };
     let deployment: Arc<Deployment> = match &settings.postgres {

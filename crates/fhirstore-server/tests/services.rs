@@ -29,6 +29,7 @@ async fn postgres_primary_with_redis_and_tantivy() {
         redis_mode: ModeArg::Sync,
         index_mode: ModeArg::Async,
         search: SearchBounds::default(),
+        memory_cache: fhirstore_server::config::DEFAULT_MEMORY_CACHE,
     };
     // Both secondaries start built, with their cursors at the log's head: on the shared test
     // database a new secondary would otherwise be rebuilt from every earlier run's data.

@@ -27,6 +27,8 @@ pub mod search;
 #[cfg(feature = "sqlite")]
 pub mod sqlite;
 mod store;
+#[cfg(feature = "sqlite")]
+mod wal_stamp;
 
 pub use dialect::Dialect;
 #[cfg(feature = "postgres")]

@@ -82,8 +82,11 @@ impl Dialect for SqliteDialect {
     const LOG_UPTO: &'static str = "(seq, seq) <= ($1, $2)";
     const LOG_VISIBLE: &'static str = "";
     const SKIP_LOCKED: &'static str = "";
-    const LOG_HEAD: &'static str =
-        "SELECT COALESCE(MAX(seq), 0), COALESCE(MAX(seq), 0) FROM outbox";
+    /// The highest `seq` ever committed, from AUTOINCREMENT's own record: it stays put when
+    /// pruning empties the outbox, so a reader that compares it with where it stopped can
+    /// tell entries were pruned before it read them.
+    const LOG_HEAD: &'static str = "SELECT s, s FROM (SELECT COALESCE((SELECT seq FROM \
+         sqlite_sequence WHERE name = 'outbox'), 0) AS s)";
     /// The one writer connection already holds off writers during the self-check.
     const LOCK_DIGESTS: Option<&'static str> = None;
     /// The progress handler stops a statement as soon as its slot closes.
@@ -306,7 +309,10 @@ impl Store<SqliteDialect> {
             .execute(&writer)
             .await
             .map_err(db_err)?;
-        Ok(Store::new(reader, writer, searcher, config))
+        let mut store = Store::new(reader, writer, searcher, config);
+        let stamp = crate::wal_stamp::WalStamp::new(path.as_ref());
+        store.stamp = Some(Arc::new(move || stamp.read()));
+        Ok(store)
     }
 }
 

@@ -109,6 +109,10 @@ pub struct SyncConfig {
     /// [`crate::CompositeStorage::search_routed`]): when the secondary's criteria match more,
     /// the primary's side drives; when both do, the search is refused naming this limit.
     pub split_bound: usize,
+    /// Bytes of current versions kept in this process for reads by id (the tier before Redis
+    /// and the primary); 0 turns it off. Used only with a primary that has a change stamp
+    /// (SQLite); see the `memory` module.
+    pub memory_cache_bytes: usize,
     /// Prune outbox entries every consumer has passed.
     pub prune: bool,
     /// This process's name in leases; unique per process.
@@ -147,6 +151,7 @@ impl Default for SyncConfig {
             search_wait: Duration::from_secs(2),
             read_lease_ttl: Duration::from_secs(2),
             split_bound: 100_000,
+            memory_cache_bytes: 0,
             prune: true,
             holder: format!("fhirstore-{}", uuid::Uuid::now_v7().simple()),
             failpoint: None,

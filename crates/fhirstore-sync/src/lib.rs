@@ -36,6 +36,7 @@
 
 mod config;
 mod lane;
+mod memory;
 pub mod reconcile;
 pub mod schedule;
 mod split;
@@ -49,20 +50,24 @@ use fhirstore_core::changelog::{ChangeCursor, DeadLetter, Primary};
 use fhirstore_core::registry::Registry;
 use fhirstore_core::secondary::{Change, Health, Secondary};
 use fhirstore_core::{
-    Capabilities, Error, HistoryPage, HistoryRequest, LogicalId, OpOutcome, ReindexOptions,
-    ReindexStatus, ResourceStorage, ResourceType, Result, SearchPage, SearchQuery, StoredResource,
-    TenantContext, VersionId, WriteKind, WriteOp,
+    Capabilities, Error, HistoryPage, HistoryRequest, LogicalId, OpOutcome, Permission,
+    ReindexOptions, ReindexStatus, ResourceStorage, ResourceType, Result, SearchPage, SearchQuery,
+    StoredResource, TenantContext, VersionId, WriteKind, WriteOp,
 };
 use tokio::task::JoinHandle;
 use tracing::Instrument as _;
 
 pub use config::{Failpoint, RejectPolicy, SecondaryConfig, SyncConfig, SyncMode};
 pub use lane::CircuitState;
+pub use memory::MemoryCacheStats;
 
 use lane::Lane;
 
 /// The name routing reports when the primary answered.
 pub const PRIMARY: &str = "primary";
+
+/// The name routing reports when the in-process cache answered a read.
+pub const MEMORY: &str = "memory";
 
 /// A write's outcome with what the sync manager did with it.
 #[derive(Clone, Debug, PartialEq)]
@@ -225,6 +230,7 @@ struct Shared {
     primary: Arc<dyn Primary>,
     lanes: Vec<Arc<Lane>>,
     config: SyncConfig,
+    memory: Option<memory::MemoryCache>,
 }
 
 /// The primary and its secondaries as one [`ResourceStorage`]; see the crate documentation.
@@ -266,6 +272,7 @@ impl CompositeStorage {
         let shared = Arc::new(Shared {
             primary,
             lanes,
+            memory: memory::MemoryCache::new(config.memory_cache_bytes),
             config,
         });
         let (shutdown, rx) = tokio::sync::watch::channel(false);
@@ -736,6 +743,39 @@ impl CompositeStorage {
     /// Reads by id, from a secondary that serves reads when one may (see the crate
     /// documentation), else from the primary. Reports who answered.
     pub async fn read_routed(
+        &self,
+        ctx: &TenantContext,
+        resource_type: ResourceType,
+        id: &LogicalId,
+    ) -> Result<(StoredResource, String)> {
+        let fill = match &self.shared.memory {
+            Some(cache) => {
+                ctx.require(Permission::Read)?;
+                match cache
+                    .get(&*self.shared.primary, ctx.tenant(), resource_type, id)
+                    .await?
+                {
+                    memory::Lookup::Hit(r) => return Ok((r, MEMORY.to_owned())),
+                    memory::Lookup::Miss(epoch) => Some((cache, epoch)),
+                    memory::Lookup::Bypass => None,
+                }
+            }
+            None => None,
+        };
+        let (r, from) = self.read_tiers(ctx, resource_type, id).await?;
+        if let Some((cache, epoch)) = fill {
+            cache.fill(epoch, &r);
+        }
+        Ok((r, from))
+    }
+
+    /// Hits, misses and size of the in-process cache; `None` when it is off.
+    pub fn memory_cache_stats(&self) -> Option<MemoryCacheStats> {
+        self.shared.memory.as_ref().map(memory::MemoryCache::stats)
+    }
+
+    /// A read by id from the secondaries that serve reads, else the primary.
+    async fn read_tiers(
         &self,
         ctx: &TenantContext,
         resource_type: ResourceType,

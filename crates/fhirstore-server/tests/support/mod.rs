@@ -57,6 +57,7 @@ pub fn store_settings(dir: &std::path::Path) -> StoreSettings {
         redis_mode: ModeArg::Off,
         index_mode: ModeArg::Async,
         search: SearchBounds::default(),
+        memory_cache: fhirstore_server::config::DEFAULT_MEMORY_CACHE,
     }
 }
 

@@ -95,6 +95,10 @@ impl<D: Dialect> Store<D> {
 
 #[async_trait]
 impl<D: Dialect> ChangeLog for Store<D> {
+    fn change_stamp(&self) -> Option<u128> {
+        self.stamp.as_ref().and_then(|read| read())
+    }
+
     async fn changes_after(&self, after: ChangeCursor, limit: u32) -> Result<Vec<LoggedChange>> {
         let sql = format!(
             "SELECT o.major, o.seq, o.tenant, o.resource_type, o.id, o.version, v.last_updated, \

@@ -129,6 +129,8 @@ pub struct Store<D: Dialect> {
     params: Arc<crate::ParamCache>,
     sizes: Arc<crate::SizeCache>,
     counts: Arc<crate::CountCache>,
+    /// The change stamp (see `ChangeLog::change_stamp`), where the dialect has one.
+    pub(crate) stamp: Option<Arc<dyn Fn() -> Option<u128> + Send + Sync>>,
     dialect: PhantomData<D>,
 }
 
@@ -143,6 +145,7 @@ impl<D: Dialect> Clone for Store<D> {
             params: self.params.clone(),
             sizes: self.sizes.clone(),
             counts: self.counts.clone(),
+            stamp: self.stamp.clone(),
             dialect: PhantomData,
         }
     }
@@ -179,6 +182,7 @@ impl<D: Dialect> Store<D> {
             params: Arc::default(),
             sizes: Arc::default(),
             counts: Arc::default(),
+            stamp: None,
             dialect: PhantomData,
         }
     }
