@@ -132,7 +132,12 @@ pub(super) async fn read(req: &Req<'_>, rt: ResourceType, id: &LogicalId) -> Api
         return binary_content(&r);
     }
     let (summary, elements) = shaping(&req.query)?;
-    let mut resp = req.json(StatusCode::OK, &shape(&r.content, summary, &elements));
+    // The common read asks for the whole resource: serialise it as stored, without a copy.
+    let mut resp = if summary.is_none() && elements.is_empty() {
+        req.json(StatusCode::OK, &r.content)
+    } else {
+        req.json(StatusCode::OK, &shape(&r.content, summary, &elements))
+    };
     set_version_headers(resp.headers_mut(), &r);
     Ok(resp)
 }
