@@ -35,6 +35,9 @@ pub fn random_tenant() -> TenantContext {
 /// With `teardown = f`, the factory yields `Option<(S, T)>` instead, and `f(store, t)` (a
 /// future) runs after each check passes: to stop workers and remove what the test left in a
 /// shared service.
+///
+/// With `sequential`, one test runs every check in turn on one store: the factory yields
+/// `Option<(S, T)>`, and `T` (a database of the test's own, say) is kept until the end.
 #[macro_export]
 macro_rules! conformance_tests {
     ($factory:expr) => {
@@ -42,6 +45,9 @@ macro_rules! conformance_tests {
     };
     ($factory:expr, teardown = $teardown:path) => {
         $crate::conformance_tests!(@list with $teardown, $factory);
+    };
+    (sequential $factory:expr) => {
+        $crate::conformance_tests!(@list sequential, $factory);
     };
     // The one list of checks; `checks_are_all_stamped` compares it with `checks`.
     (@list $($how:tt)*) => {
@@ -96,6 +102,15 @@ macro_rules! conformance_tests {
                 $crate::checks::$check(&store).await;
             }
         )*
+    };
+    (@each sequential, $factory:expr; $($check:ident),* $(,)?) => {
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn conformance_suite_in_sequence() {
+            let Some((store, _keep)) = $factory.await else { return };
+            $(
+                $crate::checks::$check(&store).await;
+            )*
+        }
     };
     (@each with $teardown:path, $factory:expr; $($check:ident),* $(,)?) => {
         $(

@@ -1,0 +1,254 @@
+//! The PostgreSQL schema distributed by tenant: every table that has a `tenant` column is
+//! hash-partitioned on it, as Citus (or PostgreSQL's own partitioning) would distribute it,
+//! in a database of the test's own. Both require every primary key and unique constraint to
+//! contain the distribution column, so converting the migrated schema at all proves the rule
+//! holds; then the whole conformance suite, sync to Redis and the reconciler run on it, and a
+//! single-tenant workload is shown to touch only its tenants' partitions.
+//!
+//! The tables without a tenant (`sync_consumers`, `sync_readers`, `sync_read_fences`,
+//! `reconcile_jobs`, sqlx's migration table) stay plain: a distributed deployment keeps them on
+//! the coordinator (Citus: local or reference tables). ARCHITECTURE.md says what it does with
+//! the outbox, whose readers cross tenants.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use fhirstore_core::secondary::Secondary;
+use fhirstore_core::{LogicalId, ResourceStorage, ResourceType, TenantContext, WriteOp};
+use fhirstore_integration::OwnDatabase;
+use fhirstore_sql::{PostgresStore, SqlConfig};
+use fhirstore_sync::reconcile::{JobRequest, ReconcileMode};
+use fhirstore_testkit::secondary::assert_mirrors;
+use serde_json::json;
+use sqlx::Connection as _;
+
+/// Replaces every table with a `tenant` column by a table of the same definition
+/// (`LIKE … INCLUDING ALL`: columns, defaults, identity, constraints, indexes) hash-partitioned
+/// by tenant into `PARTS` partitions named `{table}_p{remainder}`, and moves its rows over.
+const PARTITION_BY_TENANT: &str = r#"
+DO $$
+DECLARE
+    t text;
+    i int;
+BEGIN
+    FOR t IN
+        SELECT c.relname FROM pg_class c
+        JOIN pg_attribute a ON a.attrelid = c.oid AND a.attname = 'tenant' AND NOT a.attisdropped
+        WHERE c.relkind = 'r' AND c.relnamespace = 'public'::regnamespace AND NOT c.relispartition
+        ORDER BY 1
+    LOOP
+        EXECUTE format('ALTER TABLE %I RENAME TO %I', t, t || '_flat');
+        EXECUTE format('CREATE TABLE %I (LIKE %I INCLUDING ALL) PARTITION BY HASH (tenant)',
+                       t, t || '_flat');
+        FOR i IN 0 .. PARTS - 1 LOOP
+            EXECUTE format('CREATE TABLE %I PARTITION OF %I FOR VALUES WITH (MODULUS PARTS, REMAINDER %s)',
+                           t || '_p' || i, t, i);
+        END LOOP;
+        EXECUTE format('INSERT INTO %I OVERRIDING SYSTEM VALUE SELECT * FROM %I', t, t || '_flat');
+        EXECUTE format('DROP TABLE %I', t || '_flat');
+    END LOOP;
+END $$;
+"#;
+
+/// The tables the migrations create with a tenant column: each must come out partitioned.
+const TENANT_TABLES: usize = 16;
+
+/// A database of the test's own with the migrated schema partitioned into `modulus` parts per
+/// tenant table; `None` (skip) when PostgreSQL is not there and not required.
+async fn partitioned_database(modulus: u32) -> Option<OwnDatabase> {
+    let db = OwnDatabase::create().await?;
+    let store = PostgresStore::connect(db.url(), SqlConfig::default())
+        .await
+        .expect("migrate");
+    store.close().await;
+    let mut c = sqlx::PgConnection::connect(db.url())
+        .await
+        .expect("connect");
+    sqlx::raw_sql(&PARTITION_BY_TENANT.replace("PARTS", &modulus.to_string()))
+        .execute(&mut c)
+        .await
+        .expect("partition every tenant table; a unique key without the tenant fails here");
+    let (partitioned,): (i64,) =
+        sqlx::query_as("SELECT count(*) FROM pg_partitioned_table pt JOIN pg_class c ON c.oid = pt.partrelid WHERE c.relnamespace = 'public'::regnamespace")
+            .fetch_one(&mut c)
+            .await
+            .expect("count");
+    assert_eq!(
+        partitioned as usize, TENANT_TABLES,
+        "every tenant table is partitioned"
+    );
+    Some(db)
+}
+
+async fn store_on(db: &OwnDatabase) -> PostgresStore {
+    PostgresStore::connect(db.url(), SqlConfig::default())
+        .await
+        .expect("connect")
+}
+
+async fn partitioned_store() -> Option<(PostgresStore, OwnDatabase)> {
+    let db = partitioned_database(8).await?;
+    Some((store_on(&db).await, db))
+}
+
+fhirstore_testkit::conformance_tests!(sequential partitioned_store());
+
+fn pt() -> ResourceType {
+    ResourceType::new("Patient").expect("type")
+}
+
+/// A Redis secondary kept in sync from the partitioned primary mirrors it; a tenant's keys
+/// wiped from Redis are found and repaired by the reconciler, whose self-check recomputes the
+/// primary's digests from the partitioned rows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sync_and_the_reconciler_run_on_a_partitioned_schema() {
+    let Some(db) = partitioned_database(8).await else {
+        return;
+    };
+    let Some(redis) = fhirstore_integration::redis_secondary().await else {
+        return;
+    };
+    let primary = Arc::new(store_on(&db).await);
+    let composite = fhirstore_integration::redis_cache_composite(
+        primary.clone(),
+        &redis,
+        Duration::from_secs(2),
+    )
+    .await;
+    let tenants: Vec<TenantContext> = (0..3).map(|_| fhirstore_testkit::random_tenant()).collect();
+    for t in &tenants {
+        for i in 0..30 {
+            let id = format!("p{i}");
+            let body = json!({"resourceType": "Patient", "id": id, "gender": "female",
+                              "identifier": [{"system": "urn:mrn", "value": id}]});
+            composite
+                .update(t, pt(), &LogicalId::new(&id).expect("id"), body, None)
+                .await
+                .expect("write");
+        }
+        let ops = (0..5)
+            .map(|i| WriteOp::Update {
+                resource_type: pt(),
+                id: LogicalId::new(format!("p{i}")).expect("id"),
+                resource: json!({"resourceType": "Patient", "id": format!("p{i}"), "gender": "male"}),
+                if_match: None,
+            })
+            .collect();
+        composite.transaction(t, ops).await.expect("transaction");
+        composite
+            .delete(t, pt(), &LogicalId::new("p29").expect("id"))
+            .await
+            .expect("delete");
+    }
+    fhirstore_integration::caught_up(&composite).await;
+    assert_mirrors(&*primary, &redis, &tenants).await;
+
+    redis
+        .clear(tenants[0].tenant())
+        .await
+        .expect("wipe one tenant");
+    let request = JobRequest {
+        tenants: Some(tenants.iter().map(|t| t.tenant().clone()).collect()),
+        types: None,
+        secondaries: None,
+        mode: ReconcileMode::Repair,
+        max_segments: 10_000,
+        self_check: true,
+        deep: true,
+        deep_keys_per_second: 0,
+    };
+    let cancel = std::sync::atomic::AtomicBool::new(false);
+    let (_, report) = composite
+        .reconciler()
+        .run(&request, &|_| {}, &cancel)
+        .await
+        .expect("reconcile");
+    let missing: u64 = report.entries.iter().map(|e| e.missing).sum();
+    assert!(
+        missing >= 29,
+        "the wiped tenant's keys were found missing: {report:?}"
+    );
+    assert_eq!(report.primary_segments_repaired, 0);
+    assert_mirrors(&*primary, &redis, &tenants).await;
+    composite.shutdown().await;
+    redis.purge().await.expect("purge");
+}
+
+/// Reads, writes, searches of every kind, history and transactions, each for one tenant at a
+/// time, on a schema split 16 ways: afterwards no partition that holds none of the tenants'
+/// rows has been scanned (`pg_stat_user_tables`), so every statement was pruned to its
+/// tenant's partition. A statement that reads across tenants scans every partition, empty or
+/// not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn single_tenant_work_touches_only_its_partitions() {
+    let Some(db) = partitioned_database(16).await else {
+        return;
+    };
+    let store = store_on(&db).await;
+    // Building each partition's indexes counted as a scan of it; what is measured starts
+    // after.
+    let mut c = sqlx::PgConnection::connect(db.url())
+        .await
+        .expect("connect");
+    sqlx::query("SELECT pg_stat_reset()")
+        .execute(&mut c)
+        .await
+        .expect("reset statistics");
+    fhirstore_testkit::checks::search_parameter_types(&store).await;
+    fhirstore_testkit::checks::search_includes(&store).await;
+    fhirstore_testkit::checks::search_sorting(&store).await;
+    fhirstore_testkit::checks::search_composites(&store).await;
+    fhirstore_testkit::checks::history_all_scopes(&store).await;
+    fhirstore_testkit::checks::conditional_update(&store).await;
+    fhirstore_testkit::checks::transaction_is_atomic(&store).await;
+    fhirstore_testkit::checks::counts_agree_with_the_matches(&store).await;
+    store.close().await;
+    // A backend writes its table statistics when it exits: wait until the store's have.
+    let name = db.url().rsplit('/').next().unwrap_or_default().to_owned();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let (others,): (i64,) = sqlx::query_as(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = $1 AND pid <> pg_backend_pid()",
+        )
+        .bind(&name)
+        .fetch_one(&mut c)
+        .await
+        .expect("activity");
+        if others == 0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the store's connections did not close"
+        );
+        tokio::task::yield_now().await;
+    }
+    let partitions: Vec<(String, i64, i64)> = sqlx::query_as(
+        "SELECT c.relname, s.seq_scan + COALESCE(s.idx_scan, 0), s.n_tup_ins \
+         FROM pg_class c JOIN pg_stat_user_tables s ON s.relid = c.oid WHERE c.relispartition",
+    )
+    .fetch_all(&mut c)
+    .await
+    .expect("partition statistics");
+    let remainder = |name: &str| name.rsplit("_p").next().unwrap_or_default().to_owned();
+    let mut held = std::collections::BTreeSet::new();
+    // A partition some tenant of the workload wrote to (rows since deleted count too).
+    for (name, _, inserted) in &partitions {
+        if *inserted > 0 {
+            held.insert(remainder(name));
+        }
+    }
+    assert!(
+        held.len() < 16 && !held.is_empty(),
+        "the workload's tenants fill some partitions, not all: {held:?}"
+    );
+    let stray: Vec<&String> = partitions
+        .iter()
+        .filter(|(name, scans, _)| *scans > 0 && !held.contains(&remainder(name)))
+        .map(|(name, _, _)| name)
+        .collect();
+    assert!(
+        stray.is_empty(),
+        "scanned though no tenant of the workload is there: {stray:?}"
+    );
+}
