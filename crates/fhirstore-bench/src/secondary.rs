@@ -34,6 +34,11 @@ pub struct SecondaryArgs {
     /// Changes applied one at a time (the batch-of-1 run is slow on purpose; a sample does).
     #[arg(long, default_value_t = 3_000)]
     single: usize,
+    /// After the comparison, apply the primary's changes this many times more (under new
+    /// ids) into a new full-text index, and print its apply rate and size: what one more
+    /// process keeping its own index pays at that many resources. 0 skips it.
+    #[arg(long, default_value_t = 0)]
+    index_scale: usize,
     /// Generator seed.
     #[arg(long, default_value_t = 42)]
     seed: u64,
@@ -62,6 +67,19 @@ where
     }
     times.sort();
     Ok(percentile(&times, 0.5))
+}
+
+/// Bytes of the files under `path`, recursively; unreadable entries count as empty.
+fn dir_bytes(path: &std::path::Path) -> u64 {
+    std::fs::read_dir(path).map_or(0, |entries| {
+        entries
+            .flatten()
+            .map(|e| match e.file_type() {
+                Ok(t) if t.is_dir() => dir_bytes(&e.path()),
+                _ => e.metadata().map_or(0, |m| m.len()),
+            })
+            .sum()
+    })
 }
 
 fn ms(d: Duration) -> f64 {
@@ -140,6 +158,14 @@ pub async fn run(args: SecondaryArgs) -> Result<(), BoxError> {
         }
         s.mark_built().await?;
     }
+    // What each process that keeps its own full-text index pays on disk, beside the primary.
+    let index_bytes = dir_bytes(&tantivy_dir);
+    let primary_bytes = dir_bytes(dir.path()) - index_bytes;
+    println!(
+        "tantivy index: {index_bytes} bytes, {:.0} a resource ({:.2}x the primary's {primary_bytes} bytes here)",
+        index_bytes as f64 / resources.max(1) as f64,
+        index_bytes as f64 / primary_bytes.max(1) as f64
+    );
 
     println!(
         "\nsearch p50 ms: primary, then each secondary that claims the shape (ratio secondary/primary)"
@@ -203,6 +229,56 @@ pub async fn run(args: SecondaryArgs) -> Result<(), BoxError> {
     for (_, r) in &redises {
         r.purge().await?;
     }
+    if args.index_scale > 0 {
+        index_at_scale(
+            &changes,
+            args.index_scale,
+            &dir.path().join("tantivy-scaled"),
+        )
+        .await?;
+    }
     crate::purge_tenant(&args.store, ctx.tenant()).await?;
+    Ok(())
+}
+
+/// Applies `changes` `copies` times, each copy under ids of its own, into a new tantivy index
+/// at `path`, in batches of 1,000; prints the rate and the index's size.
+async fn index_at_scale(
+    changes: &[Change],
+    copies: usize,
+    path: &std::path::Path,
+) -> Result<(), BoxError> {
+    let index = TantivySecondary::open(path, TantivyConfig::default()).await?;
+    let start = Instant::now();
+    let mut applied = 0usize;
+    for copy in 0..copies {
+        let renamed: Vec<Change> = changes
+            .iter()
+            .map(|c| {
+                let id = LogicalId::new(format!("{}-c{copy}", c.key.id))?;
+                let mut content = c.content.clone();
+                if let Some(body) = content.as_mut().and_then(|b| b.as_object_mut()) {
+                    body.insert("id".to_owned(), serde_json::Value::String(id.to_string()));
+                }
+                Ok(Change {
+                    key: fhirstore_core::ResourceKey::new(c.key.resource_type, id),
+                    content,
+                    ..c.clone()
+                })
+            })
+            .collect::<fhirstore_core::Result<_>>()?;
+        for chunk in renamed.chunks(1000) {
+            index.apply(chunk).await?;
+        }
+        applied += renamed.len();
+    }
+    index.flush().await?;
+    let secs = start.elapsed().as_secs_f64();
+    let bytes = dir_bytes(path);
+    println!(
+        "\nfull-text index of {applied} changes ({copies} copies): {:.0} changes/s ({secs:.0} s), {bytes} bytes, {:.0} a change",
+        applied as f64 / secs,
+        bytes as f64 / applied.max(1) as f64
+    );
     Ok(())
 }
