@@ -22,64 +22,6 @@ use fhirstore_testkit::secondary::assert_mirrors;
 use serde_json::json;
 use sqlx::Connection as _;
 
-/// Replaces every table with a `tenant` column by a table of the same definition
-/// (`LIKE … INCLUDING ALL`: columns, defaults, identity, constraints, indexes) hash-partitioned
-/// by tenant into `PARTS` partitions named `{table}_p{remainder}`, and moves its rows over.
-const PARTITION_BY_TENANT: &str = r#"
-DO $$
-DECLARE
-    t text;
-    i int;
-BEGIN
-    FOR t IN
-        SELECT c.relname FROM pg_class c
-        JOIN pg_attribute a ON a.attrelid = c.oid AND a.attname = 'tenant' AND NOT a.attisdropped
-        WHERE c.relkind = 'r' AND c.relnamespace = 'public'::regnamespace AND NOT c.relispartition
-        ORDER BY 1
-    LOOP
-        EXECUTE format('ALTER TABLE %I RENAME TO %I', t, t || '_flat');
-        EXECUTE format('CREATE TABLE %I (LIKE %I INCLUDING ALL) PARTITION BY HASH (tenant)',
-                       t, t || '_flat');
-        FOR i IN 0 .. PARTS - 1 LOOP
-            EXECUTE format('CREATE TABLE %I PARTITION OF %I FOR VALUES WITH (MODULUS PARTS, REMAINDER %s)',
-                           t || '_p' || i, t, i);
-        END LOOP;
-        EXECUTE format('INSERT INTO %I OVERRIDING SYSTEM VALUE SELECT * FROM %I', t, t || '_flat');
-        EXECUTE format('DROP TABLE %I', t || '_flat');
-    END LOOP;
-END $$;
-"#;
-
-/// The tables the migrations create with a tenant column: each must come out partitioned.
-const TENANT_TABLES: usize = 16;
-
-/// A database of the test's own with the migrated schema partitioned into `modulus` parts per
-/// tenant table; `None` (skip) when PostgreSQL is not there and not required.
-async fn partitioned_database(modulus: u32) -> Option<OwnDatabase> {
-    let db = OwnDatabase::create().await?;
-    let store = PostgresStore::connect(db.url(), SqlConfig::default())
-        .await
-        .expect("migrate");
-    store.close().await;
-    let mut c = sqlx::PgConnection::connect(db.url())
-        .await
-        .expect("connect");
-    sqlx::raw_sql(&PARTITION_BY_TENANT.replace("PARTS", &modulus.to_string()))
-        .execute(&mut c)
-        .await
-        .expect("partition every tenant table; a unique key without the tenant fails here");
-    let (partitioned,): (i64,) =
-        sqlx::query_as("SELECT count(*) FROM pg_partitioned_table pt JOIN pg_class c ON c.oid = pt.partrelid WHERE c.relnamespace = 'public'::regnamespace")
-            .fetch_one(&mut c)
-            .await
-            .expect("count");
-    assert_eq!(
-        partitioned as usize, TENANT_TABLES,
-        "every tenant table is partitioned"
-    );
-    Some(db)
-}
-
 async fn store_on(db: &OwnDatabase) -> PostgresStore {
     PostgresStore::connect(db.url(), SqlConfig::default())
         .await
@@ -87,7 +29,7 @@ async fn store_on(db: &OwnDatabase) -> PostgresStore {
 }
 
 async fn partitioned_store() -> Option<(PostgresStore, OwnDatabase)> {
-    let db = partitioned_database(8).await?;
+    let db = fhirstore_integration::partitioned_postgres(8).await?;
     Some((store_on(&db).await, db))
 }
 
@@ -102,7 +44,7 @@ fn pt() -> ResourceType {
 /// primary's digests from the partitioned rows.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sync_and_the_reconciler_run_on_a_partitioned_schema() {
-    let Some(db) = partitioned_database(8).await else {
+    let Some(db) = fhirstore_integration::partitioned_postgres(8).await else {
         return;
     };
     let Some(redis) = fhirstore_integration::redis_secondary().await else {
@@ -181,7 +123,7 @@ async fn sync_and_the_reconciler_run_on_a_partitioned_schema() {
 /// not.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn single_tenant_work_touches_only_its_partitions() {
-    let Some(db) = partitioned_database(16).await else {
+    let Some(db) = fhirstore_integration::partitioned_postgres(16).await else {
         return;
     };
     let store = store_on(&db).await;
