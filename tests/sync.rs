@@ -126,13 +126,23 @@ async fn model_based_convergence_through_outages_and_crashes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn model_based_convergence_on_postgres_partitioned_by_tenant() {
     let Some(redis) = redis().await else { return };
-    let Some(db) = fhirstore_integration::partitioned_postgres(8).await else {
+    let Some((_db, primary)) = partitioned_primary().await else {
         return;
     };
+    converge_through_outages_and_crashes(primary, redis, 1_000).await;
+}
+
+/// A primary on a PostgreSQL database of the test's own (dropped with the first value) whose
+/// every tenant table is hash-partitioned by tenant.
+async fn partitioned_primary() -> Option<(
+    fhirstore_integration::OwnDatabase,
+    Arc<fhirstore_sql::PostgresStore>,
+)> {
+    let db = fhirstore_integration::partitioned_postgres(8).await?;
     let primary = fhirstore_sql::PostgresStore::connect(db.url(), Default::default())
         .await
         .expect("connect");
-    converge_through_outages_and_crashes(Arc::new(primary), redis, 1_000).await;
+    Some((db, Arc::new(primary)))
 }
 
 /// `rounds` random writes through a composite over `primary` with Redis (synchronous) and
@@ -1092,13 +1102,10 @@ async fn a_failed_synchronous_apply_fences_reads_in_other_processes_on_postgres(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_synchronous_apply_fences_reads_on_postgres_partitioned_by_tenant() {
     let Some(redis) = redis().await else { return };
-    let Some(db) = fhirstore_integration::partitioned_postgres(8).await else {
+    let Some((_db, pg)) = partitioned_primary().await else {
         return;
     };
-    let pg = fhirstore_sql::PostgresStore::connect(db.url(), Default::default())
-        .await
-        .expect("connect");
-    fenced_across_processes(Arc::new(pg), redis).await;
+    fenced_across_processes(pg, redis).await;
 }
 
 /// Readers in process B never see a version older than one a writer in process A got back,
