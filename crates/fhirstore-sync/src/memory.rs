@@ -110,10 +110,11 @@ impl MemoryCache {
         }
         match state.entries.get(&key) {
             Some((r, _)) => {
-                let r = StoredResource::clone(r);
+                // The copy the caller owns is made outside the lock.
+                let r = Arc::clone(r);
                 drop(state);
                 self.hits.fetch_add(1, Ordering::Relaxed);
-                Ok(Lookup::Hit(r))
+                Ok(Lookup::Hit(StoredResource::clone(&r)))
             }
             None => {
                 self.misses.fetch_add(1, Ordering::Relaxed);
