@@ -167,6 +167,22 @@ async fn every_page_strategy_answers_the_search_checks() {
     }
 }
 
+/// Date criteria on one parameter follow the model under each page strategy and the default
+/// choice, where a range of the date index drives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn date_ranges_follow_the_model() {
+    for (_, config) in fhirstore_integration::strategy_configs() {
+        let Some(store) = fhirstore_integration::postgres_store_with(config).await else {
+            return;
+        };
+        fhirstore_integration::date_ranges_follow_the_model(&store).await;
+    }
+    let Some(store) = fhirstore_integration::postgres_store().await else {
+        return;
+    };
+    fhirstore_integration::date_ranges_follow_the_model(&store).await;
+}
+
 /// Sorted pages under the default strategy choice follow the model.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sorted_pages_follow_the_model() {

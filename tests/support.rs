@@ -738,3 +738,139 @@ pub async fn partitioned_postgres(modulus: u32) -> Option<OwnDatabase> {
     );
     Some(db)
 }
+
+/// Date criteria combined on one parameter equal the rules evaluated here, row by row: on
+/// `Encounter.period` (one row each; some periods long, some open) and on
+/// `Encounter.location.period` (several rows, so two criteria may hold of different rows).
+/// A date range drives the page whenever it is the smallest set; paging collects every match.
+pub async fn date_ranges_follow_the_model(store: &dyn ResourceStorage) {
+    use fhirstore_core::date::{parse_fhir_date, DateRange};
+    use fhirstore_core::search::{CriterionValues, Handling};
+    let ctx = fhirstore_testkit::random_tenant();
+    let et = ResourceType::new("Encounter").expect("type");
+    let mut rng = fhirstore_testkit::secondary::Rng::new(0xda7e);
+    let mut day = || {
+        format!(
+            "20{:02}-{:02}-{:02}",
+            18 + rng.below(6),
+            1 + rng.below(12),
+            1 + rng.below(28)
+        )
+    };
+    // A period as JSON and as the row the index holds.
+    let period = |start: Option<String>, end: Option<String>| {
+        let low = start
+            .as_deref()
+            .and_then(parse_fhir_date)
+            .map_or(i64::MIN, |r| r.low);
+        let high = end
+            .as_deref()
+            .and_then(parse_fhir_date)
+            .map_or(i64::MAX, |r| r.high);
+        let mut json = serde_json::json!({});
+        if let Some(s) = start {
+            json["start"] = serde_json::json!(s);
+        }
+        if let Some(e) = end {
+            json["end"] = serde_json::json!(e);
+        }
+        (json, DateRange { low, high })
+    };
+    let mut rows: Vec<(String, Vec<DateRange>, Vec<DateRange>)> = Vec::new();
+    let mut pick = fhirstore_testkit::secondary::Rng::new(0x5ba9);
+    // First every span is bounded, so the longest one bounds where a range starts; then some
+    // periods are open, and every start qualifies.
+    for (start, end, open) in [(0, 80, false), (80, 90, true)] {
+        for i in start..end {
+            let id = format!("e{i:03}");
+            let mut body = serde_json::json!({"resourceType": "Encounter", "id": id,
+                "status": "finished",
+                "class": {"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "AMB"}});
+            let mut own = Vec::new();
+            let (a, b) = (day(), day());
+            let (a, b) = if a <= b { (a, b) } else { (b, a) };
+            let p = match pick.below(8) {
+                0 => None,
+                1 if open => Some(period(Some(a), None)),
+                2 if open => Some(period(None, Some(b))),
+                1 | 2 => Some(period(Some("2015-06-01".into()), Some(b))),
+                3 => Some(period(Some("1990-01-01".into()), Some("2030-12-31".into()))),
+                _ => Some(period(
+                    Some(a.clone()),
+                    Some(if pick.below(2) == 0 { a } else { b }),
+                )),
+            };
+            if let Some((json, range)) = p {
+                body["period"] = json;
+                own.push(range);
+            }
+            let mut located = Vec::new();
+            let mut locations = Vec::new();
+            for _ in 0..pick.below(4) {
+                let (a, b) = (day(), day());
+                let (a, b) = if a <= b { (a, b) } else { (b, a) };
+                let (json, range) = period(Some(a), Some(b));
+                locations.push(
+                    serde_json::json!({"location": {"reference": "Location/l1"}, "period": json}),
+                );
+                located.push(range);
+            }
+            if !locations.is_empty() {
+                body["location"] = serde_json::json!(locations);
+            }
+            let logical = fhirstore_core::LogicalId::new(id.clone()).expect("id");
+            store
+                .update(&ctx, et, &logical, body, None)
+                .await
+                .expect("write");
+            rows.push((id, own, located));
+        }
+        let mut queries = Vec::new();
+        for i in 0..40 {
+            let (a, b) = (day(), day());
+            let (a, b) = if a <= b { (a, b) } else { (b, a) };
+            let param = if i % 2 == 0 {
+                "date"
+            } else {
+                "location-period"
+            };
+            queries.push(match i % 5 {
+                0 | 1 => format!("{param}=ge{a}&{param}=lt{b}"),
+                2 => format!("{param}=gt{a}&{param}=le{b}"),
+                3 => format!("{param}={}", &a[..7]),
+                _ => format!("{param}=ge{a}&{param}=lt{b}&{param}=ne{}", &b[..4]),
+            });
+        }
+        let now = fhirstore_core::to_micros(chrono::Utc::now());
+        for qs in queries {
+            let query = SearchQuery::parse(Some(et), &format!("{qs}&_count=7"), Handling::Strict)
+                .expect(&qs);
+            let mut expected: Vec<&str> = rows
+                .iter()
+                .filter(|(_, own, located)| {
+                    query.criteria.iter().all(|c| {
+                        let CriterionValues::Date(values) = &c.values else {
+                            unreachable!("{qs}")
+                        };
+                        let held = if c.param == "date" { own } else { located };
+                        held.iter()
+                            .any(|r| values.iter().any(|v| v.matches(*r, now)))
+                    })
+                })
+                .map(|(id, _, _)| id.as_str())
+                .collect();
+            expected.sort_unstable();
+            let mut found = Vec::new();
+            let mut q = query.clone();
+            loop {
+                let page = store.search(&ctx, &q).await.expect(&qs);
+                found.extend(page.matches.iter().map(|m| m.key.id.as_str().to_owned()));
+                match page.next_cursor {
+                    Some(c) => q.cursor = Some(c),
+                    None => break,
+                }
+            }
+            assert_eq!(found, expected, "{qs}");
+        }
+    }
+}

@@ -35,8 +35,12 @@ pub async fn run(args: ReindexArgs) -> Result<(), BoxError> {
     let store = open_store(&args.store, &dir).await?;
     let tenant = format!("bench-reindex-{}", std::process::id());
     let ctx = TenantContext::full(TenantId::new(tenant)?);
-    let (patients, resources, ingest) =
-        crate::search::load(store.as_ref(), &ctx, args.size, args.seed).await?;
+    let crate::search::Loaded {
+        patients,
+        resources,
+        rate: ingest,
+        ..
+    } = crate::search::load(store.as_ref(), &ctx, args.size, args.seed).await?;
     println!(
         "reindex: backend={:?} {patients} patients, {resources} resources, ingest {ingest:.0} \
          resources/s (baseline)",

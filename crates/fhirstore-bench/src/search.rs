@@ -51,7 +51,7 @@ fn spread(i: usize, patients: usize) -> usize {
     (i * 7919) % patients.max(1)
 }
 
-pub(crate) const SHAPES: [Shape; 10] = [
+pub(crate) const SHAPES: [Shape; 14] = [
     Shape {
         label: "token (Condition code, _count=20)",
         resource_type: "Condition",
@@ -140,6 +140,49 @@ pub(crate) const SHAPES: [Shape; 10] = [
         resource_type: "Observation",
         query: |_, _| "code=http://loinc.org|8867-4&_summary=count".to_owned(),
     },
+    Shape {
+        label: "family + gender (_count=20)",
+        resource_type: "Patient",
+        query: |i, _| {
+            format!(
+                "family={}&gender={}&_count=20",
+                FAMILIES[i % FAMILIES.len()],
+                if i % 2 == 0 { "female" } else { "male" }
+            )
+        },
+    },
+    Shape {
+        label: "gender alone (_count=20)",
+        resource_type: "Patient",
+        query: |i, _| {
+            format!(
+                "gender={}&_count=20",
+                if i % 2 == 0 { "female" } else { "male" }
+            )
+        },
+    },
+    Shape {
+        label: "birthdate one year (_count=20)",
+        resource_type: "Patient",
+        query: |i, _| {
+            let y = 1930 + i % 90;
+            format!(
+                "birthdate=ge{y}-01-01&birthdate=lt{}-01-01&_count=20",
+                y + 1
+            )
+        },
+    },
+    Shape {
+        label: "latest 20 of a code, one patient",
+        resource_type: "Observation",
+        query: |i, n| {
+            format!(
+                "subject=Patient/p{}&code=http://loinc.org|{}&_sort=-date&_count=20",
+                spread(i, n),
+                MEASURES[i % MEASURES.len()].0
+            )
+        },
+    },
 ];
 
 /// Latencies of one shape at one size.
@@ -154,15 +197,28 @@ pub(crate) fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted.get(i).copied().unwrap_or_default()
 }
 
-/// Loads whole patients until the store holds at least `size` resources; returns the patient
-/// count, the resource count and the ingest rate.
+/// What [`load`] wrote.
+pub(crate) struct Loaded {
+    /// Whole patients written.
+    pub(crate) patients: usize,
+    /// Resources written.
+    pub(crate) resources: usize,
+    /// Resources per second.
+    pub(crate) rate: f64,
+    /// How long the load took.
+    pub(crate) took: Duration,
+    /// The resources' bytes as NDJSON (one line each): what storage is weighed against.
+    pub(crate) input_bytes: u64,
+}
+
+/// Loads whole patients until the store holds at least `size` resources.
 pub(crate) async fn load(
     store: &dyn ResourceStorage,
     ctx: &TenantContext,
     size: usize,
     seed: u64,
-) -> Result<(usize, usize, f64), BoxError> {
-    let (mut patients, mut resources) = (0, 0);
+) -> Result<Loaded, BoxError> {
+    let (mut patients, mut resources, mut input_bytes) = (0, 0, 0u64);
     let start = Instant::now();
     for record in generate::records(usize::MAX, seed) {
         if resources >= size {
@@ -170,6 +226,7 @@ pub(crate) async fn load(
         }
         let mut ops = Vec::with_capacity(record.len());
         for r in record {
+            input_bytes += serde_json::to_vec(&r)?.len() as u64 + 1;
             let rt = ResourceType::new(r["resourceType"].as_str().unwrap_or_default())?;
             let id = LogicalId::new(r["id"].as_str().unwrap_or_default())?;
             ops.push(WriteOp::Update {
@@ -183,8 +240,41 @@ pub(crate) async fn load(
         patients += 1;
         store.transaction(ctx, ops).await?;
     }
-    let rate = resources as f64 / start.elapsed().as_secs_f64();
-    Ok((patients, resources, rate))
+    let took = start.elapsed();
+    Ok(Loaded {
+        patients,
+        resources,
+        rate: resources as f64 / took.as_secs_f64(),
+        took,
+        input_bytes,
+    })
+}
+
+/// Bytes the store takes on disk: the SQLite file with its WAL and shared memory, or the whole
+/// PostgreSQL database (so a bench of storage wants a database of its own).
+async fn disk_bytes(args: &crate::StoreArgs, sqlite: &std::path::Path) -> Result<u64, BoxError> {
+    match args.backend {
+        Backend::Sqlite => {
+            let mut total = 0;
+            for suffix in ["", "-wal", "-shm"] {
+                let mut name = sqlite.as_os_str().to_owned();
+                name.push(suffix);
+                total += std::fs::metadata(&name).map_or(0, |m| m.len());
+            }
+            Ok(total)
+        }
+        Backend::Postgres => {
+            let pool = sqlx::postgres::PgPoolOptions::new()
+                .max_connections(1)
+                .connect(&args.postgres)
+                .await?;
+            let (n,): (i64,) = sqlx::query_as("SELECT pg_database_size(current_database())")
+                .fetch_one(&pool)
+                .await?;
+            pool.close().await;
+            Ok(u64::try_from(n).unwrap_or(0))
+        }
+    }
 }
 
 /// Runs the search bench.
@@ -194,25 +284,45 @@ pub async fn run(args: SearchArgs) -> Result<(), BoxError> {
         args.store.backend, args.sizes, args.queries, args.seed
     );
     let mut results: Vec<Vec<Measured>> = Vec::new();
+    // Every size's tenant stays until the end on PostgreSQL, so each size's growth of the
+    // database is its own data, not space a purged tenant left for reuse.
+    let mut tenants = Vec::new();
     for &size in &args.sizes {
         let dir = tempfile::tempdir()?;
-        let store: Arc<dyn ResourceStorage> = match (&args.keep_in, args.store.backend) {
-            (Some(keep), Backend::Sqlite) => Arc::new(
-                SqliteStore::open(
-                    keep.join(format!("search-{size}.sqlite")),
-                    SqlConfig::default(),
-                )
-                .await?,
-            ),
-            _ => open_store(&args.store, &dir).await?,
+        let file = match &args.keep_in {
+            Some(keep) => keep.join(format!("search-{size}.sqlite")),
+            None => dir.path().join("bench.sqlite"),
+        };
+        let store: Arc<dyn ResourceStorage> = match args.store.backend {
+            Backend::Sqlite => Arc::new(SqliteStore::open(&file, SqlConfig::default()).await?),
+            Backend::Postgres => open_store(&args.store, &dir).await?,
         };
         let tenant = format!("bench-{}", uuid::Uuid::new_v4().simple());
         let ctx = TenantContext::full(TenantId::new(&tenant[..30])?);
-        let (patients, resources, rate) = load(&*store, &ctx, size, args.seed).await?;
+        tenants.push(ctx.tenant().clone());
+        let before = disk_bytes(&args.store, &file).await?;
+        let loaded = load(&*store, &ctx, size, args.seed).await?;
+        // What `fhirstore import` does after a bulk load.
+        let start = Instant::now();
+        store.refresh_statistics(&ctx).await?;
+        let refreshed = start.elapsed();
+        let on_disk = disk_bytes(&args.store, &file).await?.saturating_sub(before);
         println!(
-            "\nsize {size}: {patients} patients, {resources} resources, ingest {rate:.0} resources/s \
-             (one transaction per patient)"
+            "\nsize {size}: {} patients, {} resources loaded in {:.1} s, ingest {:.0} resources/s \
+             (one transaction per patient); statistics refreshed in {:.1} s",
+            loaded.patients,
+            loaded.resources,
+            loaded.took.as_secs_f64(),
+            loaded.rate,
+            refreshed.as_secs_f64()
         );
+        println!(
+            "storage: {:.1} MB on disk for {:.1} MB of NDJSON input, {:.2} bytes per input byte",
+            on_disk as f64 / 1e6,
+            loaded.input_bytes as f64 / 1e6,
+            on_disk as f64 / loaded.input_bytes.max(1) as f64
+        );
+        let patients = loaded.patients;
         println!(
             "{:<38} {:>10} {:>10} {:>10}",
             "shape", "p50 ms", "p99 ms", "avg hits"
@@ -249,7 +359,9 @@ pub async fn run(args: SearchArgs) -> Result<(), BoxError> {
             row.push(m);
         }
         results.push(row);
-        crate::purge_tenant(&args.store, ctx.tenant()).await?;
+    }
+    for tenant in &tenants {
+        crate::purge_tenant(&args.store, tenant).await?;
     }
     if let (Some(first), Some(last)) = (results.first(), results.last()) {
         if results.len() > 1 {

@@ -96,8 +96,12 @@ pub async fn run(args: SecondaryArgs) -> Result<(), BoxError> {
     let primary = open_store(&args.store, &dir).await?;
     let tenant = format!("bench-{}", uuid::Uuid::new_v4().simple());
     let ctx = TenantContext::full(TenantId::new(&tenant[..30])?);
-    let (patients, resources, ingest) =
-        crate::search::load(&*primary, &ctx, args.size, args.seed).await?;
+    let crate::search::Loaded {
+        patients,
+        resources,
+        rate: ingest,
+        ..
+    } = crate::search::load(&*primary, &ctx, args.size, args.seed).await?;
     println!("primary: {patients} patients, {resources} resources, ingest {ingest:.0} resources/s");
 
     let mut changes = Vec::new();

@@ -142,8 +142,12 @@ pub async fn run(args: SplitArgs) -> Result<(), BoxError> {
     let tenant = format!("bench-{}", uuid::Uuid::new_v4().simple());
     let ctx = TenantContext::full(TenantId::new(&tenant[..30])?);
     let start = Instant::now();
-    let (patients, resources, ingest) =
-        crate::search::load(&store, &ctx, args.size, args.seed).await?;
+    let crate::search::Loaded {
+        patients,
+        resources,
+        rate: ingest,
+        ..
+    } = crate::search::load(&store, &ctx, args.size, args.seed).await?;
     let caught_up = store.wait_for_sync(Duration::from_secs(3_600)).await?;
     println!(
         "loaded {resources} resources ({patients} patients) at {ingest:.0}/s; the index caught \

@@ -76,6 +76,7 @@ macro_rules! conformance_tests {
             search_composites,
             custom_search_parameters,
             custom_search_parameters_rejected,
+            custom_date_parameter_over_several_values,
             synthea_transactions,
             r4_examples_round_trip,
             conditional_create,

@@ -400,3 +400,74 @@ pub async fn custom_parameters_across_stores(a: &dyn ResourceStorage, b: &dyn Re
         red
     );
 }
+
+/// A tenant's own date parameter over a repeating element, indexed by the reindex job: two
+/// criteria on it may hold of different values of one resource, and a pair of bounds still
+/// finds it (the job records that the parameter has several rows per resource, as a write
+/// would).
+pub async fn custom_date_parameter_over_several_values(store: &dyn ResourceStorage) {
+    const VISIT: &str = "http://example.org/fhir/StructureDefinition/visit";
+    let ctx = random_tenant();
+    for (id, visits) in [
+        ("dv1", &["2001-01-01", "2010-01-01"][..]),
+        ("dv2", &["2002-06-01"][..]),
+        ("dv3", &["2011-01-01"][..]),
+    ] {
+        let extension: Vec<Value> = visits
+            .iter()
+            .map(|d| json!({"url": VISIT, "valueDate": d}))
+            .collect();
+        let body = json!({"resourceType": "Patient", "id": id, "extension": extension});
+        let id = LogicalId::new(id).expect("valid id");
+        store
+            .update(&ctx, patient(), &id, body, None)
+            .await
+            .expect("write");
+    }
+    let sp = ResourceType::new("SearchParameter").expect("type");
+    let param = json!({
+        "resourceType": "SearchParameter",
+        "id": "visit-date",
+        "url": "http://example.org/fhir/SearchParameter/patient-visit-date",
+        "name": "VisitDate",
+        "status": "active",
+        "description": "The dates a patient visited.",
+        "code": "visit-date",
+        "base": ["Patient"],
+        "type": "date",
+        "expression": format!("Patient.extension('{VISIT}').value")
+    });
+    store
+        .update(
+            &ctx,
+            sp,
+            &LogicalId::new("visit-date").expect("id"),
+            param,
+            None,
+        )
+        .await
+        .expect("registering the parameter");
+    let opts = ReindexOptions {
+        batch: 2,
+        max_batches: None,
+    };
+    let st = store.reindex(&ctx, opts, &|_| {}).await.expect("reindex");
+    assert_eq!(st[0].state, ReindexState::Active, "{st:?}");
+    for (qs, want) in [
+        (
+            "visit-date=ge2005-01-01&visit-date=lt2003-01-01",
+            &["dv1"][..],
+        ),
+        (
+            "visit-date=ge2000-01-01&visit-date=lt2003-01-01",
+            &["dv1", "dv2"][..],
+        ),
+        ("visit-date=2010", &["dv1"][..]),
+        (
+            "visit-date=ge2010-06-01&visit-date=lt2012-01-01",
+            &["dv3"][..],
+        ),
+    ] {
+        assert_eq!(ids(store, &ctx, qs).await.expect(qs), set(want), "{qs}");
+    }
+}

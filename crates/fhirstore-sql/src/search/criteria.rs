@@ -462,6 +462,182 @@ pub(crate) fn index_sets(
     Ok(sets)
 }
 
+/// Where a date criterion's matching rows can start: at or after an instant, or after an
+/// instant less the longest span any row of the parameter has (a row must end after it).
+#[derive(Clone, Copy)]
+enum Lower {
+    At(i64),
+    Span(i64),
+}
+
+/// The bounds on `low` of the rows that can match one date criterion: a lower bound and an
+/// (exclusive) upper bound, each absent when the criterion leaves that side open. With
+/// several values, the loosest of each side (any value may match).
+fn date_bounds(
+    values: &[fhirstore_core::date::DateValue],
+    now: i64,
+) -> (Option<Lower>, Option<i64>) {
+    use fhirstore_core::date::Prefix as P;
+    let mut lower: Option<Lower> = None;
+    let mut upper: Option<i64> = None;
+    for (i, d) in values.iter().enumerate() {
+        let (ql, qh) = (d.range.low, d.range.high);
+        let (lo, hi) = match d.prefix {
+            // A stored range within [ql, qh) starts there; one that ends after qh (or after
+            // ql) started at most a span before.
+            P::Eq => (Some(Lower::At(ql)), Some(qh)),
+            P::Ne => (None, None),
+            P::Gt => (Some(Lower::Span(qh)), None),
+            P::Ge => (Some(Lower::Span(ql)), None),
+            P::Lt | P::Eb => (None, Some(ql)),
+            P::Le => (None, Some(qh)),
+            P::Sa => (Some(Lower::At(qh)), None),
+            P::Ap => {
+                let a = d.approximate_bounds(now);
+                (Some(Lower::Span(a.low)), Some(a.high))
+            }
+        };
+        if i == 0 {
+            (lower, upper) = (lo, hi);
+            continue;
+        }
+        lower = match (lower, lo) {
+            (Some(Lower::At(a)), Some(Lower::At(b))) => Some(Lower::At(a.min(b))),
+            (Some(Lower::At(a) | Lower::Span(a)), Some(Lower::At(b) | Lower::Span(b))) => {
+                Some(Lower::Span(a.min(b)))
+            }
+            _ => None,
+        };
+        upper = upper.zip(hi).map(|(a, b)| a.max(b));
+    }
+    (lower, upper)
+}
+
+/// The date criteria on one parameter: the parameter, the criteria's positions, and the
+/// bounds on `low` of a row matching them all.
+type RangeGroup<'a> = (&'a str, Vec<usize>, Option<Lower>, Option<i64>);
+
+/// For each date parameter whose criteria together bound where a matching row starts on both
+/// sides (`birthdate=ge1980-01-01&birthdate=lt1981-01-01`, `date=2024-03`), a superset of
+/// the resources matching those criteria, from one range of `search_date_lookup`: each with
+/// the positions of the criteria it covers. Alone, each side of such a pair matches most
+/// resources; together they are often selective, and this set lets a page start from them.
+///
+/// A row's start is bounded below by the searched instant less the longest span of any row
+/// of the parameter (`search_date_span`, read in the statement). Several criteria are taken
+/// as one row's range only while no resource has more than one row for the parameter
+/// (`search_date_multi`); otherwise the set is every resource with a row for it.
+pub(crate) fn range_sets(
+    dialect: crate::Syntax,
+    tenant: &TenantId,
+    query: &SearchQuery,
+    now: i64,
+) -> Result<Vec<(Vec<usize>, Sql)>> {
+    let Some(rt) = query.resource_type else {
+        return Ok(Vec::new());
+    };
+    if query.compartment.is_some() {
+        return Ok(Vec::new());
+    }
+    // In the order parameters first appear.
+    let mut groups: Vec<RangeGroup<'_>> = Vec::new();
+    for (i, c) in query.criteria.iter().enumerate() {
+        let CriterionValues::Date(values) = &c.values else {
+            continue;
+        };
+        if !c.chain.is_empty() || c.modifier.is_some() || c.param.starts_with('_') {
+            continue;
+        }
+        let (lo, hi) = date_bounds(values, now);
+        match groups.iter_mut().find(|g| g.0 == c.param) {
+            Some(g) => {
+                g.1.push(i);
+                // Every criterion holds of the one row: the tightest bound of each side.
+                g.2 = match (g.2, lo) {
+                    (Some(Lower::At(a)), Some(Lower::At(b))) => Some(Lower::At(a.max(b))),
+                    (Some(Lower::At(a)), _) | (_, Some(Lower::At(a))) => Some(Lower::At(a)),
+                    (Some(Lower::Span(a)), Some(Lower::Span(b))) => Some(Lower::Span(a.max(b))),
+                    (a, b) => a.or(b),
+                };
+                g.3 = match (g.3, hi) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    (a, b) => a.or(b),
+                };
+            }
+            None => groups.push((c.param.as_str(), vec![i], lo, hi)),
+        }
+    }
+    let mut sets = Vec::new();
+    for (param, covers, lower, upper) in groups {
+        let (Some(lower), Some(upper)) = (lower, upper) else {
+            continue;
+        };
+        let mut qb = Sql::new(dialect, "");
+        let owner = |qb: &mut Sql, alias: &str| {
+            qb.push(format_args!(
+                " FROM search_date {alias} WHERE {alias}.tenant = "
+            ));
+            qb.push_bind(tenant.as_str().to_owned());
+            qb.push(format_args!(" AND {alias}.resource_type = "));
+            qb.push_bind(rt.as_str());
+            qb.push(format_args!(" AND {alias}.param = "));
+            qb.push_bind(param.to_owned());
+        };
+        let multi = |qb: &mut Sql| {
+            qb.push("(SELECT 1 FROM search_date_multi m WHERE m.tenant = ");
+            qb.push_bind(tenant.as_str().to_owned());
+            qb.push(" AND m.resource_type = ");
+            qb.push_bind(rt.as_str());
+            qb.push(" AND m.param = ");
+            qb.push_bind(param.to_owned());
+            qb.push(")");
+        };
+        qb.push("SELECT t.id");
+        owner(&mut qb, "t");
+        qb.push(" AND t.low >= ");
+        match lower {
+            Lower::At(v) => {
+                qb.push_bind(v);
+            }
+            Lower::Span(v) => {
+                // The longest span is at most 2m + 2, where m = max(high / 2 - low / 2); past
+                // `limit` the bound would fall below i64::MIN, and every start qualifies.
+                let limit = (i128::from(v) - i128::from(i64::MIN) - 2) / 2;
+                let limit = i64::try_from(limit.max(0)).unwrap_or(i64::MAX);
+                // The maximum alone in its own query, so both dialects read it from the end
+                // of `search_date_span` instead of aggregating every row.
+                qb.push("(SELECT CASE WHEN x.m IS NULL THEN ");
+                qb.push_bind(v);
+                qb.push(" WHEN x.m > ");
+                qb.push_bind(limit);
+                qb.push(" THEN ");
+                qb.push_bind(i64::MIN);
+                qb.push(" ELSE ");
+                qb.push_bind(v);
+                // Subtracted one step at a time: 2 * m alone can pass i64::MAX.
+                qb.push(" - x.m - x.m - 2 END FROM (SELECT MAX(u.high / 2 - u.low / 2) AS m");
+                owner(&mut qb, "u");
+                qb.push(") x)");
+            }
+        }
+        qb.push(" AND t.low < ");
+        qb.push_bind(upper);
+        for &i in &covers {
+            push_values(&mut qb, "t", None, &query.criteria[i].values, now);
+        }
+        if covers.len() > 1 {
+            qb.push(" AND NOT EXISTS ");
+            multi(&mut qb);
+            qb.push(" UNION ALL SELECT t.id");
+            owner(&mut qb, "t");
+            qb.push(" AND EXISTS ");
+            multi(&mut qb);
+        }
+        sets.push((covers, qb));
+    }
+    Ok(sets)
+}
+
 /// Appends `AND (...)` for every criterion of `query` to a statement over `resources r`, each
 /// an id set or a per-resource check as `strategy` says.
 fn push_criteria(
@@ -489,7 +665,7 @@ fn push_criteria(
             correlate: match strategy {
                 Strategy::Gather => false,
                 Strategy::Drive(d) => i != d,
-                Strategy::Walk | Strategy::Among => true,
+                Strategy::Walk | Strategy::Among | Strategy::Range(_) => true,
             },
             ..scope
         };
@@ -518,6 +694,19 @@ fn push_criteria(
     }
     if let Some(c) = &query.compartment {
         push_compartment(qb, &scope, c);
+    }
+    if let Strategy::Range(k) = strategy {
+        let set = range_sets(qb.dialect(), tenant, query, now)?
+            .into_iter()
+            .nth(k)
+            .ok_or_else(|| Error::InvalidSearch("no such date range".into()))?;
+        let (open, close) = match qb.dialect().id_set_from_array() {
+            Some(_) => (ID_SET_OPEN, ID_SET_CLOSE),
+            None => (IN_SET_OPEN, IN_SET_CLOSE),
+        };
+        qb.push(open);
+        qb.append(set.1);
+        qb.push(close);
     }
     if let Some(ids) = &query.among {
         let (open, close) = qb.dialect().text_set();

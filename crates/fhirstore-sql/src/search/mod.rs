@@ -18,7 +18,7 @@ mod tests;
 
 use fhirstore_core::{Result, SearchQuery, TenantId};
 
-pub(crate) use criteria::index_sets;
+pub(crate) use criteria::{index_sets, range_sets};
 pub(crate) use include::{current, linked};
 pub(crate) use sort::{KeyKind, KeyValue, SortColumn};
 pub use sql::{Bind, Sql};
@@ -42,6 +42,10 @@ pub(crate) enum Strategy {
     /// The id set a split search handed over ([`SearchQuery::among`]) drives, being smaller
     /// than any criterion's; every criterion is checked per candidate.
     Among,
+    /// Date range `k` of [`range_sets`] (a superset of what several date criteria on one
+    /// parameter match, read from one index range) drives; every criterion is checked per
+    /// candidate.
+    Range(usize),
 }
 
 /// A page of a search: the statements, and the sort columns whose values follow the five fixed
@@ -101,8 +105,25 @@ pub(crate) fn count_sets(
 }
 
 /// The strategy for a page of `query`, from the entries counted per index criterion
-/// (`counts`, by position in `query.criteria`, each at most `cap`).
-pub(crate) fn choose(query: &SearchQuery, counts: &[(usize, u64)], cap: u32) -> Strategy {
+/// (`counts`, by position in `query.criteria`, each at most `cap`) and per date range of
+/// [`range_sets`] (`ranges`, by position in that list).
+pub(crate) fn choose(
+    query: &SearchQuery,
+    counts: &[(usize, u64)],
+    ranges: &[(usize, u64)],
+    cap: u32,
+) -> Strategy {
+    let range = ranges.iter().min_by_key(|(_, n)| *n);
+    if let Some(&(k, n)) = range {
+        let smallest = counts.iter().map(|(_, n)| *n).min().unwrap_or(u64::MAX);
+        let among = query
+            .among
+            .as_ref()
+            .map_or(u64::MAX, |ids| ids.len() as u64);
+        if n < u64::from(cap) && n < smallest && n < among {
+            return Strategy::Range(k);
+        }
+    }
     let walkable = query.resource_type.is_some()
         && match query.sort.as_slice() {
             [] => true,

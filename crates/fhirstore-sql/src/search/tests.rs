@@ -284,6 +284,31 @@ fn plans(dialect: Syntax) {
         "code=http://loinc.org|8867-4&subject=Patient/p1&_sort=-date",
         Strategy::Drive(1),
     );
+    // Two criteria bounding one date parameter's rows: one index range, with the longest
+    // span read in the statement, and every resource with a row when some has two.
+    strategy(
+        "range_drives",
+        "Patient",
+        "birthdate=ge1980-01-01&birthdate=lt1981-01-01&gender=female",
+        Strategy::Range(0),
+    );
+    let year = query(Some("Patient"), "birthdate=1980&_sort=-birthdate");
+    let sets = super::range_sets(dialect, &t, &year, NOW).expect("ranges");
+    assert_eq!(sets.len(), 1, "an eq date bounds its rows on both sides");
+    assert_eq!(sets[0].0, vec![0]);
+    snap("range_one_criterion", render(&sets[0].1));
+    // ne, :missing, a chain and one open side bound nothing.
+    for open in [
+        "birthdate=ne1980",
+        "birthdate=ge1980",
+        "birthdate:missing=true",
+        "link:Patient.birthdate=1980",
+        "birthdate=ge1980&death-date=lt1990",
+    ] {
+        let q = query(Some("Patient"), open);
+        let sets = super::range_sets(dialect, &t, &q, NOW).expect("ranges");
+        assert!(sets.is_empty(), "{open}: {}", sets.len());
+    }
     // A split search's id set: one bound list, driving when it is the smallest set.
     let mut among = query(Some("Patient"), "gender=female&_sort=birthdate");
     among.among = Some(
@@ -605,36 +630,39 @@ fn statements_beyond_the_bind_limit_are_refused() {
 fn strategies_follow_the_counts() {
     let q = query(Some("Observation"), "code=x&subject=Patient/p1&_sort=-date");
     assert_eq!(
-        super::choose(&q, &[(0, 1000), (1, 3)], 1000),
+        super::choose(&q, &[(0, 1000), (1, 3)], &[], 1000),
         Strategy::Drive(1)
     );
     assert_eq!(
-        super::choose(&q, &[(0, 1000), (1, 1000)], 1000),
+        super::choose(&q, &[(0, 1000), (1, 1000)], &[], 1000),
         Strategy::Walk
     );
     let by_id = query(Some("Patient"), "gender=female");
-    assert_eq!(super::choose(&by_id, &[(0, 5)], 0), Strategy::Walk);
-    assert_eq!(super::choose(&by_id, &[(0, 5)], 6), Strategy::Drive(0));
+    assert_eq!(super::choose(&by_id, &[(0, 5)], &[], 0), Strategy::Walk);
+    assert_eq!(super::choose(&by_id, &[(0, 5)], &[], 6), Strategy::Drive(0));
     let two_keys = query(Some("Observation"), "code=x&_sort=-date,subject");
     assert_eq!(
-        super::choose(&two_keys, &[(0, 1000)], 1000),
+        super::choose(&two_keys, &[(0, 1000)], &[], 1000),
         Strategy::Gather
     );
     // Token codes compare bytewise, their index by the database's collation.
     let token = query(Some("Patient"), "gender=female&_sort=gender");
-    assert_eq!(super::choose(&token, &[(0, 1000)], 1000), Strategy::Gather);
+    assert_eq!(
+        super::choose(&token, &[(0, 1000)], &[], 1000),
+        Strategy::Gather
+    );
     // No index lists strings highest first with ties by id ascending.
     let descending_string = query(Some("Patient"), "gender=female&_sort=-family");
     assert_eq!(
-        super::choose(&descending_string, &[(0, 1000)], 1000),
+        super::choose(&descending_string, &[(0, 1000)], &[], 1000),
         Strategy::Gather
     );
     let no_criteria = query(Some("Observation"), "_sort=date");
-    assert_eq!(super::choose(&no_criteria, &[], 1000), Strategy::Walk);
+    assert_eq!(super::choose(&no_criteria, &[], &[], 1000), Strategy::Walk);
     let chain = query(Some("Observation"), "subject:Patient.name=x");
-    assert_eq!(super::choose(&chain, &[], 1000), Strategy::Gather);
+    assert_eq!(super::choose(&chain, &[], &[], 1000), Strategy::Gather);
     let every_type = query(None, "_sort=_lastUpdated");
-    assert_eq!(super::choose(&every_type, &[], 0), Strategy::Gather);
+    assert_eq!(super::choose(&every_type, &[], &[], 0), Strategy::Gather);
     // A split search's id set drives when it is smaller than every criterion's count and
     // below the threshold; otherwise the counts decide as before.
     let mut among = query(Some("Patient"), "gender=female");
@@ -644,7 +672,30 @@ fn strategies_follow_the_counts() {
             .as_slice()
             .into(),
     );
-    assert_eq!(super::choose(&among, &[(0, 900)], 1000), Strategy::Among);
-    assert_eq!(super::choose(&among, &[(0, 2)], 1000), Strategy::Drive(0));
-    assert_eq!(super::choose(&among, &[(0, 900)], 3), Strategy::Walk);
+    assert_eq!(
+        super::choose(&among, &[(0, 900)], &[], 1000),
+        Strategy::Among
+    );
+    assert_eq!(
+        super::choose(&among, &[(0, 2)], &[], 1000),
+        Strategy::Drive(0)
+    );
+    assert_eq!(super::choose(&among, &[(0, 900)], &[], 3), Strategy::Walk);
+    // A date range drives when it is smaller than every index criterion and under the cap.
+    let year = query(
+        Some("Patient"),
+        "birthdate=ge1980&birthdate=lt1981&gender=female",
+    );
+    assert_eq!(
+        super::choose(&year, &[(2, 1000)], &[(0, 40)], 1000),
+        Strategy::Range(0)
+    );
+    assert_eq!(
+        super::choose(&year, &[(2, 10)], &[(0, 40)], 1000),
+        Strategy::Drive(2)
+    );
+    assert_eq!(
+        super::choose(&year, &[(2, 1000)], &[(0, 1000)], 1000),
+        Strategy::Walk
+    );
 }

@@ -422,6 +422,26 @@ impl<D: Dialect> Store<D> {
                 insert.execute(&mut *conn).await?;
             }
         }
+        // Date rows are the third table: (param, low, high) per row, grouped by resource.
+        let dates = &new_rows[2];
+        let mut flagged: Vec<String> = Vec::new();
+        for (k, (rt, _)) in keys.iter().enumerate() {
+            let rows = dates.iter().filter(|(at, _)| *at == k).map(|(_, v)| {
+                let col = |i: usize| v.get(i).and_then(Value::as_i64).unwrap_or_default();
+                (
+                    v.first().and_then(Value::as_str).unwrap_or_default(),
+                    col(1),
+                    col(2),
+                )
+            });
+            for param in super::write::dates_with_many_rows(rows) {
+                let key = format!("{rt}|{param}");
+                if !flagged.contains(&key) {
+                    Self::flag_multi_dates(conn, tenant, rt, &[param]).await?;
+                    flagged.push(key);
+                }
+            }
+        }
         Ok(())
     }
 }

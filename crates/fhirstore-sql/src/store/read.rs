@@ -252,11 +252,21 @@ impl<D: Dialect> Store<D> {
                 even.max(floor)
             }
         };
-        // Criteria counted within `SizeCache::FRESH` are not counted again (see `CountCache`).
+        // Index criteria, then date ranges after them (tagged from `ranges_from`), counted in
+        // one statement. Sets counted within `SizeCache::FRESH` are not counted again (see
+        // `CountCache`): counts only steer the plan.
+        let mut sets = search::index_sets(D::SYNTAX, tenant, query, now)?;
+        let ranges_from = query.criteria.len();
+        sets.extend(
+            search::range_sets(D::SYNTAX, tenant, query, now)?
+                .into_iter()
+                .enumerate()
+                .map(|(k, (_, set))| (ranges_from + k, set)),
+        );
         let mut counts = Vec::new();
         let mut uncounted = Vec::new();
         let mut keys = HashMap::new();
-        for (i, set) in search::index_sets(D::SYNTAX, tenant, query, now)? {
+        for (i, set) in sets {
             let key = crate::CountCache::key(&set);
             match self.counts.get(tenant.as_str(), &key, cap) {
                 Some(n) => counts.push((i, n)),
@@ -278,7 +288,13 @@ impl<D: Dialect> Store<D> {
             }
         }
         counts.sort_unstable();
-        Ok(search::choose(query, &counts, cap))
+        let (criteria, ranges): (Vec<_>, Vec<_>) =
+            counts.into_iter().partition(|&(i, _)| i < ranges_from);
+        let ranges: Vec<(usize, u64)> = ranges
+            .into_iter()
+            .map(|(i, n)| (i - ranges_from, n))
+            .collect();
+        Ok(search::choose(query, &criteria, &ranges, cap))
     }
 
     /// The live resources of `rt` in the tenant, counted at most every `SizeCache::FRESH`.

@@ -39,6 +39,25 @@ pub(super) struct Put {
     pub(super) seq: i64,
 }
 
+/// The parameters among `rows` (parameter, low, high) with more than one distinct row.
+pub(super) fn dates_with_many_rows<'a>(
+    rows: impl IntoIterator<Item = (&'a str, i64, i64)>,
+) -> Vec<&'a str> {
+    let mut seen: Vec<(&str, i64, i64)> = Vec::new();
+    let mut many = Vec::new();
+    for (param, low, high) in rows {
+        if seen
+            .iter()
+            .any(|&(p, l, h)| p == param && (l, h) != (low, high))
+            && !many.contains(&param)
+        {
+            many.push(param);
+        }
+        seen.push((param, low, high));
+    }
+    many
+}
+
 pub(super) fn required_permission(op: &WriteOp) -> Permission {
     match op {
         WriteOp::Delete { .. } | WriteOp::ConditionalDelete { .. } => Permission::Delete,
@@ -303,6 +322,8 @@ impl<D: Dialect> Store<D> {
                 continue;
             };
 
+            let many = dates_with_many_rows(entries.dates.iter().map(|d| (d.param, d.low, d.high)));
+            Self::flag_multi_dates(conn, tenant, rt.as_str(), &many).await?;
             if w.digests && !w.inline_digest {
                 w.deltas.apply(rt, seg, delta.0, delta.1);
             }
@@ -328,6 +349,29 @@ impl<D: Dialect> Store<D> {
                 seq,
             }));
         }
+    }
+
+    /// Records that `params` of `rt` now have a resource with more than one date row, so
+    /// search no longer takes several criteria on one of them as one row's range (see
+    /// `search_date_multi`). Nothing to do, and no statement, in the usual case of none.
+    pub(super) async fn flag_multi_dates(
+        conn: &mut Conn<D>,
+        tenant: &TenantId,
+        rt: &str,
+        params: &[&str],
+    ) -> Result<()> {
+        for param in params {
+            D::sql(
+                "INSERT INTO search_date_multi (tenant, resource_type, param) \
+                 VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
+            )
+            .bind(tenant.as_str())
+            .bind(rt)
+            .bind(*param)
+            .execute(&mut *conn)
+            .await?;
+        }
+        Ok(())
     }
 
     /// Applies a transaction's digest deltas in (type, segment) order.

@@ -13,7 +13,8 @@ use serde_json::{json, Value};
 
 use crate::random_tenant;
 pub use crate::reindex::{
-    custom_parameters_across_stores, custom_search_parameters, custom_search_parameters_rejected,
+    custom_date_parameter_over_several_values, custom_parameters_across_stores,
+    custom_search_parameters, custom_search_parameters_rejected,
 };
 
 mod bundles;
