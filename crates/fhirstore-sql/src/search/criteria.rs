@@ -638,6 +638,38 @@ pub(crate) fn range_sets(
     Ok(sets)
 }
 
+/// The chained criteria of `query` (chains and `_has`), each with its id set, by position in
+/// `query.criteria`: counted beside the index criteria to choose a page's strategy, never to
+/// count matches (the set is read through other resources).
+pub(crate) fn chain_sets(
+    dialect: crate::Syntax,
+    tenant: &TenantId,
+    query: &SearchQuery,
+    now: i64,
+) -> Result<Vec<(usize, Sql)>> {
+    if query.resource_type.is_none() || query.compartment.is_some() {
+        return Ok(Vec::new());
+    }
+    let scope = Scope {
+        tenant,
+        rt: query.resource_type,
+        alias: "r",
+        correlate: false,
+    };
+    let mut sets = Vec::new();
+    for (i, c) in query.criteria.iter().enumerate() {
+        if c.chain.is_empty() {
+            continue;
+        }
+        let mut part = Sql::new(dialect, "");
+        push_criterion(&mut part, &scope, c, &c.chain, now)?;
+        if let Some(select) = part.inside(IN_SET_OPEN, IN_SET_CLOSE) {
+            sets.push((i, select));
+        }
+    }
+    Ok(sets)
+}
+
 /// Appends `AND (...)` for every criterion of `query` to a statement over `resources r`, each
 /// an id set or a per-resource check as `strategy` says.
 fn push_criteria(
@@ -840,13 +872,29 @@ fn push_criterion(
                 *source,
             ),
         };
-        qb.push(format_args!(
-            " AND {r}.id IN (SELECT {h}.{own} FROM search_reference {h} JOIN resources {next} \
+        let join = format!(
+            "search_reference {h} JOIN resources {next} \
              ON {next}.tenant = {h}.tenant AND NOT {next}.deleted \
-             AND {next}.resource_type = {h}.{next_type} AND {next}.id = {h}.{next_id} \
-             WHERE {h}.tenant = "
-        ));
-        qb.push_bind(scope.tenant.as_str().to_owned());
+             AND {next}.resource_type = {h}.{next_type} AND {next}.id = {h}.{next_id}"
+        );
+        if scope.correlate {
+            // Checked per resource: its own references (forward) or those pointing at it
+            // (reverse, through `search_reference_target`), then each one's next resource,
+            // so a walk pays for the resources it visits, not for every match of the chain.
+            let (own_type, own_id) = match link {
+                ChainLink::Forward { .. } => ("resource_type", "id"),
+                ChainLink::Reverse { .. } => ("target_type", "target_id"),
+            };
+            qb.push(format_args!(
+                " AND EXISTS (SELECT 1 FROM {join} WHERE {h}.tenant = {r}.tenant \
+                 AND {h}.{own_type} = {r}.resource_type AND {h}.{own_id} = {r}.id"
+            ));
+        } else {
+            qb.push(format_args!(
+                " AND {r}.id IN (SELECT {h}.{own} FROM {join} WHERE {h}.tenant = "
+            ));
+            qb.push_bind(scope.tenant.as_str().to_owned());
+        }
         qb.push(format_args!(" AND {h}.resource_type = "));
         qb.push_bind(holder.as_str());
         qb.push(format_args!(" AND {h}.param = "));
@@ -857,7 +905,7 @@ fn push_criterion(
             tenant: scope.tenant,
             rt: Some(next_rt),
             alias: &next,
-            correlate: false,
+            correlate: scope.correlate,
         };
         push_criterion(qb, &inner, c, rest, now)?;
         qb.push(")");

@@ -18,7 +18,7 @@ mod tests;
 
 use fhirstore_core::{Result, SearchQuery, TenantId};
 
-pub(crate) use criteria::{index_sets, range_sets};
+pub(crate) use criteria::{chain_sets, index_sets, range_sets};
 pub(crate) use include::{current, linked};
 pub(crate) use sort::{KeyKind, KeyValue, SortColumn};
 pub use sql::{Bind, Sql};

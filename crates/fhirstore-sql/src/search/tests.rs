@@ -284,6 +284,32 @@ fn plans(dialect: Syntax) {
         "code=http://loinc.org|8867-4&subject=Patient/p1&_sort=-date",
         Strategy::Drive(1),
     );
+    // Chains checked per resource while walking: `_has` through the references pointing at
+    // each Patient, a forward chain through each Observation's own.
+    strategy(
+        "has_walks",
+        "Patient",
+        "_has:Condition:subject:code=44054006&_count=20",
+        Strategy::Walk,
+    );
+    strategy(
+        "chain_probed_beside_a_driver",
+        "Observation",
+        "subject:Patient.identifier=urn:x|1&code=8867-4",
+        Strategy::Drive(1),
+    );
+    let chained = query(Some("Observation"), "code=x&subject:Patient.name=smith");
+    let sets = super::chain_sets(dialect, &t, &chained, NOW).expect("chains");
+    assert_eq!(sets.len(), 1);
+    assert_eq!(sets[0].0, 1, "counted by the chain's position");
+    assert!(
+        sets[0]
+            .1
+            .text()
+            .starts_with("SELECT h1.id FROM search_reference h1"),
+        "{}",
+        sets[0].1.text()
+    );
     // Two criteria bounding one date parameter's rows: one index range, with the longest
     // span read in the statement, and every resource with a row when some has two.
     strategy(

@@ -252,10 +252,11 @@ impl<D: Dialect> Store<D> {
                 even.max(floor)
             }
         };
-        // Index criteria, then date ranges after them (tagged from `ranges_from`), counted in
-        // one statement. Sets counted within `SizeCache::FRESH` are not counted again (see
+        // Index criteria and chains, then date ranges after them (tagged from `ranges_from`),
+        // counted in one statement. Sets counted within `SizeCache::FRESH` are not counted again (see
         // `CountCache`): counts only steer the plan.
         let mut sets = search::index_sets(D::SYNTAX, tenant, query, now)?;
+        sets.extend(search::chain_sets(D::SYNTAX, tenant, query, now)?);
         let ranges_from = query.criteria.len();
         sets.extend(
             search::range_sets(D::SYNTAX, tenant, query, now)?
