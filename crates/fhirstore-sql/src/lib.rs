@@ -165,6 +165,20 @@ impl Syntax {
         }
     }
 
+    /// What closes a per-resource check (`[NOT] EXISTS (SELECT 1 FROM … WHERE … = r.id`).
+    ///
+    /// On PostgreSQL `OFFSET 0` keeps the check a subplan run per resource with its key as the
+    /// index condition. Made a semi-join, a new tenant that the statistics put at one row got a
+    /// join that read the tenant's whole owner index for every resource and filtered on the id
+    /// (a one-year birthdate range over 1,000 Patients: 5.2 ms, and 0.24 ms as a subplan; at
+    /// 10k it grew with the square). SQLite always probes per row.
+    pub(crate) fn probe_end(self) -> &'static str {
+        match self {
+            Syntax::Sqlite => ")",
+            Syntax::Postgres => " OFFSET 0)",
+        }
+    }
+
     /// How a selective criterion's id set is written: `None` for `id [NOT] IN (SELECT …)`, or
     /// the operators of `id = ANY(ARRAY(SELECT …))` and its negation.
     ///

@@ -54,6 +54,7 @@ fn push_in(
     let not = if negate { " NOT" } else { "" };
     let r = scope.alias;
     if correlated || scope.correlate {
+        close = qb.dialect().probe_end();
         qb.push(format_args!(
             " AND{not} EXISTS (SELECT 1 FROM {table} t WHERE t.tenant = {r}.tenant \
              AND t.resource_type = {r}.resource_type AND t.id = {r}.id"
@@ -908,7 +909,11 @@ fn push_criterion(
             correlate: scope.correlate,
         };
         push_criterion(qb, &inner, c, rest, now)?;
-        qb.push(")");
+        qb.push(if scope.correlate {
+            qb.dialect().probe_end()
+        } else {
+            ")"
+        });
         return Ok(());
     }
     if matches!(c.param.as_str(), "_text" | "_content") {

@@ -294,7 +294,8 @@ fn walk_page(
     qb.push(format_args!(
         " AND NOT EXISTS (SELECT 1 FROM {table} u WHERE u.tenant = t.tenant \
          AND u.resource_type = t.resource_type AND u.id = t.id AND u.param = t.param \
-         AND u.{column}{collate} {beyond} t.{column}{collate})"
+         AND u.{column}{collate} {beyond} t.{column}{collate}{}",
+        dialect.probe_end()
     ));
     if let Some((v, id)) = &after {
         qb.push(format_args!(" AND (t.{column}{collate} {past} "));
@@ -358,7 +359,7 @@ pub(crate) fn missing_page(
          AND t.resource_type = r.resource_type AND t.id = r.id AND t.param = "
     ));
     qb.push_bind(param.to_owned());
-    qb.push(")");
+    qb.push(dialect.probe_end());
     if let Some(id) = after {
         qb.push(" AND r.id > ");
         qb.push_bind(id.as_str().to_owned());
