@@ -335,21 +335,35 @@ pub async fn search_by_identifier(store: &dyn ResourceStorage) {
 pub async fn search_paging_covers_every_match_once(store: &dyn ResourceStorage) {
     let ctx = random_tenant();
     let mut want = HashSet::new();
+    // Birth dates for three in four (the rest sort last), spread so that later writes land
+    // before and after any page's cursor.
+    let body = |n: usize, family: &str| {
+        let mut b = patient_body(None, family);
+        if n % 4 != 0 {
+            b["birthDate"] = json!(format!("19{:02}-0{}-15", (n * 37) % 100, 1 + n % 9));
+        }
+        b
+    };
+    let mut ids = Vec::new();
     for i in 0..23 {
         let w = store
-            .create(&ctx, patient(), patient_body(None, &format!("P{i:02}")))
+            .create(&ctx, patient(), body(i, &format!("P{i:02}")))
             .await
             .expect("seed");
         want.insert(w.resource.key.id.to_string());
+        ids.push(w.resource.key.id.clone());
     }
-    // Each walk writes a new match between pages: it may or may not appear, but nothing
-    // repeats and nothing that existed before is skipped, in key order and in sorted orders
-    // (keyset cursors, not offsets).
+    // Each walk writes a new match between pages, and rewrites an existing one without moving
+    // its sort keys: the new one may or may not appear, but nothing repeats and nothing that
+    // existed before is skipped, in key order and in sorted orders walked both ways along a
+    // date index (keyset cursors, not offsets).
     for qs in [
         "_count=5&_total=accurate",
         "_count=5&_sort=family&_total=estimate",
         "_count=4&_sort=-_lastUpdated,family&_total=accurate",
         "_count=6&_sort=-family,_id",
+        "_count=5&_sort=birthdate",
+        "_count=5&_sort=-birthdate",
     ] {
         let before = want.clone();
         let mut q = query(Some(patient()), qs);
@@ -365,11 +379,22 @@ pub async fn search_paging_covers_every_match_once(store: &dyn ResourceStorage) 
                 .create(
                     &ctx,
                     patient(),
-                    patient_body(None, &format!("Late{}", want.len())),
+                    body(want.len(), &format!("Late{}", want.len())),
                 )
                 .await
                 .expect("write between pages");
             want.insert(late.resource.key.id.to_string());
+            // The same name and birth date, a new version (which moves `_lastUpdated`).
+            let n = seen.len() % ids.len();
+            let mut same = body(n, &format!("P{n:02}"));
+            same["id"] = json!(ids[n].as_str());
+            same["active"] = json!(seen.len() % 2 == 0);
+            if !qs.contains("_lastUpdated") {
+                store
+                    .update(&ctx, patient(), &ids[n], same, None)
+                    .await
+                    .expect("rewrite between pages");
+            }
             match p.next_cursor {
                 Some(c) => q.cursor = Some(c),
                 None => break,
