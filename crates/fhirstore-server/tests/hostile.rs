@@ -131,11 +131,25 @@ async fn hostile_searches_are_refused_with_4xx() {
             ),
             "max_includes",
         ),
+        // Five links, one past the default of four: forward, and `_has` nested in `_has`.
+        (
+            "Observation?subject:Patient.organization:Organization.partof:Organization\
+             .partof:Organization.partof:Organization.name=x"
+                .to_owned(),
+            "max_chain_depth",
+        ),
+        (
+            format!(
+                "Observation?{}code=x",
+                "_has:Observation:has-member:".repeat(5)
+            ),
+            "max_chain_depth",
+        ),
     ];
     for (uri, limit) in cases {
         let r = s.get(&format!("/fhir/h/{uri}")).await;
         assert_eq!(r.status, StatusCode::BAD_REQUEST, "{limit}");
-        assert_eq!(r.issue(), "too-costly");
+        assert_eq!(r.issue(), "too-costly", "{uri}");
         let text = String::from_utf8_lossy(&r.body);
         assert!(text.contains(limit), "{limit}: {text}");
     }
@@ -165,6 +179,7 @@ async fn hostile_searches_are_refused_with_4xx() {
     let relaxed = server(limited(Limits {
         search: fhirstore_core::search::SearchLimits {
             max_sort_keys: 3_000,
+            max_chain_depth: 5,
             ..Default::default()
         },
         ..Limits::default()
@@ -175,6 +190,13 @@ async fn hostile_searches_are_refused_with_4xx() {
             "/fhir/h/Patient?_sort={}",
             vec!["family"; 20].join(",")
         ))
+        .await;
+    assert_eq!(r.status, StatusCode::OK);
+    let r = relaxed
+        .get(
+            "/fhir/h/Observation?subject:Patient.organization:Organization.partof:Organization\
+             .partof:Organization.partof:Organization.name=x",
+        )
         .await;
     assert_eq!(r.status, StatusCode::OK);
 }
