@@ -843,8 +843,12 @@ pub async fn date_ranges_follow_the_model(store: &dyn ResourceStorage) {
         }
         let now = fhirstore_core::to_micros(chrono::Utc::now());
         for qs in queries {
-            let query = SearchQuery::parse(Some(et), &format!("{qs}&_count=7"), Handling::Strict)
-                .expect(&qs);
+            let query = SearchQuery::parse(
+                Some(et),
+                &format!("{qs}&_count=7&_total=accurate"),
+                Handling::Strict,
+            )
+            .expect(&qs);
             let mut expected: Vec<&str> = rows
                 .iter()
                 .filter(|(_, own, located)| {
@@ -864,6 +868,9 @@ pub async fn date_ranges_follow_the_model(store: &dyn ResourceStorage) {
             let mut q = query.clone();
             loop {
                 let page = store.search(&ctx, &q).await.expect(&qs);
+                if q.cursor.is_none() {
+                    assert_eq!(page.total, Some(expected.len() as u64), "{qs}: the total");
+                }
                 found.extend(page.matches.iter().map(|m| m.key.id.as_str().to_owned()));
                 match page.next_cursor {
                     Some(c) => q.cursor = Some(c),

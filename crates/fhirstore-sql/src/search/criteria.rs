@@ -387,7 +387,8 @@ const IN_SET_OPEN: &str = " AND r.id IN (";
 const IN_SET_CLOSE: &str = ")";
 
 /// `SELECT COUNT(*)` of the live resources matching `query`, from the index tables alone, when
-/// every criterion is a positive id set over one index table: index rows exist only for the
+/// every criterion is a positive id set over one index table or is covered by a date range of
+/// [`range_sets`]: index rows exist only for the
 /// live current version of a resource, so the intersection of the sets is the match set and
 /// nothing joins back to `resources` (a count then costs the index entries it reads, not a
 /// resource lookup per match). `None` for any other query.
@@ -405,9 +406,16 @@ pub(crate) fn index_count(
         return Ok(None);
     }
     let sets = index_sets(dialect, tenant, query, now)?;
-    if sets.len() != query.criteria.len() {
+    let ranges = range_sets(dialect, tenant, query, now)?;
+    let covered = sets.len() + ranges.iter().map(|(covers, _)| covers.len()).sum::<usize>();
+    if covered != query.criteria.len() {
         return Ok(None);
     }
+    let sets: Vec<Sql> = sets
+        .into_iter()
+        .map(|(_, s)| s)
+        .chain(ranges.into_iter().map(|(_, s)| s))
+        .collect();
     let mut qb = Sql::new(dialect, "SELECT COUNT(");
     // One set may hold several rows of a resource (two names, two codes); INTERSECT keeps one.
     qb.push(if sets.len() == 1 {
@@ -416,7 +424,7 @@ pub(crate) fn index_count(
         "*"
     });
     qb.push(") FROM (");
-    for (i, (_, select)) in sets.into_iter().enumerate() {
+    for (i, select) in sets.into_iter().enumerate() {
         if i > 0 {
             qb.push(" INTERSECT ");
         }
@@ -527,7 +535,9 @@ type RangeGroup<'a> = (&'a str, Vec<usize>, Option<Lower>, Option<i64>);
 /// A row's start is bounded below by the searched instant less the longest span of any row
 /// of the parameter (`search_date_span`, read in the statement). Several criteria are taken
 /// as one row's range only while no resource has more than one row for the parameter
-/// (`search_date_multi`); otherwise the set is every resource with a row for it.
+/// (`search_date_multi`); otherwise the set is the intersection of each criterion's rows.
+/// Either way the set is exactly the live resources matching the criteria it covers (index
+/// rows are those of live current versions), so they need no other check, and it counts.
 pub(crate) fn range_sets(
     dialect: crate::Syntax,
     tenant: &TenantId,
@@ -573,7 +583,10 @@ pub(crate) fn range_sets(
         let (Some(lower), Some(upper)) = (lower, upper) else {
             continue;
         };
-        let mut qb = Sql::new(dialect, "");
+        // Several criteria: the one-row range, or (some resource having several rows) the
+        // intersection of each criterion's own rows; wrapped, so the set reads as one SELECT.
+        let many = covers.len() > 1;
+        let mut qb = Sql::new(dialect, if many { "SELECT z.id FROM (" } else { "" });
         let owner = |qb: &mut Sql, alias: &str| {
             qb.push(format_args!(
                 " FROM search_date {alias} WHERE {alias}.tenant = "
@@ -605,20 +618,19 @@ pub(crate) fn range_sets(
                 // `limit` the bound would fall below i64::MIN, and every start qualifies.
                 let limit = (i128::from(v) - i128::from(i64::MIN) - 2) / 2;
                 let limit = i64::try_from(limit.max(0)).unwrap_or(i64::MAX);
-                // The maximum alone in its own query, so both dialects read it from the end
-                // of `search_date_span` instead of aggregating every row.
-                qb.push("(SELECT CASE WHEN x.m IS NULL THEN ");
-                qb.push_bind(v);
-                qb.push(" WHEN x.m > ");
+                // The largest first, one row: both dialects read it from the end of
+                // `search_date_span` (SQLite's MAX() aggregated every entry: 0.8 ms at 73k).
+                qb.push("(SELECT CASE WHEN x.m > ");
                 qb.push_bind(limit);
                 qb.push(" THEN ");
                 qb.push_bind(i64::MIN);
                 qb.push(" ELSE ");
                 qb.push_bind(v);
                 // Subtracted one step at a time: 2 * m alone can pass i64::MAX.
-                qb.push(" - x.m - x.m - 2 END FROM (SELECT MAX(u.high / 2 - u.low / 2) AS m");
+                qb.push(" - x.m - x.m - 2 END FROM (SELECT u.high / 2 - u.low / 2 AS m");
                 owner(&mut qb, "u");
-                qb.push(") x)");
+                // Without rows, no row and a NULL bound: nothing can match anyway.
+                qb.push(" ORDER BY m DESC LIMIT 1) x)");
             }
         }
         qb.push(" AND t.low < ");
@@ -626,13 +638,22 @@ pub(crate) fn range_sets(
         for &i in &covers {
             push_values(&mut qb, "t", None, &query.criteria[i].values, now);
         }
-        if covers.len() > 1 {
+        if many {
             qb.push(" AND NOT EXISTS ");
             multi(&mut qb);
-            qb.push(" UNION ALL SELECT t.id");
-            owner(&mut qb, "t");
-            qb.push(" AND EXISTS ");
-            multi(&mut qb);
+            qb.push(" UNION ALL SELECT y.id FROM (");
+            for (n, &i) in covers.iter().enumerate() {
+                if n > 0 {
+                    qb.push(" INTERSECT ");
+                }
+                // Each part checks the flag first: both dialects then skip its rows whole.
+                qb.push("SELECT t.id");
+                owner(&mut qb, "t");
+                qb.push(" AND EXISTS ");
+                multi(&mut qb);
+                push_values(&mut qb, "t", None, &query.criteria[i].values, now);
+            }
+            qb.push(") y) z");
         }
         sets.push((covers, qb));
     }
@@ -693,7 +714,23 @@ fn push_criteria(
     // Patients.
     let intersect = scope.rt.is_some() && qb.dialect().id_set_from_array().is_some();
     let mut sets: Vec<Sql> = Vec::new();
+    // A date range that drives is exactly what its criteria match (see `range_sets`).
+    let range = match strategy {
+        Strategy::Range(k) => Some(
+            range_sets(qb.dialect(), tenant, query, now)?
+                .into_iter()
+                .nth(k)
+                .ok_or_else(|| Error::InvalidSearch("no such date range".into()))?,
+        ),
+        _ => None,
+    };
     for (i, c) in query.criteria.iter().enumerate() {
+        if range
+            .as_ref()
+            .is_some_and(|(covers, _)| covers.contains(&i))
+        {
+            continue;
+        }
         let scope = Scope {
             correlate: match strategy {
                 Strategy::Gather => false,
@@ -728,11 +765,7 @@ fn push_criteria(
     if let Some(c) = &query.compartment {
         push_compartment(qb, &scope, c);
     }
-    if let Strategy::Range(k) = strategy {
-        let set = range_sets(qb.dialect(), tenant, query, now)?
-            .into_iter()
-            .nth(k)
-            .ok_or_else(|| Error::InvalidSearch("no such date range".into()))?;
+    if let Some(set) = range {
         let (open, close) = match qb.dialect().id_set_from_array() {
             Some(_) => (ID_SET_OPEN, ID_SET_CLOSE),
             None => (IN_SET_OPEN, IN_SET_CLOSE),
