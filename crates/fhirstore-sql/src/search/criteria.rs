@@ -646,11 +646,18 @@ pub(crate) fn range_sets(
                 if n > 0 {
                     qb.push(" INTERSECT ");
                 }
-                // Each part checks the flag first: both dialects then skip its rows whole.
-                qb.push("SELECT t.id");
-                owner(&mut qb, "t");
-                qb.push(" AND EXISTS ");
-                multi(&mut qb);
+                // Each part starts from the flag's row, so without it the part reads nothing
+                // (SQLite checks a constant EXISTS per row: 141 ms for two parts at 73k rows).
+                qb.push(
+                    "SELECT t.id FROM search_date_multi m JOIN search_date t \
+                     ON t.tenant = m.tenant AND t.resource_type = m.resource_type \
+                     AND t.param = m.param WHERE m.tenant = ",
+                );
+                qb.push_bind(tenant.as_str().to_owned());
+                qb.push(" AND m.resource_type = ");
+                qb.push_bind(rt.as_str());
+                qb.push(" AND m.param = ");
+                qb.push_bind(param.to_owned());
                 push_values(&mut qb, "t", None, &query.criteria[i].values, now);
             }
             qb.push(") y) z");
