@@ -709,7 +709,7 @@ END $$;
 "#;
 
 /// The tables the migrations create with a tenant column: each must come out partitioned.
-pub const TENANT_TABLES: usize = 16;
+pub const TENANT_TABLES: usize = 17;
 
 /// A database of the test's own with the migrated schema partitioned into `modulus` parts per
 /// tenant table; `None` (skip) when PostgreSQL is not there and not required.
