@@ -444,28 +444,52 @@ pub(crate) fn index_sets(
     query: &SearchQuery,
     now: i64,
 ) -> Result<Vec<(usize, Sql)>> {
-    if query.resource_type.is_none() || query.compartment.is_some() {
-        return Ok(Vec::new());
-    }
     let (open, close) = match dialect.id_set_from_array() {
         Some(_) => (ID_SET_OPEN, ID_SET_CLOSE),
         None => (IN_SET_OPEN, IN_SET_CLOSE),
     };
+    criterion_sets(
+        dialect,
+        tenant,
+        query,
+        now,
+        |_| true,
+        |part| {
+            part.inside(open, close)
+                .filter(|s| s.text().starts_with("SELECT t.id FROM search_"))
+        },
+    )
+}
+
+/// Each criterion of `query` that `wanted` admits, planned as an uncorrelated predicate over
+/// `resources r`, and the id set `select` finds in it (by position in `query.criteria`). None
+/// for a search over several types or within a compartment.
+fn criterion_sets(
+    dialect: crate::Syntax,
+    tenant: &TenantId,
+    query: &SearchQuery,
+    now: i64,
+    wanted: impl Fn(&fhirstore_core::search::Criterion) -> bool,
+    select: impl Fn(&Sql) -> Option<Sql>,
+) -> Result<Vec<(usize, Sql)>> {
+    if query.resource_type.is_none() || query.compartment.is_some() {
+        return Ok(Vec::new());
+    }
     let scope = Scope {
         tenant,
         rt: query.resource_type,
         alias: "r",
         correlate: false,
     };
-    let mut sets = Vec::with_capacity(query.criteria.len());
+    let mut sets = Vec::new();
     for (i, c) in query.criteria.iter().enumerate() {
+        if !wanted(c) {
+            continue;
+        }
         let mut part = Sql::new(dialect, "");
         push_criterion(&mut part, &scope, c, &c.chain, now)?;
-        if let Some(select) = part
-            .inside(open, close)
-            .filter(|s| s.text().starts_with("SELECT t.id FROM search_"))
-        {
-            sets.push((i, select));
+        if let Some(set) = select(&part) {
+            sets.push((i, set));
         }
     }
     Ok(sets)
@@ -676,27 +700,14 @@ pub(crate) fn chain_sets(
     query: &SearchQuery,
     now: i64,
 ) -> Result<Vec<(usize, Sql)>> {
-    if query.resource_type.is_none() || query.compartment.is_some() {
-        return Ok(Vec::new());
-    }
-    let scope = Scope {
+    criterion_sets(
+        dialect,
         tenant,
-        rt: query.resource_type,
-        alias: "r",
-        correlate: false,
-    };
-    let mut sets = Vec::new();
-    for (i, c) in query.criteria.iter().enumerate() {
-        if c.chain.is_empty() {
-            continue;
-        }
-        let mut part = Sql::new(dialect, "");
-        push_criterion(&mut part, &scope, c, &c.chain, now)?;
-        if let Some(select) = part.inside(IN_SET_OPEN, IN_SET_CLOSE) {
-            sets.push((i, select));
-        }
-    }
-    Ok(sets)
+        query,
+        now,
+        |c| !c.chain.is_empty(),
+        |part| part.inside(IN_SET_OPEN, IN_SET_CLOSE),
+    )
 }
 
 /// Appends `AND (...)` for every criterion of `query` to a statement over `resources r`, each
