@@ -171,6 +171,142 @@ macro_rules! sql_primary_tests {
             assert!(store.digest_segments(&other, pt).await.expect("digest").is_empty(), "digests are per tenant");
         }
 
+        /// A transaction of plain creates and updates, which the store writes together, stores
+        /// what the same writes made one by one store: versions, kinds, index rows (old ones
+        /// gone), outbox positions and digests.
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn a_bulk_transaction_writes_what_single_writes_do() {
+            let Some(store) = $factory.await else { return };
+            let pt = rt("Patient");
+            let ob = rt("Observation");
+            let id = |s: &str| fhirstore_core::LogicalId::new(s).expect("id");
+            let patient = |i: usize, family: &str| serde_json::json!({
+                "resourceType": "Patient", "id": format!("p{i}"),
+                "name": [{"family": format!("{family}{i}")}],
+                "gender": if i % 2 == 0 { "female" } else { "male" },
+                "birthDate": format!("19{}0-0{}-1{i}", 5 + i % 4, 1 + i % 8),
+            });
+            let observation = |i: usize| serde_json::json!({
+                "resourceType": "Observation", "status": "final",
+                "code": {"coding": [{"system": "http://loinc.org", "code": format!("c{}", i % 2)}]},
+                "subject": {"reference": format!("Patient/p{}", i % 3)},
+                "effectiveDateTime": format!("2020-0{}-01", 1 + i),
+            });
+            let bulk = fhirstore_testkit::random_tenant();
+            let single = fhirstore_testkit::random_tenant();
+            for ctx in [&bulk, &single] {
+                for i in 0..6 {
+                    store.update(ctx, pt, &id(&format!("p{i}")), patient(i, "Before"), None).await.expect("setup");
+                }
+                store.delete(ctx, pt, &id("p5")).await.expect("delete");
+            }
+            // Updates of live resources, of a deleted one, updates that create, and creates.
+            let mut ops: Vec<WriteOp> = [0, 1, 2, 5, 6, 7]
+                .into_iter()
+                .map(|i| WriteOp::Update {
+                    resource_type: pt,
+                    id: id(&format!("p{i}")),
+                    resource: patient(i, "After"),
+                    if_match: None,
+                })
+                .collect();
+            ops.extend((0..4).map(|i| WriteOp::Create {
+                resource_type: ob,
+                resource: observation(i),
+                if_none_exist: None,
+                full_url: None,
+            }));
+            let before = store.outbox_after(0, u32::MAX).await.expect("outbox").last().map_or(0, |e| e.seq);
+            let together = store.transaction(&bulk, ops.clone()).await.expect("bulk transaction");
+            let mut apart = Vec::new();
+            for op in ops {
+                apart.extend(store.transaction(&single, vec![op]).await.expect("single write"));
+            }
+            let entries = store.outbox_after(before, u32::MAX).await.expect("outbox");
+            let mut seqs = std::collections::HashSet::new();
+            for (t, a) in together.iter().zip(&apart) {
+                let (OpOutcome::Written(t), OpOutcome::Written(a)) = (t, a) else { panic!("{t:?}") };
+                assert_eq!((t.kind, t.resource.version), (a.kind, a.resource.version), "{}", t.resource.key);
+                if t.resource.key.resource_type == pt {
+                    assert_eq!(t.resource.key, a.resource.key);
+                    assert_eq!(t.resource.content["name"], a.resource.content["name"]);
+                }
+                // The position a write returns is its own outbox entry's.
+                let seq = t.seq.expect("seq");
+                assert!(seqs.insert(seq), "seq {seq} returned twice");
+                let entry = entries.iter().find(|e| e.seq == seq).expect("an outbox entry at the returned seq");
+                assert_eq!(
+                    (entry.tenant.as_str(), entry.resource_type.as_str(), entry.id.as_str(), entry.version),
+                    (bulk.tenant().as_str(), t.resource.key.resource_type.as_str(), t.resource.key.id.as_str(), t.resource.version.get() as i64),
+                );
+            }
+            assert_eq!(entries.iter().filter(|e| e.tenant == bulk.tenant().as_str()).count(), together.len());
+            for criteria in [
+                "family=After1", "family=Before1", "family=Before3", "gender=female",
+                "birthdate=ge1960-01-01&birthdate=lt1980-01-01", "_id=p5",
+            ] {
+                let ids = |ctx| {
+                    let store = &store;
+                    async move {
+                        let q = fhirstore_core::SearchQuery::parse(Some(pt), criteria, fhirstore_core::search::Handling::Strict).expect("query");
+                        let mut ids: Vec<String> = store.search(ctx, &q).await.expect("search")
+                            .matches.into_iter().map(|r| r.key.id.to_string()).collect();
+                        ids.sort();
+                        ids
+                    }
+                };
+                assert_eq!(ids(&bulk).await, ids(&single).await, "Patient?{criteria}");
+            }
+            let q = fhirstore_core::SearchQuery::parse(Some(ob), "subject=Patient/p0&code=c0&_summary=count", fhirstore_core::search::Handling::Strict).expect("query");
+            // Observations 0 and 3 are of p0, and 0 and 2 of code c0.
+            assert_eq!(store.search(&bulk, &q).await.expect("search").total, Some(1));
+            let q = fhirstore_core::SearchQuery::parse(Some(pt), "family=Before1", fhirstore_core::search::Handling::Strict).expect("query");
+            assert!(store.search(&bulk, &q).await.expect("search").matches.is_empty(), "a replaced version's index rows are gone");
+            for t in [pt, ob] {
+                let stored = store.digest_segments(&bulk, t).await.expect("digest");
+                assert_eq!(stored, store.recompute_digest_segments(&bulk, t).await.expect("recompute"), "{t}");
+                assert_eq!(stored, $crate::model_digest(&store, &bulk, t).await, "{t}: model");
+                use fhirstore_core::secondary::{fold_groups, DigestView};
+                let groups = store.group_digests(bulk.tenant(), t).await.expect("groups");
+                assert_eq!(groups, fold_groups(&stored), "{t}: groups fold the segments");
+            }
+        }
+
+        /// Two transactions creating the same resources by update at once both succeed, one
+        /// version each, whichever inserts first: the other's writes become updates.
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn racing_bulk_creates_become_updates() {
+            let Some(store) = $factory.await else { return };
+            let store = std::sync::Arc::new(store);
+            let ctx = fhirstore_testkit::random_tenant();
+            let pt = rt("Patient");
+            let ops: Vec<WriteOp> = (0..40)
+                .map(|i| WriteOp::Update {
+                    resource_type: pt,
+                    id: fhirstore_core::LogicalId::new(&format!("q{i}")).expect("id"),
+                    resource: serde_json::json!({"resourceType": "Patient", "id": format!("q{i}"), "gender": "other"}),
+                    if_match: None,
+                })
+                .collect();
+            let racers: Vec<_> = (0..2)
+                .map(|_| {
+                    let (store, ctx, ops) = (store.clone(), ctx.clone(), ops.clone());
+                    tokio::spawn(async move { store.transaction(&ctx, ops).await })
+                })
+                .collect();
+            for r in racers {
+                r.await.expect("join").expect("both transactions commit");
+            }
+            for i in 0..40 {
+                let r = store.read(&ctx, pt, &fhirstore_core::LogicalId::new(&format!("q{i}")).expect("id")).await.expect("read");
+                assert_eq!(r.version.get(), 2, "q{i}");
+            }
+            let stored = store.digest_segments(&ctx, pt).await.expect("digest");
+            assert_eq!(stored, $crate::model_digest(&*store, &ctx, pt).await);
+            let q = fhirstore_core::SearchQuery::parse(Some(pt), "gender=other&_summary=count", fhirstore_core::search::Handling::Strict).expect("query");
+            assert_eq!(store.search(&ctx, &q).await.expect("search").total, Some(40), "one set of index rows each");
+        }
+
         /// Every committed version has exactly one outbox entry, in write order; failed
         /// transactions leave none.
         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

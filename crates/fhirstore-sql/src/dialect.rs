@@ -31,6 +31,9 @@ pub trait Dialect: Send + Sync + Copy + Default + std::fmt::Debug + 'static {
     /// The current row of `$1/$2/$3` in segment `$4`, locked where the dialect's writers run
     /// concurrently: `version, deleted, e_hi, e_lo`.
     const SELECT_CURRENT_FOR_WRITE: &'static str;
+    /// Appended to a select of current rows a write transaction goes on to write: locks them
+    /// where the dialect's writers run concurrently.
+    const LOCK_CURRENT_ROWS: &'static str;
     /// What `_total=estimate` prefixes a search's FROM with to read the planner's estimate;
     /// `None` when the dialect has no estimate and counts exactly.
     const ESTIMATE_PREFIX: Option<&'static str>;
@@ -89,6 +92,23 @@ pub trait Dialect: Send + Sync + Copy + Default + std::fmt::Debug + 'static {
         conn: &'c mut Conn<Self>,
         row: &'c VersionRow<'c>,
     ) -> impl Future<Output = Result<Option<i64>>> + Send + 'c;
+
+    /// Writes the versions of several different resources of one transaction, whose digest
+    /// changes the caller applies: the outbox `seq` of each, in order, or `None` for one a
+    /// concurrent writer created first (nothing of it is written). By default one
+    /// [`Dialect::write_version`] each; a dialect may write them all in one round trip.
+    fn write_versions<'c>(
+        conn: &'c mut Conn<Self>,
+        rows: &'c [VersionRow<'c>],
+    ) -> impl Future<Output = Result<Vec<Option<i64>>>> + Send + 'c {
+        async move {
+            let mut seqs = Vec::with_capacity(rows.len());
+            for row in rows {
+                seqs.push(Self::write_version(&mut *conn, row).await?);
+            }
+            Ok(seqs)
+        }
+    }
 
     /// Serialises conditional writes with the same tenant and criteria, so two of them cannot
     /// both find nothing and both create.

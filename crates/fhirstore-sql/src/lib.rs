@@ -233,7 +233,7 @@ pub struct VersionRow<'a> {
     /// `create`, `update` or `delete`, for the outbox.
     pub op: &'static str,
     /// Canonical JSON; `None` for a tombstone.
-    pub body: Option<String>,
+    pub body: Option<&'a str>,
     /// The new version's index entries.
     pub index: &'a fhirstore_core::index::IndexEntries,
     /// No current row exists: insert one (else update it).
@@ -805,6 +805,11 @@ impl DigestDeltas {
         let e = self.0.entry((rt, segment)).or_default();
         e.0 ^= xor;
         e.1 += count;
+    }
+
+    /// Whether no change was recorded.
+    pub(crate) fn is_empty(&self) -> bool {
+        self.0.is_empty()
     }
 
     /// Non-empty deltas as (type, segment, hi, lo, count).

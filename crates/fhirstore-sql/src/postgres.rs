@@ -34,6 +34,8 @@ impl Dialect for PostgresDialect {
     const SELECT_CURRENT_FOR_WRITE: &'static str = "SELECT version, deleted, e_hi, e_lo \
          FROM resources WHERE tenant = $1 AND resource_type = $2 AND id = $3 AND segment = $4 \
          FOR UPDATE";
+    /// Row locks order concurrent writers of the same resources.
+    const LOCK_CURRENT_ROWS: &'static str = " FOR UPDATE";
     /// `_total=estimate` reads the planner's row estimate for the search's FROM and WHERE.
     const ESTIMATE_PREFIX: Option<&'static str> = Some("EXPLAIN (FORMAT JSON) SELECT 1");
     /// Plain `BEGIN` (READ COMMITTED): row locks taken by the write path order the writers.
@@ -107,34 +109,73 @@ impl Dialect for PostgresDialect {
     /// One statement: see `write_sql`. `None` when a concurrent writer created the resource
     /// first.
     async fn write_version(conn: &mut PgConnection, row: &VersionRow<'_>) -> Result<Option<i64>> {
-        let mut query = crate::bind_version_row!(sqlx::query_scalar(write_sql(row.is_new)), row)
-            .bind(row.digest_delta.0)
-            .bind(row.digest_delta.1)
-            .bind(row.digest_count)
-            .bind(row.inline_digest);
+        let mut query =
+            crate::bind_version_row!(sqlx::query_as::<_, (i64,)>(write_sql(row.is_new)), row)
+                .bind(row.digest_delta.0)
+                .bind(row.digest_delta.1)
+                .bind(row.digest_count)
+                .bind(row.inline_digest);
         for ((_, cols), rows) in crate::INDEX_TABLES.iter().zip(crate::index_rows(row.index)) {
-            for (k, (_, ty)) in cols.iter().enumerate() {
-                let column = rows.iter().map(|r| &r[k]);
-                query = match ty {
-                    crate::Col::Text => query.bind(
-                        column
-                            .map(|v| v.as_str().unwrap_or_default().to_owned())
-                            .collect::<Vec<String>>(),
-                    ),
-                    crate::Col::Int => query.bind(
-                        column
-                            .map(|v| v.as_i64().unwrap_or_default())
-                            .collect::<Vec<i64>>(),
-                    ),
-                    crate::Col::Real => query.bind(
-                        column
-                            .map(|v| v.as_f64().unwrap_or_default())
-                            .collect::<Vec<f64>>(),
-                    ),
-                };
+            query = bind_columns(query, cols, &rows);
+        }
+        let seq = query.fetch_optional(&mut *conn).await.map_err(db_err)?;
+        Ok(seq.map(|(seq,)| seq))
+    }
+
+    /// All of them in one statement: see `write_many_sql`.
+    async fn write_versions(
+        conn: &mut PgConnection,
+        rows: &[VersionRow<'_>],
+    ) -> Result<Vec<Option<i64>>> {
+        let Some(first) = rows.first() else {
+            return Ok(Vec::new());
+        };
+        fn texts(rows: &[VersionRow<'_>], f: fn(&VersionRow<'_>) -> String) -> Vec<String> {
+            rows.iter().map(f).collect()
+        }
+        let mut query = sqlx::query_as::<_, (i64, i64)>(write_many_sql())
+            .bind(first.tenant)
+            .bind(first.now)
+            .bind(texts(rows, |r| r.resource_type.to_owned()))
+            .bind(texts(rows, |r| r.id.to_owned()))
+            .bind(rows.iter().map(|r| r.version).collect::<Vec<i64>>())
+            .bind(rows.iter().map(|r| r.deleted).collect::<Vec<bool>>())
+            .bind(rows.iter().map(|r| r.segment).collect::<Vec<i32>>())
+            .bind(rows.iter().map(|r| r.e_hi).collect::<Vec<i64>>())
+            .bind(rows.iter().map(|r| r.e_lo).collect::<Vec<i64>>())
+            .bind(texts(rows, |r| r.op.to_owned()))
+            .bind(
+                rows.iter()
+                    .map(|r| r.body.map(str::to_owned))
+                    .collect::<Vec<Option<String>>>(),
+            )
+            .bind(rows.iter().map(|r| r.was_live).collect::<Vec<bool>>())
+            .bind(rows.iter().map(|r| r.is_new).collect::<Vec<bool>>());
+        // Each index table: the ordinal of the version owning each row, then a column each.
+        let mut tables: Vec<(Vec<i64>, Vec<Vec<serde_json::Value>>)> =
+            vec![Default::default(); crate::INDEX_TABLES.len()];
+        for (ord, r) in (1i64..).zip(rows) {
+            for ((owners, table), index_rows) in tables.iter_mut().zip(crate::index_rows(r.index)) {
+                owners.extend(std::iter::repeat_n(ord, index_rows.len()));
+                table.extend(index_rows);
             }
         }
-        query.fetch_optional(&mut *conn).await.map_err(db_err)
+        for ((_, cols), (owners, table)) in crate::INDEX_TABLES.iter().zip(tables) {
+            query = query.bind(owners);
+            query = bind_columns(query, cols, &table);
+        }
+        let written = query.fetch_all(&mut *conn).await.map_err(db_err)?;
+        let mut seqs = vec![None; rows.len()];
+        for (ord, seq) in written {
+            let slot = usize::try_from(ord - 1)
+                .ok()
+                .and_then(|i| seqs.get_mut(i))
+                .ok_or_else(|| {
+                    crate::corrupt(format!("a batch of versions returned ordinal {ord}"))
+                })?;
+            *slot = Some(seq);
+        }
+        Ok(seqs)
     }
 
     /// A transaction-scoped advisory lock on the tenant and the criteria's fingerprint.
@@ -162,6 +203,125 @@ impl Dialect for PostgresDialect {
         slot.set_backend(i64::from(pid));
         Ok(())
     }
+}
+
+/// Binds index rows column by column, each as a typed array for `unnest`.
+fn bind_columns<'q, O>(
+    mut query: sqlx::query::QueryAs<'q, sqlx::Postgres, O, sqlx::postgres::PgArguments>,
+    cols: &[(&str, crate::Col)],
+    rows: &[Vec<serde_json::Value>],
+) -> sqlx::query::QueryAs<'q, sqlx::Postgres, O, sqlx::postgres::PgArguments> {
+    for (k, (_, ty)) in cols.iter().enumerate() {
+        let column = rows.iter().map(|r| r.get(k));
+        query = match ty {
+            crate::Col::Text => query.bind(
+                column
+                    .map(|v| v.and_then(|v| v.as_str()).unwrap_or_default().to_owned())
+                    .collect::<Vec<String>>(),
+            ),
+            crate::Col::Int => query.bind(
+                column
+                    .map(|v| v.and_then(|v| v.as_i64()).unwrap_or_default())
+                    .collect::<Vec<i64>>(),
+            ),
+            crate::Col::Real => query.bind(
+                column
+                    .map(|v| v.and_then(|v| v.as_f64()).unwrap_or_default())
+                    .collect::<Vec<f64>>(),
+            ),
+        };
+    }
+    query
+}
+
+/// The pieces of an index table's insert from one typed array per column.
+struct Unnest {
+    /// The table's columns: `param, system, code`.
+    names: String,
+    /// The arrays from parameter `first` on, cast: `$18::text[], $19::text[]`.
+    arrays: String,
+    /// The aliases `unnest` gives them: `c0, c1`.
+    aliases: String,
+    /// The aliases as selected from `alias`: `x.c0, x.c1`.
+    selected: String,
+}
+
+impl Unnest {
+    fn of(cols: &[(&str, crate::Col)], first: usize, alias: &str) -> Self {
+        let join = |f: &dyn Fn(usize, crate::Col) -> String| -> String {
+            let parts: Vec<String> = cols.iter().enumerate().map(|(k, c)| f(k, c.1)).collect();
+            parts.join(", ")
+        };
+        Unnest {
+            names: join(&|k, _| cols[k].0.to_owned()),
+            arrays: join(&|k, ty| {
+                let cast = match ty {
+                    crate::Col::Text => "text[]",
+                    crate::Col::Int => "int8[]",
+                    crate::Col::Real => "float8[]",
+                };
+                format!("${}::{cast}", first + k)
+            }),
+            aliases: join(&|k, _| format!("c{k}")),
+            selected: join(&|k, _| format!("{alias}.c{k}")),
+        }
+    }
+}
+
+/// The statement behind `write_versions`: $1 tenant, $2 now, then one array per version
+/// field ($3 types, $4 ids, $5 versions, $6 deleted, $7 segments, $8 e_hi, $9 e_lo, $10 ops,
+/// $11 bodies, $12 was_live, $13 is_new), then per index table in `INDEX_TABLES` order the
+/// owning version's ordinal (from 1) of each row and an array per column. Returns
+/// `(ordinal, seq)` for each version written; a new resource a concurrent writer created
+/// first is left out, and nothing of it is written.
+fn write_many_sql() -> &'static str {
+    use std::fmt::Write as _;
+    use std::sync::OnceLock;
+    static SQL: OnceLock<String> = OnceLock::new();
+    SQL.get_or_init(|| {
+        let mut sql = String::from(
+            "WITH x AS (SELECT * FROM unnest($3::text[], $4::text[], $5::int8[], $6::bool[], \
+      $7::int4[], $8::int8[], $9::int8[], $10::text[], $11::text[], $12::bool[], $13::bool[])
+      WITH ORDINALITY AS x(rt, id, version, deleted, segment, e_hi, e_lo, op, body, was_live,
+      is_new, ord)),
+n AS (INSERT INTO resources (tenant, resource_type, id, version, last_updated, deleted, segment,
+      e_hi, e_lo)
+      SELECT $1, rt, id, version, $2, deleted, segment, e_hi, e_lo FROM x WHERE is_new
+      ON CONFLICT (tenant, resource_type, id) DO NOTHING RETURNING resource_type, id),
+u AS (UPDATE resources r SET version = x.version, last_updated = $2, deleted = x.deleted,
+      segment = x.segment, e_hi = x.e_hi, e_lo = x.e_lo FROM x
+      WHERE NOT x.is_new AND r.tenant = $1 AND r.resource_type = x.rt AND r.segment = x.segment
+      AND r.id = x.id RETURNING r.resource_type, r.id),
+w AS (SELECT x.* FROM x JOIN (SELECT * FROM n UNION ALL SELECT * FROM u) k
+      ON k.resource_type = x.rt AND k.id = x.id),
+o AS (INSERT INTO outbox (tenant, resource_type, id, version, op, created_at)
+      SELECT $1, rt, id, version, op, $2 FROM w ORDER BY ord RETURNING seq, resource_type, id),
+s AS (SELECT o.seq, w.* FROM o JOIN w ON w.rt = o.resource_type AND w.id = o.id),
+v AS (INSERT INTO resource_versions (tenant, resource_type, id, version, seq, last_updated,
+      deleted, body)
+      SELECT $1, rt, id, version, seq, $2, deleted, body FROM s)",
+        );
+        let mut param = 14;
+        for (i, (table, cols)) in crate::INDEX_TABLES.iter().enumerate() {
+            let owner = param;
+            let u = Unnest::of(cols, owner + 1, "y");
+            param = owner + 1 + cols.len();
+            // Writing to a String cannot fail. The DELETE sees the statement's snapshot, so it
+            // never removes the rows inserted beside it.
+            let _ = write!(
+                sql,
+                ",
+d{i} AS (DELETE FROM {table} t USING s WHERE s.was_live AND t.tenant = $1
+      AND t.resource_type = s.rt AND t.id = s.id),
+i{i} AS (INSERT INTO {table} (tenant, resource_type, {}, id)
+      SELECT $1, s.rt, {}, s.id FROM unnest(${owner}::int8[], {}) AS y(own, {})
+      JOIN s ON s.ord = y.own)",
+                u.names, u.selected, u.arrays, u.aliases,
+            );
+        }
+        sql.push_str("\nSELECT ord, seq FROM s");
+        sql
+    })
 }
 
 /// A duration as a PostgreSQL setting in milliseconds; zero would switch the limit off, so the
@@ -275,20 +435,8 @@ g AS (INSERT INTO digests (tenant, resource_type, segment, h_hi, h_lo, count)
         );
         let mut param = 17;
         for (i, (table, cols)) in crate::INDEX_TABLES.iter().enumerate() {
-            let names: Vec<&str> = cols.iter().map(|c| c.0).collect();
-            let arrays: Vec<String> = cols
-                .iter()
-                .map(|(_, ty)| {
-                    let cast = match ty {
-                        crate::Col::Text => "text[]",
-                        crate::Col::Int => "int8[]",
-                        crate::Col::Real => "float8[]",
-                    };
-                    param += 1;
-                    format!("${}::{cast}", param - 1)
-                })
-                .collect();
-            let aliases: Vec<String> = (0..cols.len()).map(|k| format!("c{k}")).collect();
+            let u = Unnest::of(cols, param, "x");
+            param += cols.len();
             // Writing to a String cannot fail. The DELETE sees the statement's snapshot, so it
             // never removes the rows inserted beside it.
             let _ = write!(
@@ -298,14 +446,7 @@ d{i} AS (DELETE FROM {table} WHERE $12 AND tenant = $1 AND resource_type = $2 AN
       AND EXISTS (SELECT 1 FROM o)),
 i{i} AS (INSERT INTO {table} (tenant, resource_type, {}, id)
       SELECT $1, $2, {}, $3 FROM o, unnest({}) AS x({}))",
-                names.join(", "),
-                aliases
-                    .iter()
-                    .map(|a| format!("x.{a}"))
-                    .collect::<Vec<_>>()
-                    .join(", "),
-                arrays.join(", "),
-                aliases.join(", "),
+                u.names, u.selected, u.arrays, u.aliases,
             );
         }
         sql.push_str("\nSELECT seq FROM o");

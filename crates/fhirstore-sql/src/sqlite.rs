@@ -40,6 +40,8 @@ impl Dialect for SqliteDialect {
     /// The single writer connection already serialises writers, so no row lock is needed.
     const SELECT_CURRENT_FOR_WRITE: &'static str = "SELECT version, deleted, e_hi, e_lo \
          FROM resources WHERE tenant = $1 AND resource_type = $2 AND id = $3 AND segment = $4";
+    /// The one writer connection serialises writers.
+    const LOCK_CURRENT_ROWS: &'static str = "";
     /// SQLite's planner exposes no row estimates: `_total=estimate` counts exactly.
     const ESTIMATE_PREFIX: Option<&'static str> = None;
     /// Write transactions take SQLite's write lock up front, so a second process's writer waits
@@ -135,6 +137,62 @@ impl Dialect for SqliteDialect {
                 seqs.len()
             ))),
         }
+    }
+
+    /// All of them in one multi-statement: see `write_many_sql`.
+    async fn write_versions(
+        conn: &mut SqliteConnection,
+        rows: &[VersionRow<'_>],
+    ) -> Result<Vec<Option<i64>>> {
+        let Some(first) = rows.first() else {
+            return Ok(Vec::new());
+        };
+        let encode = |v: &serde_json::Value| {
+            serde_json::to_string(v).map_err(|e| corrupt(format!("version rows: {e}")))
+        };
+        let versions: Vec<serde_json::Value> = rows
+            .iter()
+            .map(|r| {
+                serde_json::json!([
+                    r.resource_type,
+                    r.id,
+                    r.version,
+                    r.now,
+                    i64::from(r.deleted),
+                    r.segment,
+                    r.e_hi,
+                    r.e_lo,
+                    r.op,
+                    r.body,
+                    i64::from(r.was_live),
+                ])
+            })
+            .collect();
+        let mut tables = vec![Vec::new(); crate::INDEX_TABLES.len()];
+        for r in rows {
+            for (table, index_rows) in tables.iter_mut().zip(crate::index_rows(r.index)) {
+                for cols in index_rows {
+                    let mut row = Vec::with_capacity(cols.len() + 2);
+                    row.push(serde_json::Value::from(r.resource_type));
+                    row.push(serde_json::Value::from(r.id));
+                    row.extend(cols);
+                    table.push(serde_json::Value::Array(row));
+                }
+            }
+        }
+        let any_live = rows.iter().any(|r| r.was_live);
+        let mut query = sqlx::query_scalar(write_many_sql(any_live))
+            .bind(first.tenant)
+            .bind(encode(&serde_json::Value::Array(versions))?);
+        for t in tables {
+            query = query.bind(encode(&serde_json::Value::Array(t))?);
+        }
+        let last: Vec<i64> = query.fetch_all(&mut *conn).await.map_err(db_err)?;
+        let (&[last], Ok(n)) = (last.as_slice(), i64::try_from(rows.len())) else {
+            return Err(corrupt("a batch of versions returned no sequence number"));
+        };
+        // One INSERT numbers the outbox rows consecutively, in the order given.
+        Ok((0..n).map(|k| Some(last - n + 1 + k)).collect())
     }
 
     /// Conditional writes need no extra lock: the one writer connection serialises them.
@@ -255,6 +313,81 @@ INSERT INTO {table} (tenant, resource_type, {}, id)
                  e_hi = $8, e_lo = $9 WHERE tenant = $1 AND resource_type = $2 AND segment = $7 AND id = $3;",
             )
         })
+    }
+}
+
+/// The statement behind `write_versions`. Parameters: $1 tenant; $2 the versions, a JSON array
+/// of `[type, id, version, now, deleted, segment, e_hi, e_lo, op, body, was_live]`; then one
+/// JSON array of `[type, id, columns…]` rows per index table from $3, in `INDEX_TABLES` order.
+/// `any_live`: some version replaces a live one, whose index rows go first.
+fn write_many_sql(any_live: bool) -> &'static str {
+    use std::fmt::Write as _;
+    use std::sync::OnceLock;
+    static NEW: OnceLock<String> = OnceLock::new();
+    static LIVE: OnceLock<String> = OnceLock::new();
+    let build = |any_live: bool| {
+        let v = |k: usize| format!("j.value ->> {k}");
+        let mut sql = format!(
+            "
+INSERT INTO outbox (tenant, resource_type, id, version, op, created_at)
+    SELECT $1, {}, {}, {}, {}, {} FROM json_each($2) AS j ORDER BY j.key;
+SELECT MAX(seq) FROM outbox;
+INSERT INTO resource_versions (tenant, resource_type, id, version, seq, last_updated, deleted, body)
+    SELECT $1, {}, {}, {}, (SELECT MAX(seq) FROM outbox) - json_array_length($2) + 1 + j.key,
+        {}, {}, {} FROM json_each($2) AS j;
+INSERT INTO resources (tenant, resource_type, id, version, last_updated, deleted, segment, e_hi, e_lo)
+    SELECT $1, {}, {}, {}, {}, {}, {}, {}, {} FROM json_each($2) AS j WHERE true
+    ON CONFLICT (tenant, resource_type, id) DO UPDATE SET version = excluded.version,
+        last_updated = excluded.last_updated, deleted = excluded.deleted,
+        segment = excluded.segment, e_hi = excluded.e_hi, e_lo = excluded.e_lo;",
+            v(0),
+            v(1),
+            v(2),
+            v(8),
+            v(3),
+            v(0),
+            v(1),
+            v(2),
+            v(3),
+            v(4),
+            v(9),
+            v(0),
+            v(1),
+            v(2),
+            v(3),
+            v(4),
+            v(5),
+            v(6),
+            v(7),
+        );
+        for (i, (table, cols)) in crate::INDEX_TABLES.iter().enumerate() {
+            let names: Vec<&str> = cols.iter().map(|c| c.0).collect();
+            let values: Vec<String> = (0..cols.len()).map(|k| v(k + 2)).collect();
+            // Writing to a String cannot fail.
+            if any_live {
+                let _ = write!(
+                    sql,
+                    "
+DELETE FROM {table} WHERE tenant = $1 AND (resource_type, id) IN
+    (SELECT j.value ->> 0, j.value ->> 1 FROM json_each($2) AS j WHERE j.value ->> 10);"
+                );
+            }
+            let _ = write!(
+                sql,
+                "
+INSERT INTO {table} (tenant, resource_type, {}, id)
+    SELECT $1, j.value ->> 0, {}, j.value ->> 1 FROM json_each(${}) AS j;",
+                names.join(", "),
+                values.join(", "),
+                3 + i
+            );
+        }
+        sql
+    };
+    if any_live {
+        LIVE.get_or_init(|| build(true))
+    } else {
+        NEW.get_or_init(|| build(false))
     }
 }
 

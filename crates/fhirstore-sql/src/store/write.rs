@@ -167,6 +167,28 @@ pub(super) fn collect_conditional_references(v: &Value, out: &mut Vec<String>) {
     }
 }
 
+/// A create without conditions or an update, of anything but a SearchParameter, with no
+/// conditional reference: what `Store::put_many` writes together.
+fn is_plain(op: &WriteOp) -> bool {
+    let (rt, resource) = match op {
+        WriteOp::Create {
+            resource_type,
+            resource,
+            if_none_exist: None,
+            ..
+        }
+        | WriteOp::Update {
+            resource_type,
+            resource,
+            ..
+        } => (resource_type, resource),
+        _ => return false,
+    };
+    let mut conditional = Vec::new();
+    collect_conditional_references(resource, &mut conditional);
+    rt.as_str() != "SearchParameter" && conditional.is_empty()
+}
+
 /// A conditional op's criteria, restricted to the op's type whatever the caller set.
 pub(super) fn scoped(criteria: &SearchQuery, rt: ResourceType) -> SearchQuery {
     let mut q = criteria.clone();
@@ -190,6 +212,163 @@ pub(super) fn deleted(puts: Vec<Put>) -> Deleted {
             .into_iter()
             .map(|p| (p.resource.key, p.resource.version))
             .collect(),
+    }
+}
+
+/// Ids looked up per statement by a batch of writes: well within both drivers' limits on one
+/// bound list, and small enough that a failed statement is cheap to retry.
+const CURRENT_PER_STATEMENT: usize = 1_000;
+
+/// One plain create or update handed to `put_many`.
+pub(super) struct PlainWrite {
+    /// The transaction entry it came from.
+    pub(super) entry: usize,
+    pub(super) rt: ResourceType,
+    pub(super) id: LogicalId,
+    pub(super) body: Value,
+    pub(super) if_match: Option<VersionId>,
+    /// A server-assigned id: no current row to look up.
+    pub(super) known_new: bool,
+}
+
+/// A version computed and ready to write: everything decided before its statement, so the
+/// writes of a transaction can go to the database together.
+pub(super) struct Staged {
+    pub(super) rt: ResourceType,
+    pub(super) id: LogicalId,
+    version: VersionId,
+    pub(super) seg: u16,
+    e: u128,
+    /// The segment digest's change: the XOR of old and new element hashes, and the live count.
+    pub(super) delta: (u128, i64),
+    pub(super) deleted: bool,
+    was_live: bool,
+    is_new: bool,
+    body_text: Option<String>,
+    pub(super) entries: index::IndexEntries,
+    /// The stored body (`Null` for a tombstone).
+    pub(super) content: Value,
+}
+
+/// The next version of `rt/id` over `current`: a tombstone when `body` is `None`, and `None`
+/// for a delete of something not live. Fails on a version conflict with `if_match` and on a
+/// body that cannot be stored.
+pub(super) fn stage(
+    w: &WriteScope<'_>,
+    rt: ResourceType,
+    id: &LogicalId,
+    body: Option<Value>,
+    if_match: Option<VersionId>,
+    current: Option<Current>,
+) -> Result<Option<Staged>> {
+    if body.is_none() && current.is_none_or(|c| c.deleted) {
+        return Ok(None);
+    }
+    if let Some(expected) = if_match {
+        let have = current.map_or(0, |c| c.version);
+        if have != as_i64(expected) {
+            return Err(Error::VersionConflict {
+                key: format!("{rt}/{id}"),
+                expected: expected.get(),
+                current: u64::try_from(have).unwrap_or(0),
+            });
+        }
+    }
+    let version = match current {
+        Some(c) => version_of(c.version)?.next(),
+        None => VersionId::FIRST,
+    };
+    let prepared = match body {
+        Some(b) => Some(prepare_body(
+            b,
+            id,
+            version,
+            from_micros(w.now),
+            w.max_bytes,
+        )?),
+        None => None,
+    };
+    let hash = prepared.as_ref().map_or(TOMBSTONE_CONTENT_HASH, |p| p.hash);
+    let e = element_hash(w.tenant, rt, id.as_str(), version, &hash);
+    let deleted = prepared.is_none();
+    let (content, body_text) = match prepared {
+        Some(p) => {
+            let text = String::from_utf8(p.canonical)
+                .map_err(|e| corrupt(format!("canonical JSON is not UTF-8: {e}")))?;
+            (p.content, Some(text))
+        }
+        None => (Value::Null, None),
+    };
+    let entries = if deleted {
+        index::IndexEntries::default()
+    } else {
+        index::extract_in(&w.params.index, &content)
+    };
+    let old_e = current.map_or(0, |c| c.e);
+    Ok(Some(Staged {
+        rt,
+        id: id.clone(),
+        version,
+        seg: segment(w.tenant, rt, id.as_str()),
+        e,
+        delta: (old_e ^ e, i64::from(current.is_none())),
+        deleted,
+        was_live: current.is_some_and(|c| !c.deleted),
+        is_new: current.is_none(),
+        body_text,
+        entries,
+        content,
+    }))
+}
+
+impl Staged {
+    /// The statement's view of this version; `inline_digest` applies its digest change in
+    /// the same statement.
+    pub(super) fn row<'a>(&'a self, w: &'a WriteScope<'_>, inline_digest: bool) -> VersionRow<'a> {
+        let (e_hi, e_lo) = split_u128(self.e);
+        VersionRow {
+            tenant: w.tenant.as_str(),
+            resource_type: self.rt.as_str(),
+            id: self.id.as_str(),
+            version: as_i64(self.version),
+            now: w.now,
+            deleted: self.deleted,
+            segment: i32::from(self.seg),
+            e_hi,
+            e_lo,
+            op: match (self.deleted, self.was_live) {
+                (true, _) => "delete",
+                (false, true) => "update",
+                (false, false) => "create",
+            },
+            body: self.body_text.as_deref(),
+            index: &self.entries,
+            is_new: self.is_new,
+            was_live: self.was_live,
+            inline_digest,
+            digest_delta: split_u128(self.delta.0),
+            digest_count: self.delta.1,
+        }
+    }
+
+    /// The written version, as the write path answers it.
+    pub(super) fn finish(self, w: &WriteScope<'_>, seq: i64) -> Put {
+        Put {
+            resource: StoredResource {
+                tenant: w.tenant.clone(),
+                key: ResourceKey::new(self.rt, self.id),
+                version: self.version,
+                last_updated: from_micros(w.now),
+                deleted: self.deleted,
+                content: self.content,
+            },
+            kind: if self.was_live {
+                WriteKind::Updated
+            } else {
+                WriteKind::Created
+            },
+            seq,
+        }
     }
 }
 
@@ -240,115 +419,159 @@ impl<D: Dialect> Store<D> {
         } else {
             Self::select_current(conn, tenant, rt, id).await?
         };
-        let seg = segment(tenant, rt, id.as_str());
         loop {
-            if body.is_none() && current.is_none_or(|c| c.deleted) {
+            let Some(staged) = stage(w, rt, id, body.take(), if_match, current)? else {
                 return Ok(None);
-            }
-            if let Some(expected) = if_match {
-                let have = current.map_or(0, |c| c.version);
-                if have != as_i64(expected) {
-                    return Err(Error::VersionConflict {
-                        key: format!("{rt}/{id}"),
-                        expected: expected.get(),
-                        current: u64::try_from(have).unwrap_or(0),
-                    });
-                }
-            }
-            let version = match current {
-                Some(c) => version_of(c.version)?.next(),
-                None => VersionId::FIRST,
             };
-            let prepared = match body.take() {
-                Some(b) => Some(prepare_body(
-                    b,
-                    id,
-                    version,
-                    from_micros(w.now),
-                    w.max_bytes,
-                )?),
-                None => None,
-            };
-            let hash = prepared.as_ref().map_or(TOMBSTONE_CONTENT_HASH, |p| p.hash);
-            let e = element_hash(tenant, rt, id.as_str(), version, &hash);
-            let (e_hi, e_lo) = split_u128(e);
-            let deleted = prepared.is_none();
-            let was_live = current.is_some_and(|c| !c.deleted);
-            let (content, body_text) = match prepared {
-                Some(p) => {
-                    let text = String::from_utf8(p.canonical)
-                        .map_err(|e| corrupt(format!("canonical JSON is not UTF-8: {e}")))?;
-                    (p.content, Some(text))
-                }
-                None => (Value::Null, None),
-            };
-            let entries = if deleted {
-                index::IndexEntries::default()
-            } else {
-                index::extract_in(&w.params.index, &content)
-            };
-            let old_e = current.map_or(0, |c| c.e);
-            let delta = (old_e ^ e, i64::from(current.is_none()));
-            let row = VersionRow {
-                tenant: tenant.as_str(),
-                resource_type: rt.as_str(),
-                id: id.as_str(),
-                version: as_i64(version),
-                now: w.now,
-                deleted,
-                segment: i32::from(seg),
-                e_hi,
-                e_lo,
-                op: match (deleted, was_live) {
-                    (true, _) => "delete",
-                    (false, true) => "update",
-                    (false, false) => "create",
-                },
-                body: body_text,
-                index: &entries,
-                is_new: current.is_none(),
-                was_live,
-                inline_digest: w.inline_digest,
-                digest_delta: split_u128(delta.0),
-                digest_count: delta.1,
-            };
+            let row = staged.row(w, w.inline_digest);
             let Some(seq) = D::write_version(conn, &row).await? else {
                 // A concurrent writer created it first: redo as an update of its version.
                 if known_new {
                     return Err(Error::AlreadyExists(format!("{rt}/{id}")));
                 }
-                body = (!deleted).then_some(content);
+                body = (!staged.deleted).then_some(staged.content);
                 current = Self::select_current(conn, tenant, rt, id).await?;
                 continue;
             };
-
-            let many = dates_with_many_rows(entries.dates.iter().map(|d| (d.param, d.low, d.high)));
-            Self::flag_multi_dates(conn, tenant, rt.as_str(), &many).await?;
-            if w.digests && !w.inline_digest {
-                w.deltas.apply(rt, seg, delta.0, delta.1);
-            }
+            Self::written_version(conn, w, &staged, !w.inline_digest).await?;
             if rt.as_str() == "SearchParameter" {
-                Self::sync_search_parameter(conn, w, id, (!deleted).then_some(&content)).await?;
+                let content = (!staged.deleted).then_some(&staged.content);
+                Self::sync_search_parameter(conn, w, id, content).await?;
             }
-            let resource = StoredResource {
-                tenant: tenant.clone(),
-                key: ResourceKey::new(rt, id.clone()),
-                version,
-                last_updated: from_micros(w.now),
-                deleted,
-                content,
-            };
-            let kind = if was_live {
-                WriteKind::Updated
-            } else {
-                WriteKind::Created
-            };
-            return Ok(Some(Put {
-                resource,
-                kind,
-                seq,
-            }));
+            return Ok(Some(staged.finish(w, seq)));
         }
+    }
+
+    /// What follows a version's write in its transaction: the flag of date parameters with
+    /// several rows, and the digest change when the caller applies them at the end.
+    async fn written_version(
+        conn: &mut Conn<D>,
+        w: &mut WriteScope<'_>,
+        staged: &Staged,
+        collect_digest: bool,
+    ) -> Result<()> {
+        let many = dates_with_many_rows(
+            staged
+                .entries
+                .dates
+                .iter()
+                .map(|d| (d.param, d.low, d.high)),
+        );
+        Self::flag_multi_dates(conn, w.tenant, staged.rt.as_str(), &many).await?;
+        if w.digests && collect_digest {
+            w.deltas
+                .apply(staged.rt, staged.seg, staged.delta.0, staged.delta.1);
+        }
+        Ok(())
+    }
+
+    /// The current rows of `keys` (type, id), read (and on PostgreSQL locked) a type at a time,
+    /// with one statement per [`CURRENT_PER_STATEMENT`] ids.
+    async fn select_currents(
+        conn: &mut Conn<D>,
+        tenant: &TenantId,
+        keys: &[(ResourceType, &LogicalId)],
+    ) -> Result<HashMap<(ResourceType, String), Current>> {
+        let mut by_type: std::collections::BTreeMap<ResourceType, Vec<String>> = Default::default();
+        for (rt, id) in keys {
+            by_type.entry(*rt).or_default().push(id.as_str().to_owned());
+        }
+        let mut out = HashMap::with_capacity(keys.len());
+        for (rt, mut ids) in by_type {
+            // Locks are taken in key order, as every writer of several rows takes them.
+            ids.sort_unstable();
+            for chunk in ids.chunks(CURRENT_PER_STATEMENT) {
+                // Every placeholder pushed: sqlx binds SQLite's bare `?` by its own count of bare
+                // ones, so after a written-out `$1, $2` it would take the first value.
+                let mut sql = D::sql(
+                    "SELECT r.id, r.version, r.deleted, r.e_hi, r.e_lo FROM resources r \
+                     WHERE r.tenant = ",
+                );
+                sql.push_bind(tenant.as_str());
+                sql.push(" AND r.resource_type = ");
+                sql.push_bind(rt.as_str());
+                let (open, close) = sql.dialect().text_set();
+                sql.push(open);
+                sql.push_bind(search::Bind::TextList(chunk.to_vec()));
+                sql.push(close);
+                sql.push(D::LOCK_CURRENT_ROWS);
+                for mut row in sql.fetch_all(&mut *conn).await? {
+                    let id: String = row.get(0)?;
+                    let current = Current {
+                        version: row.get(1)?,
+                        deleted: row.get(2)?,
+                        e: join_u128(row.get(3)?, row.get(4)?),
+                    };
+                    out.insert((rt, id), current);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Writes plain creates and updates of distinct resources, none a SearchParameter: their
+    /// current rows in a statement per type, and their versions in one round trip where the
+    /// dialect can ([`Dialect::write_versions`]), so a bulk import's chunk costs a few round
+    /// trips rather than two per resource. Each item is (entry, type, id, body, `If-Match`,
+    /// known new); an error names its entry when `entries` is more than one.
+    pub(super) async fn put_many(
+        conn: &mut Conn<D>,
+        w: &mut WriteScope<'_>,
+        items: Vec<PlainWrite>,
+        entries: usize,
+    ) -> Result<Vec<(usize, Put)>> {
+        let at = |i: usize| move |e: Error| if entries > 1 { e.in_entry(i) } else { e };
+        let lookups: Vec<(ResourceType, &LogicalId)> = items
+            .iter()
+            .filter(|p| !p.known_new)
+            .map(|p| (p.rt, &p.id))
+            .collect();
+        let currents = Self::select_currents(conn, w.tenant, &lookups).await?;
+        let mut staged = Vec::with_capacity(items.len());
+        for p in items {
+            let current = currents.get(&(p.rt, p.id.as_str().to_owned())).copied();
+            let s = stage(w, p.rt, &p.id, Some(p.body), p.if_match, current)
+                .map_err(at(p.entry))?
+                .ok_or_else(|| corrupt(format!("write of {}/{} staged nothing", p.rt, p.id)))?;
+            staged.push((p.entry, p.if_match, p.known_new, s));
+        }
+        let rows: Vec<VersionRow<'_>> = staged.iter().map(|(_, _, _, s)| s.row(w, false)).collect();
+        let seqs = D::write_versions(conn, &rows).await?;
+        drop(rows);
+        if seqs.len() != staged.len() {
+            return Err(corrupt(format!(
+                "{} versions written, {} sequence numbers returned",
+                staged.len(),
+                seqs.len()
+            )));
+        }
+        let mut puts = Vec::with_capacity(staged.len());
+        for ((entry, if_match, known_new, s), seq) in staged.into_iter().zip(seqs) {
+            match seq {
+                Some(seq) => {
+                    Self::written_version(conn, w, &s, true).await?;
+                    puts.push((entry, s.finish(w, seq)));
+                }
+                None if known_new => {
+                    return Err(at(entry)(Error::AlreadyExists(format!(
+                        "{}/{}",
+                        s.rt, s.id
+                    ))))
+                }
+                None => {
+                    // A concurrent writer created it first: this one alone goes the long way.
+                    let (rt, id) = (s.rt, s.id.clone());
+                    let put = Self::put_version(conn, w, rt, &id, Some(s.content), if_match, false)
+                        .await
+                        .map_err(at(entry))?;
+                    puts.push((
+                        entry,
+                        put.ok_or_else(|| corrupt("an update wrote nothing"))?,
+                    ));
+                }
+            }
+        }
+        Ok(puts)
     }
 
     /// Records that `params` of `rt` now have a resource with more than one date row, so
@@ -381,14 +604,45 @@ impl<D: Dialect> Store<D> {
         deltas: &DigestDeltas,
     ) -> Result<()> {
         let rows = deltas.rows();
+        Self::merge_digest_rows(conn, tenant, "digests", "segment", &rows).await?;
+        if D::GROUP_TABLE {
+            // A group digest is the XOR of its sixteen segments' digests, so it takes the XOR of
+            // their changes.
+            let mut groups: std::collections::BTreeMap<(&str, i32), (i64, i64, i64)> =
+                Default::default();
+            for (rt, seg, hi, lo, count) in &rows {
+                let g = groups.entry((*rt, seg >> 4)).or_default();
+                g.0 ^= hi;
+                g.1 ^= lo;
+                g.2 += count;
+            }
+            let groups: Vec<_> = groups
+                .into_iter()
+                .map(|((rt, grp), (hi, lo, count))| (rt, grp, hi, lo, count))
+                .collect();
+            Self::merge_digest_rows(conn, tenant, "digest_groups", "grp", &groups).await?;
+        }
+        Ok(())
+    }
+
+    /// XORs `(type, key, hi, lo, count)` changes into `table`, whose rows are keyed by
+    /// `(tenant, resource_type, key_column)`.
+    async fn merge_digest_rows(
+        conn: &mut Conn<D>,
+        tenant: &TenantId,
+        table: &str,
+        key_column: &str,
+        rows: &[(&'static str, i32, i64, i64, i64)],
+    ) -> Result<()> {
         for chunk in rows.chunks(ROWS_PER_INSERT) {
-            let mut qb =
-                D::sql("INSERT INTO digests (tenant, resource_type, segment, h_hi, h_lo, count) ");
-            qb.push_values(chunk.iter().map(|(rt, seg, hi, lo, count)| {
+            let mut qb = D::sql(format!(
+                "INSERT INTO {table} (tenant, resource_type, {key_column}, h_hi, h_lo, count) "
+            ));
+            qb.push_values(chunk.iter().map(|(rt, key, hi, lo, count)| {
                 vec![
                     tenant.as_str().into(),
                     (*rt).into(),
-                    (*seg).into(),
+                    (*key).into(),
                     (*hi).into(),
                     (*lo).into(),
                     (*count).into(),
@@ -396,12 +650,12 @@ impl<D: Dialect> Store<D> {
             }));
             // XOR spelled portably: (a | b) - (a & b). The exact result always fits in 64 bits,
             // so neither dialect overflows.
-            qb.push(
-                " ON CONFLICT (tenant, resource_type, segment) DO UPDATE SET \
-             h_hi = (digests.h_hi | excluded.h_hi) - (digests.h_hi & excluded.h_hi), \
-             h_lo = (digests.h_lo | excluded.h_lo) - (digests.h_lo & excluded.h_lo), \
-             count = digests.count + excluded.count",
-            );
+            qb.push(format!(
+                " ON CONFLICT (tenant, resource_type, {key_column}) DO UPDATE SET \
+                 h_hi = ({table}.h_hi | excluded.h_hi) - ({table}.h_hi & excluded.h_hi), \
+                 h_lo = ({table}.h_lo | excluded.h_lo) - ({table}.h_lo & excluded.h_lo), \
+                 count = {table}.count + excluded.count"
+            ));
             qb.execute(&mut *conn).await?;
         }
         Ok(())
@@ -480,8 +734,6 @@ impl<D: Dialect> Store<D> {
             }
         }
 
-        let mut order: Vec<usize> = (0..ops.len()).collect();
-        order.sort_by_key(|i| ops[*i].processing_rank());
         let mut outcomes: Vec<Option<OpOutcome>> = vec![None; ops.len()];
         let search_params = w.params.search.clone();
         let body = |resource: &Value| {
@@ -489,6 +741,60 @@ impl<D: Dialect> Store<D> {
             rewrite_references(&mut b, &urls);
             b
         };
+        // Plain creates and updates, a bulk import's chunk, go to the database together; the
+        // entries of any other transaction are written one by one, in processing order.
+        let plain = ops.len() > 1 && ops.iter().all(is_plain);
+        let mut order: Vec<usize> = if plain {
+            Vec::new()
+        } else {
+            (0..ops.len()).collect()
+        };
+        order.sort_by_key(|i| ops[*i].processing_rank());
+        if plain {
+            let mut items = Vec::with_capacity(ops.len());
+            for (i, op) in ops.iter().enumerate() {
+                items.push(match op {
+                    WriteOp::Create {
+                        resource_type,
+                        resource,
+                        ..
+                    } => {
+                        let (id, _) = create_ids
+                            .remove(&i)
+                            .ok_or_else(|| corrupt("create without an assigned id"))?;
+                        PlainWrite {
+                            entry: i,
+                            rt: *resource_type,
+                            id,
+                            body: body(resource),
+                            if_match: None,
+                            known_new: true,
+                        }
+                    }
+                    WriteOp::Update {
+                        resource_type,
+                        id,
+                        resource,
+                        if_match,
+                    } => PlainWrite {
+                        entry: i,
+                        rt: *resource_type,
+                        id: id.clone(),
+                        body: body(resource),
+                        if_match: *if_match,
+                        known_new: false,
+                    },
+                    _ => return Err(corrupt("a plain write neither creates nor updates")),
+                });
+            }
+            for (i, put) in Self::put_many(conn, &mut w, items, ops.len()).await? {
+                outcomes[i] = Some(OpOutcome::Written(Written {
+                    kind: put.kind,
+                    resource: put.resource,
+                    seq: Some(put.seq),
+                }));
+            }
+        }
         for i in order {
             // Conditional references resolve when their entry is written, so what entries before
             // it wrote in this transaction can match.
@@ -633,7 +939,7 @@ impl<D: Dialect> Store<D> {
             };
             outcomes[i] = Some(outcome);
         }
-        if w.digests && !w.inline_digest {
+        if w.digests && !w.deltas.is_empty() {
             Self::flush_digests(conn, tenant, &w.deltas).await?;
         }
         outcomes
