@@ -512,8 +512,8 @@ impl<D: Dialect> Store<D> {
     /// Writes plain creates and updates of distinct resources, none a SearchParameter: their
     /// current rows in a statement per type, and their versions in one round trip where the
     /// dialect can ([`Dialect::write_versions`]), so a bulk import's chunk costs a few round
-    /// trips rather than two per resource. Each item is (entry, type, id, body, `If-Match`,
-    /// known new); an error names its entry when `entries` is more than one.
+    /// trips rather than two per resource. Returns each item's entry with its version; an
+    /// error names its entry when the transaction has more than one (`entries`).
     pub(super) async fn put_many(
         conn: &mut Conn<D>,
         w: &mut WriteScope<'_>,
