@@ -191,3 +191,25 @@ async fn sorted_pages_follow_the_model() {
     };
     fhirstore_integration::sorted_pages_follow_the_model(&store).await;
 }
+
+/// Rows a parameter shares with others are stored once, under their parts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shared_rows_are_stored_once() {
+    let (Some(store), Ok(url)) = (
+        postgres_store().await,
+        std::env::var("FHIRSTORE_TEST_POSTGRES_URL"),
+    ) else {
+        return;
+    };
+    let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(&url)
+        .await
+        .expect("connect");
+    fhirstore_integration::shared_rows_are_stored_once(&store, async |sql: String| {
+        let (n,): (i64,) = sqlx::query_as(&sql)
+            .fetch_one(&mut conn)
+            .await
+            .expect("count");
+        n
+    })
+    .await;
+}

@@ -152,3 +152,24 @@ async fn sorted_pages_follow_the_model() {
     };
     fhirstore_integration::sorted_pages_follow_the_model(&store).await;
 }
+
+/// Rows a parameter shares with others are stored once, under their parts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shared_rows_are_stored_once() {
+    use sqlx::Connection;
+    let path = fresh_file("shared-rows");
+    let store = fhirstore_sql::SqliteStore::open(&path, fhirstore_sql::SqlConfig::default())
+        .await
+        .expect("open");
+    let mut conn = sqlx::SqliteConnection::connect(&format!("sqlite://{}", path.display()))
+        .await
+        .expect("connect");
+    fhirstore_integration::shared_rows_are_stored_once(&store, async |sql: String| {
+        let (n,): (i64,) = sqlx::query_as(&sql)
+            .fetch_one(&mut conn)
+            .await
+            .expect("count");
+        n
+    })
+    .await;
+}

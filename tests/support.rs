@@ -1017,3 +1017,64 @@ pub async fn date_ranges_follow_the_model(store: &dyn ResourceStorage) {
         }
     }
 }
+
+/// Writes an Observation whose combo-* parameters share the rows of its plain and component
+/// parameters (see `SharedRows`), then checks through `count` (which runs a `SELECT COUNT(*)`
+/// on the store's database) that the parts' rows are stored and the shared names' are not, and
+/// that searches for the shared parameters find it through the parts.
+pub async fn shared_rows_are_stored_once(
+    store: &dyn fhirstore_core::ResourceStorage,
+    mut count: impl AsyncFnMut(String) -> i64,
+) {
+    use fhirstore_core::{LogicalId, ResourceType, SearchQuery};
+    let component = |code: &str, v: u32| {
+        serde_json::json!({"code": {"coding": [{"system": "http://loinc.org", "code": code}]},
+            "valueQuantity": {"value": v, "unit": "mmHg", "system": "http://unitsofmeasure.org", "code": "mm[Hg]"}})
+    };
+    let body = serde_json::json!({"resourceType": "Observation", "id": "bp", "status": "final",
+        "code": {"coding": [{"system": "http://loinc.org", "code": "85354-9"}], "text": "Blood pressure"},
+        "component": [component("8480-6", 120), component("8462-4", 80)]});
+    let ctx = fhirstore_testkit::random_tenant();
+    let ob = ResourceType::new("Observation").expect("type");
+    let id = LogicalId::new("bp").expect("id");
+    store
+        .update(&ctx, ob, &id, body, None)
+        .await
+        .expect("write");
+    let names = [
+        ("code", true),
+        ("component-code", true),
+        ("code:text", true),
+        ("component-code-value-quantity", true),
+        ("combo-code", false),
+        ("combo-code:text", false),
+        ("combo-value-quantity", false),
+        ("combo-code-value-quantity", false),
+    ];
+    for (name, stored) in names {
+        let mut rows = 0;
+        for table in [
+            "search_token",
+            "search_string",
+            "search_quantity",
+            "search_composite",
+        ] {
+            rows += count(format!(
+                "SELECT COUNT(*) FROM {table} WHERE tenant = '{}' AND param = '{name}'",
+                ctx.tenant().as_str()
+            ))
+            .await;
+        }
+        assert_eq!(rows > 0, stored, "{name}: {rows} rows");
+    }
+    for qs in [
+        "combo-code=8480-6",
+        "combo-code:text=blood",
+        "combo-value-quantity=120",
+        "combo-code-value-quantity=8462-4$80",
+    ] {
+        let q = SearchQuery::parse(Some(ob), qs, fhirstore_core::Handling::Strict).expect(qs);
+        let page = store.search(&ctx, &q).await.expect(qs);
+        assert_eq!(page.matches.len(), 1, "{qs}");
+    }
+}

@@ -11,7 +11,7 @@ use unicode_normalization::UnicodeNormalization;
 use crate::date::{parse_fhir_date, DateRange};
 use crate::fhirpath::{reference_type, Node};
 use crate::model::ResourceType;
-use crate::registry::{Registry, SearchParamDef, SearchParamType};
+use crate::registry::{Registry, SearchParamDef, SearchParamType, SharedRows};
 
 /// Parameters the stores answer from their own columns, never from index rows.
 const NATIVE_PARAMS: [&str; 2] = ["_id", "_lastUpdated"];
@@ -112,6 +112,28 @@ pub struct IndexEntries {
     pub uris: Vec<UriEntry>,
     /// Composite entries: one per component value, grouped by the element they came from.
     pub composites: Vec<CompositeEntry>,
+}
+
+impl IndexEntries {
+    /// These entries without the rows `rt` shares (see [`SharedRows`]): what a store that
+    /// searches shared rows through their parts writes.
+    pub fn without_shared(mut self, rt: ResourceType) -> Self {
+        let shared = SharedRows::r4();
+        let rt = rt.as_str();
+        if !shared.shares_on(rt) {
+            return self;
+        }
+        let own = |param: &str| !shared.is_shared(rt, param);
+        self.tokens.retain(|e| own(e.param));
+        self.strings.retain(|e| own(e.param));
+        self.dates.retain(|e| own(e.param));
+        self.numbers.retain(|e| own(e.param));
+        self.quantities.retain(|e| own(e.param));
+        self.references.retain(|e| own(e.param));
+        self.uris.retain(|e| own(e.param));
+        self.composites.retain(|e| own(e.param));
+        self
+    }
 }
 
 /// One value of one component of a composite parameter (R4 search §3.1.1.4.9). Values of the
@@ -635,6 +657,124 @@ mod tests {
         e.tokens
             .iter()
             .any(|t| t.param == param && t.system == system && t.code == code)
+    }
+
+    /// Each entry kind as comparable text under a given row name, for set comparisons.
+    fn rows_named(e: &IndexEntries, name: &str) -> std::collections::BTreeSet<String> {
+        let mut out = std::collections::BTreeSet::new();
+        let keep = |p: &str| p == name;
+        out.extend(
+            e.tokens
+                .iter()
+                .filter(|x| keep(x.param))
+                .map(|x| format!("t {}|{}", x.system, x.code)),
+        );
+        out.extend(
+            e.strings
+                .iter()
+                .filter(|x| keep(x.param))
+                .map(|x| format!("s {}|{}", x.folded, x.exact)),
+        );
+        out.extend(
+            e.numbers
+                .iter()
+                .chain(&e.quantities)
+                .filter(|x| keep(x.param))
+                .map(|x| format!("q {x:?}").replace(&format!("{:?}", x.param), "")),
+        );
+        out.extend(
+            e.uris
+                .iter()
+                .filter(|x| keep(x.param))
+                .map(|x| format!("u {}", x.uri)),
+        );
+        // Composites: each element's components, whatever its group number.
+        let mut groups: std::collections::BTreeMap<u32, Vec<String>> = Default::default();
+        for c in e.composites.iter().filter(|x| keep(x.param)) {
+            let v = format!("{} {:?}", c.component, c.value).replace(&format!("{:?}", c.param), "");
+            groups.entry(c.group).or_default().push(v);
+        }
+        out.extend(groups.into_values().map(|mut g| {
+            g.sort();
+            format!("c {g:?}")
+        }));
+        out
+    }
+
+    #[test]
+    fn shared_rows_are_the_union_of_their_parts() {
+        let shared = SharedRows::r4();
+        assert_eq!(
+            shared.parts("Observation", "combo-code"),
+            Some(&["code", "component-code"][..])
+        );
+        assert_eq!(
+            shared.parts("Observation", "combo-code:text"),
+            Some(&["code:text", "component-code:text"][..])
+        );
+        assert_eq!(
+            shared.parts("Observation", "combo-code-value-quantity"),
+            Some(&["code-value-quantity", "component-code-value-quantity"][..])
+        );
+        assert_eq!(shared.parts("Observation", "code"), None);
+        assert_eq!(shared.parts("Condition", "combo-code"), None);
+        assert_eq!(shared.types_sharing("combo-code"), vec!["Observation"]);
+        let reg = Registry::r4();
+        for (t, name, _) in shared.all() {
+            let rt = ResourceType::new(t).expect("type");
+            let code = name.split(':').next().unwrap_or(name);
+            let def = reg
+                .get(rt, code)
+                .expect("shared rows belong to a parameter");
+            assert!(
+                !matches!(def.kind, SearchParamType::Date | SearchParamType::Reference),
+                "{t} {name}"
+            );
+        }
+        let quantity = |code: &str, v: f64| {
+            json!({"code": {"coding": [{"system": "http://loinc.org", "code": code}], "text": format!("{code} text")},
+                   "valueQuantity": {"value": v, "unit": "mmHg", "system": "http://unitsofmeasure.org", "code": "mm[Hg]"}})
+        };
+        let docs = [
+            json!({"resourceType": "Observation", "status": "final",
+                "code": {"coding": [{"system": "http://loinc.org", "code": "85354-9"}], "text": "BP"},
+                "component": [quantity("8480-6", 120.0), quantity("8462-4", 80.0),
+                    {"code": {"coding": [{"code": "x"}]}, "dataAbsentReason": {"coding": [{"code": "unknown"}]}},
+                    {"code": {"coding": [{"code": "y"}]}, "valueCodeableConcept": {"coding": [{"system": "http://snomed.info/sct", "code": "10828004"}]}}]}),
+            json!({"resourceType": "Observation", "status": "final",
+                "code": {"coding": [{"system": "http://loinc.org", "code": "29463-7"}, {"code": "weight"}]},
+                "valueQuantity": {"value": 70, "unit": "kg", "system": "http://unitsofmeasure.org", "code": "kg"}}),
+            json!({"resourceType": "Observation", "status": "final", "code": {"text": "only text"},
+                "valueCodeableConcept": {"coding": [{"code": "pos"}]}, "dataAbsentReason": {"text": "n/a"}}),
+            json!({"resourceType": "Patient", "name": [{"family": "Chalmers", "given": ["Peter"]}, {"text": "Jim Élan"}]}),
+        ];
+        let mut compared = 0;
+        for doc in &docs {
+            let e = extract(doc);
+            let t = doc["resourceType"].as_str().expect("type");
+            for (st, name, parts) in shared.all() {
+                if st != t {
+                    continue;
+                }
+                let union: std::collections::BTreeSet<String> =
+                    parts.iter().flat_map(|p| rows_named(&e, p)).collect();
+                assert_eq!(rows_named(&e, name), union, "{t} {name} = {parts:?}");
+                compared += usize::from(!union.is_empty());
+            }
+            let own = e
+                .clone()
+                .without_shared(ResourceType::new(t).expect("type"));
+            for (st, name, parts) in shared.all() {
+                if st == t {
+                    assert!(rows_named(&own, name).is_empty(), "{name} kept");
+                    for p in parts {
+                        assert_eq!(rows_named(&own, p), rows_named(&e, p), "{p} lost");
+                    }
+                }
+            }
+        }
+        // The documents exercise the combo parameters, not only empty sets.
+        assert!(compared >= 10, "{compared}");
     }
 
     #[test]

@@ -228,6 +228,219 @@ impl Registry {
     }
 }
 
+/// Index rows one parameter shares with others: on a resource type, a parameter whose rows are
+/// exactly the union of other parameters' rows needs none of its own. R4's Observation
+/// `combo-*` parameters are the case that matters: `combo-code` is `code | component-code`, and
+/// `combo-code-value-quantity` pairs each element's code and value as `code-value-quantity`
+/// and `component-code-value-quantity` do together. Storing them again took a fifth of the
+/// index rows of an Observation-heavy store; a store writes the parts' rows only and searches
+/// the parts for the union.
+///
+/// Derived from the R4 definitions alone (a tenant's own parameter cannot reuse an R4 code
+/// on the same type, so no tenant changes what is shared): a parameter `p` of type `t` shares
+/// when the union terms of its expression that apply to `t` are exactly the terms of other
+/// parameters of the same kind on `t` (each a proper subset of `p`'s, or the same terms under
+/// a code that sorts first), composites needing the same component expressions and kinds.
+/// Dates and references never share: their rows drive date ranges, includes and chains,
+/// which read one parameter at a time. No part is itself shared.
+#[derive(Debug, Default)]
+pub struct SharedRows {
+    /// By resource type, then by row name (a code, or a derived name such as `combo-code:text`):
+    /// the row names holding the rows instead.
+    by_type: HashMap<String, HashMap<String, Vec<&'static str>>>,
+}
+
+impl SharedRows {
+    /// The shared rows of the R4 parameters, derived on first use.
+    pub fn r4() -> &'static SharedRows {
+        static SHARED: OnceLock<SharedRows> = OnceLock::new();
+        SHARED.get_or_init(|| SharedRows::derive(Registry::r4()))
+    }
+
+    /// For the rows named `name` on `rt`: the row names that hold them instead, when shared.
+    pub fn parts(&self, rt: &str, name: &str) -> Option<&[&'static str]> {
+        self.by_type.get(rt)?.get(name).map(Vec::as_slice)
+    }
+
+    /// Whether any rows are shared on `rt`.
+    pub fn shares_on(&self, rt: &str) -> bool {
+        self.by_type.contains_key(rt)
+    }
+
+    /// Whether rows named `name` are shared on `rt`, so a store writes none.
+    pub fn is_shared(&self, rt: &str, name: &str) -> bool {
+        self.parts(rt, name).is_some()
+    }
+
+    /// Every shared row name: `(resource type, row name, parts)`, sorted.
+    pub fn all(&self) -> Vec<(&str, &str, &[&'static str])> {
+        let mut out: Vec<_> = self
+            .by_type
+            .iter()
+            .flat_map(|(t, m)| {
+                m.iter()
+                    .map(move |(n, p)| (t.as_str(), n.as_str(), p.as_slice()))
+            })
+            .collect();
+        out.sort_unstable();
+        out
+    }
+
+    /// The resource types on which rows named `name` are shared, sorted.
+    pub fn types_sharing(&self, name: &str) -> Vec<&str> {
+        let mut out: Vec<&str> = self
+            .by_type
+            .iter()
+            .filter(|(_, m)| m.contains_key(name))
+            .map(|(t, _)| t.as_str())
+            .collect();
+        out.sort_unstable();
+        out
+    }
+
+    fn derive(reg: &Registry) -> SharedRows {
+        let mut types: Vec<&str> = reg
+            .by_type
+            .keys()
+            .map(String::as_str)
+            .filter(|t| ResourceType::new(t).is_ok())
+            .collect();
+        types.sort_unstable();
+        let mut out = SharedRows::default();
+        for t in types {
+            let Ok(rt) = ResourceType::new(t) else {
+                continue;
+            };
+            let defs: Vec<(&'static SearchParamDef, std::collections::BTreeSet<String>)> = reg
+                .for_type(rt)
+                .into_iter()
+                .filter(|d| {
+                    !matches!(
+                        d.kind,
+                        SearchParamType::Date
+                            | SearchParamType::Reference
+                            | SearchParamType::Special
+                    ) && d.is_indexable()
+                })
+                .filter_map(|d| Some((d, terms_on(d.expression_text.as_deref()?, t)?)))
+                .filter(|(_, terms)| !terms.is_empty())
+                .collect();
+            let mut shared: HashMap<&'static str, Vec<&'static SearchParamDef>> = HashMap::new();
+            for (p, p_terms) in &defs {
+                let parts: Vec<_> = defs
+                    .iter()
+                    .filter(|(q, q_terms)| {
+                        q.code != p.code
+                            && q.kind == p.kind
+                            && q_terms.is_subset(p_terms)
+                            && (q_terms != p_terms || q.code < p.code)
+                            && same_components(reg, p, q)
+                    })
+                    .collect();
+                let union: std::collections::BTreeSet<&String> = parts
+                    .iter()
+                    .flat_map(|(_, q_terms)| q_terms.iter())
+                    .collect();
+                if !parts.is_empty() && union.len() == p_terms.len() {
+                    let mut parts: Vec<_> = parts.into_iter().map(|(q, _)| *q).collect();
+                    parts.sort_unstable_by(|a, b| a.code.cmp(&b.code));
+                    shared.insert(p.code.as_str(), parts);
+                }
+            }
+            // A part that is itself shared has no rows to read; its union keeps its own.
+            let names: Vec<&str> = shared.keys().copied().collect();
+            shared.retain(|_, parts| parts.iter().all(|q| !names.contains(&q.code.as_str())));
+            let mut rows = HashMap::new();
+            for (code, parts) in shared {
+                let Some(p) = reg.get(rt, code) else { continue };
+                let names = |f: fn(&'static SearchParamDef) -> &'static str| {
+                    parts.iter().map(|q| f(q)).collect::<Vec<_>>()
+                };
+                rows.insert(p.code.clone(), names(|d| d.code.as_str()));
+                if p.kind == SearchParamType::Token {
+                    rows.insert(p.text_param.clone(), names(|d| d.text_param.as_str()));
+                    rows.insert(p.of_type_param.clone(), names(|d| d.of_type_param.as_str()));
+                }
+            }
+            if !rows.is_empty() {
+                out.by_type.insert(t.to_owned(), rows);
+            }
+        }
+        out
+    }
+}
+
+/// Whether two composites have the same components (expressions and kinds, in order), so
+/// their rows for the same element are the same; true for non-composites.
+fn same_components(reg: &Registry, p: &SearchParamDef, q: &SearchParamDef) -> bool {
+    p.components.len() == q.components.len()
+        && p.components.iter().zip(&q.components).all(|(a, b)| {
+            a.expression_text == b.expression_text
+                && matches!(
+                    (reg.by_url(&a.definition), reg.by_url(&b.definition)),
+                    (Some(x), Some(y)) if x.kind == y.kind
+                )
+        })
+}
+
+/// The top-level union terms of `expression` that start at resource type `rt` (outer
+/// parentheses removed). `None` when a term starts anywhere else than at a type name, so
+/// nothing is concluded about an expression this reading does not cover.
+fn terms_on(expression: &str, rt: &str) -> Option<std::collections::BTreeSet<String>> {
+    let mut terms = Vec::new();
+    let (mut depth, mut quoted, mut start) = (0i32, false, 0usize);
+    for (i, c) in expression.char_indices() {
+        match c {
+            '\'' => quoted = !quoted,
+            '(' if !quoted => depth += 1,
+            ')' if !quoted => depth -= 1,
+            '|' if !quoted && depth == 0 => {
+                terms.push(&expression[start..i]);
+                start = i + 1;
+            }
+            _ => {}
+        }
+    }
+    terms.push(&expression[start..]);
+    let mut out = std::collections::BTreeSet::new();
+    for term in terms {
+        let mut term = term.trim();
+        while let Some(inner) = term.strip_prefix('(').and_then(|t| t.strip_suffix(')')) {
+            if !balanced(inner) {
+                break;
+            }
+            term = inner.trim();
+        }
+        let head: String = term
+            .chars()
+            .take_while(|c| c.is_ascii_alphanumeric())
+            .collect();
+        if ResourceType::new(&head).is_err() && head != "Resource" && head != "DomainResource" {
+            return None;
+        }
+        if head == rt {
+            out.insert(term.split_whitespace().collect::<Vec<_>>().join(" "));
+        }
+    }
+    Some(out)
+}
+
+/// Whether every `(` in `s` closes within it, so `(s)` was one parenthesised term.
+fn balanced(s: &str) -> bool {
+    let mut depth = 0i32;
+    for c in s.chars() {
+        match c {
+            '(' => depth += 1,
+            ')' => depth -= 1,
+            _ => {}
+        }
+        if depth < 0 {
+            return false;
+        }
+    }
+    depth == 0
+}
+
 /// The one `'static` copy of a definition. Equal definitions share a copy, so reloading a
 /// tenant's parameters never grows memory; only a new or changed definition adds one.
 pub fn intern(def: SearchParamDef) -> &'static SearchParamDef {

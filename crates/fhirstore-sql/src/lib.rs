@@ -852,6 +852,38 @@ pub(crate) fn parse_history_cursor(c: &str) -> Result<i64, Error> {
 mod tests {
     use super::*;
 
+    /// The migration that drops shared rows names every row name the R4 definitions share, on
+    /// its type and in its table, in both dialects: rows an older write stored under a shared
+    /// name would otherwise stay on disk, never read.
+    #[test]
+    fn the_shared_rows_migration_covers_every_shared_name() {
+        let reg = fhirstore_core::registry::Registry::r4();
+        for sql in [
+            include_str!("../../../migrations/sqlite/0012_shared_rows.sql"),
+            include_str!("../../../migrations/postgres/0012_shared_rows.sql"),
+        ] {
+            let statements: Vec<&str> = sql.split(';').collect();
+            for (t, name, _) in fhirstore_core::registry::SharedRows::r4().all() {
+                let rt = fhirstore_core::ResourceType::new(t).expect("type");
+                let code = name.split(':').next().unwrap_or(name);
+                let def = reg.get(rt, code).expect("a parameter");
+                let table = match (def.kind, name.ends_with(":text")) {
+                    (_, true) => "search_string",
+                    (fhirstore_core::registry::SearchParamType::Composite, _) => "search_composite",
+                    (k, _) => search::index_table(k).expect("an index table"),
+                };
+                assert!(
+                    statements.iter().any(|s| {
+                        s.contains(&format!("DELETE FROM {table} "))
+                            && s.contains(&format!("'{t}'"))
+                            && s.contains(&format!("'{name}'"))
+                    }),
+                    "{t} {name} in {table}"
+                );
+            }
+        }
+    }
+
     /// A step that fails temporarily `fail` times, then succeeds; counts its calls.
     async fn flaky(max_retries: u32, fail: u32, temporary: bool) -> (Result<u32, Error>, u32) {
         let mut calls = 0u32;

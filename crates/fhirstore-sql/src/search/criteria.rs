@@ -6,6 +6,7 @@
 
 use fhirstore_core::date::InstantPredicate;
 use fhirstore_core::index;
+use fhirstore_core::registry::SharedRows;
 use fhirstore_core::search::{
     CriterionValues, Modifier, NumberValue, ParamType, Prefix, ReferenceValue,
 };
@@ -14,7 +15,7 @@ use fhirstore_core::{Error, ResourceType, Result, SearchQuery, TenantId};
 use super::{Bind, Sql, Strategy};
 
 /// The index table holding a parameter type's rows.
-fn index_table(kind: ParamType) -> Option<&'static str> {
+pub(crate) fn index_table(kind: ParamType) -> Option<&'static str> {
     Some(match kind {
         ParamType::Token => "search_token",
         ParamType::String => "search_string",
@@ -89,9 +90,50 @@ fn push_in(
             }
         }
     }
-    qb.push(" AND t.param = ");
-    qb.push_bind(param.to_owned());
+    qb.push(" AND ");
+    push_param(qb, "t", scope.rt, param);
     close
+}
+
+/// `{t}.param = ?` for the index rows named `name`, or, where a resource type shares those rows
+/// (see [`SharedRows`]), the rows of its parts: `{t}.param IN (?, ?)` for a known type, and
+/// for a search across types the parts only on the types that share.
+pub(crate) fn push_param(qb: &mut Sql, t: &str, rt: Option<ResourceType>, name: &str) {
+    let shared = SharedRows::r4();
+    let in_list = |qb: &mut Sql, parts: &[&'static str]| {
+        qb.push(format_args!("{t}.param IN ("));
+        qb.push_bind_list(parts.iter().map(|p| (*p).to_owned()));
+        qb.push(")");
+    };
+    match rt {
+        Some(rt) => match shared.parts(rt.as_str(), name) {
+            Some(parts) => in_list(qb, parts),
+            None => {
+                qb.push(format_args!("{t}.param = "));
+                qb.push_bind(name.to_owned());
+            }
+        },
+        None => {
+            let types = shared.types_sharing(name);
+            if !types.is_empty() {
+                qb.push("(");
+            }
+            qb.push(format_args!("{t}.param = "));
+            qb.push_bind(name.to_owned());
+            for ty in &types {
+                if let Some(parts) = shared.parts(ty, name) {
+                    qb.push(format_args!(" OR ({t}.resource_type = "));
+                    qb.push_bind((*ty).to_owned());
+                    qb.push(" AND ");
+                    in_list(qb, parts);
+                    qb.push(")");
+                }
+            }
+            if !types.is_empty() {
+                qb.push(")");
+            }
+        }
+    }
 }
 
 /// Where a criterion applies: the tenant, the type of the resources aliased `alias` (when
@@ -364,8 +406,8 @@ fn push_composite(
         qb.push_bind(scope.tenant.as_str().to_owned());
         qb.push(" AND c0.resource_type = ");
         qb.push_bind(rt.as_str());
-        qb.push(" AND c0.param = ");
-        qb.push_bind(param.to_owned());
+        qb.push(" AND ");
+        push_param(qb, "c0", Some(rt), param);
         qb.push(" AND c0.comp = 0");
         for (k, v) in components.iter().enumerate() {
             push_values(qb, &format!("c{k}"), None, v, now);

@@ -18,6 +18,8 @@ mod tests;
 
 use fhirstore_core::{Result, SearchQuery, TenantId};
 
+#[cfg(test)]
+pub(crate) use criteria::index_table;
 pub(crate) use criteria::{chain_sets, index_sets, range_sets};
 pub(crate) use include::{current, linked};
 pub(crate) use sort::{KeyKind, KeyValue, SortColumn};
@@ -127,7 +129,9 @@ pub(crate) fn choose(
     let walkable = query.resource_type.is_some()
         && match query.sort.as_slice() {
             [] => true,
-            [k] => SortColumn::of(k, Syntax::Sqlite).walkable().is_some(),
+            [k] => SortColumn::of(k, query.resource_type, Syntax::Sqlite)
+                .walkable()
+                .is_some(),
             _ => false,
         };
     if let Some(ids) = &query.among {
@@ -164,7 +168,7 @@ pub(crate) fn page(
     let keys: Vec<SortColumn> = query
         .sort
         .iter()
-        .map(|k| SortColumn::of(k, dialect))
+        .map(|k| SortColumn::of(k, query.resource_type, dialect))
         .collect();
     if let (Strategy::Walk, [key], Some(rt)) = (strategy, keys.as_slice(), query.resource_type) {
         if key.walkable().is_some() {
@@ -289,8 +293,8 @@ fn walk_page(
     qb.push_bind(tenant.as_str().to_owned());
     qb.push(" AND t.resource_type = ");
     qb.push_bind(rt.as_str());
-    qb.push(" AND t.param = ");
-    qb.push_bind(param.to_owned());
+    qb.push(" AND ");
+    criteria::push_param(&mut qb, "t", Some(rt), param);
     qb.push(format_args!(
         " AND NOT EXISTS (SELECT 1 FROM {table} u WHERE u.tenant = t.tenant \
          AND u.resource_type = t.resource_type AND u.id = t.id AND u.param = t.param \
@@ -338,7 +342,10 @@ pub(crate) fn missing_page(
     after: Option<&fhirstore_core::LogicalId>,
     limit: usize,
 ) -> Result<Sql> {
-    let key = query.sort.first().map(|k| SortColumn::of(k, dialect));
+    let key = query
+        .sort
+        .first()
+        .map(|k| SortColumn::of(k, query.resource_type, dialect));
     let Some((key, (table, _, param))) = key.as_ref().and_then(|k| Some((k, k.walkable()?))) else {
         return Err(fhirstore_core::Error::InvalidSearch(
             "this _sort cannot walk an index".into(),
@@ -356,9 +363,9 @@ pub(crate) fn missing_page(
     criteria::push_search_where(&mut qb, tenant, query, now, Strategy::Gather)?;
     qb.push(format_args!(
         " AND NOT EXISTS (SELECT 1 FROM {table} t WHERE t.tenant = r.tenant \
-         AND t.resource_type = r.resource_type AND t.id = r.id AND t.param = "
+         AND t.resource_type = r.resource_type AND t.id = r.id AND "
     ));
-    qb.push_bind(param.to_owned());
+    criteria::push_param(&mut qb, "t", query.resource_type, param);
     qb.push(dialect.probe_end());
     if let Some(id) = after {
         qb.push(" AND r.id > ");

@@ -23,6 +23,9 @@ pub(crate) enum KeyKind {
 /// descending), with resources lacking a value sorted last in either direction.
 pub(crate) struct SortColumn {
     param: String,
+    /// The searched type, which decides whether the key's rows are shared (see
+    /// `criteria::push_param`).
+    rt: Option<ResourceType>,
     /// How its values are read and compared.
     pub kind: KeyKind,
     /// Descending order.
@@ -45,8 +48,12 @@ pub(crate) enum KeyValue {
 }
 
 impl SortColumn {
-    /// The column for one `_sort` key, in `dialect`.
-    pub(crate) fn of(k: &fhirstore_core::search::SortKey, dialect: Syntax) -> Self {
+    /// The column for one `_sort` key of a search of `rt`, in `dialect`.
+    pub(crate) fn of(
+        k: &fhirstore_core::search::SortKey,
+        rt: Option<ResourceType>,
+        dialect: Syntax,
+    ) -> Self {
         let (kind, source) = match (k.param.as_str(), k.kind) {
             ("_id", _) => (KeyKind::Text, None),
             ("_lastUpdated", _) => (KeyKind::Int, None),
@@ -64,6 +71,7 @@ impl SortColumn {
         };
         SortColumn {
             param: k.param.clone(),
+            rt,
             kind,
             descending: k.descending,
             source,
@@ -93,9 +101,9 @@ impl SortColumn {
                 let agg = if self.descending { "MAX" } else { "MIN" };
                 qb.push(format_args!(
                     "COALESCE((SELECT {agg}(t.{column}) FROM {table} t WHERE t.tenant = r.tenant \
-                     AND t.resource_type = r.resource_type AND t.id = r.id AND t.param = "
+                     AND t.resource_type = r.resource_type AND t.id = r.id AND "
                 ));
-                qb.push_bind(self.param.clone());
+                super::criteria::push_param(qb, "t", self.rt, &self.param);
                 qb.push("), ");
                 self.push_missing(qb);
                 qb.push(format_args!("){}", self.collate()));
@@ -139,11 +147,18 @@ impl SortColumn {
     /// against columns ordered by the database's collation.
     pub(super) fn walkable(&self) -> Option<(&'static str, &'static str, &str)> {
         let (table, column) = self.source?;
-        let ordered = match table {
-            "search_date" => true,
-            "search_string" | "search_uri" | "search_quantity" => !self.descending,
-            _ => false,
+        // Shared rows are read from several parameters, whose index ranges are not one order.
+        let shared = fhirstore_core::registry::SharedRows::r4();
+        let own = match self.rt {
+            Some(rt) => !shared.is_shared(rt.as_str(), &self.param),
+            None => shared.types_sharing(&self.param).is_empty(),
         };
+        let ordered = own
+            && match table {
+                "search_date" => true,
+                "search_string" | "search_uri" | "search_quantity" => !self.descending,
+                _ => false,
+            };
         ordered.then_some((table, column, self.param.as_str()))
     }
 }

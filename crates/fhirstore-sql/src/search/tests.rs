@@ -193,6 +193,27 @@ const PAGES: &[(&str, Option<&str>, &str)] = &[
         Some("Observation"),
         "code-value-quantity=http://loinc.org|8480-6$gt100",
     ),
+    // Rows shared with other parameters: the parts' rows are read instead.
+    (
+        "shared_composite",
+        Some("Observation"),
+        "combo-code-value-quantity=8480-6$gt100",
+    ),
+    (
+        "shared_token_text",
+        Some("Observation"),
+        "combo-code:text=blood",
+    ),
+    (
+        "shared_sort",
+        Some("Observation"),
+        "_sort=combo-value-quantity",
+    ),
+    (
+        "shared_untyped_chain",
+        Some("Observation"),
+        "has-member.combo-code=x",
+    ),
     // The resources table's own columns.
     ("id", Some("Patient"), "_id=a,b"),
     ("last_updated", Some("Patient"), "_lastUpdated=gt2020-01-01"),
@@ -724,4 +745,22 @@ fn strategies_follow_the_counts() {
         super::choose(&year, &[(2, 1000)], &[(0, 1000)], 1000),
         Strategy::Walk
     );
+}
+
+/// Across types, shared rows are read through their parts only on the types that share them:
+/// another type may have its own rows under the same name (a tenant's own parameter).
+#[test]
+fn shared_rows_across_types_read_parts_only_where_shared() {
+    let mut qb = Sql::new(Syntax::Sqlite, "SELECT 1 WHERE ");
+    super::criteria::push_param(&mut qb, "t", None, "combo-code");
+    assert_eq!(
+        qb.text(),
+        "SELECT 1 WHERE (t.param = ? OR (t.resource_type = ? AND t.param IN (?, ?)))"
+    );
+    let mut own = Sql::new(Syntax::Sqlite, "SELECT 1 WHERE ");
+    super::criteria::push_param(&mut own, "t", None, "gender");
+    assert_eq!(own.text(), "SELECT 1 WHERE t.param = ?");
+    let mut typed = Sql::new(Syntax::Sqlite, "SELECT 1 WHERE ");
+    super::criteria::push_param(&mut typed, "t", Some(rt("Condition")), "combo-code");
+    assert_eq!(typed.text(), "SELECT 1 WHERE t.param = ?");
 }

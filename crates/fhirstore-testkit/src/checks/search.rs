@@ -942,6 +942,40 @@ pub async fn search_composites(store: &dyn ResourceStorage) {
             "combo-code-value-quantity=8462-4$ge130",
             &["o2"],
         ),
+        // combo-* cover the Observation and each of its components, as one parameter.
+        ("Observation", "combo-code=8480-6", &["o1", "o2"]),
+        (
+            "Observation",
+            "combo-code=29463-7,85354-9",
+            &["o1", "o2", "o3"],
+        ),
+        ("Observation", "combo-value-quantity=gt100", &["o1", "o2"]),
+        (
+            "Observation",
+            "combo-value-quantity=lt90",
+            &["o1", "o2", "o3"],
+        ),
+        ("Observation", "combo-value-concept=10828004", &["o6"]),
+        (
+            "Observation",
+            "combo-code-value-quantity=8480-6$gt100",
+            &["o1"],
+        ),
+        (
+            "Observation",
+            "combo-code-value-quantity=8462-4$gt100&combo-code=8480-6",
+            &["o2"],
+        ),
+        (
+            "Observation",
+            "combo-value-quantity:missing=true",
+            &["o4", "o5", "o6"],
+        ),
+        (
+            "Observation",
+            "combo-code:missing=false&combo-code:not=8480-6",
+            &["o3", "o4", "o5", "o6"],
+        ),
         ("Observation", "code-value-quantity=29463-7$lt60", &[]),
         ("Observation", "code-value-quantity=85354-9$gt0", &[]),
         ("Observation", "code-value-string=5778-6$pos", &["o4"]),
