@@ -165,6 +165,17 @@ impl Syntax {
         }
     }
 
+    /// Whether the text `column` holds a `:`, as every absolute reference (`http://…`,
+    /// `urn:…`) does and no relative one (`Patient/1`) does: the predicate of the partial
+    /// `search_reference_url` index (migrations 0013), written the same in each statement that
+    /// reads it, as both planners need to see it to use the index.
+    pub(crate) fn has_scheme(self, column: &str) -> String {
+        match self {
+            Syntax::Sqlite => format!("instr({column}, ':') > 0"),
+            Syntax::Postgres => format!("strpos({column}, ':') > 0"),
+        }
+    }
+
     /// What closes a per-resource check (`[NOT] EXISTS (SELECT 1 FROM … WHERE … = r.id`).
     ///
     /// On PostgreSQL `OFFSET 0` keeps the check a subplan run per resource with its key as the

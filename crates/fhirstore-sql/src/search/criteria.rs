@@ -331,6 +331,12 @@ fn push_values(
             ReferenceValue::Url { url, version } => {
                 qb.push(format_args!("{t}.url = "));
                 qb.push_bind(url.clone());
+                if url.contains(':') {
+                    // Implied by the equality; it lets the planner use the url index, which
+                    // holds only absolute references (relative ones are searched by id).
+                    qb.push(" AND ");
+                    qb.push(qb.dialect().has_scheme(&format!("{t}.url")));
+                }
                 if let Some(v) = version {
                     qb.push(format_args!(" AND {t}.version = "));
                     qb.push_bind(v.clone());
