@@ -34,6 +34,9 @@ pub trait Dialect: Send + Sync + Copy + Default + std::fmt::Debug + 'static {
     /// Appended to a select of current rows a write transaction goes on to write: locks them
     /// where the dialect's writers run concurrently.
     const LOCK_CURRENT_ROWS: &'static str;
+    /// How index rows are inserted: SQLite's `search_composite` is keyed by the whole row, and
+    /// two component values that differ only in their precision range store the same row.
+    const INSERT_INDEX_ROWS: &'static str;
     /// What `_total=estimate` prefixes a search's FROM with to read the planner's estimate;
     /// `None` when the dialect has no estimate and counts exactly.
     const ESTIMATE_PREFIX: Option<&'static str>;

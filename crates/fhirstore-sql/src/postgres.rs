@@ -36,6 +36,8 @@ impl Dialect for PostgresDialect {
          FOR UPDATE";
     /// Row locks order concurrent writers of the same resources.
     const LOCK_CURRENT_ROWS: &'static str = " FOR UPDATE";
+    /// Index tables have no unique key to conflict on.
+    const INSERT_INDEX_ROWS: &'static str = "INSERT INTO";
     /// `_total=estimate` reads the planner's row estimate for the search's FROM and WHERE.
     const ESTIMATE_PREFIX: Option<&'static str> = Some("EXPLAIN (FORMAT JSON) SELECT 1");
     /// Plain `BEGIN` (READ COMMITTED): row locks taken by the write path order the writers.

@@ -42,6 +42,8 @@ impl Dialect for SqliteDialect {
          FROM resources WHERE tenant = $1 AND resource_type = $2 AND id = $3 AND segment = $4";
     /// The one writer connection serialises writers.
     const LOCK_CURRENT_ROWS: &'static str = "";
+    /// Index tables are keyed by their whole row (see `Dialect::INSERT_INDEX_ROWS`).
+    const INSERT_INDEX_ROWS: &'static str = "INSERT OR IGNORE INTO";
     /// SQLite's planner exposes no row estimates: `_total=estimate` counts exactly.
     const ESTIMATE_PREFIX: Option<&'static str> = None;
     /// Write transactions take SQLite's write lock up front, so a second process's writer waits
@@ -290,7 +292,7 @@ INSERT INTO digest_groups (tenant, resource_type, grp, h_hi, h_lo, count)
                 sql,
                 "
 DELETE FROM {table} WHERE $12 AND tenant = $1 AND resource_type = $2 AND id = $3;
-INSERT INTO {table} (tenant, resource_type, {}, id)
+INSERT OR IGNORE INTO {table} (tenant, resource_type, {}, id)
     SELECT $1, $2, {}, $3 FROM json_each(${}) AS j;",
                 names.join(", "),
                 values.join(", "),
@@ -375,7 +377,7 @@ DELETE FROM {table} WHERE tenant = $1 AND (resource_type, id) IN
             let _ = write!(
                 sql,
                 "
-INSERT INTO {table} (tenant, resource_type, {}, id)
+INSERT OR IGNORE INTO {table} (tenant, resource_type, {}, id)
     SELECT $1, j.value ->> 0, {}, j.value ->> 1 FROM json_each(${}) AS j;",
                 names.join(", "),
                 values.join(", "),

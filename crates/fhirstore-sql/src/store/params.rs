@@ -403,7 +403,8 @@ impl<D: Dialect> Store<D> {
             let columns: Vec<&str> = cols.iter().map(|c| c.0).collect();
             for chunk in rows.chunks(ROWS_PER_INSERT) {
                 let mut insert = D::sql(format!(
-                    "INSERT INTO {table} (tenant, resource_type, id, {}) ",
+                    "{} {table} (tenant, resource_type, id, {}) ",
+                    D::INSERT_INDEX_ROWS,
                     columns.join(", ")
                 ));
                 insert.push_values(chunk.iter().map(|(k, values)| {
