@@ -114,28 +114,6 @@ pub struct IndexEntries {
     pub composites: Vec<CompositeEntry>,
 }
 
-impl IndexEntries {
-    /// These entries without the rows `rt` shares (see [`SharedRows`]): what a store that
-    /// searches shared rows through their parts writes.
-    pub fn without_shared(mut self, rt: ResourceType) -> Self {
-        let shared = SharedRows::r4();
-        let rt = rt.as_str();
-        if !shared.shares_on(rt) {
-            return self;
-        }
-        let own = |param: &str| !shared.is_shared(rt, param);
-        self.tokens.retain(|e| own(e.param));
-        self.strings.retain(|e| own(e.param));
-        self.dates.retain(|e| own(e.param));
-        self.numbers.retain(|e| own(e.param));
-        self.quantities.retain(|e| own(e.param));
-        self.references.retain(|e| own(e.param));
-        self.uris.retain(|e| own(e.param));
-        self.composites.retain(|e| own(e.param));
-        self
-    }
-}
-
 /// One value of one component of a composite parameter (R4 search §3.1.1.4.9). Values of the
 /// same `group` come from the same element (one Observation, or one of its components), which
 /// is what lets `code-value-quantity=…$gt5` require the code and the value to belong together.
@@ -195,6 +173,21 @@ pub fn extract_in(reg: &Registry, content: &Value) -> IndexEntries {
         return IndexEntries::default();
     };
     extract_params(reg, &reg.for_type(rt), content)
+}
+
+/// [`extract_in`] without the rows the resource's type shares (see [`SharedRows`]): what a
+/// store that searches shared rows through their parts writes. The shared parameters are not
+/// evaluated at all.
+pub fn extract_own(reg: &Registry, content: &Value) -> IndexEntries {
+    let Some(rt) = resource_type_of(content) else {
+        return IndexEntries::default();
+    };
+    let shared = SharedRows::r4();
+    let mut defs = reg.for_type(rt);
+    if shared.shares_on(rt.as_str()) {
+        defs.retain(|d| !shared.is_shared(rt.as_str(), &d.code));
+    }
+    extract_params(reg, &defs, content)
 }
 
 /// Extracts the index entries of `content` for `defs` only (those that apply to its type),
@@ -761,9 +754,7 @@ mod tests {
                 assert_eq!(rows_named(&e, name), union, "{t} {name} = {parts:?}");
                 compared += usize::from(!union.is_empty());
             }
-            let own = e
-                .clone()
-                .without_shared(ResourceType::new(t).expect("type"));
+            let own = extract_own(Registry::r4(), doc);
             for (st, name, parts) in shared.all() {
                 if st == t {
                     assert!(rows_named(&own, name).is_empty(), "{name} kept");

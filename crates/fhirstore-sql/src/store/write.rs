@@ -302,7 +302,7 @@ pub(super) fn stage(
     let entries = if deleted {
         index::IndexEntries::default()
     } else {
-        index::extract_in(&w.params.index, &content).without_shared(rt)
+        index::extract_own(&w.params.index, &content)
     };
     let old_e = current.map_or(0, |c| c.e);
     Ok(Some(Staged {
