@@ -213,3 +213,37 @@ async fn shared_rows_are_stored_once() {
     })
     .await;
 }
+
+/// Bodies are stored deflated, as text at level 0, and text bodies from before bytea still read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bodies_are_stored_deflated() {
+    let (Some(deflated), Ok(url)) = (
+        postgres_store().await,
+        std::env::var("FHIRSTORE_TEST_POSTGRES_URL"),
+    ) else {
+        return;
+    };
+    let plain_config = fhirstore_sql::SqlConfig {
+        body_compression: 0,
+        ..Default::default()
+    };
+    let plain = fhirstore_sql::PostgresStore::connect(&url, plain_config)
+        .await
+        .expect("connect");
+    let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(&url)
+        .await
+        .expect("connect");
+    fhirstore_integration::bodies_are_stored_deflated(
+        &deflated,
+        &plain,
+        async |sql: String| {
+            let (n,): (i32,) = sqlx::query_as(&sql)
+                .fetch_one(&mut conn)
+                .await
+                .expect("scalar");
+            i64::from(n)
+        },
+        |json| format!("convert_to('{}', 'UTF8')", json.replace('\'', "''")),
+    )
+    .await;
+}

@@ -173,3 +173,36 @@ async fn shared_rows_are_stored_once() {
     })
     .await;
 }
+
+/// Bodies are stored deflated, as text at level 0, and text bodies of older files still read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bodies_are_stored_deflated() {
+    use sqlx::Connection;
+    let path = fresh_file("bodies");
+    let deflated = fhirstore_sql::SqliteStore::open(&path, fhirstore_sql::SqlConfig::default())
+        .await
+        .expect("open");
+    let plain_config = fhirstore_sql::SqlConfig {
+        body_compression: 0,
+        ..Default::default()
+    };
+    let plain = fhirstore_sql::SqliteStore::open(&path, plain_config)
+        .await
+        .expect("open");
+    let mut conn = sqlx::SqliteConnection::connect(&format!("sqlite://{}", path.display()))
+        .await
+        .expect("connect");
+    fhirstore_integration::bodies_are_stored_deflated(
+        &deflated,
+        &plain,
+        async |sql: String| {
+            let (n,): (i64,) = sqlx::query_as(&sql)
+                .fetch_one(&mut conn)
+                .await
+                .expect("scalar");
+            n
+        },
+        |json| format!("'{}'", json.replace('\'', "''")),
+    )
+    .await;
+}

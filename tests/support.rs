@@ -1078,3 +1078,91 @@ pub async fn shared_rows_are_stored_once(
         assert_eq!(page.matches.len(), 1, "{qs}");
     }
 }
+
+/// Bodies are stored deflated by default (`SqlConfig::body_compression`), as the JSON text at
+/// level 0, and a body stored as text before bodies were bytes still reads back. `deflated`
+/// and `plain` are stores on one database at the default level and at 0; `scalar` runs a
+/// statement returning one integer; `legacy` is the dialect's expression for the body of
+/// the JSON text as an old database held it.
+pub async fn bodies_are_stored_deflated(
+    deflated: &dyn fhirstore_core::ResourceStorage,
+    plain: &dyn fhirstore_core::ResourceStorage,
+    mut scalar: impl AsyncFnMut(String) -> i64,
+    legacy: impl Fn(&str) -> String,
+) {
+    use fhirstore_core::{LogicalId, ResourceType};
+    let ctx = fhirstore_testkit::random_tenant();
+    let tenant = ctx.tenant().as_str().to_owned();
+    let ob = ResourceType::new("Observation").expect("type");
+    let body = |id: &str, v: u32| {
+        serde_json::json!({"resourceType": "Observation", "id": id, "status": "final",
+            "category": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/observation-category",
+                "code": "vital-signs", "display": "Vital Signs"}]}],
+            "code": {"coding": [{"system": "http://loinc.org", "code": "8867-4", "display": "Heart rate"}]},
+            "subject": {"reference": "Patient/p-1"}, "effectiveDateTime": "2026-11-30T08:15:00Z",
+            "valueQuantity": {"value": v, "unit": "beats/minute", "system": "http://unitsofmeasure.org", "code": "/min"}})
+    };
+    let length = |id: &str| {
+        format!(
+            "SELECT length(body) FROM resource_versions WHERE tenant = '{tenant}' \
+             AND resource_type = 'Observation' AND id = '{id}' AND version = 1"
+        )
+    };
+    for (store, id) in [(deflated, "hr-deflated"), (plain, "hr-plain")] {
+        let id = LogicalId::new(id).expect("id");
+        store
+            .update(&ctx, ob, &id, body(id.as_str(), 72), None)
+            .await
+            .expect("write");
+    }
+    // Each store reads what the other wrote.
+    let a = plain
+        .read(&ctx, ob, &LogicalId::new("hr-deflated").expect("id"))
+        .await
+        .expect("read the deflated body");
+    let b = deflated
+        .read(&ctx, ob, &LogicalId::new("hr-plain").expect("id"))
+        .await
+        .expect("read the plain body");
+    assert_eq!(a.content["valueQuantity"]["value"], 72);
+    assert_eq!(b.content["code"]["coding"][0]["code"], "8867-4");
+    let text = serde_json::to_string(&b.content).expect("json").len();
+    let stored = i64::try_from(text).expect("length");
+    let plain_len = scalar(length("hr-plain")).await;
+    let deflated_len = scalar(length("hr-deflated")).await;
+    assert_eq!(plain_len, stored, "level 0 stores the text");
+    assert!(
+        deflated_len * 2 < stored,
+        "deflated {deflated_len} bytes of {stored}"
+    );
+
+    // A body as an old database stored it: its text.
+    let id = LogicalId::new("hr-legacy").expect("id");
+    deflated
+        .update(&ctx, ob, &id, body("hr-legacy", 1), None)
+        .await
+        .expect("write");
+    let mut old = body("hr-legacy", 64);
+    old["meta"] = serde_json::json!({"versionId": "1", "lastUpdated": "2026-01-02T03:04:05Z"});
+    let updated = scalar(format!(
+        "UPDATE resource_versions SET body = {} WHERE tenant = '{tenant}' \
+         AND resource_type = 'Observation' AND id = 'hr-legacy' AND version = 1 RETURNING 1",
+        legacy(&old.to_string())
+    ))
+    .await;
+    assert_eq!(updated, 1);
+    let read = deflated
+        .read(&ctx, ob, &id)
+        .await
+        .expect("read the text body");
+    assert_eq!(read.content["valueQuantity"]["value"], 64);
+    let request = fhirstore_core::HistoryRequest {
+        scope: fhirstore_core::HistoryScope::Instance(ob, id.clone()),
+        since: None,
+        count: None,
+        cursor: None,
+    };
+    let history = plain.history(&ctx, &request).await.expect("history");
+    assert_eq!(history.entries.len(), 1);
+    assert_eq!(history.entries[0].content["valueQuantity"]["value"], 64);
+}

@@ -44,6 +44,7 @@ pub(crate) fn embedded_settings(
         index_mode,
         search: fhirstore_server::config::SearchBounds::default(),
         memory_cache: fhirstore_server::config::DEFAULT_MEMORY_CACHE,
+        body_compression: fhirstore_sql::SqlConfig::default().body_compression,
     }
 }
 
@@ -141,6 +142,19 @@ struct StoreArgs {
         default_value = "postgres://postgres@127.0.0.1:5432/test"
     )]
     postgres: String,
+    /// How hard stored bodies are deflated, 0 (the JSON text) to 9 (`SqlConfig::body_compression`).
+    #[arg(long, default_value_t = SqlConfig::default().body_compression)]
+    body_compression: u32,
+}
+
+impl StoreArgs {
+    /// The store's settings: the defaults, with what these arguments set.
+    fn config(&self) -> SqlConfig {
+        SqlConfig {
+            body_compression: self.body_compression,
+            ..SqlConfig::default()
+        }
+    }
 }
 
 #[derive(Clone, Copy, ValueEnum, PartialEq, Eq, Debug)]
@@ -218,7 +232,7 @@ async fn open_store(
     args: &StoreArgs,
     dir: &tempfile::TempDir,
 ) -> Result<Arc<dyn ResourceStorage>, BoxError> {
-    open_store_with(args, dir, SqlConfig::default()).await
+    open_store_with(args, dir, args.config()).await
 }
 
 /// [`open_store`] with `config`; a second call opens the same database again.
@@ -242,7 +256,7 @@ async fn open_primary(
     args: &StoreArgs,
     dir: &tempfile::TempDir,
 ) -> Result<Arc<dyn fhirstore_core::changelog::Primary>, BoxError> {
-    let config = SqlConfig::default();
+    let config = args.config();
     Ok(match args.backend {
         Backend::Sqlite => {
             Arc::new(SqliteStore::open(dir.path().join("bench.sqlite"), config).await?)

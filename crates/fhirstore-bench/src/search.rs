@@ -9,7 +9,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use fhirstore_sql::{SqlConfig, SqliteStore};
+use fhirstore_sql::SqliteStore;
 
 use crate::generate::{self, CONDITIONS, FAMILIES, MEASURES};
 use crate::{open_store, Backend, BoxError};
@@ -280,8 +280,8 @@ async fn disk_bytes(args: &crate::StoreArgs, sqlite: &std::path::Path) -> Result
 /// Runs the search bench.
 pub async fn run(args: SearchArgs) -> Result<(), BoxError> {
     println!(
-        "search: backend={:?} sizes={:?} queries per shape={} seed={}",
-        args.store.backend, args.sizes, args.queries, args.seed
+        "search: backend={:?} sizes={:?} queries per shape={} seed={} body compression={}",
+        args.store.backend, args.sizes, args.queries, args.seed, args.store.body_compression
     );
     let mut results: Vec<Vec<Measured>> = Vec::new();
     // Every size's tenant stays until the end on PostgreSQL, so each size's growth of the
@@ -294,7 +294,7 @@ pub async fn run(args: SearchArgs) -> Result<(), BoxError> {
             None => dir.path().join("bench.sqlite"),
         };
         let store: Arc<dyn ResourceStorage> = match args.store.backend {
-            Backend::Sqlite => Arc::new(SqliteStore::open(&file, SqlConfig::default()).await?),
+            Backend::Sqlite => Arc::new(SqliteStore::open(&file, args.store.config()).await?),
             Backend::Postgres => open_store(&args.store, &dir).await?,
         };
         let tenant = format!("bench-{}", uuid::Uuid::new_v4().simple());

@@ -69,6 +69,10 @@ pub struct StorageArgs {
     /// process [default: 67108864, 64 MiB].
     #[arg(long, env = "FHIRSTORE_MEMORY_CACHE", global = true)]
     pub memory_cache: Option<usize>,
+    /// How hard the primary deflates the resource bodies it stores: 1 (fastest) to 9
+    /// (smallest), or 0 to store the JSON text; reads take either [default: 6].
+    #[arg(long, env = "FHIRSTORE_BODY_COMPRESSION", global = true)]
+    pub body_compression: Option<u32>,
 }
 
 /// The `serve` flags.
@@ -383,6 +387,7 @@ pub struct FileConfig {
     search_connections: Option<u32>,
     search_split_bound: Option<usize>,
     memory_cache: Option<usize>,
+    body_compression: Option<u32>,
     listen: Option<SocketAddr>,
     public_url: Option<String>,
     admin_token: Option<String>,
@@ -426,6 +431,18 @@ pub struct StoreSettings {
     pub search: SearchBounds,
     /// Bytes of the in-process read cache (`fhirstore_sync::SyncConfig::memory_cache_bytes`).
     pub memory_cache: usize,
+    /// `fhirstore_sql::SqlConfig::body_compression`.
+    pub body_compression: u32,
+}
+
+impl StoreSettings {
+    /// The primary's settings.
+    pub fn sql_config(&self) -> fhirstore_sql::SqlConfig {
+        fhirstore_sql::SqlConfig {
+            body_compression: self.body_compression,
+            ..self.search.sql_config()
+        }
+    }
 }
 
 /// How searches on the primary are bounded (see `fhirstore_sql::SqlConfig`).
@@ -609,6 +626,15 @@ fn resolve_store(args: &StorageArgs, file: &FileConfig) -> Result<StoreSettings,
             "search_split_bound must be at least 1".to_owned(),
         ));
     }
+    let body_compression = args
+        .body_compression
+        .or(file.body_compression)
+        .unwrap_or(fhirstore_sql::SqlConfig::default().body_compression);
+    if body_compression > 9 {
+        return Err(ConfigError(format!(
+            "body_compression {body_compression}: expected 0 (none) to 9"
+        )));
+    }
     let redis = args.redis.clone().or_else(|| file.redis.clone());
     let redis_mode = match redis {
         None => ModeArg::Off,
@@ -637,6 +663,7 @@ fn resolve_store(args: &StorageArgs, file: &FileConfig) -> Result<StoreSettings,
             .memory_cache
             .or(file.memory_cache)
             .unwrap_or(DEFAULT_MEMORY_CACHE),
+        body_compression,
     })
 }
 
@@ -797,6 +824,7 @@ mod tests {
         };
         let s = resolve_store(&args, &file).expect("settings");
         assert_eq!(s.search.timeout, Duration::from_secs(5));
+        assert_eq!(s.sql_config().search_timeout, Duration::from_secs(5));
         assert_eq!(s.search.connections, 3);
         let defaults = resolve_store(&StorageArgs::default(), &FileConfig::default())
             .expect("settings")
@@ -818,6 +846,34 @@ mod tests {
             let e = resolve_store(&StorageArgs::default(), &file).expect_err(bad);
             assert!(e.0.contains("search_"), "{e}");
         }
+    }
+
+    /// The body compression level reaches the primary: a flag over the file over the default;
+    /// past 9 is a configuration error naming the setting.
+    #[test]
+    fn body_compression_reaches_the_primary() {
+        let none = resolve_store(&StorageArgs::default(), &FileConfig::default()).expect("ok");
+        assert_eq!(
+            none.sql_config().body_compression,
+            fhirstore_sql::SqlConfig::default().body_compression
+        );
+        let file: FileConfig = toml::from_str("body_compression = 0").expect("file");
+        let s = resolve_store(&StorageArgs::default(), &file).expect("settings");
+        assert_eq!(s.sql_config().body_compression, 0);
+        let args = StorageArgs {
+            body_compression: Some(9),
+            ..StorageArgs::default()
+        };
+        assert_eq!(
+            resolve_store(&args, &file)
+                .expect("settings")
+                .sql_config()
+                .body_compression,
+            9
+        );
+        let file: FileConfig = toml::from_str("body_compression = 12").expect("parses");
+        let e = resolve_store(&StorageArgs::default(), &file).expect_err("12");
+        assert!(e.0.contains("body_compression"), "{e}");
     }
 
     #[test]

@@ -143,19 +143,10 @@ pub async fn open(settings: &StoreSettings) -> Result<Arc<Deployment>> {
         ..SyncConfig::default()
     };
     let deployment: Arc<Deployment> = match &settings.postgres {
-        Some(url) => {
-            postgres(
-                url,
-                settings.search.sql_config(),
-                secondaries,
-                config,
-                parts,
-            )
-            .await?
-        }
+        Some(url) => postgres(url, settings.sql_config(), secondaries, config, parts).await?,
         None => {
             let path = settings.data_dir.join("fhirstore.sqlite");
-            let store = SqliteStore::open(&path, settings.search.sql_config()).await?;
+            let store = SqliteStore::open(&path, settings.sql_config()).await?;
             parts.insert(0, (format!("sqlite {}", path.display()), "sqlite".into()));
             opened(Arc::new(store), secondaries, config, &parts)?
         }

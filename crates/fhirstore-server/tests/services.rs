@@ -30,6 +30,7 @@ async fn postgres_primary_with_redis_and_tantivy() {
         index_mode: ModeArg::Async,
         search: SearchBounds::default(),
         memory_cache: fhirstore_server::config::DEFAULT_MEMORY_CACHE,
+        body_compression: fhirstore_sql::SqlConfig::default().body_compression,
     };
     // Both secondaries start built, with their cursors at the log's head: on the shared test
     // database a new secondary would otherwise be rebuilt from every earlier run's data.

@@ -313,6 +313,8 @@ pub enum Cell {
     Real(f64),
     /// A text column (JSON included).
     Text(String),
+    /// A binary column (`BLOB`, `bytea`): stored bodies.
+    Bytes(Vec<u8>),
 }
 
 /// A result row, decoded: the store reads columns by position and type, whatever the driver.
@@ -337,6 +339,7 @@ impl Row {
             Cell::Int(_) => "an integer",
             Cell::Real(_) => "a number",
             Cell::Text(_) => "text",
+            Cell::Bytes(_) => "bytes",
         };
         T::from_cell(cell)
             .ok_or_else(|| corrupt(format!("column {i} holds {kind}, not {}", T::WHAT)))
@@ -397,6 +400,18 @@ impl FromCell for String {
     fn from_cell(cell: Cell) -> Option<Self> {
         match cell {
             Cell::Text(t) => Some(t),
+            _ => None,
+        }
+    }
+}
+
+/// A stored body: bytes (see `crate::body`), or text from before bodies were bytes.
+impl FromCell for Vec<u8> {
+    const WHAT: &'static str = "bytes";
+    fn from_cell(cell: Cell) -> Option<Self> {
+        match cell {
+            Cell::Bytes(b) => Some(b),
+            Cell::Text(t) => Some(t.into_bytes()),
             _ => None,
         }
     }

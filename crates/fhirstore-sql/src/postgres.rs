@@ -148,8 +148,8 @@ impl Dialect for PostgresDialect {
             .bind(texts(rows, |r| r.op.to_owned()))
             .bind(
                 rows.iter()
-                    .map(|r| r.body.map(str::to_owned))
-                    .collect::<Vec<Option<String>>>(),
+                    .map(|r| r.body.map(<[u8]>::to_vec))
+                    .collect::<Vec<Option<Vec<u8>>>>(),
             )
             .bind(rows.iter().map(|r| r.was_live).collect::<Vec<bool>>())
             .bind(rows.iter().map(|r| r.is_new).collect::<Vec<bool>>());
@@ -283,7 +283,7 @@ fn write_many_sql() -> &'static str {
     SQL.get_or_init(|| {
         let mut sql = String::from(
             "WITH x AS (SELECT * FROM unnest($3::text[], $4::text[], $5::int8[], $6::bool[], \
-      $7::int4[], $8::int8[], $9::int8[], $10::text[], $11::text[], $12::bool[], $13::bool[])
+      $7::int4[], $8::int8[], $9::int8[], $10::text[], $11::bytea[], $12::bool[], $13::bool[])
       WITH ORDINALITY AS x(rt, id, version, deleted, segment, e_hi, e_lo, op, body, was_live,
       is_new, ord)),
 n AS (INSERT INTO resources (tenant, resource_type, id, version, last_updated, deleted, segment,
@@ -362,6 +362,7 @@ fn row_of(row: PgRow) -> Result<Row> {
             }
             // `json` arrives as its text, whichever format the server sends.
             Some("JSON") => Cell::Text(row.try_get_unchecked(i).map_err(db_err)?),
+            Some("BYTEA") => Cell::Bytes(row.try_get(i).map_err(db_err)?),
             Some(other) => {
                 return Err(crate::corrupt(format!("column {i} of type {other}")));
             }

@@ -165,7 +165,7 @@ impl Dialect for SqliteDialect {
                     r.e_hi,
                     r.e_lo,
                     r.op,
-                    r.body,
+                    r.body.map(hex),
                     i64::from(r.was_live),
                 ])
             })
@@ -226,6 +226,17 @@ fn json_list(v: &[i32]) -> String {
     format!("[{}]", items.join(","))
 }
 
+/// Bytes as hexadecimal text, which SQLite's `unhex` turns back: JSON carries no bytes.
+fn hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut out = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        out.push(char::from(DIGITS[usize::from(b >> 4)]));
+        out.push(char::from(DIGITS[usize::from(b & 0xf)]));
+    }
+    out
+}
+
 /// A text list as SQLite binds it: a JSON array, which `json_each` turns into rows.
 fn json_texts(v: &[String]) -> String {
     serde_json::Value::from(v.to_vec()).to_string()
@@ -243,6 +254,7 @@ fn row_of(row: SqliteRow) -> Result<Row> {
             Some("INTEGER" | "BOOLEAN") => Cell::Int(row.try_get_unchecked(i).map_err(db_err)?),
             Some("REAL") => Cell::Real(row.try_get_unchecked(i).map_err(db_err)?),
             Some("TEXT") => Cell::Text(row.try_get_unchecked(i).map_err(db_err)?),
+            Some("BLOB") => Cell::Bytes(row.try_get_unchecked(i).map_err(db_err)?),
             Some(other) => return Err(corrupt(format!("column {i} of type {other}"))),
         };
         cells.push(cell);
@@ -319,7 +331,7 @@ INSERT OR IGNORE INTO {table} (tenant, resource_type, {}, id)
 }
 
 /// The statement behind `write_versions`. Parameters: $1 tenant; $2 the versions, a JSON array
-/// of `[type, id, version, now, deleted, segment, e_hi, e_lo, op, body, was_live]`; then one
+/// of `[type, id, version, now, deleted, segment, e_hi, e_lo, op, body (hexadecimal), was_live]`; then one
 /// JSON array of `[type, id, columns…]` rows per index table from $3, in `INDEX_TABLES` order.
 /// `any_live`: some version replaces a live one, whose index rows go first.
 fn write_many_sql(any_live: bool) -> &'static str {
@@ -336,7 +348,7 @@ INSERT INTO outbox (tenant, resource_type, id, version, op, created_at)
 SELECT MAX(seq) FROM outbox;
 INSERT INTO resource_versions (tenant, resource_type, id, version, seq, last_updated, deleted, body)
     SELECT $1, {}, {}, {}, (SELECT MAX(seq) FROM outbox) - json_array_length($2) + 1 + j.key,
-        {}, {}, {} FROM json_each($2) AS j;
+        {}, {}, unhex({}) FROM json_each($2) AS j;
 INSERT INTO resources (tenant, resource_type, id, version, last_updated, deleted, segment, e_hi, e_lo)
     SELECT $1, {}, {}, {}, {}, {}, {}, {}, {} FROM json_each($2) AS j WHERE true
     ON CONFLICT (tenant, resource_type, id) DO UPDATE SET version = excluded.version,

@@ -58,6 +58,7 @@ pub fn store_settings(dir: &std::path::Path) -> StoreSettings {
         index_mode: ModeArg::Async,
         search: SearchBounds::default(),
         memory_cache: fhirstore_server::config::DEFAULT_MEMORY_CACHE,
+        body_compression: fhirstore_sql::SqlConfig::default().body_compression,
     }
 }
 

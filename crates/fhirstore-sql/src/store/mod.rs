@@ -80,12 +80,14 @@ fn stored(
     version: i64,
     last_updated: i64,
     deleted: bool,
-    body: Option<String>,
+    body: Option<Vec<u8>>,
 ) -> Result<StoredResource> {
     let content = match (deleted, body) {
         (true, _) => Value::Null,
-        (false, Some(text)) => {
-            serde_json::from_str(&text).map_err(|e| corrupt(format!("body of {key}: {e}")))?
+        (false, Some(stored)) => {
+            let text = crate::body::decode(stored)
+                .map_err(|e| corrupt(format!("body of {key}: {}", e.0)))?;
+            serde_json::from_slice(&text).map_err(|e| corrupt(format!("body of {key}: {e}")))?
         }
         (false, None) => return Err(corrupt(format!("live version of {key} has no body"))),
     };

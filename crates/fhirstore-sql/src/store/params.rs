@@ -179,9 +179,11 @@ impl<D: Dialect> Store<D> {
         for mut row in rows {
             let rt: String = row.get(0)?;
             let id: String = row.get(1)?;
-            let body: Option<String> = row.get(2)?;
+            let body: Option<Vec<u8>> = row.get(2)?;
             if let (crate::STATE_REINDEXING, Some(body)) = (state.as_str(), body) {
-                let content: Value = serde_json::from_str(&body)
+                let text = crate::body::decode(body)
+                    .map_err(|e| corrupt(format!("stored body of {rt}/{id}: {}", e.0)))?;
+                let content: Value = serde_json::from_slice(&text)
                     .map_err(|e| corrupt(format!("stored body of {rt}/{id}: {e}")))?;
                 let entries = index::extract_params(&params.index, &[def], &content);
                 for (table, table_rows) in new_rows.iter_mut().zip(crate::index_rows(&entries)) {

@@ -22,6 +22,8 @@ pub(super) struct WriteScope<'a> {
     pub(super) tenant: &'a TenantId,
     pub(super) now: i64,
     pub(super) max_bytes: usize,
+    /// `SqlConfig::body_compression`.
+    pub(super) body_compression: u32,
     /// Whether each write applies its own digest change (see `D::ALWAYS_INLINE_DIGEST`); otherwise
     /// `deltas` collects them for one sorted flush at the end.
     pub(super) inline_digest: bool,
@@ -244,7 +246,8 @@ pub(super) struct Staged {
     pub(super) deleted: bool,
     was_live: bool,
     is_new: bool,
-    body_text: Option<String>,
+    /// The body as stored (see `crate::body`).
+    stored_body: Option<Vec<u8>>,
     pub(super) entries: index::IndexEntries,
     /// The stored body (`Null` for a tombstone).
     pub(super) content: Value,
@@ -291,11 +294,14 @@ pub(super) fn stage(
     let hash = prepared.as_ref().map_or(TOMBSTONE_CONTENT_HASH, |p| p.hash);
     let e = element_hash(w.tenant, rt, id.as_str(), version, &hash);
     let deleted = prepared.is_none();
-    let (content, body_text) = match prepared {
+    let (content, stored_body) = match prepared {
         Some(p) => {
-            let text = String::from_utf8(p.canonical)
+            let text = std::str::from_utf8(&p.canonical)
                 .map_err(|e| corrupt(format!("canonical JSON is not UTF-8: {e}")))?;
-            (p.content, Some(text))
+            (
+                p.content,
+                Some(crate::body::encode(text, w.body_compression)),
+            )
         }
         None => (Value::Null, None),
     };
@@ -315,7 +321,7 @@ pub(super) fn stage(
         deleted,
         was_live: current.is_some_and(|c| !c.deleted),
         is_new: current.is_none(),
-        body_text,
+        stored_body,
         entries,
         content,
     }))
@@ -341,7 +347,7 @@ impl Staged {
                 (false, true) => "update",
                 (false, false) => "create",
             },
-            body: self.body_text.as_deref(),
+            body: self.stored_body.as_deref(),
             index: &self.entries,
             is_new: self.is_new,
             was_live: self.was_live,
@@ -666,11 +672,11 @@ impl<D: Dialect> Store<D> {
         conn: &mut Conn<D>,
         ctx: &TenantContext,
         ops: &[WriteOp],
-        max_bytes: usize,
-        digests: bool,
+        config: &crate::SqlConfig,
         params: std::sync::Arc<crate::TenantParams>,
     ) -> Result<Vec<OpOutcome>> {
         let tenant = ctx.tenant();
+        let digests = config.maintain_digests;
         // One digest row alone cannot take part in a lock cycle: transactions writing several
         // versions lock their digest rows last, in sorted order.
         let single_write = matches!(
@@ -683,7 +689,8 @@ impl<D: Dialect> Store<D> {
         let mut w = WriteScope {
             tenant,
             now: now_micros(),
-            max_bytes,
+            max_bytes: config.max_resource_bytes,
+            body_compression: config.body_compression,
             inline_digest: digests && (D::ALWAYS_INLINE_DIGEST || single_write),
             digests,
             deltas: DigestDeltas::default(),
@@ -1081,15 +1088,7 @@ impl<D: Dialect> Store<D> {
                 let store = store;
                 let mut tx = store.begin_write().await?;
                 let params = Self::tenant_params(&mut tx, &store.params, ctx.tenant()).await?;
-                let out = Self::apply_ops(
-                    &mut tx,
-                    ctx,
-                    ops,
-                    store.config.max_resource_bytes,
-                    store.config.maintain_digests,
-                    params,
-                )
-                .await?;
+                let out = Self::apply_ops(&mut tx, ctx, ops, &store.config, params).await?;
                 tx.commit().await.map_err(db_err::<D>)?;
                 store.note_writes(out.len() as u64);
                 Ok(out)
@@ -1151,15 +1150,9 @@ impl<D: Dialect> Store<D> {
                             return Err(stop());
                         }
                     };
-                    let applied = Self::apply_ops(
-                        &mut sp,
-                        ctx,
-                        single,
-                        store.config.max_resource_bytes,
-                        store.config.maintain_digests,
-                        (*params).clone(),
-                    )
-                    .await;
+                    let applied =
+                        Self::apply_ops(&mut sp, ctx, single, &store.config, (*params).clone())
+                            .await;
                     let ended = match &applied {
                         Ok(_) => sp.commit().await,
                         Err(_) => sp.rollback().await,
