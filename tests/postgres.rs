@@ -204,13 +204,17 @@ async fn shared_rows_are_stored_once() {
     let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(&url)
         .await
         .expect("connect");
-    fhirstore_integration::shared_rows_are_stored_once(&store, async |sql: String| {
-        let (n,): (i64,) = sqlx::query_as(&sql)
-            .fetch_one(&mut conn)
-            .await
-            .expect("count");
-        n
-    })
+    fhirstore_integration::shared_rows_are_stored_once(
+        &store,
+        async |sql: String| {
+            let (n,): (i64,) = sqlx::query_as(&sql)
+                .fetch_one(&mut conn)
+                .await
+                .expect("count");
+            n
+        },
+        |t| format!("'{t}'"),
+    )
     .await;
 }
 

@@ -164,13 +164,17 @@ async fn shared_rows_are_stored_once() {
     let mut conn = sqlx::SqliteConnection::connect(&format!("sqlite://{}", path.display()))
         .await
         .expect("connect");
-    fhirstore_integration::shared_rows_are_stored_once(&store, async |sql: String| {
-        let (n,): (i64,) = sqlx::query_as(&sql)
-            .fetch_one(&mut conn)
-            .await
-            .expect("count");
-        n
-    })
+    fhirstore_integration::shared_rows_are_stored_once(
+        &store,
+        async |sql: String| {
+            let (n,): (i64,) = sqlx::query_as(&sql)
+                .fetch_one(&mut conn)
+                .await
+                .expect("count");
+            n
+        },
+        |t| format!("(SELECT key FROM tenant_keys WHERE tenant = '{t}')"),
+    )
     .await;
 }
 
@@ -205,4 +209,125 @@ async fn bodies_are_stored_deflated() {
         |json| format!("'{}'", json.replace('\'', "''")),
     )
     .await;
+}
+
+/// Search-index rows hold a short key for their tenant, not its name, a key of its own per
+/// tenant; migration 0015 turns the names of a file written before it into keys, and the
+/// same searches answer the same after it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn index_rows_hold_tenant_keys() {
+    use fhirstore_core::{Handling, LogicalId, ResourceStorage as _, ResourceType, SearchQuery};
+    use sqlx::Connection;
+    let path = fresh_file("tenant-keys");
+    let open = || fhirstore_sql::SqliteStore::open(&path, fhirstore_sql::SqlConfig::default());
+    let store = open().await.expect("open");
+    let pt = ResourceType::new("Patient").expect("type");
+    let ob = ResourceType::new("Observation").expect("type");
+    let (a, b) = (
+        fhirstore_testkit::random_tenant(),
+        fhirstore_testkit::random_tenant(),
+    );
+    for (ctx, n) in [(&a, 3), (&b, 2)] {
+        for i in 0..n {
+            let id = format!("k{i}");
+            let body = serde_json::json!({"resourceType": "Patient", "id": id,
+                "name": [{"family": "Keyes"}], "gender": "female"});
+            store
+                .update(ctx, pt, &LogicalId::new(&id).expect("id"), body, None)
+                .await
+                .expect("patient");
+            let obs = serde_json::json!({"resourceType": "Observation", "id": id,
+                "status": "final", "code": {"coding": [{"system": "http://loinc.org", "code": "8867-4"}]},
+                "subject": {"reference": format!("Patient/{id}")}});
+            store
+                .update(ctx, ob, &LogicalId::new(&id).expect("id"), obs, None)
+                .await
+                .expect("observation");
+        }
+    }
+    let queries = [
+        (pt, "family=keyes&gender=female"),
+        (ob, "subject:Patient.family=keyes"),
+        (pt, "_has:Observation:subject:code=8867-4"),
+        (pt, "_sort=family&_count=2"),
+    ];
+    let answers = async |store: &fhirstore_sql::SqliteStore| {
+        let mut out = Vec::new();
+        for ctx in [&a, &b] {
+            for (rt, qs) in queries {
+                let q = SearchQuery::parse(Some(rt), qs, Handling::Strict).expect(qs);
+                let page = store.search(ctx, &q).await.expect(qs);
+                out.push((qs, page.matches.len(), page.total));
+            }
+        }
+        out
+    };
+    let before = answers(&store).await;
+    let found: Vec<usize> = before.iter().map(|(_, n, _)| *n).collect();
+    assert_eq!(found, [3, 3, 3, 2, 2, 2, 2, 2], "{before:?}");
+
+    let mut conn = sqlx::SqliteConnection::connect(&format!("sqlite://{}", path.display()))
+        .await
+        .expect("connect");
+    let scalar = async |conn: &mut sqlx::SqliteConnection, sql: String| -> String {
+        let (v,): (String,) = sqlx::query_as(&sql).fetch_one(conn).await.expect(&sql);
+        v
+    };
+    let key_of = |t: &fhirstore_core::TenantContext| {
+        format!(
+            "SELECT key FROM tenant_keys WHERE tenant = '{}'",
+            t.tenant().as_str()
+        )
+    };
+    let (key_a, key_b) = (
+        scalar(&mut conn, key_of(&a)).await,
+        scalar(&mut conn, key_of(&b)).await,
+    );
+    assert!(key_a.starts_with('.') && key_b.starts_with('.') && key_a != key_b);
+    let tables = [
+        "search_token",
+        "search_string",
+        "search_date",
+        "search_quantity",
+        "search_reference",
+        "search_uri",
+        "search_composite",
+    ];
+    let mut tenants: Vec<String> = Vec::new();
+    for table in tables {
+        let rows: Vec<(String,)> = sqlx::query_as(&format!("SELECT DISTINCT tenant FROM {table}"))
+            .fetch_all(&mut conn)
+            .await
+            .expect("tenants");
+        tenants.extend(rows.into_iter().map(|(t,)| t));
+    }
+    tenants.sort();
+    tenants.dedup();
+    assert_eq!(
+        tenants,
+        {
+            let mut k = vec![key_a.clone(), key_b.clone()];
+            k.sort();
+            k
+        },
+        "index rows hold keys, never names"
+    );
+
+    // As a file written before migration 0015 held them: names in the index rows.
+    drop(store);
+    for table in tables {
+        sqlx::query(&format!(
+            "UPDATE {table} SET tenant = (SELECT k.tenant FROM tenant_keys k WHERE k.key = {table}.tenant)"
+        ))
+        .execute(&mut conn)
+        .await
+        .expect("back to names");
+    }
+    sqlx::query("DROP TABLE tenant_keys; DELETE FROM _sqlx_migrations WHERE version = 15")
+        .execute(&mut conn)
+        .await
+        .expect("before 0015");
+    drop(conn);
+    let store = open().await.expect("migrated");
+    assert_eq!(answers(&store).await, before);
 }

@@ -1025,6 +1025,7 @@ pub async fn date_ranges_follow_the_model(store: &dyn ResourceStorage) {
 pub async fn shared_rows_are_stored_once(
     store: &dyn fhirstore_core::ResourceStorage,
     mut count: impl AsyncFnMut(String) -> i64,
+    index_tenant: impl Fn(&str) -> String,
 ) {
     use fhirstore_core::{LogicalId, ResourceType, SearchQuery};
     let component = |code: &str, v: u32| {
@@ -1060,8 +1061,8 @@ pub async fn shared_rows_are_stored_once(
             "search_composite",
         ] {
             rows += count(format!(
-                "SELECT COUNT(*) FROM {table} WHERE tenant = '{}' AND param = '{name}'",
-                ctx.tenant().as_str()
+                "SELECT COUNT(*) FROM {table} WHERE tenant = {} AND param = '{name}'",
+                index_tenant(ctx.tenant().as_str())
             ))
             .await;
         }

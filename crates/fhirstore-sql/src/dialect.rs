@@ -37,6 +37,9 @@ pub trait Dialect: Send + Sync + Copy + Default + std::fmt::Debug + 'static {
     /// How index rows are inserted: SQLite's `search_composite` is keyed by the whole row, and
     /// two component values that differ only in their precision range store the same row.
     const INSERT_INDEX_ROWS: &'static str;
+    /// Gives tenant `$1` the key its search-index rows hold instead of its name, if it has
+    /// none yet; `None` where index rows hold the name (see `Sql::push_index_tenant`).
+    const ENSURE_TENANT_KEY: Option<&'static str>;
     /// What `_total=estimate` prefixes a search's FROM with to read the planner's estimate;
     /// `None` when the dialect has no estimate and counts exactly.
     const ESTIMATE_PREFIX: Option<&'static str>;

@@ -38,6 +38,9 @@ impl Dialect for PostgresDialect {
     const LOCK_CURRENT_ROWS: &'static str = " FOR UPDATE";
     /// Index tables have no unique key to conflict on.
     const INSERT_INDEX_ROWS: &'static str = "INSERT INTO";
+    /// Index rows hold the tenant's name: the schema is distributed by it, and a row must sit
+    /// in its resource's shard.
+    const ENSURE_TENANT_KEY: Option<&'static str> = None;
     /// `_total=estimate` reads the planner's row estimate for the search's FROM and WHERE.
     const ESTIMATE_PREFIX: Option<&'static str> = Some("EXPLAIN (FORMAT JSON) SELECT 1");
     /// Plain `BEGIN` (READ COMMITTED): row locks taken by the write path order the writers.

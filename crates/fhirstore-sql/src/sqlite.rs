@@ -44,6 +44,7 @@ impl Dialect for SqliteDialect {
     const LOCK_CURRENT_ROWS: &'static str = "";
     /// Index tables are keyed by their whole row (see `Dialect::INSERT_INDEX_ROWS`).
     const INSERT_INDEX_ROWS: &'static str = "INSERT OR IGNORE INTO";
+    const ENSURE_TENANT_KEY: Option<&'static str> = Some(ENSURE_TENANT_KEY);
     /// SQLite's planner exposes no row estimates: `_total=estimate` counts exactly.
     const ESTIMATE_PREFIX: Option<&'static str> = None;
     /// Write transactions take SQLite's write lock up front, so a second process's writer waits
@@ -217,6 +218,18 @@ impl Dialect for SqliteDialect {
     }
 }
 
+/// Gives tenant `$1` its search-index key if it has none: `.` and the next number, which no
+/// tenant name can equal (names are letters, digits and `-`), so a key and a name never
+/// collide, in the table or while migration 0015 turns names into keys. Keys are never
+/// removed, so the count is the largest. The one writer connection orders the check and
+/// the insert.
+const ENSURE_TENANT_KEY: &str = "INSERT INTO tenant_keys (tenant, key) \
+     SELECT $1, '.' || ((SELECT COUNT(*) FROM tenant_keys) + 1) \
+     WHERE NOT EXISTS (SELECT 1 FROM tenant_keys WHERE tenant = $1)";
+
+/// The `tenant` of tenant `$1`'s search-index rows: its key (see `ENSURE_TENANT_KEY`).
+const INDEX_TENANT: &str = "(SELECT key FROM tenant_keys WHERE tenant = $1)";
+
 /// Virtual-machine steps between two checks of a search's deadline.
 const PROGRESS_STEPS: i32 = 1_000;
 
@@ -275,8 +288,9 @@ fn write_sql(is_new: bool) -> &'static str {
     static EXISTING: OnceLock<String> = OnceLock::new();
     let build = |head: &str| {
         let mut sql = String::from(head);
+        sql.push_str(ENSURE_TENANT_KEY);
         sql.push_str(
-            "
+            ";
 INSERT INTO outbox (tenant, resource_type, id, version, op, created_at)
     VALUES ($1, $2, $3, $4, $10, $5);
 INSERT INTO resource_versions (tenant, resource_type, id, version, seq, last_updated, deleted, body)
@@ -303,9 +317,9 @@ INSERT INTO digest_groups (tenant, resource_type, grp, h_hi, h_lo, count)
             let _ = write!(
                 sql,
                 "
-DELETE FROM {table} WHERE $12 AND tenant = $1 AND resource_type = $2 AND id = $3;
+DELETE FROM {table} WHERE $12 AND tenant = {INDEX_TENANT} AND resource_type = $2 AND id = $3;
 INSERT OR IGNORE INTO {table} (tenant, resource_type, {}, id)
-    SELECT $1, $2, {}, $3 FROM json_each(${}) AS j;",
+    SELECT {INDEX_TENANT}, $2, {}, $3 FROM json_each(${}) AS j;",
                 names.join(", "),
                 values.join(", "),
                 17 + i
@@ -342,7 +356,7 @@ fn write_many_sql(any_live: bool) -> &'static str {
     let build = |any_live: bool| {
         let v = |k: usize| format!("j.value ->> {k}");
         let mut sql = format!(
-            "
+            "{ENSURE_TENANT_KEY};
 INSERT INTO outbox (tenant, resource_type, id, version, op, created_at)
     SELECT $1, {}, {}, {}, {}, {} FROM json_each($2) AS j ORDER BY j.key;
 SELECT MAX(seq) FROM outbox;
@@ -382,7 +396,7 @@ INSERT INTO resources (tenant, resource_type, id, version, last_updated, deleted
                 let _ = write!(
                     sql,
                     "
-DELETE FROM {table} WHERE tenant = $1 AND (resource_type, id) IN
+DELETE FROM {table} WHERE tenant = {INDEX_TENANT} AND (resource_type, id) IN
     (SELECT j.value ->> 0, j.value ->> 1 FROM json_each($2) AS j WHERE j.value ->> 10);"
                 );
             }
@@ -390,7 +404,7 @@ DELETE FROM {table} WHERE tenant = $1 AND (resource_type, id) IN
                 sql,
                 "
 INSERT OR IGNORE INTO {table} (tenant, resource_type, {}, id)
-    SELECT $1, j.value ->> 0, {}, j.value ->> 1 FROM json_each(${}) AS j;",
+    SELECT {INDEX_TENANT}, j.value ->> 0, {}, j.value ->> 1 FROM json_each(${}) AS j;",
                 names.join(", "),
                 values.join(", "),
                 3 + i

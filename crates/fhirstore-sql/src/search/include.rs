@@ -33,7 +33,7 @@ pub(crate) fn linked(
             "SELECT t.target_type, t.target_id FROM search_reference t WHERE t.tenant = "
         },
     );
-    qb.push_bind(tenant.as_str());
+    qb.push_index_tenant(tenant.as_str(), None);
     if reverse {
         if let Some(source) = inc.source {
             qb.push(" AND t.resource_type = ");

@@ -191,7 +191,7 @@ pub(crate) fn page(
     );
     for (i, k) in keys.iter().enumerate() {
         qb.push(", ");
-        k.push_expr(&mut qb);
+        k.push_expr(&mut qb, tenant.as_str());
         qb.push(format_args!(" AS k{i}"));
     }
     qb.push(" FROM resources r");
@@ -284,13 +284,18 @@ fn walk_page(
         format_args!(
             "WITH w AS MATERIALIZED (\
              SELECT DISTINCT t.{column}{collate} AS k, t.id AS id FROM {table} t \
-             JOIN resources r ON r.tenant = t.tenant AND r.resource_type = t.resource_type \
-             AND r.id = t.id"
+             JOIN resources r ON r.tenant = "
         ),
     );
+    // The index row's tenant column holds a key on SQLite (see `Sql::push_index_tenant`).
+    match dialect {
+        crate::Syntax::Sqlite => qb.push_bind(tenant.as_str().to_owned()),
+        crate::Syntax::Postgres => qb.push("t.tenant"),
+    };
+    qb.push(" AND r.resource_type = t.resource_type AND r.id = t.id");
     criteria::push_search_where(&mut qb, tenant, query, now, Strategy::Walk)?;
     qb.push(" AND t.tenant = ");
-    qb.push_bind(tenant.as_str().to_owned());
+    qb.push_index_tenant(tenant.as_str(), None);
     qb.push(" AND t.resource_type = ");
     qb.push_bind(rt.as_str());
     qb.push(" AND ");
@@ -362,9 +367,10 @@ pub(crate) fn missing_page(
     );
     criteria::push_search_where(&mut qb, tenant, query, now, Strategy::Gather)?;
     qb.push(format_args!(
-        " AND NOT EXISTS (SELECT 1 FROM {table} t WHERE t.tenant = r.tenant \
-         AND t.resource_type = r.resource_type AND t.id = r.id AND "
+        " AND NOT EXISTS (SELECT 1 FROM {table} t WHERE t.tenant = "
     ));
+    qb.push_index_tenant(tenant.as_str(), Some("r"));
+    qb.push(" AND t.resource_type = r.resource_type AND t.id = r.id AND ");
     criteria::push_param(&mut qb, "t", query.resource_type, param);
     qb.push(dialect.probe_end());
     if let Some(id) = after {

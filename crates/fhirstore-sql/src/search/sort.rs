@@ -88,8 +88,8 @@ impl SortColumn {
         }
     }
 
-    /// The per-resource key value, over the resource aliased `r`.
-    pub(super) fn push_expr(&self, qb: &mut Sql) {
+    /// The per-resource key value, over the resource aliased `r` (of `tenant`).
+    pub(super) fn push_expr(&self, qb: &mut Sql, tenant: &str) {
         match (self.param.as_str(), self.source) {
             ("_id", _) | (_, None) if self.kind == KeyKind::Text => {
                 qb.push(format_args!("r.id{}", self.text_collate));
@@ -100,9 +100,10 @@ impl SortColumn {
             (_, Some((table, column))) => {
                 let agg = if self.descending { "MAX" } else { "MIN" };
                 qb.push(format_args!(
-                    "COALESCE((SELECT {agg}(t.{column}) FROM {table} t WHERE t.tenant = r.tenant \
-                     AND t.resource_type = r.resource_type AND t.id = r.id AND "
+                    "COALESCE((SELECT {agg}(t.{column}) FROM {table} t WHERE t.tenant = "
                 ));
+                qb.push_index_tenant(tenant, Some("r"));
+                qb.push(" AND t.resource_type = r.resource_type AND t.id = r.id AND ");
                 super::criteria::push_param(qb, "t", self.rt, &self.param);
                 qb.push("), ");
                 self.push_missing(qb);

@@ -149,6 +149,29 @@ impl Sql {
         self
     }
 
+    /// Appends what a search-index row's `tenant` column equals for `tenant`: on SQLite the
+    /// tenant's short key (`tenant_keys`, migration 0015), looked up in the statement; on
+    /// PostgreSQL the name itself, which the schema is distributed by. `beside`, an alias
+    /// of a table holding tenant names and pinned to the tenant already, is compared on
+    /// PostgreSQL instead of a bind, as a correlated check there reads best.
+    pub fn push_index_tenant(&mut self, tenant: &str, beside: Option<&str>) -> &mut Self {
+        match (self.dialect, beside) {
+            (Syntax::Sqlite, _) => {
+                self.text
+                    .push_str("(SELECT key FROM tenant_keys WHERE tenant = ");
+                self.push_bind(tenant.to_owned());
+                self.text.push(')');
+            }
+            (Syntax::Postgres, Some(alias)) => {
+                let _ = write!(self.text, "{alias}.tenant");
+            }
+            (Syntax::Postgres, None) => {
+                self.push_bind(tenant.to_owned());
+            }
+        }
+        self
+    }
+
     /// Appends `v1, v2, …`, one placeholder per value.
     pub fn push_bind_list<T: Into<Bind>>(&mut self, values: impl IntoIterator<Item = T>) {
         for (i, v) in values.into_iter().enumerate() {

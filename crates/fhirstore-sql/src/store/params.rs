@@ -374,6 +374,23 @@ impl<D: Dialect> Store<D> {
         Ok(())
     }
 
+    /// What the `tenant` column of `tenant`'s search-index rows holds: its key where the
+    /// dialect keeps one (given now if it has none), else its name.
+    async fn index_tenant(conn: &mut Conn<D>, tenant: &TenantId) -> Result<String> {
+        let Some(ensure) = D::ENSURE_TENANT_KEY else {
+            return Ok(tenant.as_str().to_owned());
+        };
+        D::sql(ensure)
+            .bind(tenant.as_str())
+            .execute(&mut *conn)
+            .await?;
+        D::sql("SELECT key FROM tenant_keys WHERE tenant = $1")
+            .bind(tenant.as_str())
+            .fetch_one(&mut *conn)
+            .await?
+            .get(0)
+    }
+
     /// Replaces one parameter's index rows for `keys` (in type order) with `new_rows` (per index
     /// table, in `INDEX_TABLES` order, each row tagged with its key's position).
     pub(super) async fn rewrite_param_rows(
@@ -389,10 +406,11 @@ impl<D: Dialect> Store<D> {
             &def.of_type_param,
             &def.identifier_param,
         ];
+        let index_tenant = Self::index_tenant(conn, tenant).await?;
         for ((table, cols), rows) in crate::INDEX_TABLES.iter().zip(new_rows) {
             for group in keys.chunk_by(|a, b| a.0 == b.0) {
                 let mut delete = D::sql(format!("DELETE FROM {table} WHERE tenant = "));
-                delete.push_bind(tenant.as_str().to_owned());
+                delete.push_bind(index_tenant.clone());
                 delete.push(" AND resource_type = ");
                 delete.push_bind(group[0].0.clone());
                 delete.push(" AND id IN (");
@@ -412,7 +430,7 @@ impl<D: Dialect> Store<D> {
                 insert.push_values(chunk.iter().map(|(k, values)| {
                     let (rt, id) = &keys[*k];
                     let mut row: Vec<search::Bind> =
-                        vec![tenant.as_str().into(), rt.into(), id.into()];
+                        vec![index_tenant.as_str().into(), rt.into(), id.into()];
                     for ((_, ty), v) in cols.iter().zip(values) {
                         row.push(match ty {
                             crate::Col::Text => v.as_str().unwrap_or_default().into(),
